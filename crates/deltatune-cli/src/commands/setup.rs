@@ -1,0 +1,27 @@
+//! `deltatune setup`: fetch the default model and demo data (idempotent).
+
+use crate::args::SetupArgs;
+use anyhow::Result;
+use deltatune::assets;
+
+pub fn run(a: SetupArgs) -> Result<()> {
+    let home = assets::home()?;
+    let mut out = serde_json::Map::new();
+    out.insert("home".into(), home.display().to_string().into());
+    if !a.data_only {
+        let p = assets::ensure(&home, &assets::DEFAULT_MODEL, &mut super::progress)?;
+        out.insert("model".into(), p.display().to_string().into());
+    }
+    if !a.model_only {
+        let p = assets::ensure(&home, &assets::DEMO_DATA, &mut super::progress)?;
+        out.insert("data".into(), p.display().to_string().into());
+    }
+    if a.json {
+        println!("{}", serde_json::Value::Object(out));
+    } else {
+        for (k, v) in out {
+            println!("{k}: {}", v.as_str().unwrap_or_default());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,425 @@
+//! Frozen pre-trained models that expose every module as a named [`Site`].
+//!
+//! A site's dotted path is its checkpoint key prefix (`encoder.layer.3.attention.self.query`); it
+//! owns the module's frozen base tensors and the deltas attached to it, and runs their hooks during
+//! the forward pass. Backbone tensors are plain `Tensor`s (never variables), so no gradient is
+//! computed for them unless a delta replaces them with trainable copies.
+
+pub mod bert;
+pub mod config;
+pub mod tree;
+
+use crate::data::tokenize::EncodedBatch;
+use crate::delta::{Attached, HookCtx};
+use crate::error::{Error, Result};
+use crate::ops::{hash_str, DropoutKey};
+use candle_core::{DType, Device, IndexOp, Tensor, D};
+
+pub use tree::{ModuleTree, SiteInfo};
+
+/// What a module is; decides which deltas may attach and which hooks run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SiteKind {
+    /// The whole backbone (root, empty path).
+    Model,
+    /// Word + position + token-type embeddings with their layer norm.
+    Embeddings,
+    /// One embedding table.
+    Embedding,
+    LayerNorm,
+    Linear,
+    /// The stack of layers.
+    Encoder,
+    /// A numbered list of modules (`encoder.layer`).
+    ModuleList,
+    /// One transformer layer.
+    Layer,
+    /// Self-attention plus its output projection and layer norm.
+    Attention,
+    /// The query/key/value projections and the attention itself.
+    SelfAttention,
+    /// Attention output projection + dropout + residual + layer norm.
+    AttentionOutput,
+    /// Feed-forward input projection and activation.
+    Intermediate,
+    /// Feed-forward output projection + dropout + residual + layer norm.
+    Output,
+    Pooler,
+}
+
+impl SiteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SiteKind::Model => "model",
+            SiteKind::Embeddings => "embeddings",
+            SiteKind::Embedding => "embedding",
+            SiteKind::LayerNorm => "layer_norm",
+            SiteKind::Linear => "linear",
+            SiteKind::Encoder => "encoder",
+            SiteKind::ModuleList => "module_list",
+            SiteKind::Layer => "layer",
+            SiteKind::Attention => "attention",
+            SiteKind::SelfAttention => "self_attention",
+            SiteKind::AttentionOutput => "attention_output",
+            SiteKind::Intermediate => "intermediate",
+            SiteKind::Output => "output",
+            SiteKind::Pooler => "pooler",
+        }
+    }
+}
+
+/// One module of a backbone: its path, kind, frozen tensors and attached deltas.
+#[derive(Debug)]
+pub struct Site {
+    path: String,
+    kind: SiteKind,
+    /// Transformer layer index for sites inside `encoder.layer.N`.
+    layer: Option<usize>,
+    hash: u64,
+    /// Base tensors by their HF name relative to the path (`weight`, `bias`).
+    params: Vec<(String, Tensor)>,
+    /// Originals of `params` while merged deltas are folded in.
+    unmerged: Option<Vec<(String, Tensor)>>,
+    pub deltas: Vec<Attached>,
+}
+
+impl Site {
+    pub fn new(path: impl Into<String>, kind: SiteKind, layer: Option<usize>) -> Self {
+        let path = path.into();
+        Site { hash: hash_str(&path), path, kind, layer, params: Vec::new(), unmerged: None, deltas: Vec::new() }
+    }
+
+    pub fn with_param(mut self, name: &str, t: Tensor) -> Self {
+        self.params.push((name.to_string(), t));
+        self
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn kind(&self) -> SiteKind {
+        self.kind
+    }
+
+    pub fn layer(&self) -> Option<usize> {
+        self.layer
+    }
+
+    /// The site's own base tensors (not its children's).
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    pub fn param(&self, name: &str) -> Option<&Tensor> {
+        self.params.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+
+    /// Number of base scalars held by this site itself.
+    pub fn num_params(&self) -> usize {
+        self.params.iter().map(|(_, t)| t.elem_count()).sum()
+    }
+
+    /// Replaces the base tensor `name` (same shape required).
+    pub fn set_param(&mut self, name: &str, value: Tensor) -> Result<()> {
+        let path = self.path.clone();
+        let slot = self
+            .params
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| Error::Delta(format!("{path} has no parameter `{name}`")))?;
+        if slot.1.dims() != value.dims() {
+            return Err(Error::ShapeMismatch {
+                file: path.into(),
+                key: name.into(),
+                expected: slot.1.dims().to_vec(),
+                got: value.dims().to_vec(),
+            });
+        }
+        slot.1 = value;
+        Ok(())
+    }
+
+    /// Whether any merged delta is folded into the base tensors.
+    pub fn is_merged(&self) -> bool {
+        self.unmerged.is_some()
+    }
+
+    /// Folds every active, mergeable delta into the base tensors. Returns how many were merged.
+    /// Non-finite merged values are an error and leave the site unchanged.
+    pub fn merge(&mut self) -> Result<usize> {
+        let original = self.params.clone();
+        let mut current = self.params.clone();
+        let mut merged_idx = Vec::new();
+        for (i, a) in self.deltas.iter().enumerate() {
+            if !a.active() {
+                continue;
+            }
+            if let Some(new) = a.delta.merged(&current)? {
+                for (name, t) in new {
+                    let finite = t.flatten_all()?.abs()?.max(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                    if !finite.is_finite() {
+                        return Err(Error::NonFinite(format!("merging {} into {}.{name}", a.name, self.path)));
+                    }
+                    match current.iter_mut().find(|(n, _)| *n == name) {
+                        Some(slot) => slot.1 = t,
+                        None => current.push((name, t)),
+                    }
+                }
+                merged_idx.push(i);
+            }
+        }
+        if merged_idx.is_empty() {
+            return Ok(0);
+        }
+        if self.unmerged.is_none() {
+            self.unmerged = Some(original);
+        }
+        self.params = current;
+        for i in &merged_idx {
+            self.deltas[*i].merged = true;
+        }
+        Ok(merged_idx.len())
+    }
+
+    /// Restores the base tensors saved by [`Site::merge`] exactly and re-activates the deltas.
+    pub fn unmerge(&mut self) {
+        if let Some(orig) = self.unmerged.take() {
+            self.params = orig;
+        }
+        for a in &mut self.deltas {
+            a.merged = false;
+        }
+    }
+
+    /// Forgets the unmerged originals: merged deltas become part of the base (for export).
+    pub fn bake(&mut self) {
+        self.unmerged = None;
+        self.deltas.retain(|a| !a.merged);
+    }
+
+    fn hook_ctx(&self, i: usize, a: &Attached, ctx: &ForwardCtx) -> Result<HookCtx> {
+        let gate = match (a.gate, ctx.gates) {
+            (Some(g), Some(gates)) => Some(gates.i(g)?),
+            _ => None,
+        };
+        Ok(HookCtx { train: ctx.train, gate, key: ctx.key.derive_n(self.hash).derive_n(i as u64 + 1) })
+    }
+
+    fn active(&self) -> impl Iterator<Item = (usize, &Attached)> {
+        self.deltas.iter().enumerate().filter(|(_, a)| a.active())
+    }
+
+    /// Whether any delta would run at this site.
+    pub fn has_active(&self) -> bool {
+        self.active().next().is_some()
+    }
+
+    /// Runs the `pre` hooks.
+    pub fn pre(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (i, a) in self.active() {
+            if let Some(nx) = a.delta.pre(&x, &self.hook_ctx(i, a, ctx)?)? {
+                x = nx;
+            }
+        }
+        Ok(x)
+    }
+
+    /// Runs the `post` hooks on output `y` of input `x`.
+    pub fn post(&self, x: &Tensor, y: Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let mut y = y;
+        for (i, a) in self.active() {
+            if let Some(ny) = a.delta.post(x, &y, &self.hook_ctx(i, a, ctx)?)? {
+                y = ny;
+            }
+        }
+        Ok(y)
+    }
+
+    /// The effective value of parameter `name`: the base tensor with `reparam` hooks applied.
+    pub fn resolve(&self, name: &str, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
+        let mut value = self.param(name).cloned();
+        for (i, a) in self.active() {
+            if let Some(v) = a.delta.reparam(name, value.as_ref(), &self.hook_ctx(i, a, ctx)?)? {
+                value = Some(v);
+            }
+        }
+        Ok(value)
+    }
+
+    /// Like [`Site::resolve`] for a parameter the site must have.
+    pub fn require(&self, name: &str, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.resolve(name, ctx)?
+            .ok_or_else(|| Error::Delta(format!("{}: parameter `{name}` is missing", self.path)))
+    }
+
+    /// Soft prompt tokens from this site's deltas, concatenated, (b, n, h).
+    pub fn prompts(&self, batch: usize, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
+        let mut parts = Vec::new();
+        for (i, a) in self.active() {
+            if let Some(p) = a.delta.prompt(batch, &self.hook_ctx(i, a, ctx)?)? {
+                parts.push(p);
+            }
+        }
+        Ok(if parts.is_empty() { None } else { Some(Tensor::cat(&parts, 1)?) })
+    }
+
+    /// Prefix keys/values for `layer` from this site's deltas, concatenated along time.
+    pub fn prefixes(&self, layer: usize, batch: usize, ctx: &ForwardCtx) -> Result<Option<(Tensor, Tensor)>> {
+        let (mut ks, mut vs) = (Vec::new(), Vec::new());
+        for (i, a) in self.active() {
+            if let Some((k, v)) = a.delta.prefix(layer, batch, &self.hook_ctx(i, a, ctx)?)? {
+                ks.push(k);
+                vs.push(v);
+            }
+        }
+        Ok(if ks.is_empty() { None } else { Some((Tensor::cat(&ks, 1)?, Tensor::cat(&vs, 1)?)) })
+    }
+
+    /// Virtual tokens added by the active deltas of this site.
+    pub fn num_virtual_tokens(&self) -> usize {
+        self.active().map(|(_, a)| a.delta.num_virtual_tokens()).sum()
+    }
+
+    /// Dropout key for a dropout inside this site's own computation.
+    pub fn dropout_key(&self, ctx: &ForwardCtx, tag: u64) -> DropoutKey {
+        ctx.key.derive_n(self.hash).derive_n(tag.wrapping_add(0x1000))
+    }
+}
+
+/// Per-forward settings shared by every site.
+#[derive(Clone, Debug)]
+pub struct ForwardCtx<'a> {
+    /// Training mode: dropout active.
+    pub train: bool,
+    /// Root of all dropout randomness for this forward (derive it from seed and step).
+    pub key: DropoutKey,
+    /// Gate values of gated deltas (structure search), shape (n_gates,).
+    pub gates: Option<&'a Tensor>,
+    /// Collect every layer's hidden states in [`ModelOutput::hidden_states`].
+    pub output_hidden_states: bool,
+}
+
+impl<'a> ForwardCtx<'a> {
+    /// Evaluation mode: no dropout, no gates.
+    pub fn eval() -> Self {
+        ForwardCtx { train: false, key: DropoutKey(0), gates: None, output_hidden_states: false }
+    }
+
+    /// Training mode with dropout drawn from `key`.
+    pub fn train(key: DropoutKey) -> Self {
+        ForwardCtx { train: true, key, gates: None, output_hidden_states: false }
+    }
+
+    pub fn with_gates(mut self, gates: &'a Tensor) -> Self {
+        self.gates = Some(gates);
+        self
+    }
+
+    pub fn with_hidden_states(mut self) -> Self {
+        self.output_hidden_states = true;
+        self
+    }
+}
+
+/// What a backbone forward returns.
+#[derive(Clone, Debug)]
+pub struct ModelOutput {
+    /// (b, v + t, h): `v` soft-prompt positions first, then the real tokens.
+    pub last_hidden_state: Tensor,
+    /// (b, v + t) 0/1 mask matching `last_hidden_state`.
+    pub attention_mask: Tensor,
+    /// Number of soft-prompt positions at the front.
+    pub num_virtual: usize,
+    /// Embedding output and each layer's output (when requested), each (b, v + t, h).
+    pub hidden_states: Vec<Tensor>,
+}
+
+/// How to turn token states into one vector per sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// The first real token (`[CLS]`/`<s>`).
+    Cls,
+    /// Mask-aware mean over the real tokens (soft-prompt positions excluded).
+    Mean,
+}
+
+impl std::str::FromStr for Pooling {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cls" => Ok(Pooling::Cls),
+            "mean" => Ok(Pooling::Mean),
+            other => Err(Error::arg("--pooling", format!("`{other}` (expected `mean` or `cls`)"))),
+        }
+    }
+}
+
+impl ModelOutput {
+    /// Pools the real tokens into (b, h).
+    pub fn pool(&self, pooling: Pooling) -> Result<Tensor> {
+        let t = self.last_hidden_state.dim(1)?;
+        let v = self.num_virtual;
+        match pooling {
+            Pooling::Cls => Ok(self.last_hidden_state.i((.., v))?),
+            Pooling::Mean => {
+                let h = self.last_hidden_state.narrow(1, v, t - v)?;
+                let m = self.attention_mask.narrow(1, v, t - v)?.to_dtype(h.dtype())?;
+                mean_pool(&h, &m)
+            }
+        }
+    }
+}
+
+/// Mask-aware mean (sentence-transformers): `sum_t h[t] m[t] / max(sum_t m[t], 1e-9)`.
+pub fn mean_pool(h: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.unsqueeze(D::Minus1)?;
+    let sum = h.broadcast_mul(&m)?.sum(1)?;
+    let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
+    Ok(sum.broadcast_div(&count)?)
+}
+
+/// L2-normalises rows of (b, h).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    Ok(x.broadcast_div(&norm)?)
+}
+
+/// A frozen pre-trained model whose modules are sites.
+pub trait Backbone: Send + Sync {
+    /// `model_type` from config.json.
+    fn model_type(&self) -> &str;
+    fn hidden_size(&self) -> usize;
+    fn num_layers(&self) -> usize;
+    fn device(&self) -> &Device;
+    /// A content hash of the base weights and config, recorded in saved deltas.
+    fn fingerprint(&self) -> &str;
+    /// Runs the model on a tokenized batch.
+    fn forward(&self, batch: &EncodedBatch, ctx: &ForwardCtx) -> Result<ModelOutput>;
+    /// Every site in forward order.
+    fn sites(&self) -> Vec<&Site>;
+    fn sites_mut(&mut self) -> Vec<&mut Site>;
+    /// The word embedding table (vocab, h), e.g. to initialise soft prompts from vocabulary.
+    fn word_embeddings(&self) -> Result<Tensor>;
+
+    fn site(&self, path: &str) -> Option<&Site> {
+        self.sites().into_iter().find(|s| s.path() == path)
+    }
+
+    fn site_mut(&mut self, path: &str) -> Option<&mut Site> {
+        self.sites_mut().into_iter().find(|s| s.path() == path)
+    }
+
+    /// Total number of base parameters.
+    fn num_params(&self) -> usize {
+        self.sites().iter().map(|s| s.num_params()).sum()
+    }
+
+    /// The module tree (paths, kinds, shapes, attached deltas) for display and matching.
+    fn tree(&self) -> ModuleTree {
+        ModuleTree::from_sites(self.model_type(), &self.sites())
+    }
+}

@@ -1,0 +1,5 @@
+//! Text in: tokenization and batching. (Task readers, label maps and batching for training live
+//! here too.)
+
+pub mod lines;
+pub mod tokenize;

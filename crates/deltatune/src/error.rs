@@ -1,0 +1,89 @@
+//! The crate's one error type. Every variant names the file, tensor, key, pattern or flag the user
+//! has to fix; candle errors are wrapped with whatever context the caller has.
+
+use std::path::PathBuf;
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[error("{}: {what} not found", path.display())]
+    NotFound { path: PathBuf, what: String },
+
+    #[error("{}: invalid JSON: {msg}", file.display())]
+    Json { file: PathBuf, msg: String },
+
+    #[error("{}: missing field `{field}`", file.display())]
+    MissingField { file: PathBuf, field: String },
+
+    #[error("{}: {msg}", file.display())]
+    Config { file: PathBuf, msg: String },
+
+    #[error("{}: not a valid safetensors file: {msg}", file.display())]
+    Safetensors { file: PathBuf, msg: String },
+
+    #[error("{}: tensor `{key}` is missing", file.display())]
+    MissingTensor { file: PathBuf, key: String },
+
+    #[error("{}: tensor `{key}` has shape {got:?}, expected {expected:?}", file.display())]
+    ShapeMismatch { file: PathBuf, key: String, expected: Vec<usize>, got: Vec<usize> },
+
+    #[error("{}: tensor `{key}` has dtype {got}, expected {expected}", file.display())]
+    DtypeMismatch { file: PathBuf, key: String, expected: String, got: String },
+
+    #[error("{}: tokenizer error: {msg}", file.display())]
+    Tokenizer { file: PathBuf, msg: String },
+
+    #[error("{}:{line}: {msg}", file.display())]
+    Text { file: PathBuf, line: usize, msg: String },
+
+    /// Fetching the default assets failed; `msg` says what to install or which flag to use instead.
+    #[error("{0}")]
+    Asset(String),
+
+    /// A flag or argument value that cannot be used.
+    #[error("invalid {flag}: {msg}")]
+    InvalidArg { flag: String, msg: String },
+
+    /// A delta method or configuration problem.
+    #[error("{0}")]
+    Delta(String),
+
+    /// A name pattern that matched no module of the tree.
+    #[error("pattern `{pattern}` matches no module{hint}")]
+    NoMatch { pattern: String, hint: String },
+
+    /// Loss, gradient or merged weights stopped being finite numbers.
+    #[error("non-finite value: {0}")]
+    NonFinite(String),
+
+    #[error("{context}: {source}")]
+    Candle { context: String, source: candle_core::Error },
+
+    #[error(transparent)]
+    CandleRaw(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+    pub fn arg(flag: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::InvalidArg { flag: flag.into(), msg: msg.into() }
+    }
+}
+
+/// Adds context to candle errors (`.ctx("loading layer 3")`).
+pub trait ResultExt<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> ResultExt<T> for std::result::Result<T, candle_core::Error> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Candle { context: context(), source })
+    }
+}

@@ -1,0 +1,161 @@
+//! Reading and writing safetensors with errors that name the file and the tensor.
+//!
+//! [`TensorFile`] loads every tensor of a file into memory (validating the header first, so a
+//! truncated or corrupt file is reported, not panicked on) and hands them out by name with shape and
+//! dtype checks.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Dtype as StDtype, SafeTensors};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// All tensors of one safetensors file, by name.
+#[derive(Debug)]
+pub struct TensorFile {
+    pub path: PathBuf,
+    tensors: BTreeMap<String, Tensor>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+fn convert_dtype(dt: StDtype) -> Option<DType> {
+    Some(match dt {
+        StDtype::F32 => DType::F32,
+        StDtype::F16 => DType::F16,
+        StDtype::BF16 => DType::BF16,
+        StDtype::F64 => DType::F64,
+        StDtype::I64 => DType::I64,
+        StDtype::U32 => DType::U32,
+        StDtype::U8 => DType::U8,
+        _ => return None,
+    })
+}
+
+impl TensorFile {
+    /// Reads and validates `path`. Tensors of dtypes deltatune does not use are skipped unless a
+    /// caller asks for them (then [`TensorFile::get`] reports them as missing with the dtype).
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                Error::NotFound { path: path.to_path_buf(), what: "safetensors file".into() }
+            }
+            _ => Error::io(path, e),
+        })?;
+        Self::from_bytes(path, &bytes, device)
+    }
+
+    pub fn from_bytes(path: &Path, bytes: &[u8], device: &Device) -> Result<Self> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
+            file: path.to_path_buf(),
+            msg: describe_st_error(&e, bytes.len()),
+        })?;
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| Error::Safetensors {
+            file: path.to_path_buf(),
+            msg: describe_st_error(&e, bytes.len()),
+        })?;
+        let metadata: BTreeMap<String, String> =
+            header.metadata().clone().unwrap_or_default().into_iter().collect();
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let Some(dtype) = convert_dtype(view.dtype()) else { continue };
+            let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)
+                .map_err(|e| Error::Safetensors {
+                    file: path.to_path_buf(),
+                    msg: format!("tensor `{name}`: {e}"),
+                })?;
+            tensors.insert(name, t);
+        }
+        Ok(Self { path: path.to_path_buf(), tensors, metadata })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(|s| s.as_str())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// The tensor `name`, or an error naming the file and the tensor.
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { file: self.path.clone(), key: name.to_string() })
+    }
+
+    /// The tensor `name` as f32 with exactly `shape`.
+    pub fn get_f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.get(name)?;
+        if t.dims() != shape {
+            return Err(Error::ShapeMismatch {
+                file: self.path.clone(),
+                key: name.to_string(),
+                expected: shape.to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+        match t.dtype() {
+            DType::F32 => Ok(t.clone()),
+            DType::F16 | DType::BF16 | DType::F64 => Ok(t.to_dtype(DType::F32)?),
+            other => Err(Error::DtypeMismatch {
+                file: self.path.clone(),
+                key: name.to_string(),
+                expected: "a float dtype".into(),
+                got: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// Removes and returns all tensors (for callers that take ownership).
+    pub fn into_map(self) -> BTreeMap<String, Tensor> {
+        self.tensors
+    }
+}
+
+fn describe_st_error(e: &safetensors::SafeTensorError, len: usize) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall | E::HeaderTooLarge | E::InvalidHeaderLength => {
+            format!("{e} (file is {len} bytes; truncated or not safetensors?)")
+        }
+        E::MetadataIncompleteBuffer => format!("{e}: the file is truncated ({len} bytes)"),
+        _ => e.to_string(),
+    }
+}
+
+/// Writes `tensors` (name → tensor) to `path` atomically, with optional string metadata.
+pub fn save_tensors(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: Option<BTreeMap<String, String>>,
+) -> Result<()> {
+    let mut owned: Vec<(String, Tensor)> = Vec::with_capacity(tensors.len());
+    for (k, t) in tensors {
+        owned.push((k.clone(), t.contiguous()?));
+    }
+    let views: Vec<(&str, &Tensor)> = owned.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let meta: Option<std::collections::HashMap<String, String>> =
+        metadata.map(|m| m.into_iter().collect());
+    let bytes = safetensors::tensor::serialize(views.iter().map(|(k, t)| (*k, *t)), meta)
+        .map_err(|e| Error::Safetensors { file: path.to_path_buf(), msg: e.to_string() })?;
+    crate::io::write_atomic(path, &bytes)
+}
+
+/// Reads and parses a JSON file with errors naming it.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            Error::NotFound { path: path.to_path_buf(), what: "file".into() }
+        }
+        _ => Error::io(path, e),
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Json { file: path.to_path_buf(), msg: e.to_string() })
+}

@@ -1,0 +1,184 @@
+//! Differentiable building blocks of the backbones and deltas.
+//!
+//! candle's fused `layer_norm` and `softmax_last_dim` have no backward, and its generic `matmul`
+//! backward also computes gradients for frozen weights. Each function here picks the fastest
+//! implementation that keeps gradients flowing to everything that is trainable:
+//! a fused CPU kernel with a hand-written backward where we have one ([`kernels`]), otherwise a
+//! composition of differentiable candle ops (which also serves as the reference the kernels are
+//! tested against, and as the path for non-CPU devices).
+
+pub mod kernels;
+pub(crate) mod rng;
+
+pub use rng::{hash_str, DropoutKey};
+
+use crate::error::Result;
+use candle_core::{DType, Device, Tensor, D};
+
+/// Whether the fused kernels may be used for a tensor (CPU, f32).
+fn fused_ok(t: &Tensor) -> bool {
+    matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32 && kernels::enabled()
+}
+
+/// `x W^T + b` for `x` of shape (..., in), `w` (out, in), `b` (out).
+///
+/// When `w` and `b` are frozen (not derived from a `Var`), the fused kernel computes only the input
+/// gradient in backward; candle's matmul would also compute the (discarded) weight gradient.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let frozen = !w.track_op() && b.is_none_or(|b| !b.track_op());
+    if frozen && fused_ok(x) {
+        return kernels::frozen_linear(x, w, b);
+    }
+    linear_composed(x, w, b)
+}
+
+/// Reference implementation of [`linear`] from candle ops.
+pub fn linear_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (in_dim, rows) = match dims.split_last() {
+        Some((last, lead)) => (*last, lead.iter().product::<usize>()),
+        None => return Err(candle_core::Error::Msg("linear: scalar input".into()).into()),
+    };
+    let out_dim = w.dim(0)?;
+    let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = dims;
+    if let Some(last) = out_dims.last_mut() {
+        *last = out_dim;
+    }
+    Ok(y.reshape(out_dims)?)
+}
+
+/// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) * gamma + beta`.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_ok(x) {
+        return kernels::layer_norm(x, gamma, beta, eps);
+    }
+    layer_norm_composed(x, gamma, beta, eps)
+}
+
+/// Reference implementation of [`layer_norm`] from differentiable candle ops.
+pub fn layer_norm_composed(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xhat = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(xhat.broadcast_mul(gamma)?.broadcast_add(beta)?)
+}
+
+/// Exact (erf) GELU: `x * Φ(x)`.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) {
+        return kernels::gelu(x);
+    }
+    Ok(x.gelu_erf()?)
+}
+
+/// tanh-approximated GELU (HF `gelu_new`).
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    Ok(x.gelu()?)
+}
+
+/// Inverted dropout with a counter-based mask: the same key always drops the same elements, so
+/// training is reproducible and resumable, and the backward regenerates the mask instead of
+/// storing it.
+pub fn dropout(x: &Tensor, p: f32, key: DropoutKey) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    if fused_ok(x) {
+        return kernels::dropout(x, p, key);
+    }
+    dropout_composed(x, p, key)
+}
+
+/// Reference implementation of [`dropout`]: materialises the mask and multiplies.
+pub fn dropout_composed(x: &Tensor, p: f32, key: DropoutKey) -> Result<Tensor> {
+    let n = x.elem_count();
+    let scale = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..n as u64).map(|i| if key.keep(i, p) { scale } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?;
+    Ok(x.mul(&mask)?)
+}
+
+/// Multi-head scaled dot-product attention.
+///
+/// # Shapes
+/// `q`: (b, tq, h); `k`, `v`: (b, tk, h) with heads laid out contiguously along `h`
+/// (`h = heads * d`); `key_bias`: (b, tk) additive mask (0 for keys to attend, a large negative
+/// number for padding). Returns (b, tq, h).
+/// `probs_dropout` applies dropout to the attention probabilities (training only).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_bias: &Tensor,
+    heads: usize,
+    probs_dropout: Option<(f32, DropoutKey)>,
+) -> Result<Tensor> {
+    if fused_ok(q) {
+        return kernels::attention(q, k, v, key_bias, heads, probs_dropout);
+    }
+    attention_composed(q, k, v, key_bias, heads, probs_dropout)
+}
+
+/// Reference implementation of [`attention`] from candle ops.
+pub fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_bias: &Tensor,
+    heads: usize,
+    probs_dropout: Option<(f32, DropoutKey)>,
+) -> Result<Tensor> {
+    let (b, tq, h) = q.dims3()?;
+    let tk = k.dim(1)?;
+    let d = h / heads;
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+        Ok(t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()?) // (b, heads, t, d)
+    };
+    let (qh, kh, vh) = (split(q, tq)?, split(k, tk)?, split(v, tk)?);
+    let scale = 1.0 / (d as f64).sqrt();
+    let scores = (qh.matmul(&kh.t()?)? * scale)?; // (b, heads, tq, tk)
+    let scores = scores.broadcast_add(&key_bias.reshape((b, 1, 1, tk))?)?;
+    let probs = softmax_composed(&scores)?;
+    let probs = match probs_dropout {
+        Some((p, key)) if p > 0.0 => dropout_composed(&probs, p, key)?,
+        _ => probs,
+    };
+    let ctx = probs.matmul(&vh)?; // (b, heads, tq, d)
+    Ok(ctx.transpose(1, 2)?.reshape((b, tq, h))?)
+}
+
+/// Softmax over the last dimension from differentiable ops (max-subtracted for stability).
+pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Log-softmax over the last dimension from differentiable ops.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// Additive attention bias from a 0/1 mask: 0 where `mask` is 1, `f32::MIN` where it is 0
+/// (what transformers uses, so fully-masked rows behave the same).
+pub fn mask_to_bias(mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(DType::F32)?;
+    Ok(((m - 1.0)? * -(f32::MIN as f64))?)
+}
+
+/// Sizes the global thread pool used by the fused kernels (call once, before any tensor work).
+pub fn set_threads(n: usize) -> Result<()> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| crate::error::Error::arg("--threads", e.to_string()))
+}
