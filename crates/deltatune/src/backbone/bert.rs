@@ -514,6 +514,17 @@ impl Backbone for BertModel {
         &self.device
     }
 
+    fn info(&self) -> crate::delta::BackboneInfo {
+        let c = &self.config;
+        crate::delta::BackboneInfo {
+            hidden_size: c.hidden_size,
+            num_layers: c.num_hidden_layers,
+            num_heads: c.num_attention_heads,
+            intermediate_size: c.intermediate_size,
+            vocab_size: c.vocab_size,
+        }
+    }
+
     fn fingerprint(&self) -> &str {
         &self.fingerprint
     }

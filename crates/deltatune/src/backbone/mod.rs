@@ -395,6 +395,8 @@ pub trait Backbone: Send + Sync {
     fn hidden_size(&self) -> usize;
     fn num_layers(&self) -> usize;
     fn device(&self) -> &Device;
+    /// Sizes that delta methods need.
+    fn info(&self) -> crate::delta::BackboneInfo;
     /// A content hash of the base weights and config, recorded in saved deltas.
     fn fingerprint(&self) -> &str;
     /// Runs the model on a tokenized batch.

@@ -1,12 +1,40 @@
 //! Delta modules: the small trainable pieces attached to a frozen backbone's sites.
 //!
-//! This file owns the [`Delta`] trait — the hooks a backbone calls at each site — and the
-//! [`Attached`] record a site keeps for each delta. The methods themselves live one per file.
-//! A delta knows only candle and its site's kind; it never imports training or search code.
+//! This file owns the [`Delta`] trait — the hooks a backbone calls at each site — the [`Attached`]
+//! record a site keeps for each delta, and the [`DeltaConfig`] enum that is the method registry:
+//! adding a method is a new file, a new variant and one arm in [`dispatch!`]. Methods know only
+//! candle and their site; they never import training or search code.
 
-use crate::error::Result;
+mod adapter;
+mod compacter;
+mod finetune;
+mod ia3;
+pub mod init;
+mod lora;
+mod norm_bias;
+mod prefix;
+mod prompt;
+pub mod spec;
+pub mod store;
+
+pub use adapter::{Activation, AdapterConfig, AdapterInit, LowRankAdapterConfig, ParallelAdapterConfig, Placement};
+pub use compacter::CompacterConfig;
+pub use finetune::FinetuneConfig;
+pub use ia3::Ia3Config;
+pub use lora::{LoraConfig, LoraInit};
+pub use norm_bias::{BitFitConfig, LnTuningConfig};
+pub use prefix::PrefixConfig;
+pub use prompt::{PromptConfig, PromptInit};
+pub use spec::{DeltaSpec, TargetModules, Targets};
+
+use crate::backbone::{Site, SiteKind};
+use crate::data::tokenize::TextEncoder;
+use crate::error::{Error, Result};
 use crate::ops::DropoutKey;
-use candle_core::{Tensor, Var};
+use candle_core::{Device, Tensor, Var};
+use init::Stream;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// What a hook call knows about the forward pass it is part of.
 #[derive(Clone, Debug)]
@@ -40,12 +68,14 @@ pub trait Delta: std::fmt::Debug + Send + Sync {
     /// The method's name as used in configs (`lora`, `ia3`, …).
     fn method(&self) -> &'static str;
 
-    /// Trainable tensors, named relative to the site with PEFT's names (`lora_A.weight`, `ia3_l`).
+    /// Trainable tensors owned by this site, named relative to it with PEFT's names
+    /// (`lora_A.weight`, `ia3_l`).
     fn params(&self) -> Vec<(String, Var)>;
 
-    /// Number of trainable scalars.
-    fn num_params(&self) -> usize {
-        self.params().iter().map(|(_, v)| v.elem_count()).sum()
+    /// Trainable tensors shared by all sites of the delta group (e.g. Compacter's PHM rules),
+    /// named relative to the group. Counted and saved once per group.
+    fn shared_params(&self) -> Vec<(String, Var)> {
+        Vec::new()
     }
 
     /// Transforms the site's input before the base computation (e.g. IA3 on a feed-forward input).
@@ -109,5 +139,219 @@ impl Attached {
     /// Whether the hooks of this delta run.
     pub fn active(&self) -> bool {
         self.enabled && !self.merged
+    }
+}
+
+/// Sizes of the backbone a delta is built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackboneInfo {
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+}
+
+/// Everything a method needs to build its delta for one site.
+pub struct BuildCtx<'a> {
+    pub seed: u64,
+    /// The delta group's name (part of every random stream).
+    pub name: String,
+    pub device: Device,
+    pub info: BackboneInfo,
+    /// The word embedding table (for prompt initialisation from the vocabulary).
+    pub word_embeddings: Option<Tensor>,
+    /// The tokenizer (for prompt initialisation from text).
+    pub tokenizer: Option<&'a TextEncoder>,
+    /// Tensors shared across the sites of the group, by name.
+    pub shared: BTreeMap<String, Var>,
+}
+
+impl BuildCtx<'_> {
+    /// The random stream of tensor `tensor` at `site`.
+    pub fn stream(&self, site: &str, tensor: &str) -> Stream {
+        Stream::new(self.seed, &[&self.name, site, tensor])
+    }
+
+    /// The shared variable `name`, created by `init` on first use.
+    pub fn shared_var(&mut self, name: &str, init: impl FnOnce(&Self) -> Result<Tensor>) -> Result<Var> {
+        if let Some(v) = self.shared.get(name) {
+            return Ok(v.clone());
+        }
+        let v = Var::from_tensor(&init(self)?)?;
+        self.shared.insert(name.to_string(), v.clone());
+        Ok(v)
+    }
+}
+
+/// Input and output sizes of a site, as a method sees them.
+pub(crate) fn site_dims(site: &Site, info: &BackboneInfo) -> Result<(usize, usize)> {
+    match site.kind() {
+        SiteKind::Linear | SiteKind::Embedding => {
+            let w = site.param("weight").ok_or_else(|| Error::Delta(format!("{} has no weight", site.path())))?;
+            let (out, inp) = w.dims2()?;
+            Ok((inp, out))
+        }
+        SiteKind::Intermediate => Ok((info.hidden_size, info.intermediate_size)),
+        _ => Ok((info.hidden_size, info.hidden_size)),
+    }
+}
+
+/// What every method config provides; implemented once per method file.
+pub(crate) trait Method {
+    /// Site kinds the method attaches to.
+    fn kinds(&self) -> &'static [SiteKind];
+    /// Whether a matched block expands into its descendants of the allowed kinds (specification
+    /// methods) instead of being an error.
+    fn expands(&self) -> bool {
+        false
+    }
+    /// Where it attaches when the user names no targets (BERT family).
+    fn default_targets(&self) -> Targets;
+    /// Checks hyperparameters.
+    fn validate(&self, _info: &BackboneInfo) -> Result<()> {
+        Ok(())
+    }
+    /// Builds the delta for one site.
+    fn build(&self, site: &Site, ctx: &mut BuildCtx) -> Result<Box<dyn Delta>>;
+    /// Whether a structure-search gate can scale this method's contribution.
+    fn gateable(&self) -> bool {
+        true
+    }
+}
+
+/// The method registry: one variant per method, tagged by its config name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum DeltaConfig {
+    Lora(LoraConfig),
+    Ia3(Ia3Config),
+    Adapter(AdapterConfig),
+    ParallelAdapter(ParallelAdapterConfig),
+    Compacter(CompacterConfig),
+    LowRankAdapter(LowRankAdapterConfig),
+    Prefix(PrefixConfig),
+    Prompt(PromptConfig),
+    #[serde(rename = "bitfit")]
+    BitFit(BitFitConfig),
+    LnTuning(LnTuningConfig),
+    Finetune(FinetuneConfig),
+}
+
+/// Calls `$body` with `$m` bound to the method config of any variant.
+macro_rules! dispatch {
+    ($self:expr, $m:ident => $body:expr) => {
+        match $self {
+            DeltaConfig::Lora($m) => $body,
+            DeltaConfig::Ia3($m) => $body,
+            DeltaConfig::Adapter($m) => $body,
+            DeltaConfig::ParallelAdapter($m) => $body,
+            DeltaConfig::Compacter($m) => $body,
+            DeltaConfig::LowRankAdapter($m) => $body,
+            DeltaConfig::Prefix($m) => $body,
+            DeltaConfig::Prompt($m) => $body,
+            DeltaConfig::BitFit($m) => $body,
+            DeltaConfig::LnTuning($m) => $body,
+            DeltaConfig::Finetune($m) => $body,
+        }
+    };
+}
+
+/// Every method name accepted in configs, with its family (Delta Tuning taxonomy).
+pub const METHODS: &[(&str, &str)] = &[
+    ("lora", "reparameterization"),
+    ("ia3", "addition"),
+    ("adapter", "addition"),
+    ("parallel_adapter", "addition"),
+    ("compacter", "addition"),
+    ("low_rank_adapter", "addition"),
+    ("prefix", "addition"),
+    ("prompt", "addition"),
+    ("bitfit", "specification"),
+    ("ln_tuning", "specification"),
+    ("finetune", "specification"),
+];
+
+impl DeltaConfig {
+    /// The config name of the method.
+    pub fn method(&self) -> &'static str {
+        match self {
+            DeltaConfig::Lora(_) => "lora",
+            DeltaConfig::Ia3(_) => "ia3",
+            DeltaConfig::Adapter(_) => "adapter",
+            DeltaConfig::ParallelAdapter(_) => "parallel_adapter",
+            DeltaConfig::Compacter(_) => "compacter",
+            DeltaConfig::LowRankAdapter(_) => "low_rank_adapter",
+            DeltaConfig::Prefix(_) => "prefix",
+            DeltaConfig::Prompt(_) => "prompt",
+            DeltaConfig::BitFit(_) => "bitfit",
+            DeltaConfig::LnTuning(_) => "ln_tuning",
+            DeltaConfig::Finetune(_) => "finetune",
+        }
+    }
+
+    /// The default config of a method by name (aliases accepted: `full`, `houlsby`, …).
+    pub fn default_for(method: &str) -> Result<Self> {
+        Ok(match method {
+            "lora" => DeltaConfig::Lora(LoraConfig::default()),
+            "ia3" => DeltaConfig::Ia3(Ia3Config::default()),
+            "adapter" | "pfeiffer" | "seq_bn" => DeltaConfig::Adapter(AdapterConfig::default()),
+            "houlsby" | "double_seq_bn" => DeltaConfig::Adapter(AdapterConfig::houlsby()),
+            "parallel_adapter" | "parallel" | "par_bn" => DeltaConfig::ParallelAdapter(ParallelAdapterConfig::default()),
+            "compacter" => DeltaConfig::Compacter(CompacterConfig::default()),
+            "low_rank_adapter" | "lowrank_adapter" | "lra" => DeltaConfig::LowRankAdapter(LowRankAdapterConfig::default()),
+            "prefix" | "prefix_tuning" => DeltaConfig::Prefix(PrefixConfig::default()),
+            "prompt" | "prompt_tuning" | "soft_prompt" => DeltaConfig::Prompt(PromptConfig::default()),
+            "bitfit" => DeltaConfig::BitFit(BitFitConfig::default()),
+            "ln_tuning" | "lnfit" | "layernorm" => DeltaConfig::LnTuning(LnTuningConfig::default()),
+            "finetune" | "full" | "full_finetune" => DeltaConfig::Finetune(FinetuneConfig::default()),
+            other => {
+                let names: Vec<&str> = METHODS.iter().map(|(n, _)| *n).collect();
+                return Err(Error::Delta(format!(
+                    "unknown delta method `{other}`{}; known methods: {}",
+                    spec::suggest(other, names.iter().copied()),
+                    names.join(", ")
+                )));
+            }
+        })
+    }
+
+    /// The canonical method name for an alias (`full` → `finetune`).
+    pub fn canonical(method: &str) -> Result<&'static str> {
+        Ok(Self::default_for(method)?.method())
+    }
+
+    fn as_method(&self) -> &dyn Method {
+        dispatch!(self, m => m)
+    }
+
+    pub fn kinds(&self) -> &'static [SiteKind] {
+        self.as_method().kinds()
+    }
+
+    pub fn expands(&self) -> bool {
+        self.as_method().expands()
+    }
+
+    pub fn default_targets(&self) -> Targets {
+        self.as_method().default_targets()
+    }
+
+    pub fn validate(&self, info: &BackboneInfo) -> Result<()> {
+        self.as_method().validate(info)
+    }
+
+    pub fn gateable(&self) -> bool {
+        self.as_method().gateable()
+    }
+
+    /// Builds the delta for `site`.
+    pub fn build(&self, site: &Site, ctx: &mut BuildCtx) -> Result<Box<dyn Delta>> {
+        dispatch!(self, m => m.build(site, ctx))
+    }
+
+    /// The family of the method in the Delta Tuning taxonomy.
+    pub fn family(&self) -> &'static str {
+        METHODS.iter().find(|(n, _)| *n == self.method()).map(|(_, f)| *f).unwrap_or("addition")
     }
 }

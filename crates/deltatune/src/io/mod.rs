@@ -2,6 +2,7 @@
 //! Knows nothing about models or deltas beyond tensor names.
 
 pub mod atomic;
+pub mod peft;
 pub mod tensors;
 
 pub use atomic::{write_atomic, write_json_atomic};

@@ -1,0 +1,157 @@
+//! Building planned deltas onto a backbone, and model-wide operations over attached deltas:
+//! listing trainable variables, switching groups on and off, merging.
+
+use super::plan::{plan, Plan};
+use crate::backbone::Backbone;
+use crate::data::tokenize::TextEncoder;
+use crate::delta::{Attached, BuildCtx, DeltaSpec};
+use crate::error::{Error, Result};
+use candle_core::Var;
+use std::collections::BTreeMap;
+
+/// Options for [`attach`].
+#[derive(Clone, Copy, Default)]
+pub struct AttachOptions<'a> {
+    /// Seed of every initialisation stream.
+    pub seed: u64,
+    /// Needed only for prompt tuning initialised from text.
+    pub tokenizer: Option<&'a TextEncoder>,
+}
+
+/// Names of the delta groups attached to `model`, in forward order of first appearance.
+pub fn delta_names(model: &dyn Backbone) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for s in model.sites() {
+        for a in &s.deltas {
+            if !names.contains(&a.name) {
+                names.push(a.name.clone());
+            }
+        }
+    }
+    names
+}
+
+/// Plans and attaches `specs` to `model`. Nothing is attached if any spec fails.
+pub fn attach(model: &mut dyn Backbone, specs: &[DeltaSpec], opts: AttachOptions) -> Result<Plan> {
+    let existing = delta_names(model);
+    for s in specs {
+        if existing.contains(&s.name) {
+            return Err(Error::Delta(format!("a delta named `{}` is already attached", s.name)));
+        }
+    }
+    let info = model.info();
+    for s in specs {
+        s.config.validate(&info).map_err(|e| Error::Delta(format!("delta `{}`: {e}", s.name)))?;
+    }
+    let plan = plan(&model.tree(), specs)?;
+    let word_embeddings = model.word_embeddings().ok();
+    let mut built: Vec<(String, Attached)> = Vec::with_capacity(plan.entries.len());
+    for (si, spec) in specs.iter().enumerate() {
+        let mut ctx = BuildCtx {
+            seed: opts.seed,
+            name: spec.name.clone(),
+            device: model.device().clone(),
+            info,
+            word_embeddings: word_embeddings.clone(),
+            tokenizer: opts.tokenizer,
+            shared: BTreeMap::new(),
+        };
+        for path in plan.paths_of(si) {
+            let site = model.site(path).ok_or_else(|| Error::Delta(format!("no module `{path}`")))?;
+            let delta = spec.config.build(site, &mut ctx).map_err(|e| Error::Delta(format!("delta `{}` at {path}: {e}", spec.name)))?;
+            built.push((path.to_string(), Attached::new(spec.name.clone(), delta)));
+        }
+    }
+    for (path, a) in built {
+        match model.site_mut(&path) {
+            Some(site) => site.deltas.push(a),
+            None => return Err(Error::Delta(format!("no module `{path}`"))),
+        }
+    }
+    Ok(plan)
+}
+
+/// Every trainable variable of the attached deltas, named `<delta>.<site path>.<param>` (shared
+/// ones `<delta>.shared.<param>`, listed once), in forward order. Disabled and merged deltas are
+/// left out.
+pub fn trainable_vars(model: &dyn Backbone) -> Vec<(String, Var)> {
+    delta_vars(model, false)
+}
+
+/// Like [`trainable_vars`]; with `include_inactive`, disabled and merged deltas are listed too
+/// (for saving).
+pub fn delta_vars(model: &dyn Backbone, include_inactive: bool) -> Vec<(String, Var)> {
+    let mut out = Vec::new();
+    let mut shared_seen = std::collections::BTreeSet::new();
+    for s in model.sites() {
+        for a in s.deltas.iter().filter(|a| include_inactive || a.active()) {
+            for (n, v) in a.delta.params() {
+                let full = if s.path().is_empty() { format!("{}.{n}", a.name) } else { format!("{}.{}.{n}", a.name, s.path()) };
+                out.push((full, v));
+            }
+            for (n, v) in a.delta.shared_params() {
+                let full = format!("{}.shared.{n}", a.name);
+                if shared_seen.insert(full.clone()) {
+                    out.push((full, v));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Number of trainable scalars in the active deltas.
+pub fn count_trainable(model: &dyn Backbone) -> usize {
+    trainable_vars(model).iter().map(|(_, v)| v.elem_count()).sum()
+}
+
+/// Switches every delta of group `name` on or off.
+pub fn set_enabled(model: &mut dyn Backbone, name: &str, on: bool) -> Result<()> {
+    let mut found = false;
+    for s in model.sites_mut() {
+        for a in s.deltas.iter_mut().filter(|a| a.name == name) {
+            a.enabled = on;
+            found = true;
+        }
+    }
+    if found {
+        Ok(())
+    } else {
+        Err(Error::Delta(format!("no delta named `{name}` is attached (attached: {})", delta_names(model).join(", "))))
+    }
+}
+
+/// Merges every active, mergeable delta into the base weights. Returns the number merged; errors
+/// if `require_all` and some active delta cannot be merged (naming it).
+pub fn merge_all(model: &mut dyn Backbone, require_all: bool) -> Result<usize> {
+    let mut n = 0;
+    for s in model.sites_mut() {
+        n += s.merge()?;
+        if require_all {
+            if let Some(a) = s.deltas.iter().find(|a| a.active()) {
+                return Err(Error::Delta(format!(
+                    "delta `{}` ({}) at {} cannot be merged into the base weights",
+                    a.name,
+                    a.delta.method(),
+                    s.path()
+                )));
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// Restores every site's unmerged base weights.
+pub fn unmerge_all(model: &mut dyn Backbone) {
+    for s in model.sites_mut() {
+        s.unmerge();
+    }
+}
+
+/// Detaches every delta.
+pub fn remove_all(model: &mut dyn Backbone) {
+    for s in model.sites_mut() {
+        s.unmerge();
+        s.deltas.clear();
+    }
+}

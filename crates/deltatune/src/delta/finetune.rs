@@ -1,0 +1,64 @@
+//! Fine-tuning of chosen modules (specification family) and full fine-tuning, the baseline every
+//! method is compared with: the chosen sites' own tensors become trainable copies, saved under
+//! their HF names (`encoder.layer.5.output.dense.weight`). `full` (alias) targets every module of
+//! the embeddings and the encoder; the pooler stays frozen (it is unused by mean/CLS-state heads).
+
+use super::{BuildCtx, Delta, HookCtx, Method, TargetModules, Targets};
+use crate::backbone::{Site, SiteKind};
+use crate::error::Result;
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FinetuneConfig {}
+
+impl Method for FinetuneConfig {
+    fn kinds(&self) -> &'static [SiteKind] {
+        &[SiteKind::Linear, SiteKind::LayerNorm, SiteKind::Embedding]
+    }
+
+    fn expands(&self) -> bool {
+        true
+    }
+
+    fn default_targets(&self) -> Targets {
+        Targets { target_modules: Some(TargetModules::List(vec!["embeddings".into(), "encoder".into()])), ..Default::default() }
+    }
+
+    fn gateable(&self) -> bool {
+        false
+    }
+
+    fn build(&self, site: &Site, _ctx: &mut BuildCtx) -> Result<Box<dyn Delta>> {
+        let vars = site
+            .params()
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), Var::from_tensor(&t.copy()?)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Box::new(Finetune { vars }))
+    }
+}
+
+#[derive(Debug)]
+pub struct Finetune {
+    vars: Vec<(String, Var)>,
+}
+
+impl Delta for Finetune {
+    fn method(&self) -> &'static str {
+        "finetune"
+    }
+
+    fn params(&self) -> Vec<(String, Var)> {
+        self.vars.clone()
+    }
+
+    fn reparam(&self, name: &str, _base: Option<&Tensor>, _h: &HookCtx) -> Result<Option<Tensor>> {
+        Ok(self.vars.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_tensor().clone()))
+    }
+
+    fn merged(&self, _base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {
+        Ok(Some(self.vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect::<Result<Vec<_>>>()?))
+    }
+}

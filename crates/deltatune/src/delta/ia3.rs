@@ -1,0 +1,122 @@
+//! (IA)³ (Liu et al., 2022), addition family: learned rescaling vectors. Follows PEFT
+//! (`tuners/ia3/layer.py`): a feed-forward module scales its input, `y = (l ⊙ x) W^T + b`, any
+//! other module scales its output including the bias, `y = l ⊙ (x W^T + b)`; vectors start at 1.
+//! PEFT decides "feed-forward" with a plain suffix test (`key.endswith(entry)`, no dot boundary),
+//! so its BERT default `output.dense` marks both `attention.output.dense` and the FFN
+//! `output.dense` as feed-forward; we reproduce that for parity. Mergeable exactly.
+
+use super::{BuildCtx, Delta, HookCtx, Method, TargetModules, Targets};
+use crate::backbone::{Site, SiteKind};
+use crate::error::{Error, Result};
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Ia3Config {
+    /// Modules whose input (not output) is scaled. PEFT semantics: a list entry matches any path
+    /// ending with it (no dot boundary); a string is a full-match regex.
+    pub feedforward_modules: Option<TargetModules>,
+    /// Initialise vectors to ones (a no-op at start). False: N(0,1) (PEFT's debugging option).
+    pub init_ia3_weights: bool,
+}
+
+impl Default for Ia3Config {
+    fn default() -> Self {
+        Ia3Config { feedforward_modules: Some(TargetModules::List(vec!["output.dense".into()])), init_ia3_weights: true }
+    }
+}
+
+impl Ia3Config {
+    pub fn is_feedforward(&self, path: &str) -> Result<bool> {
+        Ok(match &self.feedforward_modules {
+            None => false,
+            Some(TargetModules::List(l)) => l.iter().any(|e| path.ends_with(e.as_str())),
+            Some(TargetModules::Regex(r)) => regex::Regex::new(&format!("^(?:{r})$"))
+                .map_err(|e| Error::Delta(format!("ia3: feedforward_modules regex `{r}`: {e}")))?
+                .is_match(path),
+        })
+    }
+}
+
+impl Method for Ia3Config {
+    fn kinds(&self) -> &'static [SiteKind] {
+        &[SiteKind::Linear]
+    }
+
+    fn default_targets(&self) -> Targets {
+        Targets {
+            target_modules: Some(TargetModules::List(vec!["key".into(), "value".into(), "output.dense".into()])),
+            ..Default::default()
+        }
+    }
+
+    fn build(&self, site: &Site, ctx: &mut BuildCtx) -> Result<Box<dyn Delta>> {
+        let (inp, out) = super::site_dims(site, &ctx.info)?;
+        let feedforward = self.is_feedforward(site.path())?;
+        let shape = if feedforward { vec![1, inp] } else { vec![out, 1] };
+        let l = if self.init_ia3_weights {
+            super::init::ones(&shape, &ctx.device)?
+        } else {
+            ctx.stream(site.path(), "ia3_l").normal(&shape, 0.0, 1.0, &ctx.device)?
+        };
+        Ok(Box::new(Ia3 { l: Var::from_tensor(&l)?, feedforward }))
+    }
+}
+
+#[derive(Debug)]
+pub struct Ia3 {
+    l: Var, // (out, 1) or (1, in)
+    feedforward: bool,
+}
+
+impl Ia3 {
+    /// The scaling vector as (n,), interpolated towards 1 by the gate: `1 + z (l - 1)`.
+    fn vector(&self, h: &HookCtx) -> Result<Tensor> {
+        let l = self.l.as_tensor().flatten_all()?;
+        match &h.gate {
+            Some(_) => Ok(h.gated((l - 1.0)?)?.affine(1.0, 1.0)?),
+            None => Ok(l),
+        }
+    }
+}
+
+impl Delta for Ia3 {
+    fn method(&self) -> &'static str {
+        "ia3"
+    }
+
+    fn params(&self) -> Vec<(String, Var)> {
+        vec![("ia3_l".into(), self.l.clone())]
+    }
+
+    fn pre(&self, x: &Tensor, h: &HookCtx) -> Result<Option<Tensor>> {
+        if !self.feedforward {
+            return Ok(None);
+        }
+        Ok(Some(x.broadcast_mul(&self.vector(h)?)?))
+    }
+
+    fn post(&self, _x: &Tensor, y: &Tensor, h: &HookCtx) -> Result<Option<Tensor>> {
+        if self.feedforward {
+            return Ok(None);
+        }
+        Ok(Some(y.broadcast_mul(&self.vector(h)?)?))
+    }
+
+    fn merged(&self, base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {
+        let l = self.l.as_tensor();
+        let mut out = Vec::new();
+        for (name, t) in base {
+            match (name.as_str(), self.feedforward) {
+                // (out, in) * (1, in): scales columns.
+                ("weight", true) => out.push((name.clone(), t.broadcast_mul(l)?)),
+                // (out, in) * (out, 1): scales rows; the bias is scaled too.
+                ("weight", false) => out.push((name.clone(), t.broadcast_mul(l)?)),
+                ("bias", false) => out.push((name.clone(), t.mul(&l.flatten_all()?)?)),
+                _ => {}
+            }
+        }
+        Ok(Some(out))
+    }
+}

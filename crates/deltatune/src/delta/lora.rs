@@ -1,0 +1,126 @@
+//! LoRA (Hu et al., 2021), reparameterization family: `y = x W^T + b + s · B(A(dropout(x)))` with
+//! `s = lora_alpha / r` (or `lora_alpha / sqrt(r)` with rsLoRA). Defaults and initialisation follow
+//! PEFT (`tuners/lora/layer.py`, `LoraLayer.reset_lora_parameters`): A ~ kaiming_uniform(a=√5) =
+//! U(±1/√in), B = 0, so a fresh LoRA leaves the model unchanged. Mergeable: `W' = W + s · B A`.
+
+use super::{BackboneInfo, BuildCtx, Delta, HookCtx, Method, TargetModules, Targets};
+use crate::backbone::{Site, SiteKind};
+use crate::error::{Error, Result};
+use crate::ops;
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+/// How A and B start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraInit {
+    /// A ~ U(±1/√in) (torch's kaiming_uniform with a=√5), B = 0 (PEFT's default).
+    Kaiming,
+    /// A ~ N(0, 1/r), B = 0 (PEFT's "gaussian").
+    Gaussian,
+    /// Both A and B random (not a no-op at init; for tests and experiments).
+    Random,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoraConfig {
+    /// Rank.
+    pub r: usize,
+    /// Scale numerator (PEFT default 8).
+    pub lora_alpha: f64,
+    /// Dropout on the LoRA branch input.
+    pub lora_dropout: f32,
+    /// rsLoRA: scale by alpha/√r instead of alpha/r.
+    pub use_rslora: bool,
+    pub init_lora_weights: LoraInit,
+    /// Kept for PEFT config compatibility; only meaningful for GPT-2 Conv1D layers, so (as PEFT
+    /// does for nn.Linear) it must be false here.
+    pub fan_in_fan_out: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig { r: 8, lora_alpha: 8.0, lora_dropout: 0.0, use_rslora: false, init_lora_weights: LoraInit::Kaiming, fan_in_fan_out: false }
+    }
+}
+
+impl LoraConfig {
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
+    }
+}
+
+impl Method for LoraConfig {
+    fn kinds(&self) -> &'static [SiteKind] {
+        &[SiteKind::Linear]
+    }
+
+    fn default_targets(&self) -> Targets {
+        // PEFT's default for BERT: TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["bert"].
+        Targets { target_modules: Some(TargetModules::List(vec!["query".into(), "value".into()])), ..Default::default() }
+    }
+
+    fn validate(&self, _info: &BackboneInfo) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::Delta("lora: r must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(Error::Delta(format!("lora: lora_dropout {} is not in [0, 1)", self.lora_dropout)));
+        }
+        if !self.lora_alpha.is_finite() {
+            return Err(Error::Delta("lora: lora_alpha must be finite".into()));
+        }
+        if self.fan_in_fan_out {
+            return Err(Error::Delta("lora: fan_in_fan_out=true applies to Conv1D layers only; BERT uses Linear (set it to false)".into()));
+        }
+        Ok(())
+    }
+
+    fn build(&self, site: &Site, ctx: &mut BuildCtx) -> Result<Box<dyn Delta>> {
+        let (inp, out) = super::site_dims(site, &ctx.info)?;
+        let (dev, r) = (&ctx.device, self.r);
+        let sa = ctx.stream(site.path(), "lora_A");
+        let sb = ctx.stream(site.path(), "lora_B");
+        let (a, b) = match self.init_lora_weights {
+            LoraInit::Kaiming => (sa.kaiming_uniform(&[r, inp], inp, dev)?, super::init::zeros(&[out, r], dev)?),
+            LoraInit::Gaussian => (sa.normal(&[r, inp], 0.0, 1.0 / r as f32, dev)?, super::init::zeros(&[out, r], dev)?),
+            LoraInit::Random => (sa.kaiming_uniform(&[r, inp], inp, dev)?, sb.kaiming_uniform(&[out, r], r, dev)?),
+        };
+        Ok(Box::new(Lora { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, scale: self.scaling(), dropout: self.lora_dropout }))
+    }
+}
+
+#[derive(Debug)]
+pub struct Lora {
+    a: Var, // (r, in)
+    b: Var, // (out, r)
+    scale: f64,
+    dropout: f32,
+}
+
+impl Delta for Lora {
+    fn method(&self) -> &'static str {
+        "lora"
+    }
+
+    fn params(&self) -> Vec<(String, Var)> {
+        vec![("lora_A.weight".into(), self.a.clone()), ("lora_B.weight".into(), self.b.clone())]
+    }
+
+    fn post(&self, x: &Tensor, y: &Tensor, h: &HookCtx) -> Result<Option<Tensor>> {
+        let x = if h.train && self.dropout > 0.0 { ops::dropout(x, self.dropout, h.key)? } else { x.clone() };
+        let d = ops::linear(&ops::linear(&x, self.a.as_tensor(), None)?, self.b.as_tensor(), None)?;
+        Ok(Some(y.add(&h.gated((d * self.scale)?)?)?))
+    }
+
+    fn merged(&self, base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {
+        let Some((_, w)) = base.iter().find(|(n, _)| n == "weight") else { return Ok(None) };
+        let dw = (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale)?;
+        Ok(Some(vec![("weight".into(), w.add(&dw)?)]))
+    }
+}
