@@ -105,3 +105,79 @@ fn embed_rejects_non_utf8_line() {
     assert!(e.contains("bad.txt:2: not valid UTF-8"), "{e}");
     assert!(!output.exists(), "nothing may be written on error");
 }
+
+fn golden(name: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden").join(name);
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("SKIP: ../shared/golden/{name} absent");
+        None
+    }
+}
+
+#[test]
+fn inspect_with_deltas_and_dry_run() {
+    let Some(dir) = model() else { return };
+    let m = dir.to_str().unwrap();
+    let o = run(&["inspect", "--json", "--model", m, "--delta", "lora:r=8,target=query+value", "--delta", "bitfit"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["trainable_params"], 73_728 + 25_344);
+    let text = String::from_utf8_lossy(&run(&["inspect", "--model", m, "--delta", "lora"]).stdout).into_owned();
+    assert!(text.contains("+ lora [lora] lora_A.weight:[8, 384] lora_B.weight:[384, 8] 6,144 trainable"), "{text}");
+    assert!(text.contains("trainable parameters: 73,728 of 22,786,944 (0.3236%)"), "{text}");
+    // Dry run: matched and unmatched patterns, exit 0.
+    let o = run(&["inspect", "--dry-run", "--model", m, "--delta", "lora:target=query+quer,layers=0-2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("lora `query`: 3 modules: encoder.layer.{0-2}.attention.self.query"), "{text}");
+    assert!(text.contains("lora `quer`: UNMATCHED"), "{text}");
+    // The same spec without --dry-run fails, naming the pattern.
+    let o = run(&["inspect", "--model", m, "--delta", "lora:target=query+quer"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("pattern `quer` matches no module"), "{}", stderr(&o));
+}
+
+#[test]
+fn merge_writes_a_plain_model_with_equal_outputs() {
+    let (Some(dir), Some(lora)) = (model(), golden("peft_lora_minilm")) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let o = run(&["merge", "--json", "--model", dir.to_str().unwrap(), "--delta", lora.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["merged_sites"], 12);
+    assert!(v["max_abs_diff"].as_f64().unwrap() <= 1e-5, "{v}");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    // It loads as an ordinary model and embeds like the unmerged model + adapter.
+    let input = tmp.path().join("in.txt");
+    std::fs::write(&input, "A man is playing a guitar on the street.\n").unwrap();
+    let a = run(&["embed", "--model", out.to_str().unwrap(), "-i", input.to_str().unwrap()]);
+    let b = run(&["embed", "--model", dir.to_str().unwrap(), "--delta", lora.to_str().unwrap(), "-i", input.to_str().unwrap()]);
+    assert!(a.status.success() && b.status.success());
+    let va: Vec<f32> = serde_json::from_slice(&a.stdout).unwrap();
+    let vb: Vec<f32> = serde_json::from_slice(&b.stdout).unwrap();
+    let d = va.iter().zip(&vb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(d <= 1e-5, "{d}");
+    // Non-mergeable deltas are refused and nothing is written.
+    let out2 = tmp.path().join("merged2");
+    let o = run(&["merge", "--model", dir.to_str().unwrap(), "--delta", "adapter", "--out", out2.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("cannot be merged"), "{}", stderr(&o));
+    assert!(!out2.exists());
+}
+
+#[test]
+fn export_round_trips_peft_lora() {
+    let (Some(dir), Some(lora)) = (model(), golden("peft_lora_minilm")) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("exported");
+    let o = run(&["export", "--model", dir.to_str().unwrap(), "--delta", lora.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let a: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let b: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(lora.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(a, b);
+}

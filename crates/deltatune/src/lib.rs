@@ -8,11 +8,13 @@
 pub mod assets;
 pub mod attach;
 pub mod backbone;
+pub mod bench;
 pub mod data;
 pub mod delta;
 pub mod error;
 pub mod io;
 pub mod ops;
+pub mod tuned;
 
 pub use backbone::{bert::BertModel, Backbone, ForwardCtx, ModelOutput, Pooling, Site, SiteKind};
 pub use data::tokenize::{EncodedBatch, Padding, TextEncoder};

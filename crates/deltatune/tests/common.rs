@@ -97,10 +97,29 @@ pub fn write_tiny_model(
     dir: &std::path::Path,
     edit: impl FnOnce(&mut std::collections::BTreeMap<String, Tensor>),
 ) -> PathBuf {
+    write_model_sized(dir, Sizes { hidden: 8, heads: 2, layers: 2, intermediate: 16, seed: 1 }, edit)
+}
+
+/// Sizes of a random test model.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    pub hidden: usize,
+    pub heads: usize,
+    pub layers: usize,
+    pub intermediate: usize,
+    pub seed: u64,
+}
+
+/// Writes a random BERT of the given sizes (vocabulary 30, 32 positions) into `dir`.
+pub fn write_model_sized(
+    dir: &std::path::Path,
+    sz: Sizes,
+    edit: impl FnOnce(&mut std::collections::BTreeMap<String, Tensor>),
+) -> PathBuf {
     use std::collections::BTreeMap;
-    let (v, h, i, layers, pos) = (30usize, 8usize, 16usize, 2usize, 32usize);
+    let (v, h, i, layers, pos) = (30usize, sz.hidden, sz.intermediate, sz.layers, 32usize);
     let dev = Device::Cpu;
-    let mut seed = 1u64;
+    let mut seed = sz.seed * 1000;
     let mut t = |shape: &[usize]| {
         seed += 1;
         let key = deltatune::ops::DropoutKey(seed);
@@ -137,7 +156,7 @@ pub fn write_tiny_model(
     deltatune::io::save_tensors(&dir.join("model.safetensors"), &m, None).unwrap();
     let config = serde_json::json!({
         "model_type": "bert", "vocab_size": v, "hidden_size": h, "num_hidden_layers": layers,
-        "num_attention_heads": 2, "intermediate_size": i, "hidden_act": "gelu",
+        "num_attention_heads": sz.heads, "intermediate_size": i, "hidden_act": "gelu",
         "max_position_embeddings": pos, "type_vocab_size": 2, "layer_norm_eps": 1e-12
     });
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();

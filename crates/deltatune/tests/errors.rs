@@ -103,3 +103,124 @@ fn non_utf8_line() {
     assert!(matches!(err, Error::Text { line: 3, .. }), "{err:?}");
     assert!(err.to_string().ends_with("texts.txt:3: not valid UTF-8 (byte 8 of the line)"), "{err}");
 }
+
+// ------------------------------------------------------------------------------------------------
+// Delta methods: every bad input is a clear error.
+
+mod deltas {
+    use crate::common::*;
+    use deltatune::attach::{self, AttachOptions};
+    use deltatune::delta::{store, DeltaSpec};
+    use deltatune::BertModel;
+
+    fn tiny() -> (tempfile::TempDir, BertModel) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = write_tiny_model(&tmp.path().join("m"), |_| {});
+        let m = BertModel::load(&dir, &cpu()).unwrap();
+        (tmp, m)
+    }
+
+    fn attach_err(spec: &str) -> String {
+        let (_t, mut m) = tiny();
+        let s = match DeltaSpec::parse_cli(spec) {
+            Ok(s) => s,
+            Err(e) => return e.to_string(),
+        };
+        let e = attach::attach(&mut m, &[s], AttachOptions::default()).unwrap_err().to_string();
+        assert_eq!(attach::count_trainable(&m), 0, "a failed attach must leave the model unchanged");
+        e
+    }
+
+    #[test]
+    fn bad_hyperparameters() {
+        assert!(attach_err("lora:r=0").contains("lora: r must be at least 1"));
+        assert!(attach_err("lora:lora_dropout=1.5").contains("lora_dropout 1.5 is not in [0, 1)"));
+        let e = attach_err("compacter:phm_dim=3");
+        assert!(e.contains("must both be multiples of phm_dim 3"), "{e}");
+        let e = attach_err("adapter:non_linearity=sigmoidish");
+        assert!(e.contains("invalid adapter config") && e.contains("sigmoidish"), "{e}");
+        let e = attach_err("lora:r=4,r=5");
+        assert!(e.contains("key `r` given twice"), "{e}");
+    }
+
+    #[test]
+    fn unknown_method_and_key() {
+        let e = attach_err("bitfitt");
+        assert!(e.contains("unknown delta method `bitfitt` (did you mean `bitfit`?)"), "{e}");
+        let e = attach_err("ia3:feedforward=output.dense");
+        assert!(e.contains("unknown key `feedforward` for ia3"), "{e}");
+    }
+
+    #[test]
+    fn pattern_matching_nothing_lists_nearest_paths() {
+        let e = attach_err("lora:target=query+quer");
+        assert!(e.starts_with("pattern `quer` matches no module (in delta `lora`); nearest valid paths: encoder.layer.0.attention.self.query"), "{e}");
+        let e = attach_err("lora:target=query,layers=7");
+        assert!(e.contains("pattern `query` matches no module inside layers [7]"), "{e}");
+        let e = attach_err("lora:target=re:.*nonexistent.*");
+        assert!(e.contains("pattern `re:.*nonexistent.*` matches no module"), "{e}");
+    }
+
+    #[test]
+    fn method_on_wrong_kind_of_module() {
+        let e = attach_err("lora:target=attention");
+        assert!(e.contains("lora cannot attach to `encoder.layer.0.attention` (attention); it attaches to linear modules"), "{e}");
+        assert!(e.contains("nearest valid paths:"), "{e}");
+        let e = attach_err("prompt:target=query");
+        assert!(e.contains("prompt cannot attach to `encoder.layer.0.attention.self.query` (linear)"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_names() {
+        let (_t, mut m) = tiny();
+        let specs = vec![DeltaSpec::parse_cli("lora").unwrap(), DeltaSpec::parse_cli("lora:target=key").unwrap()];
+        let e = attach::attach(&mut m, &specs, AttachOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("two deltas are named `lora`"), "{e}");
+    }
+
+    #[test]
+    fn delta_on_another_backbone_is_refused() {
+        let (t, mut m) = tiny();
+        let s = DeltaSpec::parse_cli("lora").unwrap();
+        attach::attach(&mut m, std::slice::from_ref(&s), AttachOptions::default()).unwrap();
+        let saved = t.path().join("delta");
+        store::save(&saved, &m, &[s], &Default::default(), &Default::default()).unwrap();
+        // A backbone with one weight changed.
+        let other_dir = write_tiny_model(&t.path().join("other"), |map| {
+            let w = map.get("encoder.layer.1.output.dense.weight").unwrap();
+            let w2 = (w * 1.5).unwrap();
+            map.insert("encoder.layer.1.output.dense.weight".into(), w2);
+        });
+        let mut other = BertModel::load(&other_dir, &cpu()).unwrap();
+        let e = store::load(&saved, &mut other, AttachOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("this delta was trained on a different backbone"), "{e}");
+        assert_eq!(attach::count_trainable(&other), 0);
+    }
+
+    #[test]
+    fn truncated_or_inconsistent_delta_files() {
+        let (t, mut m) = tiny();
+        let s = DeltaSpec::parse_cli("lora:target=query+value").unwrap();
+        attach::attach(&mut m, std::slice::from_ref(&s), AttachOptions::default()).unwrap();
+        let saved = t.path().join("delta");
+        store::save(&saved, &m, std::slice::from_ref(&s), &Default::default(), &Default::default()).unwrap();
+        let weights = saved.join(store::WEIGHTS_FILE);
+        let bytes = std::fs::read(&weights).unwrap();
+        let mut fresh = BertModel::load(&write_tiny_model(&t.path().join("m2"), |_| {}), &cpu()).unwrap();
+        std::fs::write(&weights, &bytes[..bytes.len() - 10]).unwrap();
+        let e = store::load(&saved, &mut fresh, AttachOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("delta.safetensors: not a valid safetensors file"), "{e}");
+        assert_eq!(attach::count_trainable(&fresh), 0);
+        // The config names a module whose tensors are absent.
+        std::fs::write(&weights, &bytes).unwrap();
+        let cfg = saved.join(store::CONFIG_FILE);
+        let text = std::fs::read_to_string(&cfg).unwrap().replace("\"value\"", "\"key\"");
+        std::fs::write(&cfg, text).unwrap();
+        let e = store::load(&saved, &mut fresh, AttachOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("tensor `deltas.lora.encoder.layer.0.attention.self.key.lora_A.weight` is missing"), "{e}");
+        assert_eq!(attach::count_trainable(&fresh), 0, "a failed load must leave the model unchanged");
+        // Missing directory.
+        let e = store::load(&t.path().join("nope"), &mut fresh, AttachOptions::default()).unwrap_err().to_string();
+        assert!(e.ends_with("nope: delta directory not found"), "{e}");
+    }
+}

@@ -4,4 +4,6 @@
 mod common;
 mod errors;
 mod parity;
+mod methods;
 mod peft;
+mod properties;

@@ -4,7 +4,7 @@ use crate::args::EmbedArgs;
 use anyhow::{Context, Result};
 use deltatune::backbone::l2_normalize;
 use deltatune::data::lines::read_lines;
-use deltatune::{Backbone, BertModel, Device, ForwardCtx, Padding, Pooling, TextEncoder};
+use deltatune::{Backbone, ForwardCtx, Padding, Pooling, TextEncoder};
 use std::io::Write;
 
 pub fn run(a: EmbedArgs) -> Result<()> {
@@ -14,8 +14,7 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     }
     // Read (and validate) the input before the model, so bad input fails fast.
     let lines = read_lines(a.input.as_deref())?;
-    let dir = super::model_dir(&a.model)?;
-    let model = BertModel::load(&dir, &Device::Cpu)?;
+    let (model, _) = super::model_with_deltas(&a.model, &a.deltas)?;
     let enc = TextEncoder::from_file(&model.files.tokenizer, a.max_length)?;
     // A file output is written atomically at the end; stdout is streamed.
     let mut buffer: Vec<u8> = Vec::new();

@@ -1,18 +1,27 @@
 //! One file per subcommand; shared resolution of common flags.
 
+mod bench;
 mod embed;
+mod export;
 mod inspect;
+mod merge;
 mod setup;
 
-use crate::args::{Cli, Command, ModelArgs};
+use crate::args::{Cli, Command, DeltaArgs, ModelArgs};
 use anyhow::{Context, Result};
-use std::path::PathBuf;
+use deltatune::attach::{self, AttachOptions};
+use deltatune::delta::{spec::parse_config_file, DeltaSpec};
+use deltatune::{BertModel, Device};
+use std::path::{Path, PathBuf};
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Setup(a) => setup::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => embed::run(a),
+        Command::Merge(a) => merge::run(a),
+        Command::Export(a) => export::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 
@@ -40,4 +49,48 @@ pub fn model_dir(m: &ModelArgs) -> Result<PathBuf> {
         Some(p) => Ok(p.clone()),
         None => Ok(deltatune::assets::default_model(&mut progress)?),
     }
+}
+
+/// New delta specs from `--delta SPEC` and `--delta-config FILE` (saved delta directories are
+/// returned separately). Config-file warnings go to stderr.
+pub fn delta_specs(d: &DeltaArgs) -> Result<(Vec<DeltaSpec>, Vec<PathBuf>)> {
+    let mut specs = Vec::new();
+    let mut dirs = Vec::new();
+    for v in &d.delta {
+        let p = Path::new(v);
+        if p.is_dir() {
+            dirs.push(p.to_path_buf());
+        } else if v.contains('/') && !v.contains(':') {
+            anyhow::bail!("invalid --delta: {v}: no such delta directory");
+        } else {
+            specs.push(DeltaSpec::parse_cli(v)?);
+        }
+    }
+    if let Some(f) = &d.delta_config {
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let (more, warnings) = parse_config_file(&text, &f.display().to_string())?;
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
+        specs.extend(more);
+    }
+    Ok((specs, dirs))
+}
+
+/// Loads the model and attaches every delta given on the command line.
+pub fn model_with_deltas(m: &ModelArgs, d: &DeltaArgs) -> Result<(BertModel, Vec<DeltaSpec>)> {
+    let (specs, dirs) = delta_specs(d)?;
+    let dir = model_dir(m)?;
+    let mut model = BertModel::load(&dir, &Device::Cpu)?;
+    let mut all = Vec::new();
+    for p in dirs {
+        let loaded = deltatune::tuned::load_delta(&p, &mut model, AttachOptions::default())?;
+        for w in &loaded.warnings {
+            eprintln!("warning: {w}");
+        }
+        all.extend(loaded.specs);
+    }
+    attach::attach(&mut model, &specs, AttachOptions { seed: d.seed, tokenizer: None })?;
+    all.extend(specs);
+    Ok((model, all))
 }

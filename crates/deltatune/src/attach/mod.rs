@@ -14,4 +14,4 @@ mod apply;
 mod plan;
 
 pub use apply::{attach, count_trainable, delta_vars, delta_names, merge_all, remove_all, set_enabled, trainable_vars, unmerge_all, AttachOptions};
-pub use plan::{plan, Plan, PlanEntry, PatternReport};
+pub use plan::{dry_run, plan, PatternReport, Plan, PlanEntry};

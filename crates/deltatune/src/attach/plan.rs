@@ -21,6 +21,9 @@ pub struct PatternReport {
     pub delta: String,
     pub pattern: String,
     pub matched: Vec<String>,
+    /// Why the pattern could not be used (dry runs only; a real plan fails instead).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The resolved attachment plan, in spec order then forward (tree) order.
@@ -114,8 +117,18 @@ fn kind_names(kinds: &[SiteKind]) -> String {
     kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
 }
 
-/// Resolves `specs` against `tree`.
+/// Resolves `specs` against `tree`; any pattern that matches nothing is an error.
 pub fn plan(tree: &ModuleTree, specs: &[DeltaSpec]) -> Result<Plan> {
+    plan_with(tree, specs, true)
+}
+
+/// Like [`plan`], but a pattern that matches nothing (or the wrong kind of module) is recorded in
+/// its [`PatternReport::error`] instead of failing — for dry runs.
+pub fn dry_run(tree: &ModuleTree, specs: &[DeltaSpec]) -> Result<Plan> {
+    plan_with(tree, specs, false)
+}
+
+fn plan_with(tree: &ModuleTree, specs: &[DeltaSpec], strict: bool) -> Result<Plan> {
     let mut out = Plan::default();
     let mut names = BTreeSet::new();
     for (si, spec) in specs.iter().enumerate() {
@@ -128,92 +141,112 @@ pub fn plan(tree: &ModuleTree, specs: &[DeltaSpec]) -> Result<Plan> {
             Error::Delta(format!("{origin}: {} has no default targets; give target_modules", spec.config.method()))
         })?;
         let layers = spec.targets.layers_to_transform.clone().or(defaults.layers_to_transform);
-        let kinds = spec.config.kinds();
         let exclude = spec.targets.exclude_modules.as_ref().map(|e| compile(e, &origin)).transpose()?;
         let excluded = |p: &str| exclude.as_ref().is_some_and(|ex| ex.iter().any(|(_, ms)| ms.iter().any(|m| m.is_match(p))));
         let is_list = matches!(targets, TargetModules::List(_));
         let mut chosen: BTreeSet<usize> = BTreeSet::new();
         for (text, matchers) in compile(&targets, &origin)? {
-            let mut raw = Vec::new();
-            let mut matched = Vec::new();
-            for (i, m) in tree.modules.iter().enumerate() {
-                if !matchers.iter().any(|mm| mm.is_match(&m.path)) {
-                    continue;
+            let resolved = resolve_pattern(tree, spec, &origin, &text, &matchers, is_list, layers.as_deref(), &excluded);
+            match resolved {
+                Ok(resolved) => {
+                    out.report.push(PatternReport {
+                        delta: spec.name.clone(),
+                        pattern: text,
+                        matched: resolved.iter().map(|&i| tree.modules[i].path.clone()).collect(),
+                        error: None,
+                    });
+                    chosen.extend(resolved);
                 }
-                raw.push(i);
-                // PEFT: an exact list match skips the layer filter.
-                let exact = is_list && m.path == text;
-                if let (Some(ls), false) = (&layers, exact) {
-                    if !m.layer.is_some_and(|l| ls.contains(&l)) {
-                        continue;
-                    }
+                Err(e) if !strict => {
+                    out.report.push(PatternReport { delta: spec.name.clone(), pattern: text, matched: Vec::new(), error: Some(e.to_string()) });
                 }
-                if excluded(&m.path) {
-                    continue;
-                }
-                matched.push(i);
+                Err(e) => return Err(e),
             }
-            if raw.is_empty() {
-                return Err(Error::NoMatch {
-                    pattern: text.clone(),
-                    hint: format!(" (in {origin}){}", hint(tree, &text, kinds)),
-                });
-            }
-            if matched.is_empty() {
-                let why = match &layers {
-                    Some(ls) => format!(" inside layers {ls:?}"),
-                    None => String::new(),
-                };
-                return Err(Error::NoMatch {
-                    pattern: text.clone(),
-                    hint: format!("{why} after exclusions (in {origin})"),
-                });
-            }
-            // Kind check, expanding blocks for specification methods.
-            let mut resolved = Vec::new();
-            for &i in &matched {
-                let m = &tree.modules[i];
-                if kinds.contains(&m.kind) {
-                    resolved.push(i);
-                } else if spec.config.expands() {
-                    let prefix = if m.path.is_empty() { String::new() } else { format!("{}.", m.path) };
-                    let kids: Vec<usize> = tree
-                        .modules
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, d)| d.path.starts_with(&prefix) && kinds.contains(&d.kind) && !excluded(&d.path))
-                        .map(|(j, _)| j)
-                        .collect();
-                    if kids.is_empty() {
-                        return Err(Error::Delta(format!(
-                            "{origin}: {} cannot tune `{}` ({}): no {} modules inside it",
-                            spec.config.method(),
-                            m.path,
-                            m.kind.as_str(),
-                            kind_names(kinds)
-                        )));
-                    }
-                    resolved.extend(kids);
-                } else {
-                    return Err(Error::Delta(format!(
-                        "{origin}: {} cannot attach to `{}` ({}); it attaches to {} modules{}",
-                        spec.config.method(),
-                        m.path,
-                        m.kind.as_str(),
-                        kind_names(kinds),
-                        hint(tree, &text, kinds)
-                    )));
-                }
-            }
-            out.report.push(PatternReport {
-                delta: spec.name.clone(),
-                pattern: text,
-                matched: resolved.iter().map(|&i| tree.modules[i].path.clone()).collect(),
-            });
-            chosen.extend(resolved);
         }
         // BTreeSet of tree indices = forward order, each site once.
         out.entries.extend(chosen.into_iter().map(|i| PlanEntry { spec: si, path: tree.modules[i].path.clone() }));
     }
     Ok(out)
+}
+
+/// The tree indices one pattern of `spec` resolves to (after layer filter, exclusions, kind check
+/// and expansion).
+#[allow(clippy::too_many_arguments)]
+fn resolve_pattern(
+    tree: &ModuleTree,
+    spec: &DeltaSpec,
+    origin: &str,
+    text: &str,
+    matchers: &[Matcher],
+    is_list: bool,
+    layers: Option<&[usize]>,
+    excluded: &dyn Fn(&str) -> bool,
+) -> Result<Vec<usize>> {
+    let kinds = spec.config.kinds();
+    let mut raw = Vec::new();
+    let mut matched = Vec::new();
+    for (i, m) in tree.modules.iter().enumerate() {
+        if !matchers.iter().any(|mm| mm.is_match(&m.path)) {
+            continue;
+        }
+        raw.push(i);
+        // PEFT: an exact list match skips the layer filter.
+        let exact = is_list && m.path == text;
+        if let (Some(ls), false) = (layers, exact) {
+            if !m.layer.is_some_and(|l| ls.contains(&l)) {
+                continue;
+            }
+        }
+        if excluded(&m.path) {
+            continue;
+        }
+        matched.push(i);
+    }
+    if raw.is_empty() {
+        return Err(Error::NoMatch { pattern: text.to_string(), hint: format!(" (in {origin}){}", hint(tree, text, kinds)) });
+    }
+    if matched.is_empty() {
+        let why = match layers {
+            Some(ls) => format!(" inside layers {ls:?}"),
+            None => String::new(),
+        };
+        return Err(Error::NoMatch { pattern: text.to_string(), hint: format!("{why} after exclusions (in {origin})") });
+    }
+    // Kind check, expanding blocks for specification methods.
+    let mut resolved = Vec::new();
+    for &i in &matched {
+        let m = &tree.modules[i];
+        if kinds.contains(&m.kind) {
+            resolved.push(i);
+        } else if spec.config.expands() {
+            let prefix = if m.path.is_empty() { String::new() } else { format!("{}.", m.path) };
+            let kids: Vec<usize> = tree
+                .modules
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.path.starts_with(&prefix) && kinds.contains(&d.kind) && !excluded(&d.path))
+                .map(|(j, _)| j)
+                .collect();
+            if kids.is_empty() {
+                return Err(Error::Delta(format!(
+                    "{origin}: {} cannot tune `{}` ({}): no {} modules inside it",
+                    spec.config.method(),
+                    m.path,
+                    m.kind.as_str(),
+                    kind_names(kinds)
+                )));
+            }
+            resolved.extend(kids);
+        } else {
+            return Err(Error::Delta(format!(
+                "{origin}: {} cannot attach to `{}` ({}); it attaches to {} modules{}",
+                spec.config.method(),
+                m.path,
+                m.kind.as_str(),
+                kind_names(kinds),
+                hint(tree, text, kinds)
+            )));
+        }
+    }
+    Ok(resolved)
 }

@@ -17,6 +17,9 @@ pub struct DeltaInfo {
     pub shapes: BTreeMap<String, Vec<usize>>,
     pub enabled: bool,
     pub merged: bool,
+    /// Trainable copies of the site's own tensors (fine-tuning), not additional parameters.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub replaces_base: bool,
 }
 
 /// One module.
@@ -65,8 +68,14 @@ fn parent_of(path: &str) -> Option<&str> {
 #[derive(Clone, Debug, Serialize)]
 pub struct ModuleTree {
     pub model_type: String,
+    /// Parameters of the backbone itself.
     pub total_params: usize,
+    /// Trainable delta parameters (shared tensors counted once).
     pub trainable_params: usize,
+    /// Backbone plus the parameters the deltas add (PEFT's "all params").
+    pub all_params: usize,
+    /// trainable / all, in percent.
+    pub trainable_percent: f64,
     pub modules: Vec<SiteInfo>,
 }
 
@@ -92,6 +101,7 @@ impl ModuleTree {
                             shapes: params.iter().map(|(n, v)| (n.clone(), v.dims().to_vec())).collect(),
                             enabled: a.enabled,
                             merged: a.merged,
+                            replaces_base: a.delta.replaces_base(),
                         }
                     })
                     .collect(),
@@ -110,8 +120,26 @@ impl ModuleTree {
             }
         }
         let total_params = sites.iter().map(|s| s.num_params()).sum();
-        let trainable_params = modules.iter().map(|m| m.trainable()).sum();
-        ModuleTree { model_type: model_type.to_string(), total_params, trainable_params, modules }
+        // Tensors shared by the sites of a group (Compacter's rules) count once.
+        let mut shared: BTreeMap<String, usize> = BTreeMap::new();
+        for s in sites {
+            for a in s.deltas.iter().filter(|a| a.active()) {
+                for (n, v) in a.delta.shared_params() {
+                    shared.insert(format!("{}.{n}", a.name), v.elem_count());
+                }
+            }
+        }
+        let shared_total: usize = shared.values().sum();
+        let trainable_params: usize = modules.iter().map(|m| m.trainable()).sum::<usize>() + shared_total;
+        let replacing: usize = modules
+            .iter()
+            .flat_map(|m| m.deltas.iter())
+            .filter(|d| d.enabled && !d.merged && d.replaces_base)
+            .map(|d| d.params)
+            .sum();
+        let all_params = total_params + trainable_params - replacing;
+        let trainable_percent = if all_params == 0 { 0.0 } else { 100.0 * trainable_params as f64 / all_params as f64 };
+        ModuleTree { model_type: model_type.to_string(), total_params, trainable_params, all_params, trainable_percent, modules }
     }
 
     /// Paths of all modules.
@@ -125,12 +153,7 @@ impl ModuleTree {
 
     /// Trainable share of all parameters (base + delta) in percent.
     pub fn trainable_percent(&self) -> f64 {
-        let all = self.total_params + self.trainable_params;
-        if all == 0 {
-            0.0
-        } else {
-            100.0 * self.trainable_params as f64 / all as f64
-        }
+        self.trainable_percent
     }
 
     fn children(&self) -> BTreeMap<&str, Vec<usize>> {
@@ -172,7 +195,7 @@ impl ModuleTree {
             out.push_str(&format!(
                 "trainable parameters: {} of {} ({:.4}%)\n",
                 fmt_count(self.trainable_params),
-                fmt_count(self.total_params + self.trainable_params),
+                fmt_count(self.all_params),
                 self.trainable_percent()
             ));
         }
@@ -196,7 +219,7 @@ impl ModuleTree {
             let (branch, next) = if last { ("└── ", "    ") } else { ("├── ", "│   ") };
             let first = &self.modules[g[0]];
             let name = group_name(g.iter().map(|&k| self.modules[k].name()).collect());
-            let shapes: Vec<String> = first.shapes.iter().map(|(k, s)| format!("{k}:{s:?}")).collect();
+            let shapes = shape_list(&first.shapes);
             let mark = if first.deltas.iter().any(|d| d.enabled && !d.merged) { "*" } else { "" };
             let each = if g.len() > 1 { " each" } else { "" };
             out.push_str(&format!(
@@ -211,7 +234,7 @@ impl ModuleTree {
             for (di, d) in first.deltas.iter().enumerate() {
                 let dlast = di + 1 == first.deltas.len() && !has_kids;
                 let b = if dlast { "└── " } else { "├── " };
-                let shapes: Vec<String> = d.shapes.iter().map(|(k, s)| format!("{k}:{s:?}")).collect();
+                let shapes = shape_list(&d.shapes);
                 let state = if d.merged {
                     " merged"
                 } else if !d.enabled {
@@ -230,6 +253,13 @@ impl ModuleTree {
             self.render_children(g[0], &child_indent, ch, out);
         }
     }
+}
+
+/// `weight:[384, 384] bias:[384]` — weights first, then the rest by name.
+fn shape_list(shapes: &BTreeMap<String, Vec<usize>>) -> Vec<String> {
+    let mut items: Vec<(&String, &Vec<usize>)> = shapes.iter().collect();
+    items.sort_by_key(|(k, _)| (!k.ends_with("weight"), k.as_str()));
+    items.into_iter().map(|(k, s)| format!("{k}:{s:?}")).collect()
 }
 
 /// `0-5` for consecutive integers, `query,key,value` otherwise.
@@ -271,5 +301,61 @@ mod tests {
         assert_eq!(group_name(vec!["0", "1", "2"]), "0-2");
         assert_eq!(group_name(vec!["query", "key"]), "query,key");
         assert_eq!(group_name(vec!["0", "2"]), "0,2");
+    }
+}
+
+/// Folds paths that differ only in their layer number: `encoder.layer.{0-5}.attention.self.query`.
+/// Order of first appearance is kept.
+pub fn fold_paths(paths: &[String]) -> Vec<String> {
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+    for p in paths {
+        let parts: Vec<&str> = p.split('.').collect();
+        let pos = parts.windows(2).position(|w| w[0] == "layer" && w[1].parse::<usize>().is_ok());
+        let (key, n) = match pos {
+            Some(i) => {
+                let mut k = parts.clone();
+                k[i + 1] = "{}";
+                (k.join("."), parts[i + 1].parse::<usize>().ok())
+            }
+            None => (p.clone(), None),
+        };
+        match (groups.iter_mut().find(|(k, _)| *k == key), n) {
+            (Some((_, ns)), Some(n)) => ns.push(n),
+            (None, Some(n)) => groups.push((key, vec![n])),
+            (_, None) => groups.push((key, Vec::new())),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(k, ns)| {
+            if ns.is_empty() {
+                return k;
+            }
+            let mut ranges: Vec<String> = Vec::new();
+            let mut i = 0;
+            while i < ns.len() {
+                let mut j = i;
+                while j + 1 < ns.len() && ns[j + 1] == ns[j] + 1 {
+                    j += 1;
+                }
+                ranges.push(if i == j { ns[i].to_string() } else { format!("{}-{}", ns[i], ns[j]) });
+                i = j + 1;
+            }
+            k.replace("{}", &format!("{{{}}}", ranges.join(",")))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod fold_tests {
+    use super::fold_paths;
+
+    #[test]
+    fn folds_layers() {
+        let p: Vec<String> = ["encoder.layer.0.a", "encoder.layer.1.a", "encoder.layer.3.a", "pooler.dense", "encoder.layer.0.b"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(fold_paths(&p), vec!["encoder.layer.{0-1,3}.a", "pooler.dense", "encoder.layer.{0}.b"]);
     }
 }

@@ -54,6 +54,10 @@ impl Delta for Finetune {
         self.vars.clone()
     }
 
+    fn replaces_base(&self) -> bool {
+        true
+    }
+
     fn reparam(&self, name: &str, _base: Option<&Tensor>, _h: &HookCtx) -> Result<Option<Tensor>> {
         Ok(self.vars.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_tensor().clone()))
     }

@@ -78,6 +78,12 @@ pub trait Delta: std::fmt::Debug + Send + Sync {
         Vec::new()
     }
 
+    /// Whether the trainable tensors replace the site's own (fine-tuning) rather than add to them;
+    /// decides whether they count towards the model's total size.
+    fn replaces_base(&self) -> bool {
+        false
+    }
+
     /// Transforms the site's input before the base computation (e.g. IA3 on a feed-forward input).
     fn pre(&self, _x: &Tensor, _h: &HookCtx) -> Result<Option<Tensor>> {
         Ok(None)

@@ -130,7 +130,7 @@ impl Delta for Additive {
         let Some(d) = self.delta(name) else { return Ok(None) };
         let d = h.gated(d.as_tensor().clone())?;
         Ok(Some(match base {
-            Some(b) => b.add(&d)?,
+            Some(b) => crate::ops::add_frozen(&d, b)?,
             None => d,
         }))
     }

@@ -269,6 +269,41 @@ pub(crate) fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Resul
 }
 
 // ------------------------------------------------------------------------------------------------
+// Adding a frozen constant: the gradient passes to the tracked argument only.
+
+struct AddFrozen {
+    base: Tensor,
+}
+
+impl CustomOp1 for AddFrozen {
+    fn name(&self) -> &'static str {
+        "add-frozen"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let y = with_data(&self.base, |b| {
+            if b.len() != x.len() {
+                return Err(err("add_frozen: shapes differ"));
+            }
+            Ok(x.iter().zip(b).map(|(a, b)| a + b).collect::<Vec<f32>>())
+        })?;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.clone()))
+    }
+}
+
+pub(crate) fn add_frozen(delta: &Tensor, base: &Tensor) -> Result<Tensor> {
+    if delta.dims() != base.dims() {
+        return Err(crate::error::Error::Delta(format!("add_frozen: shapes {:?} and {:?} differ", delta.dims(), base.dims())));
+    }
+    Ok(delta.contiguous()?.apply_op1(AddFrozen { base: base.contiguous()? })?)
+}
+
+// ------------------------------------------------------------------------------------------------
 // Layer norm over the last dimension, with gradients for x, gamma and beta.
 
 struct LayerNorm {
@@ -382,11 +417,8 @@ impl CustomOp3 for LayerNorm {
             })
         })?;
         let dx = if need_x { Some(tensor_from(dx, x.shape())?) } else { None };
-        let (dg, db) = if need_gb {
-            (Some(tensor_from(dg, gamma.shape())?), Some(tensor_from(db, beta.shape())?))
-        } else {
-            (None, None)
-        };
+        let dg = if gamma.track_op() { Some(tensor_from(dg, gamma.shape())?) } else { None };
+        let db = if beta.track_op() { Some(tensor_from(db, beta.shape())?) } else { None };
         Ok((dx, dg, db))
     }
 }

@@ -52,6 +52,18 @@ pub fn linear_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Ten
     Ok(y.reshape(out_dims)?)
 }
 
+/// `base + delta` where only `delta` may receive a gradient: candle's `add` would also compute a
+/// (discarded) gradient for the frozen `base`. Shapes must be equal.
+pub fn add_frozen(delta: &Tensor, base: &Tensor) -> Result<Tensor> {
+    if base.track_op() {
+        return Ok(delta.add(base)?);
+    }
+    if fused_ok(delta) {
+        return kernels::add_frozen(delta, base);
+    }
+    Ok(delta.add(&base.detach())?)
+}
+
 /// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) * gamma + beta`.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     if fused_ok(x) {

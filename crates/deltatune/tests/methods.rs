@@ -1,0 +1,214 @@
+//! One table of method cases drives the common checks (a new method gets them by adding a row):
+//! attach, identity at initialisation where the method has one, a real change once trained,
+//! gradients that reach exactly the delta tensors, a gradient step that lowers the loss,
+//! bit-exact save → load, and merge == unmerged for mergeable methods. Each row runs on a tiny
+//! random BERT and again, with default hyperparameters, on the real default model.
+
+use crate::common::*;
+use candle_core::{DType, Tensor, Var};
+use deltatune::attach::{self, AttachOptions};
+use deltatune::delta::{init::Stream, store, DeltaSpec};
+use deltatune::{Backbone, BertModel, EncodedBatch, ForwardCtx, Pooling};
+
+struct Row {
+    /// CLI spec for the tiny model (hidden 8, 2 layers).
+    tiny: &'static str,
+    /// CLI spec for the real model (defaults).
+    real: &'static str,
+    /// A fresh delta leaves outputs unchanged.
+    identity: bool,
+    mergeable: bool,
+}
+
+const ROWS: &[Row] = &[
+    Row { tiny: "lora:r=2,lora_alpha=5", real: "lora", identity: true, mergeable: true },
+    Row { tiny: "lora:r=3,lora_alpha=2,use_rslora=true,target=query+key+value+dense,layers=1,name=lora_all", real: "lora:r=8,lora_alpha=16,target=query+value", identity: true, mergeable: true },
+    Row { tiny: "ia3", real: "ia3", identity: true, mergeable: true },
+    Row { tiny: "adapter:init_weights=mam_adapter,bottleneck_size=3", real: "adapter", identity: false, mergeable: false },
+    Row { tiny: "houlsby:bottleneck_size=3,init_weights=mam_adapter", real: "houlsby:init_weights=mam_adapter", identity: true, mergeable: false },
+    Row { tiny: "parallel_adapter", real: "parallel_adapter", identity: true, mergeable: false },
+    Row { tiny: "compacter:phm_dim=2,bottleneck_size=4", real: "compacter", identity: false, mergeable: false },
+    Row { tiny: "low_rank_adapter:bottleneck_size=2", real: "low_rank_adapter", identity: false, mergeable: false },
+    Row { tiny: "prefix:num_virtual_tokens=3", real: "prefix", identity: false, mergeable: false },
+    Row { tiny: "prefix:num_virtual_tokens=3,prefix_projection=true,encoder_hidden_size=5", real: "prefix:prefix_projection=true", identity: false, mergeable: false },
+    Row { tiny: "prompt:num_virtual_tokens=2", real: "prompt", identity: false, mergeable: false },
+    Row { tiny: "bitfit", real: "bitfit", identity: true, mergeable: true },
+    Row { tiny: "ln_tuning", real: "ln_tuning", identity: true, mergeable: true },
+    Row { tiny: "finetune:target=encoder.layer.1", real: "finetune:target=encoder.layer.5", identity: true, mergeable: true },
+    Row { tiny: "full", real: "full", identity: true, mergeable: true },
+];
+
+fn pooled(model: &dyn Backbone, batch: &EncodedBatch) -> Tensor {
+    model.forward(batch, &ForwardCtx::eval()).unwrap().pool(Pooling::Mean).unwrap()
+}
+
+fn loss(model: &dyn Backbone, batch: &EncodedBatch, probe: &Tensor) -> Tensor {
+    pooled(model, batch).mul(probe).unwrap().sum_all().unwrap()
+}
+
+/// Every backbone tensor (base parameters of every site).
+fn base_tensors(model: &dyn Backbone) -> Vec<(String, Tensor)> {
+    model.sites().iter().flat_map(|s| s.params().iter().map(|(n, t)| (format!("{}.{n}", s.path()), t.clone())).collect::<Vec<_>>()).collect()
+}
+
+fn perturb(vars: &[(String, Var)], seed: u64, std: f32) {
+    for (i, (name, v)) in vars.iter().enumerate() {
+        let t = Stream::new(seed, &[name, &i.to_string()]).normal(v.dims(), 0.0, std, v.device()).unwrap();
+        v.set(&v.as_tensor().add(&t).unwrap()).unwrap();
+    }
+}
+
+fn run_row(dir: &std::path::Path, spec: &str, row: &Row, batch: &EncodedBatch, tol: f32) {
+    let ctx = format!("[{spec}]");
+    let mut model = BertModel::load(dir, &cpu()).unwrap();
+    let base_out = pooled(&model, batch);
+    let probe = Stream::new(1, &["probe"]).normal(base_out.dims(), 0.0, 1.0, &cpu()).unwrap();
+    let s = DeltaSpec::parse_cli(spec).unwrap();
+    attach::attach(&mut model, std::slice::from_ref(&s), AttachOptions { seed: 7, tokenizer: None }).unwrap();
+    let vars = attach::trainable_vars(&model);
+    assert!(!vars.is_empty(), "{ctx} no trainable tensors");
+    // Identity at init.
+    let fresh = pooled(&model, batch);
+    let d0 = max_diff(&fresh, &base_out);
+    if row.identity {
+        assert!(d0 <= tol, "{ctx} a fresh delta changed outputs by {d0:e}");
+    }
+    // A trained (perturbed) delta changes outputs.
+    perturb(&vars, 11, if tol < 1e-5 { 0.3 } else { 0.05 });
+    let changed = pooled(&model, batch);
+    assert!(max_diff(&changed, &base_out) > 1e-3, "{ctx} perturbed delta left outputs unchanged");
+    // Gradients reach every delta tensor and no backbone tensor.
+    let l0 = loss(&model, batch, &probe);
+    let grads = l0.backward().unwrap();
+    for (name, v) in &vars {
+        let g = grads.get(v).unwrap_or_else(|| panic!("{ctx} no gradient for {name}"));
+        let n = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(n.is_finite() && n > 0.0, "{ctx} zero or non-finite gradient for {name}: {n}");
+    }
+    for (name, t) in base_tensors(&model) {
+        assert!(grads.get(&t).is_none(), "{ctx} backbone tensor {name} received a gradient");
+    }
+    // One gradient step lowers the loss.
+    for (_, v) in &vars {
+        let g = grads.get(v).unwrap();
+        v.set(&v.as_tensor().sub(&(g * 1e-3).unwrap()).unwrap()).unwrap();
+    }
+    let l1 = loss(&model, batch, &probe);
+    let (a, b) = (l0.to_scalar::<f32>().unwrap(), l1.to_scalar::<f32>().unwrap());
+    assert!(b < a, "{ctx} a gradient step did not lower the loss: {a} -> {b}");
+    // Save → load is bit-exact.
+    let tmp = tempfile::tempdir().unwrap();
+    let saved = tmp.path().join("delta");
+    store::save(&saved, &model, std::slice::from_ref(&s), &Default::default(), &Default::default()).unwrap();
+    let mut fresh_model = BertModel::load(dir, &cpu()).unwrap();
+    let loaded = store::load(&saved, &mut fresh_model, AttachOptions::default()).unwrap();
+    assert_eq!(loaded.specs, vec![s.clone()], "{ctx} spec round trip");
+    let (va, vb) = (attach::trainable_vars(&model), attach::trainable_vars(&fresh_model));
+    assert_eq!(va.iter().map(|x| &x.0).collect::<Vec<_>>(), vb.iter().map(|x| &x.0).collect::<Vec<_>>(), "{ctx} names");
+    for ((n, x), (_, y)) in va.iter().zip(&vb) {
+        assert_eq!(max_diff(x.as_tensor(), y.as_tensor()), 0.0, "{ctx} {n} not bit-exact after load");
+    }
+    let trained = pooled(&model, batch);
+    assert_eq!(max_diff(&pooled(&fresh_model, batch), &trained), 0.0, "{ctx} outputs differ after load");
+    // Size: 4 bytes per parameter plus a small header.
+    let bytes = std::fs::metadata(saved.join(store::WEIGHTS_FILE)).unwrap().len() as usize;
+    let params = attach::count_trainable(&model);
+    assert!(bytes >= 4 * params && bytes < 4 * params + 200 * va.len() + 512, "{ctx} {bytes} bytes for {params} params");
+    // Merge == unmerged; unmerge restores exactly.
+    if row.mergeable {
+        attach::merge_all(&mut model, true).unwrap();
+        let merged = pooled(&model, batch);
+        let d = max_diff(&merged, &trained);
+        assert!(d <= tol.max(1e-5), "{ctx} merged differs from unmerged by {d:e}");
+        attach::unmerge_all(&mut model);
+        assert_eq!(max_diff(&pooled(&model, batch), &trained), 0.0, "{ctx} unmerge is not exact");
+    } else {
+        let err = attach::merge_all(&mut model, true).unwrap_err().to_string();
+        assert!(err.contains("cannot be merged"), "{ctx} {err}");
+        attach::unmerge_all(&mut model);
+    }
+    // Switching the group off restores the base model.
+    attach::set_enabled(&mut model, &s.name, false).unwrap();
+    assert!(max_diff(&pooled(&model, batch), &base_out) <= tol, "{ctx} disabled delta still active");
+    attach::set_enabled(&mut model, &s.name, true).unwrap();
+    assert_eq!(max_diff(&pooled(&model, batch), &trained), 0.0, "{ctx} re-enabled delta differs");
+}
+
+#[test]
+fn every_method_on_tiny_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = write_tiny_model(tmp.path(), |_| {});
+    let batch = tiny_batch();
+    for row in ROWS {
+        run_row(&dir, row.tiny, row, &batch, 1e-6);
+    }
+}
+
+#[test]
+fn every_method_on_default_model() {
+    let dir = crate::require_model!();
+    let enc = deltatune::TextEncoder::from_file(&dir.join("tokenizer.json"), 32).unwrap();
+    let batch = enc
+        .batch(&[("The movie was great fun.", None), ("A dull, lifeless film.", None), ("Not bad at all", None)], deltatune::Padding::Longest, &cpu())
+        .unwrap();
+    for row in ROWS {
+        run_row(&dir, row.real, row, &batch, 1e-5);
+    }
+}
+
+/// Trainable parameter counts of each method with its defaults on all-MiniLM-L6-v2 (the README
+/// table is generated from the same numbers by `deltatune inspect --json`).
+#[test]
+fn default_parameter_counts_on_minilm() {
+    let dir = crate::require_model!();
+    let cases: &[(&str, usize)] = &[
+        ("lora", 73_728),
+        ("ia3", 16_128),
+        ("adapter", 6 * (2 * 384 * 24 + 24 + 384)),
+        ("houlsby", 12 * (2 * 384 * 24 + 24 + 384)),
+        ("parallel_adapter", 6 * (2 * 384 * 192 + 192 + 384)),
+        ("compacter", 12 * (4 * 96 + 4 * 6 + 24 + 4 * 6 + 4 * 96 + 384) + 2 * 64),
+        ("low_rank_adapter", 12 * (3 * 384 + 3 * 12)),
+        ("prefix", 10 * 6 * 2 * 384),
+        ("prompt", 10 * 384),
+        ("bitfit", 25_344),
+        ("ln_tuning", 13 * 768),
+        ("full", 22_713_216 - 147_840),
+    ];
+    let mut model = BertModel::load(&dir, &cpu()).unwrap();
+    for (spec, expected) in cases {
+        attach::remove_all(&mut model);
+        let s = DeltaSpec::parse_cli(spec).unwrap();
+        attach::attach(&mut model, &[s], AttachOptions::default()).unwrap();
+        assert_eq!(attach::count_trainable(&model), *expected, "{spec}");
+    }
+}
+
+#[test]
+fn combination_of_methods() {
+    // The Delta Tuning study's combinations: LoRA on q,v + BitFit + a parallel adapter on the FFN.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = write_tiny_model(tmp.path(), |_| {});
+    let mut model = BertModel::load(&dir, &cpu()).unwrap();
+    let specs: Vec<DeltaSpec> = ["lora:r=2", "bitfit", "parallel_adapter:name=par_ffn", "prompt:num_virtual_tokens=2"]
+        .iter()
+        .map(|s| DeltaSpec::parse_cli(s).unwrap())
+        .collect();
+    attach::attach(&mut model, &specs, AttachOptions { seed: 3, tokenizer: None }).unwrap();
+    assert_eq!(attach::delta_names(&model), vec!["prompt", "lora", "bitfit", "par_ffn"]);
+    let q = model.site("encoder.layer.0.attention.self.query").unwrap();
+    let methods: Vec<&str> = q.deltas.iter().map(|a| a.delta.method()).collect();
+    assert_eq!(methods, vec!["lora", "bitfit"]);
+    let vars = attach::trainable_vars(&model);
+    perturb(&vars, 5, 0.3);
+    let batch = tiny_batch();
+    let tmpd = tempfile::tempdir().unwrap();
+    store::save(&tmpd.path().join("d"), &model, &specs, &Default::default(), &Default::default()).unwrap();
+    let mut again = BertModel::load(&dir, &cpu()).unwrap();
+    store::load(&tmpd.path().join("d"), &mut again, AttachOptions::default()).unwrap();
+    assert_eq!(max_diff(&pooled(&model, &batch), &pooled(&again, &batch)), 0.0);
+    // Switching one group off changes the output; the others stay.
+    attach::set_enabled(&mut again, "par_ffn", false).unwrap();
+    assert!(max_diff(&pooled(&model, &batch), &pooled(&again, &batch)) > 1e-4);
+    let _ = DType::F32;
+}
