@@ -12,8 +12,10 @@ pub mod bench;
 pub mod data;
 pub mod delta;
 pub mod error;
+pub mod head;
 pub mod io;
 pub mod ops;
+pub mod train;
 pub mod tuned;
 
 pub use backbone::{bert::BertModel, Backbone, ForwardCtx, ModelOutput, Pooling, Site, SiteKind};

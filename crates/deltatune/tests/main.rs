@@ -7,3 +7,4 @@ mod parity;
 mod methods;
 mod peft;
 mod properties;
+mod training;

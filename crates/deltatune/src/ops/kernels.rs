@@ -387,7 +387,9 @@ impl CustomOp3 for LayerNorm {
                         );
                     }
                     if need_gb {
-                        let (pg, pb) = xs
+                        // Partial sums per fixed block of rows, combined in order: the result does
+                        // not depend on how rayon schedules the blocks (bit-reproducible runs).
+                        let partials: Vec<(Vec<f32>, Vec<f32>)> = xs
                             .par_chunks(h * 64)
                             .zip(dys.par_chunks(h * 64))
                             .map(|(xb, dyb)| {
@@ -401,16 +403,11 @@ impl CustomOp3 for LayerNorm {
                                 }
                                 (pg, pb)
                             })
-                            .reduce(
-                                || (vec![0f32; h], vec![0f32; h]),
-                                |(mut a, mut b), (c, d)| {
-                                    a.iter_mut().zip(&c).for_each(|(a, c)| *a += c);
-                                    b.iter_mut().zip(&d).for_each(|(b, d)| *b += d);
-                                    (a, b)
-                                },
-                            );
-                        dg = pg;
-                        db = pb;
+                            .collect();
+                        for (pg, pb) in partials {
+                            dg.iter_mut().zip(&pg).for_each(|(a, c)| *a += c);
+                            db.iter_mut().zip(&pb).for_each(|(b, d)| *b += d);
+                        }
                     }
                     Ok(())
                 })

@@ -1,0 +1,3 @@
+//! Training: optimisation, the resumable loop, checkpoints, metrics and plots.
+
+pub mod optim;

@@ -1,0 +1,257 @@
+//! Optimisation: AdamW with decoupled weight decay (PyTorch's `torch.optim.AdamW` update), learning
+//! rate schedules with linear warm-up (transformers' `get_linear_schedule_with_warmup` /
+//! `get_cosine_schedule_with_warmup`), gradient clipping by global norm (`clip_grad_norm_`), and
+//! gradient accumulation. State exists only for trainable tensors; the frozen backbone has none.
+
+use crate::error::{Error, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Which parameters get weight decay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DecayRule {
+    /// Every tensor except biases and layer-norm weights (the usual BERT recipe).
+    #[default]
+    NotBiasOrNorm,
+    /// Every tensor (plain `AdamW(model.parameters())`, as the PEFT baseline does).
+    All,
+}
+
+impl DecayRule {
+    pub fn decays(self, name: &str) -> bool {
+        match self {
+            DecayRule::All => true,
+            DecayRule::NotBiasOrNorm => !(name.ends_with("bias") || name.contains("LayerNorm")),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub decay_rule: DecayRule,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, decay_rule: DecayRule::NotBiasOrNorm }
+    }
+}
+
+struct Slot {
+    name: String,
+    var: Var,
+    decay: bool,
+    m: Tensor,
+    v: Tensor,
+}
+
+/// AdamW over a fixed list of named variables.
+pub struct AdamW {
+    cfg: AdamWConfig,
+    slots: Vec<Slot>,
+    step: u64,
+}
+
+impl AdamW {
+    pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut slots = Vec::with_capacity(params.len());
+        for (name, var) in params {
+            if !seen.insert(name.clone()) {
+                return Err(Error::Delta(format!("optimizer: parameter `{name}` listed twice")));
+            }
+            let zeros = var.as_tensor().zeros_like()?;
+            slots.push(Slot { decay: cfg.decay_rule.decays(&name), name, m: zeros.clone(), v: zeros, var });
+        }
+        Ok(AdamW { cfg, slots, step: 0 })
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Number of scalars with optimizer state (2 moments each).
+    pub fn num_params(&self) -> usize {
+        self.slots.iter().map(|s| s.var.elem_count()).sum()
+    }
+
+    /// One update with learning rate `lr` from `grads` (missing gradients count as zero).
+    pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
+        let bc1 = 1.0 - b1.powi(t);
+        let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
+        for s in &mut self.slots {
+            let Some(g) = grads.get(&s.name) else { continue };
+            let mut p = s.var.as_tensor().clone();
+            if s.decay && self.cfg.weight_decay != 0.0 {
+                p = (p * (1.0 - lr * self.cfg.weight_decay))?;
+            }
+            s.m = ((&s.m * b1)? + (g * (1.0 - b1))?)?;
+            s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            // PyTorch: denom = sqrt(v) / sqrt(bc2) + eps; p -= lr / bc1 * m / denom.
+            let denom = ((s.v.sqrt()? / bc2_sqrt)? + self.cfg.eps)?;
+            let update = (s.m.div(&denom)? * (lr / bc1))?;
+            s.var.set(&p.sub(&update)?)?;
+        }
+        Ok(())
+    }
+
+    /// Moments and step for checkpoints: `m.<name>`, `v.<name>`.
+    pub fn state(&self) -> (BTreeMap<String, Tensor>, u64) {
+        let mut out = BTreeMap::new();
+        for s in &self.slots {
+            out.insert(format!("m.{}", s.name), s.m.clone());
+            out.insert(format!("v.{}", s.name), s.v.clone());
+        }
+        (out, self.step)
+    }
+
+    /// Restores [`AdamW::state`]; every moment must be present with the right shape.
+    pub fn load_state(&mut self, state: &BTreeMap<String, Tensor>, step: u64, origin: &str) -> Result<()> {
+        for s in &mut self.slots {
+            for (which, slot) in [("m", &mut s.m), ("v", &mut s.v)] {
+                let key = format!("{which}.{}", s.name);
+                let t = state.get(&key).ok_or_else(|| Error::MissingTensor { file: origin.into(), key: key.clone() })?;
+                if t.dims() != s.var.dims() {
+                    return Err(Error::ShapeMismatch { file: origin.into(), key, expected: s.var.dims().to_vec(), got: t.dims().to_vec() });
+                }
+                *slot = t.clone();
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Learning-rate shape after warm-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Decay {
+    #[default]
+    Linear,
+    Cosine,
+    Constant,
+}
+
+/// The learning rate of optimizer step `step` (0-based) out of `total`, with `warmup` warm-up
+/// steps — transformers' schedules, which give step 0 a learning rate of 0 when warming up.
+pub fn lr_at(base: f64, step: usize, total: usize, warmup: usize, decay: Decay) -> f64 {
+    if step < warmup {
+        return base * step as f64 / warmup.max(1) as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    let progress = (step - warmup) as f64 / span;
+    match decay {
+        Decay::Constant => base,
+        Decay::Linear => base * (1.0 - progress).max(0.0),
+        Decay::Cosine => base * (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+    }
+}
+
+/// Sums gradients of named variables over micro-batches.
+#[derive(Default)]
+pub struct GradAccumulator {
+    sums: BTreeMap<String, Tensor>,
+}
+
+impl GradAccumulator {
+    /// Adds the gradients of `params` found in `grads`.
+    pub fn add(&mut self, params: &[(String, Var)], grads: &GradStore) -> Result<()> {
+        for (name, var) in params {
+            if let Some(g) = grads.get(var) {
+                let g = g.detach();
+                let entry = match self.sums.remove(name) {
+                    Some(acc) => acc.add(&g)?,
+                    None => g,
+                };
+                self.sums.insert(name.clone(), entry);
+            }
+        }
+        Ok(())
+    }
+
+    /// The accumulated gradients, scaled by `scale`.
+    pub fn take(&mut self, scale: f64) -> Result<BTreeMap<String, Tensor>> {
+        let sums = std::mem::take(&mut self.sums);
+        if scale == 1.0 {
+            return Ok(sums);
+        }
+        sums.into_iter().map(|(k, g)| Ok((k, (g * scale)?))).collect()
+    }
+}
+
+/// Global L2 norm of all gradients.
+pub fn global_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.values() {
+        sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    Ok(sq.sqrt())
+}
+
+/// Scales gradients so their global norm is at most `max_norm` (PyTorch's `clip_grad_norm_`,
+/// which multiplies by `max_norm / (norm + 1e-6)` when the norm exceeds `max_norm`). Returns the
+/// norm before clipping.
+pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max_norm: f64) -> Result<f64> {
+    let norm = global_norm(grads)?;
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for g in grads.values_mut() {
+            *g = (&*g * coef)?;
+        }
+    }
+    Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn schedules_match_transformers() {
+        // get_linear_schedule_with_warmup(warmup=15, total=250) at lr 5e-4.
+        assert_eq!(lr_at(5e-4, 0, 250, 15, Decay::Linear), 0.0);
+        assert!((lr_at(5e-4, 5, 250, 15, Decay::Linear) - 5e-4 / 3.0).abs() < 1e-15);
+        assert_eq!(lr_at(5e-4, 15, 250, 15, Decay::Linear), 5e-4);
+        assert!((lr_at(5e-4, 249, 250, 15, Decay::Linear) - 5e-4 / 235.0).abs() < 1e-15);
+        assert_eq!(lr_at(1.0, 10, 10, 0, Decay::Linear), 0.0);
+        assert!((lr_at(1.0, 5, 10, 0, Decay::Cosine) - 0.5).abs() < 1e-12);
+        assert_eq!(lr_at(2.0, 7, 10, 2, Decay::Constant), 2.0);
+    }
+
+    #[test]
+    fn adamw_matches_hand_computation() {
+        // One scalar, lr 0.1, wd 0.5, grad 2 at p = 1:
+        // p = 1 * (1 - 0.05) = 0.95; m = 0.2; v = 0.004; m̂ = 2, v̂ = 4; p -= 0.1 * 2 / (2 + 1e-8).
+        let v = Var::new(&[1.0f32], &Device::Cpu).unwrap();
+        let cfg = AdamWConfig { weight_decay: 0.5, ..Default::default() };
+        let mut opt = AdamW::new(vec![("w".into(), v.clone())], cfg).unwrap();
+        let g: BTreeMap<String, Tensor> = [("w".to_string(), Tensor::new(&[2.0f32], &Device::Cpu).unwrap())].into();
+        opt.step(&g, 0.1).unwrap();
+        let p = v.to_vec1::<f32>().unwrap()[0];
+        assert!((p - (0.95 - 0.1)).abs() < 1e-6, "{p}");
+        assert_eq!(DecayRule::NotBiasOrNorm.decays("lora.x.lora_A.weight"), true);
+        assert_eq!(DecayRule::NotBiasOrNorm.decays("head.bias"), false);
+        assert_eq!(DecayRule::NotBiasOrNorm.decays("full.encoder.layer.0.output.LayerNorm.weight"), false);
+    }
+
+    #[test]
+    fn clipping() {
+        let mut g: BTreeMap<String, Tensor> = [("a".to_string(), Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap())].into();
+        let n = clip_grad_norm(&mut g, 1.0).unwrap();
+        assert!((n - 5.0).abs() < 1e-6);
+        let after = global_norm(&g).unwrap();
+        assert!((after - 1.0).abs() < 1e-5, "{after}");
+    }
+}
