@@ -15,7 +15,9 @@ pub mod error;
 pub mod head;
 pub mod io;
 pub mod ops;
+pub mod plot;
 pub mod train;
+pub mod search;
 pub mod tuned;
 
 pub use backbone::{bert::BertModel, Backbone, ForwardCtx, ModelOutput, Pooling, Site, SiteKind};

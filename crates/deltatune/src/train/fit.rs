@@ -1,0 +1,255 @@
+//! The training loop: seeded, resumable at any optimizer step, with evaluation, early stopping and
+//! the best checkpoint kept.
+//!
+//! Determinism: the batch order is a function of (seed, epoch), every dropout mask of (seed, step,
+//! micro-batch), and the model and optimizer state are restored bit-exactly from the last
+//! checkpoint — so a run killed at any moment and resumed ends with the same delta as an
+//! uninterrupted one.
+
+use super::checkpoint::{self, LoopState};
+use super::log::{MetricsLog, Progress, Record};
+use super::optim::{clip_grad_norm, global_norm, lr_at, AdamW, GradAccumulator};
+use super::{evaluate, Prepared, Scorer, Scores, TrainConfig};
+use crate::data::batching::batch_order;
+use crate::delta::store;
+use crate::error::{Error, Result};
+use crate::io::TensorFile;
+use crate::ops::DropoutKey;
+use crate::tuned::TaskModel;
+use crate::{Backbone, ForwardCtx};
+use candle_core::Var;
+use serde_json::{Map, Value};
+use std::path::Path;
+use std::time::Instant;
+
+pub struct FitOptions<'a> {
+    pub cfg: &'a TrainConfig,
+    pub train: &'a Prepared,
+    pub dev: Option<&'a Prepared>,
+    pub scorer: &'a Scorer<'a>,
+    /// Holds `metrics.jsonl`, `checkpoints/last`, `best/` and `final/`.
+    pub run_dir: &'a Path,
+    /// Continue from `checkpoints/last`.
+    pub resume: bool,
+    /// No progress output.
+    pub quiet: bool,
+    /// Saved with every delta (task, label map, training config).
+    pub meta: Map<String, Value>,
+    pub pad_id: u32,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FitResult {
+    pub steps: usize,
+    pub examples: usize,
+    pub seconds: f64,
+    pub best_score: Option<f64>,
+    pub best_step: Option<usize>,
+    /// Scores of the best evaluation (all metrics).
+    pub best_scores: Option<Scores>,
+    pub stopped_early: bool,
+    pub resumed_from: Option<usize>,
+    pub final_train_loss: Option<f64>,
+}
+
+/// Copies the saved values of a delta directory (with head) into `params`.
+fn restore(params: &[(String, Var)], dir: &Path, device: &candle_core::Device) -> Result<()> {
+    let file = TensorFile::load(&dir.join(store::WEIGHTS_FILE), device)?;
+    for (name, var) in params {
+        let key = if name.starts_with("head.") { name.clone() } else { format!("deltas.{name}") };
+        var.set(&file.get_f32(&key, var.dims())?)?;
+    }
+    Ok(())
+}
+
+/// Trains `model` (its deltas and head) as configured.
+pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
+    let cfg = o.cfg;
+    cfg.validate()?;
+    if o.train.is_empty() {
+        return Err(Error::arg("--train", "the training split is empty"));
+    }
+    if o.dev.is_some_and(|d| d.is_empty()) {
+        return Err(Error::arg("--dev", "the dev split is empty"));
+    }
+    if !cfg.dropout {
+        model.backbone.set_dropout(0.0, 0.0);
+    }
+    let device = model.backbone.device().clone();
+    let kind = model.head.config.kind;
+    let params = model.params();
+    let mut opt = AdamW::new(params.clone(), cfg.adamw.clone())?;
+    let lengths = o.train.lengths();
+    let micro_per_epoch = o.train.len().div_ceil(cfg.batch_size);
+    let steps_per_epoch = micro_per_epoch.div_ceil(cfg.grad_accum);
+    let total = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
+    let warmup = cfg.warmup_steps.unwrap_or((cfg.warmup_ratio * total as f64).ceil() as usize);
+    let mut st = LoopState {
+        step: 0,
+        epoch: 0,
+        next_batch: 0,
+        best_score: None,
+        best_step: None,
+        evals_since_best: 0,
+        elapsed_s: 0.0,
+        seed: cfg.seed,
+        examples: 0,
+    };
+    let mut resumed_from = None;
+    if o.resume {
+        let (state, moments, delta_dir) = checkpoint::load(o.run_dir, &device)?.ok_or_else(|| {
+            Error::arg("--resume", format!("{} has no checkpoint to resume from", o.run_dir.display()))
+        })?;
+        if state.seed != cfg.seed {
+            return Err(Error::arg("--resume", format!("the run was started with seed {}, not {}", state.seed, cfg.seed)));
+        }
+        restore(&params, &delta_dir, &device)?;
+        opt.load_state(&moments, state.step as u64, &checkpoint::last_dir(o.run_dir).join("optimizer.safetensors").display().to_string())?;
+        resumed_from = Some(state.step);
+        st = state;
+    }
+    std::fs::create_dir_all(o.run_dir).map_err(|e| Error::io(o.run_dir, e))?;
+    let mut log = MetricsLog::open(&o.run_dir.join("metrics.jsonl"), Some(st.step))?;
+    let progress = Progress::new(total, st.step, o.quiet);
+    if let Some(s) = resumed_from {
+        progress.println(&format!("resuming at step {s}/{total} (epoch {}, batch {})", st.epoch, st.next_batch));
+    }
+    let t0 = Instant::now();
+    let (elapsed0, examples0) = (st.elapsed_s, st.examples);
+    let mut acc = GradAccumulator::default();
+    let mut best_scores: Option<Scores> = None;
+    let mut stopped_early = false;
+    let mut recent_loss: Vec<f64> = Vec::new();
+    let save_ckpt = |st: &LoopState, opt: &AdamW, model: &TaskModel| -> Result<()> {
+        checkpoint::save(o.run_dir, st, &opt.state().0, |d| model.save(d, &o.meta))
+    };
+
+    'epochs: while st.step < total {
+        let order = batch_order(&lengths, cfg.batch_size, cfg.seed, st.epoch as u64, cfg.bucketed);
+        while st.next_batch < order.len() {
+            let group_end = (st.next_batch + cfg.grad_accum).min(order.len());
+            let group_examples: usize = order[st.next_batch..group_end].iter().map(|b| b.len()).sum();
+            let mut loss_sum = 0f64;
+            for (mb, idx) in order.iter().enumerate().take(group_end).skip(st.next_batch) {
+                let (batch, targets) = o.train.batch(idx, kind, o.pad_id, &device)?;
+                let key = DropoutKey(cfg.seed).derive("train").derive_n(st.step as u64).derive_n(mb as u64);
+                let logits = model.logits(&batch, &ForwardCtx::train(key))?;
+                let loss = model.head.loss(&logits, &targets)?;
+                let lv = loss.to_scalar::<f32>()? as f64;
+                if !lv.is_finite() {
+                    return Err(Error::NonFinite(format!(
+                        "training loss is {lv} at step {} (epoch {}, batch {mb}); stopped — the last good checkpoint is in {}; \
+                         try a lower --lr or --max-grad-norm",
+                        st.step + 1,
+                        st.epoch,
+                        checkpoint::last_dir(o.run_dir).display()
+                    )));
+                }
+                // Weight each micro-batch by its share of examples: accumulation = one big batch.
+                let grads = (loss * (idx.len() as f64 / group_examples as f64))?.backward()?;
+                acc.add(&params, &grads)?;
+                loss_sum += lv * idx.len() as f64;
+            }
+            let mut grads = acc.take(1.0)?;
+            let norm = match cfg.max_grad_norm {
+                Some(m) => clip_grad_norm(&mut grads, m)?,
+                None => global_norm(&grads)?,
+            };
+            if !norm.is_finite() {
+                return Err(Error::NonFinite(format!(
+                    "gradient norm is {norm} at step {}; stopped — the last good checkpoint is in {}",
+                    st.step + 1,
+                    checkpoint::last_dir(o.run_dir).display()
+                )));
+            }
+            let lr = lr_at(cfg.lr, st.step, total, warmup, cfg.decay);
+            opt.step(&grads, lr)?;
+            st.step += 1;
+            st.next_batch = group_end;
+            st.examples += group_examples;
+            let loss = loss_sum / group_examples as f64;
+            recent_loss.push(loss);
+            let secs = t0.elapsed().as_secs_f64();
+            let eps = (st.examples - examples0) as f64 / secs.max(1e-9);
+            log.write(&Record::Train { step: st.step, epoch: st.epoch, loss, lr, grad_norm: norm, examples_per_s: eps, elapsed_s: elapsed0 + secs })?;
+            let steps_done = (st.step - resumed_from.unwrap_or(0)).max(1);
+            progress.step(st.step, total, loss, lr, eps, secs / steps_done as f64 * (total - st.step) as f64);
+
+            let epoch_done = st.next_batch >= order.len();
+            let eval_due = o.dev.is_some() && (cfg.eval_every.map_or(epoch_done, |e| st.step % e == 0) || st.step == total);
+            if let (true, Some(dev)) = (eval_due, o.dev) {
+                let ev = evaluate(model, dev, cfg.eval_batch_size, o.pad_id, o.scorer)?;
+                let scores = ev.scores.clone().unwrap_or(Scores { primary: String::new(), values: Default::default() });
+                let score = scores.primary_value();
+                let values: Map<String, Value> = scores.values.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect();
+                log.write(&Record::Eval { step: st.step, epoch: st.epoch, metric: scores.primary.clone(), score, scores: values, loss: ev.loss })?;
+                let improved = st.best_score.is_none_or(|b| score > b);
+                progress.println(&format!(
+                    "eval step {}: {} {:.4} (dev loss {:.4}){}",
+                    st.step,
+                    scores.primary,
+                    score,
+                    ev.loss,
+                    if improved { "  * best" } else { "" }
+                ));
+                if improved {
+                    model.save(&o.run_dir.join("best"), &o.meta)?;
+                    st.best_score = Some(score);
+                    st.best_step = Some(st.step);
+                    st.evals_since_best = 0;
+                    best_scores = Some(scores);
+                } else {
+                    st.evals_since_best += 1;
+                }
+            }
+            if epoch_done {
+                st.epoch += 1;
+                st.next_batch = 0;
+            }
+            let stop_early = cfg.patience.is_some_and(|p| st.evals_since_best >= p);
+            if st.step % cfg.checkpoint_every == 0 || eval_due || st.step >= total || epoch_done || stop_early {
+                st.elapsed_s = elapsed0 + t0.elapsed().as_secs_f64();
+                save_ckpt(&st, &opt, model)?;
+                log.flush()?;
+            }
+            if stop_early {
+                progress.println(&format!("early stop: no improvement in {} evaluations", st.evals_since_best));
+                stopped_early = true;
+                break 'epochs;
+            }
+            if st.step >= total {
+                break 'epochs;
+            }
+            if epoch_done {
+                break;
+            }
+        }
+    }
+    progress.finish();
+    model.save(&o.run_dir.join("final"), &o.meta)?;
+    if o.dev.is_none() {
+        model.save(&o.run_dir.join("best"), &o.meta)?;
+    }
+    if best_scores.is_none() && st.best_score.is_some() {
+        // Resumed after the best evaluation: recover its scores from the log.
+        best_scores = super::log::read_records(&o.run_dir.join("metrics.jsonl"))?.into_iter().rev().find_map(|r| match r {
+            Record::Eval { step, metric, scores, .. } if Some(step) == st.best_step => Some(Scores {
+                primary: metric,
+                values: scores.into_iter().filter_map(|(k, v)| v.as_f64().map(|f| (k, f))).collect(),
+            }),
+            _ => None,
+        });
+    }
+    let tail = recent_loss.len().saturating_sub(50);
+    Ok(FitResult {
+        steps: st.step,
+        examples: st.examples,
+        seconds: elapsed0 + t0.elapsed().as_secs_f64(),
+        best_score: st.best_score,
+        best_step: st.best_step,
+        best_scores,
+        stopped_early,
+        resumed_from,
+        final_train_loss: (!recent_loss.is_empty()).then(|| recent_loss[tail..].iter().sum::<f64>() / (recent_loss.len() - tail) as f64),
+    })
+}
