@@ -153,6 +153,39 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// Eval-mode forward throughput (sentences/s) at batch x seq-len, every token real.
     Forward(BenchForwardArgs),
+    /// Training step time, forward time and peak memory per method, with ratios against the
+    /// PyTorch + PEFT baseline (../shared/baselines/peft_bench.py) run in the same invocation.
+    Train(BenchTrainArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchTrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Methods, comma-separated (lora, full, ia3, adapter, prefix, prompt).
+    #[arg(long, default_value = "lora,full,ia3,adapter,prefix")]
+    pub methods: String,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 64)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub bench_threads: usize,
+    /// A Python with torch, transformers and peft for the baseline.
+    #[arg(long, env = "DELTATUNE_TORCH_PYTHON")]
+    pub torch_python: Option<PathBuf>,
+    /// The baseline script.
+    #[arg(long, default_value = "../shared/baselines/peft_bench.py")]
+    pub peft_script: PathBuf,
+    /// Internal: measure one method in this process and print its JSON.
+    #[arg(long, hide = true)]
+    pub single: bool,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

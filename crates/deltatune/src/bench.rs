@@ -85,3 +85,101 @@ mod tests {
         assert!(ids[0][1..4].iter().all(|&x| (1000..30000).contains(&x)));
     }
 }
+
+/// Results of the training-step benchmark for one method (milliseconds, MiB).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TrainBench {
+    pub method: String,
+    pub step_ms_median: f64,
+    pub fwd_ms_median: f64,
+    pub infer_ms_median: f64,
+    pub peak_rss_mb: f64,
+    pub trainable_params: usize,
+    pub total_params: usize,
+    pub first_loss: f64,
+    pub last_loss: f64,
+}
+
+/// The delta specs of the standard benchmark methods (same configs as the PEFT baseline).
+pub fn bench_method_spec(method: &str) -> Result<Vec<crate::delta::DeltaSpec>> {
+    use crate::delta::DeltaSpec;
+    let s = match method {
+        "lora" => vec!["lora:r=8,lora_alpha=16,target=query+value"],
+        "full" => vec!["full"],
+        "ia3" => vec!["ia3"],
+        "adapter" => vec!["adapter"],
+        "prefix" => vec!["prefix:num_virtual_tokens=10"],
+        "prompt" => vec!["prompt:num_virtual_tokens=10"],
+        other => {
+            return Err(crate::error::Error::arg("--method", format!("`{other}` (expected lora, full, ia3, adapter, prefix, prompt)")));
+        }
+    };
+    s.into_iter().map(DeltaSpec::parse_cli).collect()
+}
+
+/// Times training steps (zero grad + forward + loss + backward + AdamW) and eval forwards of one
+/// method on a synthetic batch, as the PEFT baseline's `--mode bench` does.
+pub fn train_step_bench(model_dir: &std::path::Path, method: &str, batch: usize, seq_len: usize, warmup: usize, steps: usize) -> Result<TrainBench> {
+    use crate::head::{Head, HeadConfig, HeadKind};
+    use crate::train::optim::{AdamW, AdamWConfig, DecayRule, GradAccumulator};
+    use crate::tuned::TaskModel;
+    use crate::{attach, Backbone, ForwardCtx, Pooling};
+    let dev = Device::Cpu;
+    let mut backbone = crate::BertModel::load(model_dir, &dev)?;
+    let specs = bench_method_spec(method)?;
+    attach::attach(&mut backbone, &specs, attach::AttachOptions { seed: 42, tokenizer: None })?;
+    let head = Head::new(HeadConfig { kind: HeadKind::Classification { num_labels: 2 }, pooling: Pooling::Mean, hidden_size: backbone.hidden_size() }, 42, &dev)?;
+    let model = TaskModel { backbone, head, specs };
+    let b = synthetic_batch(batch, seq_len, 42, &dev)?;
+    let labels: Vec<u32> = (0..batch as u64).map(|i| (DropoutKey(7).uniform(i) * 2.0) as u32).collect();
+    let labels = Tensor::from_vec(labels, batch, &dev)?;
+    let params = model.params();
+    let cfg = AdamWConfig { weight_decay: 0.01, decay_rule: DecayRule::All, ..Default::default() };
+    let mut opt = AdamW::new(params.clone(), cfg)?;
+    let lr = match method {
+        "full" => 2e-5,
+        "ia3" => 3e-3,
+        "prefix" => 1e-2,
+        "prompt" => 3e-2,
+        _ => 5e-4,
+    };
+    let (mut step_ms, mut fwd_ms, mut losses) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..warmup + steps {
+        let t0 = Instant::now();
+        let key = DropoutKey(42).derive_n(i as u64);
+        let logits = model.logits(&b, &ForwardCtx::train(key))?;
+        let loss = model.head.loss(&logits, &labels)?;
+        let lv = loss.to_scalar::<f32>()? as f64;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let mut acc = GradAccumulator::default();
+        acc.add(&params, &grads)?;
+        drop(grads);
+        opt.step(&acc.take(1.0)?, lr)?;
+        let t2 = Instant::now();
+        if i >= warmup {
+            step_ms.push((t2 - t0).as_secs_f64() * 1e3);
+            fwd_ms.push((t1 - t0).as_secs_f64() * 1e3);
+        }
+        losses.push(lv);
+    }
+    let infer = time_runs(warmup, steps, || {
+        model.logits(&b, &ForwardCtx::eval())?;
+        Ok(())
+    })?;
+    let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+    let pooler: usize = model.backbone.sites().iter().filter(|s| s.path().starts_with("pooler")).map(|s| s.num_params()).sum();
+    let replaced: usize = if method == "full" { trainable - 770 } else { 0 };
+    Ok(TrainBench {
+        method: method.to_string(),
+        step_ms_median: median(&step_ms),
+        fwd_ms_median: median(&fwd_ms),
+        infer_ms_median: median(&infer),
+        peak_rss_mb: peak_rss_mb(),
+        trainable_params: trainable,
+        // Encoder without the pooler (unused by mean pooling) + deltas + head, like the baseline.
+        total_params: model.backbone.num_params() - pooler + trainable - replaced,
+        first_loss: losses.first().copied().unwrap_or(f64::NAN),
+        last_loss: losses.last().copied().unwrap_or(f64::NAN),
+    })
+}

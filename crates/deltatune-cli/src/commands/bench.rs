@@ -1,7 +1,7 @@
 //! `deltatune bench`: speed measurements on the standard protocol, with the PyTorch baseline run
 //! in the same invocation for ratios.
 
-use crate::args::{BenchArgs, BenchForwardArgs, BenchWhat};
+use crate::args::{BenchArgs, BenchForwardArgs, BenchTrainArgs, BenchWhat};
 use anyhow::{Context, Result};
 use deltatune::bench::{median, synthetic_batch, time_runs};
 use deltatune::{Backbone, BertModel, Device, ForwardCtx, Pooling};
@@ -14,6 +14,7 @@ const TORCH_FORWARD: &str = include_str!("../../../../bench/torch_forward.py");
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Forward(f) => forward(f),
+        BenchWhat::Train(t) => train(t),
     }
 }
 
@@ -77,5 +78,87 @@ fn forward(a: BenchForwardArgs) -> Result<()> {
             println!("  (pass --torch-python PYTHON to run PyTorch side by side)");
         }
     }
+    Ok(())
+}
+
+fn train(a: BenchTrainArgs) -> Result<()> {
+    let dir = super::model_dir(&a.model)?;
+    let methods: Vec<&str> = a.methods.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
+    if a.single {
+        let [m] = methods.as_slice() else { anyhow::bail!("--single takes one method") };
+        let r = deltatune::bench::train_step_bench(&dir, m, a.batch, a.seq_len, a.warmup, a.steps)?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let exe = std::env::current_exe()?;
+    let mut rows = Vec::new();
+    for m in &methods {
+        eprintln!("deltatune: {m} ...");
+        // One process per method, so peak memory is per method.
+        let out = Command::new(&exe)
+            .args(["--threads", &a.bench_threads.to_string(), "bench", "train", "--single", "--methods", m])
+            .args(["--batch", &a.batch.to_string(), "--seq-len", &a.seq_len.to_string()])
+            .args(["--warmup", &a.warmup.to_string(), "--steps", &a.steps.to_string(), "--model"])
+            .arg(&dir)
+            .output()?;
+        if !out.status.success() {
+            anyhow::bail!("benchmark of {m} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let ours: Value = serde_json::from_slice(out.stdout.split(|&b| b == b'\n').rev().find(|l| l.starts_with(b"{")).unwrap_or(b"{}"))?;
+        let theirs = match (&a.torch_python, *m) {
+            (Some(py), "lora" | "full" | "ia3" | "prefix" | "prompt") => {
+                eprintln!("pytorch+peft: {m} ...");
+                if !a.peft_script.is_file() {
+                    anyhow::bail!("invalid --peft-script: {} not found", a.peft_script.display());
+                }
+                let o = Command::new(py)
+                    .arg(&a.peft_script)
+                    .args(["--method", m, "--mode", "bench", "--steps", &a.steps.to_string(), "--warmup", &a.warmup.to_string()])
+                    .args(["--threads", &a.bench_threads.to_string(), "--batch", &a.batch.to_string(), "--seq-len", &a.seq_len.to_string()])
+                    .arg("--model-dir")
+                    .arg(&dir)
+                    .output()
+                    .with_context(|| format!("running {}", py.display()))?;
+                if !o.status.success() {
+                    anyhow::bail!("peft baseline for {m} failed: {}", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""));
+                }
+                let text = String::from_utf8_lossy(&o.stdout);
+                Some(serde_json::from_str::<Value>(text.lines().rev().find(|l| l.starts_with('{')).unwrap_or("{}"))?)
+            }
+            _ => None,
+        };
+        rows.push(json!({"method": m, "deltatune": ours, "pytorch": theirs}));
+    }
+    let ratio = |r: &Value, k_ours: &str, k_theirs: &str| -> Option<f64> {
+        Some(r["deltatune"][k_ours].as_f64()? / r["pytorch"][k_theirs].as_f64()?)
+    };
+    if a.json {
+        let with_ratios: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r["ratio_step"] = json!(ratio(&r, "step_ms_median", "step_ms_median"));
+                r["ratio_fwd"] = json!(ratio(&r, "fwd_ms_median", "fwd_ms_median"));
+                r["ratio_rss"] = json!(ratio(&r, "peak_rss_mb", "peak_rss_mb"));
+                r
+            })
+            .collect();
+        println!("{}", json!({"protocol": {"batch": a.batch, "seq_len": a.seq_len, "warmup": a.warmup, "steps": a.steps, "threads": a.bench_threads}, "methods": with_ratios}));
+        return Ok(());
+    }
+    println!("training step, batch {} x {}, fp32, {} threads, median of {} steps after {} warm-up", a.batch, a.seq_len, a.bench_threads, a.steps, a.warmup);
+    println!("{:<8} {:>10} {:>10} {:>10} {:>10} {:>12} | {:>9} {:>9} {:>9} {:>9} | {:>6} {:>6} {:>6}",
+        "method", "step ms", "fwd ms", "infer ms", "RSS MB", "trainable", "pt step", "pt fwd", "pt infer", "pt RSS", "step×", "fwd×", "RSS×");
+    for r in &rows {
+        let d = &r["deltatune"];
+        let p = &r["pytorch"];
+        let f = |v: &Value| v.as_f64().map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
+        let rr = |x: Option<f64>| x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+        println!("{:<8} {:>10} {:>10} {:>10} {:>10} {:>12} | {:>9} {:>9} {:>9} {:>9} | {:>6} {:>6} {:>6}",
+            r["method"].as_str().unwrap_or(""), f(&d["step_ms_median"]), f(&d["fwd_ms_median"]), f(&d["infer_ms_median"]), f(&d["peak_rss_mb"]),
+            d["trainable_params"], f(&p["step_ms_median"]), f(&p["fwd_ms_median"]), f(&p["infer_ms_median"]), f(&p["peak_rss_mb"]),
+            rr(ratio(r, "step_ms_median", "step_ms_median")), rr(ratio(r, "fwd_ms_median", "fwd_ms_median")), rr(ratio(r, "peak_rss_mb", "peak_rss_mb")));
+    }
+    println!("ratios are deltatune / PyTorch+PEFT (below 1 = deltatune better)");
     Ok(())
 }
