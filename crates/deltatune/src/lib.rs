@@ -12,6 +12,7 @@ pub mod delta;
 pub mod error;
 pub mod io;
 pub mod ops;
+pub mod train;
 
 pub use backbone::{bert::BertModel, Backbone, ForwardCtx, ModelOutput, Pooling, Site, SiteKind};
 pub use data::tokenize::{EncodedBatch, Padding, TextEncoder};
