@@ -12,5 +12,7 @@ pub mod rng;
 pub mod task;
 pub mod tokenize;
 
-pub use readers::{load_folder, load_task, load_user, task_names, Columns, Format, UserOptions};
+pub use readers::{
+    load_folder, load_task, load_user, read_user_split, task_names, Columns, Format, UserOptions, UserSplit,
+};
 pub use task::{Example, Label, LabelMap, MetricKind, TaskData, TaskKind, TaskOptions};

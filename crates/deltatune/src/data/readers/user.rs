@@ -10,7 +10,7 @@ use super::source::{
     RawExample,
 };
 use super::{default_metrics, task_data};
-use crate::data::task::{Example, LabelMap, TaskData, TaskKind, TaskOptions};
+use crate::data::task::{Example, LabelMap, TaskData, TaskOptions};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -203,10 +203,8 @@ pub fn load_user(train: &Path, dev: Option<&Path>, cols: &Columns, opts: &UserOp
         Some(m) => default_metrics(m.len()),
         None => default_metrics(0),
     };
+    // No label map means regression: task_data sets the kind from it.
     let mut data = task_data(&name, labels, train_examples, dev_examples, None, metrics, notes);
-    if opts.regression {
-        data.kind = TaskKind::Regression;
-    }
     apply_limits(&mut data, &opts.split);
     Ok(data)
 }
@@ -214,7 +212,7 @@ pub fn load_user(train: &Path, dev: Option<&Path>, cols: &Columns, opts: &UserOp
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::task::Label;
+    use crate::data::task::{Label, TaskKind};
 
     #[test]
     fn formats_and_columns() {
