@@ -41,6 +41,19 @@ pub enum Error {
     #[error("{}:{line}: {msg}", file.display())]
     Text { file: PathBuf, line: usize, msg: String },
 
+    /// A problem at one place of a data file. `line` is 1-based (a header counts as line 1); `col`
+    /// is the 1-based field number in CSV/TSV rows, or the character column of a JSON syntax error.
+    #[error("{}:{line}{}: {msg}", file.display(), col.map(|c| format!(":{c}")).unwrap_or_default())]
+    Data { file: PathBuf, line: usize, col: Option<usize>, msg: String },
+
+    /// A problem with a data file or folder as a whole: an empty split, a split that is missing.
+    #[error("{}: {msg}", file.display())]
+    DataFile { file: PathBuf, msg: String },
+
+    /// Predictions and gold labels that a metric cannot be computed on.
+    #[error("metric {metric}: {msg}")]
+    Metric { metric: String, msg: String },
+
     /// Fetching the default assets failed; `msg` says what to install or which flag to use instead.
     #[error("{0}")]
     Asset(String),
@@ -74,6 +87,12 @@ impl Error {
     }
     pub fn arg(flag: impl Into<String>, msg: impl Into<String>) -> Self {
         Error::InvalidArg { flag: flag.into(), msg: msg.into() }
+    }
+    pub fn data(file: impl Into<PathBuf>, line: usize, col: Option<usize>, msg: impl Into<String>) -> Self {
+        Error::Data { file: file.into(), line, col, msg: msg.into() }
+    }
+    pub fn data_file(file: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::DataFile { file: file.into(), msg: msg.into() }
     }
 }
 

@@ -22,6 +22,7 @@ pub mod tuned;
 
 pub use backbone::{bert::BertModel, Backbone, ForwardCtx, ModelOutput, Pooling, Site, SiteKind};
 pub use data::tokenize::{EncodedBatch, Padding, TextEncoder};
+pub use data::{Example, Label, LabelMap, MetricKind, TaskData, TaskKind, TaskOptions};
 pub use error::{Error, Result};
 
 /// Re-exported so that users of the library need no direct candle dependency for common types.

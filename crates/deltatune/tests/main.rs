@@ -1,7 +1,9 @@
 //! Integration tests, built as one binary. Modules:
-//! `parity` (PyTorch golden fixtures), `errors` (bad input gives clear errors).
+//! `parity` (PyTorch golden fixtures), `errors` (bad input gives clear errors),
+//! `data` (task readers on the shared benchmark data and on bad user files).
 
 mod common;
+mod data;
 mod errors;
 mod parity;
 mod methods;

@@ -3,7 +3,6 @@
 //! `merge_and_unload()`, and our LoRA/IA3 exports reproduce PEFT's files key for key.
 
 use crate::common::*;
-use crate::require_model;
 use candle_core::{DType, Tensor};
 use deltatune::attach;
 use deltatune::io::{peft, TensorFile};

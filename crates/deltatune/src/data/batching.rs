@@ -1,37 +1,36 @@
-//! The order of examples in an epoch: a seeded shuffle, optionally bucketed by length so that a
-//! batch's sequences need little padding. A pure function of (seed, epoch): a resumed run sees the
-//! same batches as an uninterrupted one.
+//! The order in which training examples are batched: a seeded shuffle per epoch, optionally
+//! length-bucketed so that a batch holds examples of similar length (less padding with dynamic
+//! padding). Only indices; tokenizing and padding are in [`crate::data::tokenize`].
 
-use crate::ops::rng::splitmix64;
+use crate::data::rng::{permutation, shuffle, stream, SplitMix64};
 
-/// Fisher–Yates shuffle driven by splitmix64 (stable across versions and platforms).
-pub fn shuffle<T>(v: &mut [T], seed: u64) {
-    let mut state = seed;
-    for i in (1..v.len()).rev() {
-        state = splitmix64(state);
-        let j = (state % (i as u64 + 1)) as usize;
-        v.swap(i, j);
-    }
-}
+/// How many batches' worth of examples are sorted together when bucketing. Large enough that
+/// batches are homogeneous in length, small enough that the epoch order stays well mixed.
+pub const BUCKET_BATCHES: usize = 50;
 
-/// Batches (lists of example indices) for one epoch. Every index appears exactly once. With
-/// `bucketed`, the shuffled list is cut into windows of 50 batches, each window is sorted by
-/// length and cut into batches, and the batch order is shuffled again.
+/// The batches of one epoch, as indices into `lengths`.
+///
+/// The indices are shuffled with `(seed, epoch)`. Without bucketing the batches are consecutive
+/// runs of `batch_size` of that order. With bucketing the shuffled order is cut into chunks of
+/// `batch_size * BUCKET_BATCHES`, each chunk is sorted by length (stable, so ties keep the
+/// shuffled order) and cut into batches, and the order of all batches is shuffled again.
+///
+/// Every index appears exactly once; only the last batch of a chunk (or of the epoch) may be
+/// short. A `batch_size` of 0 is treated as 1. The result depends only on the arguments.
 pub fn batch_order(lengths: &[usize], batch_size: usize, seed: u64, epoch: u64, bucketed: bool) -> Vec<Vec<usize>> {
     let bs = batch_size.max(1);
-    let mut idx: Vec<usize> = (0..lengths.len()).collect();
-    let epoch_seed = splitmix64(seed ^ splitmix64(epoch.wrapping_add(0xA5A5)));
-    shuffle(&mut idx, epoch_seed);
+    let order = permutation(lengths.len(), &mut SplitMix64::derived(seed, &[stream::EPOCH_ORDER, epoch]));
     if !bucketed {
-        return idx.chunks(bs).map(|c| c.to_vec()).collect();
+        return order.chunks(bs).map(<[usize]>::to_vec).collect();
     }
-    let mut batches: Vec<Vec<usize>> = Vec::new();
-    for window in idx.chunks(bs * 50) {
-        let mut w = window.to_vec();
-        w.sort_by_key(|&i| (lengths[i], i));
-        batches.extend(w.chunks(bs).map(|c| c.to_vec()));
+    let len_of = |i: &usize| lengths.get(*i).copied().unwrap_or(0);
+    let mut batches: Vec<Vec<usize>> = Vec::with_capacity(lengths.len().div_ceil(bs));
+    for chunk in order.chunks(bs.saturating_mul(BUCKET_BATCHES)) {
+        let mut chunk = chunk.to_vec();
+        chunk.sort_by_key(len_of);
+        batches.extend(chunk.chunks(bs).map(<[usize]>::to_vec));
     }
-    shuffle(&mut batches, splitmix64(epoch_seed ^ 0x5EED));
+    shuffle(&mut batches, &mut SplitMix64::derived(seed, &[stream::BATCH_ORDER, epoch]));
     batches
 }
 
@@ -40,32 +39,73 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn flat_sorted(batches: &[Vec<usize>]) -> Vec<usize> {
+        let mut all: Vec<usize> = batches.iter().flatten().copied().collect();
+        all.sort_unstable();
+        all
+    }
+
     proptest! {
         #[test]
-        fn every_index_once_and_deterministic(lens in proptest::collection::vec(1usize..200, 0..400), bs in 1usize..40,
-                                              seed in any::<u64>(), epoch in 0u64..5, bucketed in any::<bool>()) {
-            let a = batch_order(&lens, bs, seed, epoch, bucketed);
-            let b = batch_order(&lens, bs, seed, epoch, bucketed);
-            prop_assert_eq!(&a, &b);
-            let mut all: Vec<usize> = a.iter().flatten().copied().collect();
-            all.sort();
-            prop_assert_eq!(all, (0..lens.len()).collect::<Vec<_>>());
-            prop_assert!(a.iter().all(|b| !b.is_empty() && b.len() <= bs));
+        fn every_index_once_and_deterministic(
+            lengths in proptest::collection::vec(0usize..300, 0..700),
+            batch_size in 0usize..40,
+            seed in any::<u64>(),
+            epoch in 0u64..5,
+            bucketed in any::<bool>(),
+        ) {
+            let b = batch_order(&lengths, batch_size, seed, epoch, bucketed);
+            prop_assert_eq!(flat_sorted(&b), (0..lengths.len()).collect::<Vec<_>>());
+            let bs = batch_size.max(1);
+            prop_assert!(b.iter().all(|x| !x.is_empty() && x.len() <= bs));
+            prop_assert_eq!(&b, &batch_order(&lengths, batch_size, seed, epoch, bucketed));
+            if !bucketed {
+                // Consecutive batches: only the last one may be short.
+                prop_assert!(b.iter().rev().skip(1).all(|x| x.len() == bs));
+            }
+        }
+
+        #[test]
+        fn bucketed_batches_are_sorted_runs(
+            lengths in proptest::collection::vec(0usize..300, 1..400),
+            batch_size in 1usize..16,
+            seed in any::<u64>(),
+        ) {
+            for x in batch_order(&lengths, batch_size, seed, 0, true) {
+                prop_assert!(x.windows(2).all(|w| lengths[w[0]] <= lengths[w[1]]));
+            }
         }
     }
 
     #[test]
-    fn epochs_differ_and_buckets_reduce_padding() {
-        let lens: Vec<usize> = (0..1000).map(|i| 5 + (i * 37) % 120).collect();
-        assert_ne!(batch_order(&lens, 32, 1, 0, false), batch_order(&lens, 32, 1, 1, false));
-        let pad = |bs: &Vec<Vec<usize>>| -> usize {
-            bs.iter().map(|b| {
-                let m = b.iter().map(|&i| lens[i]).max().unwrap();
-                b.iter().map(|&i| m - lens[i]).sum::<usize>()
-            }).sum()
+    fn epochs_and_seeds_differ() {
+        let lengths: Vec<usize> = (0..200).map(|i| (i * 37) % 61).collect();
+        let e0 = batch_order(&lengths, 8, 42, 0, false);
+        assert_ne!(e0, batch_order(&lengths, 8, 42, 1, false));
+        assert_ne!(e0, batch_order(&lengths, 8, 43, 0, false));
+        assert_ne!(batch_order(&lengths, 8, 42, 0, true), batch_order(&lengths, 8, 42, 1, true));
+    }
+
+    #[test]
+    fn bucketing_reduces_padding() {
+        // Padding = sum over batches of (max length * size - sum of lengths).
+        let lengths: Vec<usize> = (0..4000).map(|i| 5 + (i * 7919) % 120).collect();
+        let padding = |b: &[Vec<usize>]| -> usize {
+            b.iter()
+                .map(|x| {
+                    let max = x.iter().map(|&i| lengths[i]).max().unwrap_or(0);
+                    x.iter().map(|&i| max - lengths[i]).sum::<usize>()
+                })
+                .sum()
         };
-        let plain = pad(&batch_order(&lens, 32, 1, 0, false));
-        let bucket = pad(&batch_order(&lens, 32, 1, 0, true));
-        assert!(bucket * 5 < plain, "{bucket} vs {plain}");
+        let plain = padding(&batch_order(&lengths, 32, 1, 0, false));
+        let bucketed = padding(&batch_order(&lengths, 32, 1, 0, true));
+        assert!(bucketed * 10 < plain, "bucketed {bucketed} vs plain {plain}");
+    }
+
+    #[test]
+    fn empty_input() {
+        assert!(batch_order(&[], 4, 0, 0, true).is_empty());
+        assert!(batch_order(&[], 4, 0, 0, false).is_empty());
     }
 }

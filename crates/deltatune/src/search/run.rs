@@ -12,7 +12,8 @@
 use super::gates::{select, GateConfig, Gates};
 use super::space::Candidate;
 use crate::attach::{self, AttachOptions};
-use crate::data::batching::{batch_order, shuffle};
+use crate::data::batching::batch_order;
+use crate::data::rng::{shuffle, SplitMix64};
 use crate::error::{Error, Result};
 use crate::ops::DropoutKey;
 use crate::train::log::{MetricsLog, Progress};
@@ -153,7 +154,7 @@ pub fn search(
     let gates = Gates::new(n.clone(), budget, cfg.gates.clone(), &device)?;
     // Weight half / gate half.
     let mut idx: Vec<usize> = (0..train.len()).collect();
-    shuffle(&mut idx, cfg.seed ^ 0x5EA2_C400);
+    shuffle(&mut idx, &mut SplitMix64::new(cfg.seed ^ 0x5EA2_C400));
     let half = idx.len() / 2;
     let subset = |ids: &[usize]| Prepared {
         encodings: ids.iter().map(|&i| train.encodings[i].clone()).collect(),

@@ -8,6 +8,7 @@ pub mod checkpoint;
 mod eval;
 mod fit;
 pub mod log;
+pub mod metrics;
 pub mod optim;
 
 pub use eval::{evaluate, predict, Evaluation};
