@@ -18,6 +18,14 @@ pub struct Cli {
 pub enum Command {
     /// Fetch the default model and demo data into the cache ($DELTATUNE_HOME).
     Setup(SetupArgs),
+    /// Train deltas (and a task head) on a real task; prints the dev score.
+    Train(TrainArgs),
+    /// Score a trained delta on a task split.
+    Eval(EvalArgs),
+    /// Predict labels for new texts with a trained delta (JSONL out).
+    Predict(PredictArgs),
+    /// Render a run's loss and dev-metric curves (PNG and SVG).
+    Plot(PlotArgs),
     /// Print a model's module tree (with attached deltas) and parameter counts.
     Inspect(InspectArgs),
     /// Embed lines of text (mean-pooled sentence embeddings, one JSON array per line).
@@ -209,4 +217,172 @@ pub struct BenchForwardArgs {
     pub bench_threads: usize,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct DataArgs {
+    /// A named task: sst2, cola, mrpc, rte, stsb, cb, superglue-rte, trec, mr, cr, subj, mpqa,
+    /// sst5 (read from --data-dir), or bbc-news (the demo set, fetched on first use).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Root of the named tasks' files.
+    #[arg(long, env = "DELTATUNE_DATA", default_value = "../shared/data")]
+    pub data_dir: PathBuf,
+    /// A folder per class (one text file per example), or a CSV/TSV/JSONL training file.
+    #[arg(long, conflicts_with = "task")]
+    pub data: Option<PathBuf>,
+    /// A CSV/TSV/JSONL training file (same as --data with a file).
+    #[arg(long, conflicts_with_all = ["task", "data"])]
+    pub train: Option<PathBuf>,
+    /// A labelled dev file for --data/--train files (default: a seeded share of train).
+    #[arg(long)]
+    pub dev: Option<PathBuf>,
+    /// Column (CSV/TSV header name or 0-based index) or JSON key of the text.
+    #[arg(long, default_value = "text")]
+    pub text_col: String,
+    /// Column of the second text of a pair.
+    #[arg(long)]
+    pub text_pair_col: Option<String>,
+    /// Column of the label.
+    #[arg(long, default_value = "label")]
+    pub label_col: String,
+    /// File format when the extension does not tell: csv, tsv, jsonl.
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Labels are numbers to regress on (default: class names).
+    #[arg(long)]
+    pub regression: bool,
+    /// Use only the first N training examples.
+    #[arg(long)]
+    pub max_train: Option<usize>,
+    /// Use only the first N dev examples.
+    #[arg(long)]
+    pub max_dev: Option<usize>,
+    /// Share of train held out as dev when the data has no dev split.
+    #[arg(long, default_value_t = 0.1)]
+    pub dev_fraction: f32,
+    /// Seed of held-out splits (fixed across training seeds so runs share one dev set).
+    #[arg(long, default_value_t = 42)]
+    pub split_seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub deltas: DeltaArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[arg(long, default_value_t = 5e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Optimizer steps (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 0.06)]
+    pub warmup_ratio: f64,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// linear, cosine or constant (after warm-up).
+    #[arg(long, default_value = "linear")]
+    pub schedule: String,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Decay every tensor (default: not biases and LayerNorm weights).
+    #[arg(long)]
+    pub decay_all: bool,
+    /// Clip the global gradient norm (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Truncate sequences to this many tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_length: usize,
+    /// Evaluate every N steps (default: every epoch).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    #[arg(long, default_value_t = 64)]
+    pub eval_batch_size: usize,
+    /// Stop after N evaluations without improvement.
+    #[arg(long)]
+    pub patience: Option<usize>,
+    /// Plain shuffled batches instead of length buckets.
+    #[arg(long)]
+    pub no_bucket: bool,
+    /// No dropout in the backbone.
+    #[arg(long)]
+    pub no_dropout: bool,
+    /// Write a checkpoint every N steps (and after every evaluation).
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: usize,
+    /// mean or cls.
+    #[arg(long, default_value = "mean")]
+    pub pooling: String,
+    /// Run directory (default: runs/<task>-<method>-s<seed>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long, conflicts_with = "overwrite")]
+    pub resume: bool,
+    /// Replace the run in --out.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Print one JSON object: task, method, metric, score, trainable_params, total_params, seconds, steps.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A trained delta (a run directory, or its best/ or final/).
+    #[arg(long)]
+    pub delta: PathBuf,
+    /// Data (default: the data the delta was trained on).
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// dev, test or train.
+    #[arg(long, default_value = "dev")]
+    pub split: String,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A trained delta (a run directory, or its best/ or final/).
+    #[arg(long)]
+    pub delta: PathBuf,
+    /// Texts: one per line (.txt), or a CSV/TSV/JSONL file with --text-col.
+    #[arg(long, short)]
+    pub input: PathBuf,
+    #[arg(long, default_value = "text")]
+    pub text_col: String,
+    #[arg(long)]
+    pub text_pair_col: Option<String>,
+    /// Output JSONL (default: standard output).
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct PlotArgs {
+    /// The run directory (holding metrics.jsonl).
+    pub run_dir: PathBuf,
 }

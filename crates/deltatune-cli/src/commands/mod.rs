@@ -2,6 +2,10 @@
 
 mod bench;
 mod embed;
+mod evaluate;
+mod plot;
+mod predict;
+mod train;
 mod export;
 mod inspect;
 mod merge;
@@ -17,6 +21,10 @@ use std::path::{Path, PathBuf};
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Setup(a) => setup::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => evaluate::run(a),
+        Command::Predict(a) => predict::run(a),
+        Command::Plot(a) => plot::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Merge(a) => merge::run(a),
@@ -93,4 +101,40 @@ pub fn model_with_deltas(m: &ModelArgs, d: &DeltaArgs) -> Result<(BertModel, Vec
     attach::attach(&mut model, &specs, AttachOptions { seed: d.seed, tokenizer: None })?;
     all.extend(specs);
     Ok((model, all))
+}
+
+/// The data source named by `--task` / `--data` / `--train`, if any.
+pub fn data_source(d: &crate::args::DataArgs) -> Result<Option<deltatune::train::run::DataSource>> {
+    use deltatune::data::readers::{Columns, Format};
+    use deltatune::train::run::DataSource;
+    let columns = || Columns { text: d.text_col.clone(), text_pair: d.text_pair_col.clone(), label: d.label_col.clone() };
+    let format = d.format.as_deref().map(|f| f.parse::<Format>()).transpose().context("invalid --format")?;
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    Ok(match (&d.task, &d.data, &d.train) {
+        (Some(t), _, _) if t == "bbc-news" || t == "demo" => Some(DataSource::Demo),
+        (Some(t), _, _) => Some(DataSource::Task { name: t.clone(), root: absolute(&d.data_dir) }),
+        (None, Some(p), _) if p.is_dir() => Some(DataSource::Folder { path: absolute(p) }),
+        (None, Some(p), _) | (None, None, Some(p)) => Some(DataSource::User {
+            train: absolute(p),
+            dev: d.dev.as_deref().map(absolute),
+            columns: columns(),
+            format,
+            regression: d.regression,
+        }),
+        (None, None, None) => None,
+    })
+}
+
+/// Split options from the data flags.
+pub fn task_options(d: &crate::args::DataArgs) -> deltatune::data::TaskOptions {
+    deltatune::data::TaskOptions { seed: d.split_seed, dev_fraction: d.dev_fraction, max_train: d.max_train, max_dev: d.max_dev }
+}
+
+/// A trained delta directory: `DIR` itself, or `DIR/best` when DIR is a run directory.
+pub fn trained_delta_dir(p: &Path) -> PathBuf {
+    if p.join("best").join(deltatune::delta::store::CONFIG_FILE).is_file() {
+        p.join("best")
+    } else {
+        p.to_path_buf()
+    }
 }

@@ -195,7 +195,7 @@ impl TaskData {
 }
 
 /// How named tasks and user data are split and subset.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskOptions {
     /// Seed of every held-out split (independent of the training seed's other uses).
     pub seed: u64,

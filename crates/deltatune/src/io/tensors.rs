@@ -132,21 +132,50 @@ fn describe_st_error(e: &safetensors::SafeTensorError, len: usize) -> String {
 }
 
 /// Writes `tensors` (name → tensor) to `path` atomically, with optional string metadata.
+///
+/// The bytes are a pure function of the input (names sorted, metadata sorted), unlike the
+/// `safetensors` crate's writer, which orders metadata by `HashMap` iteration: a resumed training
+/// run must produce a file identical to an uninterrupted one.
 pub fn save_tensors(
     path: &Path,
     tensors: &BTreeMap<String, Tensor>,
     metadata: Option<BTreeMap<String, String>>,
 ) -> Result<()> {
-    let mut owned: Vec<(String, Tensor)> = Vec::with_capacity(tensors.len());
-    for (k, t) in tensors {
-        owned.push((k.clone(), t.contiguous()?));
+    use safetensors::View;
+    let mut header = serde_json::Map::new();
+    if let Some(m) = metadata {
+        header.insert("__metadata__".into(), serde_json::Value::Object(m.into_iter().map(|(k, v)| (k, v.into())).collect()));
     }
-    let views: Vec<(&str, &Tensor)> = owned.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let meta: Option<std::collections::HashMap<String, String>> =
-        metadata.map(|m| m.into_iter().collect());
-    let bytes = safetensors::tensor::serialize(views.iter().map(|(k, t)| (*k, *t)), meta)
-        .map_err(|e| Error::Safetensors { file: path.to_path_buf(), msg: e.to_string() })?;
-    crate::io::write_atomic(path, &bytes)
+    let mut blobs: Vec<Vec<u8>> = Vec::with_capacity(tensors.len());
+    let mut offset = 0usize;
+    for (name, t) in tensors {
+        let t = t.contiguous()?;
+        let data = t.data().into_owned();
+        let end = offset + data.len();
+        header.insert(
+            name.clone(),
+            serde_json::json!({ "dtype": format!("{:?}", t.dtype()), "shape": t.dims(), "data_offsets": [offset, end] }),
+        );
+        offset = end;
+        blobs.push(data);
+    }
+    let mut head = serde_json::to_string(&serde_json::Value::Object(header))
+        .map_err(|e| Error::Safetensors { file: path.to_path_buf(), msg: e.to_string() })?
+        .into_bytes();
+    // The format allows trailing spaces; pad so the data starts 8-byte aligned.
+    while (8 + head.len()) % 8 != 0 {
+        head.push(b' ');
+    }
+    crate::io::atomic::write_atomic_with(path, |f| {
+        use std::io::Write;
+        let mut w = std::io::BufWriter::new(f);
+        w.write_all(&(head.len() as u64).to_le_bytes())?;
+        w.write_all(&head)?;
+        for b in &blobs {
+            w.write_all(b)?;
+        }
+        w.flush()
+    })
 }
 
 /// Reads and parses a JSON file with errors naming it.

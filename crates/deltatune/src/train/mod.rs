@@ -10,6 +10,8 @@ mod fit;
 pub mod log;
 pub mod metrics;
 pub mod optim;
+pub mod run;
+pub mod task;
 
 pub use eval::{evaluate, predict, Evaluation};
 pub use fit::{fit, FitOptions, FitResult};

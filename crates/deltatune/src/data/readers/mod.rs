@@ -16,7 +16,7 @@ mod superglue;
 mod user;
 
 pub use folder::load_folder;
-pub use user::{load_user, read_user_split, Columns, Format, UserOptions, UserSplit};
+pub use user::{load_user, read_texts, read_user_split, Columns, Format, UserOptions, UserSplit};
 
 use crate::data::task::{Example, LabelMap, MetricKind, TaskData, TaskKind, TaskOptions};
 use crate::error::{Error, Result};

@@ -1,0 +1,88 @@
+//! `deltatune train`: deltas + head on a real task, resumable, with progress and a summary.
+
+use crate::args::TrainArgs;
+use anyhow::Result;
+use deltatune::train::optim::{AdamWConfig, Decay, DecayRule};
+use deltatune::train::run::{train_run, RunMode, RunSpec};
+use deltatune::train::TrainConfig;
+use deltatune::Pooling;
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let data = super::data_source(&a.data)?.ok_or_else(|| {
+        anyhow::anyhow!("invalid --task/--data: name a task (--task sst2, --task bbc-news) or give --data PATH / --train FILE")
+    })?;
+    let (specs, dirs) = super::delta_specs(&a.deltas)?;
+    if !dirs.is_empty() {
+        anyhow::bail!("invalid --delta: training starts from delta specs (e.g. lora:r=8), not saved deltas");
+    }
+    let decay = match a.schedule.as_str() {
+        "linear" => Decay::Linear,
+        "cosine" => Decay::Cosine,
+        "constant" => Decay::Constant,
+        other => anyhow::bail!("invalid --schedule: `{other}` (linear, cosine, constant)"),
+    };
+    let pooling: Pooling = a.pooling.parse()?;
+    let train = TrainConfig {
+        lr: a.lr,
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        warmup_ratio: a.warmup_ratio,
+        warmup_steps: a.warmup_steps,
+        decay,
+        adamw: AdamWConfig {
+            weight_decay: a.weight_decay,
+            decay_rule: if a.decay_all { DecayRule::All } else { DecayRule::NotBiasOrNorm },
+            ..Default::default()
+        },
+        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        max_length: a.max_length,
+        seed: a.deltas.seed,
+        eval_every: a.eval_every,
+        eval_batch_size: a.eval_batch_size,
+        patience: a.patience,
+        bucketed: !a.no_bucket,
+        dropout: !a.no_dropout,
+        checkpoint_every: a.checkpoint_every,
+        pooling,
+    };
+    let model = std::path::absolute(super::model_dir(&a.model)?)?;
+    let method = specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join("+");
+    let out = a.out.clone().unwrap_or_else(|| format!("runs/{}-{}-s{}", data.label(), method, a.deltas.seed).into());
+    let spec = RunSpec { model, data, data_options: super::task_options(&a.data), deltas: specs.iter().map(|s| s.to_json()).collect(), train };
+    let mode = if a.resume {
+        RunMode::Resume
+    } else if a.overwrite {
+        RunMode::Overwrite
+    } else {
+        RunMode::Fresh
+    };
+    let s = train_run(&spec, &out, mode, a.quiet)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        println!(
+            "{}: {} {} = {:.4} (best at step {}, {} steps, {:.0} s)",
+            s.task,
+            s.method,
+            s.metric,
+            s.score,
+            s.best_step.map(|x| x.to_string()).unwrap_or_else(|| "-".into()),
+            s.steps,
+            s.seconds
+        );
+        let others: Vec<String> = s.scores.iter().filter(|(k, _)| **k != s.metric).map(|(k, v)| format!("{k} {v:.4}")).collect();
+        if !others.is_empty() {
+            println!("  also: {}", others.join(", "));
+        }
+        println!(
+            "  trainable {} of {} parameters (delta {} + head); run in {}",
+            s.trainable_params,
+            s.total_params,
+            s.delta_params,
+            s.run_dir.display()
+        );
+    }
+    Ok(())
+}
