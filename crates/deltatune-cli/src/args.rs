@@ -26,6 +26,8 @@ pub enum Command {
     Predict(PredictArgs),
     /// Render a run's loss and dev-metric curves (PNG and SVG).
     Plot(PlotArgs),
+    /// S3Delta: search where to put which delta under a trainable-parameter budget.
+    Search(SearchArgs),
     /// Print a model's module tree (with attached deltas) and parameter counts.
     Inspect(InspectArgs),
     /// Embed lines of text (mean-pooled sentence embeddings, one JSON array per line).
@@ -164,6 +166,36 @@ pub enum BenchWhat {
     /// Training step time, forward time and peak memory per method, with ratios against the
     /// PyTorch + PEFT baseline (../shared/baselines/peft_bench.py) run in the same invocation.
     Train(BenchTrainArgs),
+    /// SST-2 accuracy on the PEFT baseline's protocol, deltatune and PyTorch + PEFT side by side.
+    Accuracy(BenchAccuracyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchAccuracyArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Methods, comma-separated (lora, full, ia3, prefix, prompt).
+    #[arg(long, default_value = "lora,full")]
+    pub methods: String,
+    /// Seeds, comma-separated; each method runs once per seed on each side.
+    #[arg(long, default_value = "42,43,44")]
+    pub seeds: String,
+    /// Directory of SST-2 (train.tsv, dev.tsv).
+    #[arg(long, default_value = "../shared/data/glue/sst2")]
+    pub sst2: PathBuf,
+    #[arg(long, default_value_t = 8000)]
+    pub train_limit: usize,
+    #[arg(long, default_value_t = 2)]
+    pub bench_threads: usize,
+    #[arg(long, env = "DELTATUNE_TORCH_PYTHON")]
+    pub torch_python: Option<PathBuf>,
+    #[arg(long, default_value = "../shared/baselines/peft_bench.py")]
+    pub peft_script: PathBuf,
+    /// Where our runs go.
+    #[arg(long, default_value = "runs/bench-accuracy")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -385,4 +417,64 @@ pub struct PredictArgs {
 pub struct PlotArgs {
     /// The run directory (holding metrics.jsonl).
     pub run_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct SearchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Trainable-parameter budget of the deltas: a share of the backbone (`0.0139%`) or a count
+    /// (`3157`). The task head is outside the budget.
+    #[arg(long)]
+    pub budget: String,
+    /// Search space: L (rank-1 LoRA on every attention and FFN linear), M (L + BitFit + LN-fit +
+    /// low-rank adapters), or a JSON file of delta specs.
+    #[arg(long, default_value = "M")]
+    pub space: String,
+    /// Output directory (structure.json, candidates.tsv, heatmap.png/svg, search.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub overwrite: bool,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Learning rate of the delta weights and head.
+    #[arg(long, default_value_t = 3e-4)]
+    pub lr: f64,
+    /// Learning rate of the architecture parameters.
+    #[arg(long, default_value_t = 0.1)]
+    pub alpha_lr: f64,
+    /// Temperature of the shifted sigmoid.
+    #[arg(long, default_value_t = 1.0)]
+    pub beta: f64,
+    /// Temperature of the relaxed-Bernoulli gate samples.
+    #[arg(long, default_value_t = 1.0)]
+    pub tau: f64,
+    /// Do not renormalise p (the reference's shift_detach).
+    #[arg(long)]
+    pub no_renormalize: bool,
+    /// DARTS-style second-order (unrolled) gate gradient instead of the first-order alternation.
+    #[arg(long)]
+    pub second_order: bool,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 128)]
+    pub max_length: usize,
+    /// Supernet dev evaluation every N steps (and at the end).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    #[arg(long, default_value = "mean")]
+    pub pooling: String,
+    #[arg(long)]
+    pub no_dropout: bool,
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub quiet: bool,
 }

@@ -181,21 +181,23 @@ where
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(12)
-        .x_label_area_size(70)
-        .y_label_area_size(140)
+        .x_label_area_size(50)
+        .y_label_area_size(100)
         .build_cartesian_2d(0f64..nc as f64, 0f64..nr as f64)
         .map_err(draw_err(path))?;
-    let cols_owned = cols.to_vec();
-    let rows_owned = rows.to_vec();
-    chart
-        .configure_mesh()
-        .disable_mesh()
-        .x_labels(nc)
-        .y_labels(nr)
-        .x_label_formatter(&|x| cols_owned.get(x.floor() as usize).cloned().unwrap_or_default())
-        .y_label_formatter(&|y| rows_owned.get((nr as f64 - 1.0 - y.floor()) as usize).cloned().unwrap_or_default())
-        .draw()
-        .map_err(draw_err(path))?;
+    chart.configure_mesh().disable_mesh().disable_x_axis().disable_y_axis().draw().map_err(draw_err(path))?;
+    // Labels at cell centres, drawn in pixel coordinates (the mesh would put them on the edges).
+    let label = ("sans-serif", 14).into_font().color(&BLACK);
+    for (i, name) in rows.iter().enumerate() {
+        let (px, py) = chart.backend_coord(&(0.0, (nr - 1 - i) as f64 + 0.5));
+        root.draw(&Text::new(name.clone(), (px - 95, py - 7), label.clone())).map_err(draw_err(path))?;
+    }
+    for (j, name) in cols.iter().enumerate() {
+        let (px, py) = chart.backend_coord(&(j as f64 + 0.5, 0.0));
+        let (a, b) = name.split_once(' ').unwrap_or((name.as_str(), ""));
+        root.draw(&Text::new(a.to_string(), (px - 4 * a.len() as i32, py + 6), label.clone())).map_err(draw_err(path))?;
+        root.draw(&Text::new(b.to_string(), (px - 4 * b.len() as i32, py + 24), label.clone())).map_err(draw_err(path))?;
+    }
     for c in cells {
         let v = c.value.clamp(0.0, 1.0);
         // White → dark blue.

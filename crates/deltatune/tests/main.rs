@@ -9,4 +9,5 @@ mod parity;
 mod methods;
 mod peft;
 mod properties;
+mod search;
 mod training;

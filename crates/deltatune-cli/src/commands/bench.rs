@@ -1,7 +1,7 @@
 //! `deltatune bench`: speed measurements on the standard protocol, with the PyTorch baseline run
 //! in the same invocation for ratios.
 
-use crate::args::{BenchArgs, BenchForwardArgs, BenchTrainArgs, BenchWhat};
+use crate::args::{BenchAccuracyArgs, BenchArgs, BenchForwardArgs, BenchTrainArgs, BenchWhat};
 use anyhow::{Context, Result};
 use deltatune::bench::{median, synthetic_batch, time_runs};
 use deltatune::{Backbone, BertModel, Device, ForwardCtx, Pooling};
@@ -15,6 +15,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Forward(f) => forward(f),
         BenchWhat::Train(t) => train(t),
+        BenchWhat::Accuracy(t) => accuracy(t),
     }
 }
 
@@ -160,5 +161,108 @@ fn train(a: BenchTrainArgs) -> Result<()> {
             rr(ratio(r, "step_ms_median", "step_ms_median")), rr(ratio(r, "fwd_ms_median", "fwd_ms_median")), rr(ratio(r, "peak_rss_mb", "peak_rss_mb")));
     }
     println!("ratios are deltatune / PyTorch+PEFT (below 1 = deltatune better)");
+    Ok(())
+}
+
+/// The baseline's per-method learning rates (peft_bench.py DEFAULT_LR).
+fn baseline_lr(method: &str) -> f64 {
+    match method {
+        "full" => 2e-5,
+        "ia3" => 3e-3,
+        "prefix" => 1e-2,
+        "prompt" => 3e-2,
+        _ => 5e-4,
+    }
+}
+
+fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len().max(1) as f64;
+    let m = xs.iter().sum::<f64>() / n;
+    let v = xs.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1.0).max(1.0);
+    (m, v.sqrt())
+}
+
+fn accuracy(a: BenchAccuracyArgs) -> Result<()> {
+    use deltatune::data::TaskOptions;
+    use deltatune::delta::DeltaSpec;
+    use deltatune::train::optim::{AdamWConfig, Decay, DecayRule};
+    use deltatune::train::run::{train_run, DataSource, RunMode, RunSpec};
+    use deltatune::train::TrainConfig;
+    let dir = std::path::absolute(super::model_dir(&a.model)?)?;
+    let data_root = std::path::absolute(a.sst2.parent().and_then(|p| p.parent()).context("--sst2 must be <root>/glue/sst2")?)?;
+    let seeds: Vec<u64> = a.seeds.split(',').map(|s| s.trim().parse()).collect::<std::result::Result<_, _>>().context("invalid --seeds")?;
+    let mut rows = Vec::new();
+    for m in a.methods.split(',').map(str::trim) {
+        let spec = deltatune::bench::bench_method_spec(m)?;
+        let (mut ours, mut theirs, mut our_s, mut their_s) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for &seed in &seeds {
+            // Same protocol as peft_bench.py --mode accuracy: first N training lines, 1 epoch, batch 32,
+            // max length 64 with dynamic padding, plain shuffled batches, AdamW(wd 0.01) on every
+            // tensor, 6% linear warm-up then linear decay, no clipping, dropout on, mean pooling.
+            let train = TrainConfig {
+                lr: baseline_lr(m),
+                epochs: 1,
+                batch_size: 32,
+                warmup_ratio: 0.06,
+                decay: Decay::Linear,
+                adamw: AdamWConfig { weight_decay: 0.01, decay_rule: DecayRule::All, ..Default::default() },
+                max_grad_norm: None,
+                max_length: 64,
+                seed,
+                eval_batch_size: 128,
+                bucketed: false,
+                checkpoint_every: 1_000_000,
+                ..Default::default()
+            };
+            let run = RunSpec {
+                model: dir.clone(),
+                data: DataSource::Task { name: "sst2".into(), root: data_root.clone() },
+                data_options: TaskOptions { max_train: Some(a.train_limit), ..Default::default() },
+                deltas: spec.iter().map(DeltaSpec::to_json).collect(),
+                train,
+            };
+            eprintln!("deltatune {m} seed {seed} ...");
+            let s = train_run(&run, &a.out.join(format!("{m}-s{seed}")), RunMode::Overwrite, true)?;
+            ours.push(s.score);
+            our_s.push(s.seconds);
+            if let Some(py) = &a.torch_python {
+                eprintln!("pytorch+peft {m} seed {seed} ...");
+                let o = Command::new(py)
+                    .arg(&a.peft_script)
+                    .args(["--method", m, "--mode", "accuracy", "--seed", &seed.to_string(), "--threads", &a.bench_threads.to_string()])
+                    .args(["--train-limit", &a.train_limit.to_string(), "--model-dir"])
+                    .arg(&dir)
+                    .arg("--data-dir")
+                    .arg(&a.sst2)
+                    .output()
+                    .with_context(|| format!("running {}", py.display()))?;
+                if !o.status.success() {
+                    anyhow::bail!("peft baseline failed: {}", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""));
+                }
+                let text = String::from_utf8_lossy(&o.stdout);
+                let v: Value = serde_json::from_str(text.lines().rev().find(|l| l.starts_with('{')).unwrap_or("{}"))?;
+                theirs.push(v["accuracy"].as_f64().context("baseline printed no accuracy")?);
+                their_s.push(v["train_s"].as_f64().unwrap_or(f64::NAN) + v["eval_s"].as_f64().unwrap_or(0.0));
+            }
+        }
+        rows.push(json!({"method": m, "seeds": seeds, "deltatune": ours, "pytorch": theirs, "deltatune_seconds": our_s, "pytorch_seconds": their_s}));
+    }
+    if a.json {
+        println!("{}", json!({"protocol": "sst2, first 8000 train, 1 epoch, batch 32, max len 64, full dev", "methods": rows}));
+        return Ok(());
+    }
+    println!("SST-2 dev accuracy, PEFT baseline protocol, seeds {:?}", seeds);
+    for r in &rows {
+        let v = |k: &str| -> Vec<f64> { r[k].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default() };
+        let (o, t) = (v("deltatune"), v("pytorch"));
+        let (om, os) = mean_std(&o);
+        let line = format!("{:<6} deltatune {:.4} ± {:.4} {:?}", r["method"].as_str().unwrap_or(""), om, os, o);
+        if t.is_empty() {
+            println!("{line}");
+        } else {
+            let (tm, ts) = mean_std(&t);
+            println!("{line} | pytorch+peft {tm:.4} ± {ts:.4} {t:?} | difference {:+.2} points", 100.0 * (om - tm));
+        }
+    }
     Ok(())
 }

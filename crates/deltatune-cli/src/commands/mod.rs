@@ -5,6 +5,7 @@ mod embed;
 mod evaluate;
 mod plot;
 mod predict;
+mod search;
 mod train;
 mod export;
 mod inspect;
@@ -25,6 +26,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => evaluate::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Plot(a) => plot::run(a),
+        Command::Search(a) => search::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Merge(a) => merge::run(a),
