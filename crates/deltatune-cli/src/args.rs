@@ -356,6 +356,17 @@ pub struct TrainArgs {
     /// mean or cls.
     #[arg(long, default_value = "mean")]
     pub pooling: String,
+    /// Compute the layers below the lowest delta once and train from the cached activations
+    /// (those layers then run without dropout).
+    #[arg(long)]
+    pub cache_frozen: bool,
+    /// Run the layers below the lowest delta without dropout (what --cache-frozen implies),
+    /// without caching.
+    #[arg(long)]
+    pub no_frozen_dropout: bool,
+    /// Memory cap of the frozen cache in MiB (the rest spills to the run directory).
+    #[arg(long, default_value_t = 2048)]
+    pub cache_mb: usize,
     /// Run directory (default: runs/<task>-<method>-s<seed>).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -462,6 +473,9 @@ pub struct SearchArgs {
     /// DARTS-style second-order (unrolled) gate gradient instead of the first-order alternation.
     #[arg(long)]
     pub second_order: bool,
+    /// Only list the space's candidates (candidates.json/tsv) and stop.
+    #[arg(long)]
+    pub candidates_only: bool,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     #[arg(long, default_value_t = 128)]

@@ -34,6 +34,13 @@ pub fn run(a: SearchArgs) -> Result<()> {
     let total = backbone.num_params();
     let budget = budget_arg.params(total);
     let space_total: usize = cands.iter().map(|c| c.params).sum();
+    if a.candidates_only {
+        std::fs::create_dir_all(&a.out)?;
+        let rows: Vec<_> = cands.iter().map(|c| json!({"id": c.id, "method": c.method, "path": c.path, "layer": c.layer, "position": c.position, "params": c.params})).collect();
+        deltatune::io::write_json_atomic(&a.out.join("candidates.json"), &rows)?;
+        println!("{}", json!({"space": space.name, "candidates": cands.len(), "space_params": space_total}));
+        return Ok(());
+    }
     let cheapest = cands.iter().map(|c| c.params).min().unwrap_or(0);
     if budget < cheapest as f64 {
         anyhow::bail!(

@@ -46,6 +46,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         dropout: !a.no_dropout,
         checkpoint_every: a.checkpoint_every,
         pooling,
+        cache_frozen: a.cache_frozen,
+        frozen_prefix_dropout: !a.no_frozen_dropout && !a.cache_frozen,
+        cache_mb: a.cache_mb,
     };
     let model = std::path::absolute(super::model_dir(&a.model)?)?;
     let method = specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join("+");

@@ -155,3 +155,22 @@ pub fn remove_all(model: &mut dyn Backbone) {
         s.deltas.clear();
     }
 }
+
+/// How many bottom transformer layers no active delta touches: their outputs depend only on the
+/// input, so they can be computed once and cached. 0 when a delta sits below the layers (on the
+/// embeddings, soft prompts, prefixes for every layer). Deltas above the layers (pooler) do not
+/// count.
+pub fn frozen_prefix_layers(model: &dyn Backbone) -> usize {
+    let mut k = model.num_layers();
+    for s in model.sites() {
+        if !s.deltas.iter().any(|a| a.active()) {
+            continue;
+        }
+        match s.layer() {
+            Some(l) => k = k.min(l),
+            None if s.path().starts_with("pooler") => {}
+            None => return 0,
+        }
+    }
+    k
+}

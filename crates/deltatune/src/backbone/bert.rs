@@ -458,6 +458,17 @@ impl BertModel {
         }
     }
 
+    /// Layer `n` on `h` with the key mask `bias`, adding any prefix keys/values of the encoder's deltas.
+    fn layer_forward(&self, n: usize, h: &Tensor, bias: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let b = h.dim(0)?;
+        let prefix = self.encoder.site.prefixes(n, b, ctx)?;
+        let layer_bias = match &prefix {
+            Some((k, _)) => Tensor::cat(&[&Tensor::zeros((b, k.dim(1)?), DType::F32, bias.device())?, bias], 1)?,
+            None => bias.clone(),
+        };
+        self.encoder.layer[n].forward(h, &layer_bias, prefix.as_ref(), ctx)
+    }
+
     /// `tanh(W h_cls + b)` — BERT's pooler output (b, h), if the checkpoint has a pooler.
     pub fn pooler_output(&self, out: &ModelOutput, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
         let Some(p) = &self.pooler else { return Ok(None) };
@@ -539,27 +550,38 @@ impl Backbone for BertModel {
     }
 
     fn forward(&self, batch: &EncodedBatch, ctx: &ForwardCtx) -> Result<ModelOutput> {
-        let b = batch.batch_size();
+        let mut collected = Vec::new();
+        let (h, mask, num_virtual) = self.forward_until(batch, 0, ctx, &mut collected)?;
+        self.forward_layers(h, mask, num_virtual, 0, ctx, collected)
+    }
+
+    fn forward_until(&self, batch: &EncodedBatch, k: usize, ctx: &ForwardCtx, collected: &mut Vec<Tensor>) -> Result<(Tensor, Tensor, usize)> {
         let past = self.encoder.site.num_virtual_tokens();
         let (mut h, mask) = self.embeddings.forward(batch, past, ctx)?;
         let num_virtual = mask.dim(1)? - batch.seq_len();
-        let bias = ops::mask_to_bias(&mask)?;
-        let mut hidden_states = Vec::new();
         if ctx.output_hidden_states {
-            hidden_states.push(h.clone());
+            collected.push(h.clone());
         }
-        for (n, layer) in self.encoder.layer.iter().enumerate() {
-            let prefix = self.encoder.site.prefixes(n, b, ctx)?;
-            let layer_bias = match &prefix {
-                Some((k, _)) => Tensor::cat(&[&Tensor::zeros((b, k.dim(1)?), DType::F32, bias.device())?, &bias], 1)?,
-                None => bias.clone(),
-            };
-            h = layer.forward(&h, &layer_bias, prefix.as_ref(), ctx)?;
+        let bias = ops::mask_to_bias(&mask)?;
+        for n in 0..k.min(self.encoder.layer.len()) {
+            h = self.layer_forward(n, &h, &bias, ctx)?;
             if ctx.output_hidden_states {
-                hidden_states.push(h.clone());
+                collected.push(h.clone());
             }
         }
-        Ok(ModelOutput { last_hidden_state: h, attention_mask: mask, num_virtual, hidden_states })
+        Ok((h, mask, num_virtual))
+    }
+
+    fn forward_layers(&self, hidden: Tensor, mask: Tensor, num_virtual: usize, k: usize, ctx: &ForwardCtx, mut collected: Vec<Tensor>) -> Result<ModelOutput> {
+        let bias = ops::mask_to_bias(&mask)?;
+        let mut h = hidden;
+        for n in k..self.encoder.layer.len() {
+            h = self.layer_forward(n, &h, &bias, ctx)?;
+            if ctx.output_hidden_states {
+                collected.push(h.clone());
+            }
+        }
+        Ok(ModelOutput { last_hidden_state: h, attention_mask: mask, num_virtual, hidden_states: collected })
     }
 
     fn sites(&self) -> Vec<&Site> {

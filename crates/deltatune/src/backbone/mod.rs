@@ -401,6 +401,12 @@ pub trait Backbone: Send + Sync {
     fn fingerprint(&self) -> &str;
     /// Runs the model on a tokenized batch.
     fn forward(&self, batch: &EncodedBatch, ctx: &ForwardCtx) -> Result<ModelOutput>;
+    /// Runs the embeddings and the first `k` layers: hidden states (b, v + t, h), the 0/1 mask and
+    /// the number of soft-prompt positions. With `output_hidden_states`, intermediate states are
+    /// appended to `collected`.
+    fn forward_until(&self, batch: &EncodedBatch, k: usize, ctx: &ForwardCtx, collected: &mut Vec<Tensor>) -> Result<(Tensor, Tensor, usize)>;
+    /// Runs layers `k..` on hidden states from [`Backbone::forward_until`] (or a cache of them).
+    fn forward_layers(&self, hidden: Tensor, mask: Tensor, num_virtual: usize, k: usize, ctx: &ForwardCtx, collected: Vec<Tensor>) -> Result<ModelOutput>;
     /// Every site in forward order.
     fn sites(&self) -> Vec<&Site>;
     fn sites_mut(&mut self) -> Vec<&mut Site>;

@@ -116,6 +116,27 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
     }
     let t0 = Instant::now();
     let (elapsed0, examples0) = (st.elapsed_s, st.examples);
+    // Frozen prefix: layers below the lowest delta, run without dropout, optionally cached.
+    let k = crate::attach::frozen_prefix_layers(&model.backbone);
+    let prefix_fixed = k > 0 && (cfg.cache_frozen || !cfg.frozen_prefix_dropout);
+    let cache = if cfg.cache_frozen && k > 0 {
+        let t = Instant::now();
+        let c = super::cache::FrozenCache::build(&model.backbone, o.train, k, cfg.eval_batch_size, o.pad_id, cfg.cache_mb << 20, o.run_dir)?;
+        progress.println(&format!(
+            "cached layers 0-{} for {} examples in {:.1} s ({:.0} MiB in memory, {:.0} MiB on disk)",
+            k - 1,
+            o.train.len(),
+            t.elapsed().as_secs_f64(),
+            c.bytes_in_memory as f64 / 1048576.0,
+            c.bytes_on_disk as f64 / 1048576.0
+        ));
+        Some(c)
+    } else {
+        if cfg.cache_frozen {
+            progress.println("note: a delta sits below the first layer; nothing to cache");
+        }
+        None
+    };
     let mut acc = GradAccumulator::default();
     let mut best_scores: Option<Scores> = None;
     let mut stopped_early = false;
@@ -133,7 +154,18 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
             for (mb, idx) in order.iter().enumerate().take(group_end).skip(st.next_batch) {
                 let (batch, targets) = o.train.batch(idx, kind, o.pad_id, &device)?;
                 let key = DropoutKey(cfg.seed).derive("train").derive_n(st.step as u64).derive_n(mb as u64);
-                let logits = model.logits(&batch, &ForwardCtx::train(key))?;
+                let ctx = ForwardCtx::train(key);
+                let logits = match (&cache, prefix_fixed) {
+                    (Some(c), _) => {
+                        let (h, m) = c.batch(idx, &device)?;
+                        model.head.forward(&model.backbone.forward_layers(h, m, 0, k, &ctx, Vec::new())?)?
+                    }
+                    (None, true) => {
+                        let (h, m, nv) = model.backbone.forward_until(&batch, k, &ForwardCtx::eval(), &mut Vec::new())?;
+                        model.head.forward(&model.backbone.forward_layers(h, m, nv, k, &ctx, Vec::new())?)?
+                    }
+                    (None, false) => model.logits(&batch, &ctx)?,
+                };
                 let loss = model.head.loss(&logits, &targets)?;
                 let lv = loss.to_scalar::<f32>()? as f64;
                 if !lv.is_finite() {

@@ -4,6 +4,7 @@
 //! [`Scorer`] that turns predictions into the task's metrics, so it knows nothing about file
 //! formats; `data` turns tasks into prepared splits.
 
+pub mod cache;
 pub mod checkpoint;
 mod eval;
 mod fit;
@@ -59,6 +60,14 @@ pub struct TrainConfig {
     /// Write `checkpoints/last` every N optimizer steps (and after every evaluation).
     pub checkpoint_every: usize,
     pub pooling: Pooling,
+    /// Compute the frozen layers below the lowest delta once and train from the cache
+    /// (implies `frozen_prefix_dropout = false`).
+    pub cache_frozen: bool,
+    /// Dropout in the frozen layers below the lowest delta (false: they run as a fixed feature
+    /// extractor, as with the cache).
+    pub frozen_prefix_dropout: bool,
+    /// Memory cap of the frozen cache in MiB; the rest spills to the run directory.
+    pub cache_mb: usize,
 }
 
 impl Default for TrainConfig {
@@ -83,6 +92,9 @@ impl Default for TrainConfig {
             dropout: true,
             checkpoint_every: 50,
             pooling: Pooling::Mean,
+            cache_frozen: false,
+            frozen_prefix_dropout: true,
+            cache_mb: 2048,
         }
     }
 }

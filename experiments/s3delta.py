@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""S3Delta experiments: searched structures vs random and manual placements vs full fine-tuning,
+at equal trainable-parameter budgets, on real GLUE data with the default model.
+
+Every run goes through the `deltatune` binary (search, then retrain with `train --delta-config`)
+and appends one JSON line to the results file; a finished (task, budget, method, seed) is skipped
+when the script is restarted, so the grid can be run in pieces. `experiments/tables.py` turns the
+results file into the README tables.
+
+Protocol (identical for every method; CPU-sized): first --train examples of each task's training
+split (file order, as the PEFT baseline does), the task's full dev split, max length 64, batch 32,
+--epochs epochs of retraining with AdamW (lr 1e-3 for deltas, 5e-5 for full fine-tuning, weight
+decay 0.01, 6% warm-up then linear decay, clipping at 1.0), dev evaluation after every epoch and
+the best epoch reported. The search uses the same training examples, split 50/50 into a weight
+half and a gate half, for --search-epochs epochs (first-order alternation, weight lr 1e-3, α lr 0.1,
+β = 1, τ = 1, renormalised p), and retrains the chosen structure from scratch.
+
+Usage:
+  python3 experiments/s3delta.py --bin target/release/deltatune --data-dir ../shared/data \
+      --out experiments/results/s3delta.jsonl [--tasks sst2,rte] [--budgets 0.0139%] [--seeds 1,2,3]
+"""
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BACKBONE = 22_713_216
+TASKS = ["sst2", "rte", "cola", "stsb", "mrpc"]
+BUDGETS = ["0.0035%", "0.0139%", "0.05%", "0.1%"]
+LAYERS = 6
+HIDDEN = 384
+INTER = 1536
+
+
+def budget_params(b):
+    return BACKBONE * float(b.rstrip("%")) / 100.0
+
+
+def done_keys(path):
+    keys = set()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            keys.add((r["task"], r["budget"], r["method"], r["seed"]))
+    return keys
+
+
+def run(cmd, log):
+    t = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n" + p.stderr[-4000:] + "\n")
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
+    line = [l for l in p.stdout.splitlines() if l.startswith("{")][-1]
+    return json.loads(line), time.time() - t
+
+
+# ------------------------------------------------------------------------------------------------
+# Manual placements at a budget: the method on its usual positions, filled from the top layer down
+# (the largest rank / all positions when the whole model fits).
+
+def lora_qv(b):
+    per = 2 * HIDDEN  # rank-1 LoRA on a 384x384 linear
+    full_rank = int(b // (2 * LAYERS * per))
+    if full_rank >= 1:
+        return [{"method": "lora", "name": "lora", "r": full_rank, "lora_alpha": 16, "target_modules": ["query", "value"]}]
+    layers = int(b // (2 * per))
+    if layers == 0:
+        return [{"method": "lora", "name": "lora", "r": 1, "lora_alpha": 16,
+                 "target_modules": ["encoder.layer.5.attention.self.query"]}] if b >= per else None
+    keep = list(range(LAYERS - layers, LAYERS))
+    return [{"method": "lora", "name": "lora", "r": 1, "lora_alpha": 16, "target_modules": ["query", "value"],
+             "layers_to_transform": keep}]
+
+
+def bitfit(b):
+    per_layer = 7 * HIDDEN + INTER  # q,k,v,o,out biases + 2 LN biases + intermediate bias
+    layers = min(LAYERS, int(b // per_layer))
+    if layers == 0:
+        # Biases of the top layer's modules, smallest first, while they fit.
+        mods = [("attention.output.LayerNorm", HIDDEN), ("output.LayerNorm", HIDDEN), ("attention.self.query", HIDDEN),
+                ("attention.self.value", HIDDEN), ("attention.output.dense", HIDDEN), ("output.dense", HIDDEN)]
+        used, tm = 0, []
+        for m, n in mods:
+            if used + n <= b:
+                used += n
+                tm.append(f"encoder.layer.5.{m}")
+        return [{"method": "bitfit", "name": "bitfit", "target_modules": tm}] if tm else None
+    return [{"method": "bitfit", "name": "bitfit", "target_modules": [f"encoder.layer.{l}" for l in range(LAYERS - layers, LAYERS)]}]
+
+
+def lnfit(b):
+    lns = ["embeddings.LayerNorm"] + [f"encoder.layer.{l}.{m}" for l in range(LAYERS) for m in ("attention.output.LayerNorm", "output.LayerNorm")]
+    n = min(len(lns), int(b // HIDDEN))
+    if n == 0:
+        return None
+    return [{"method": "ln_tuning", "name": "lnfit", "bias": False, "target_modules": lns[len(lns) - n:]}]
+
+
+def adapter(b):
+    per = 3 * HIDDEN + 3 * (HIDDEN // 32)  # the low-rank adapter of space M
+    blocks = [f"encoder.layer.{l}.{m}" for l in range(LAYERS) for m in ("attention.output", "output")]
+    n = min(len(blocks), int(b // per))
+    if n == 0:
+        return None
+    return [{"method": "low_rank_adapter", "name": "adapter", "rank": 1, "reduction_factor": 32, "target_modules": blocks[len(blocks) - n:]}]
+
+
+MANUAL = {"manual-lora": lora_qv, "manual-bitfit": bitfit, "manual-lnfit": lnfit, "manual-adapter": adapter}
+
+
+def random_structure(cands, b, seed):
+    """Random candidates of space M while they fit (the reference's random baseline)."""
+    rng = random.Random(seed)
+    order = list(range(len(cands)))
+    rng.shuffle(order)
+    used, chosen = 0, []
+    for i in order:
+        if used + cands[i]["params"] <= b:
+            used += cands[i]["params"]
+            chosen.append(cands[i])
+    groups = {}
+    for c in chosen:
+        key = c["method"]
+        spec = {"lora": {"method": "lora", "r": 1, "lora_alpha": 16}, "bitfit": {"method": "bitfit"},
+                "ln_tuning": {"method": "ln_tuning", "bias": False},
+                "low_rank_adapter": {"method": "low_rank_adapter", "rank": 1, "reduction_factor": 32}}[key]
+        g = groups.setdefault(key, dict(spec, name=key, target_modules=[]))
+        g["target_modules"].append(c["path"])
+    return list(groups.values())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin", default="target/release/deltatune")
+    ap.add_argument("--data-dir", default="../shared/data")
+    ap.add_argument("--out", default="experiments/results/s3delta.jsonl")
+    ap.add_argument("--work", default="runs/s3delta")
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--budgets", default=",".join(BUDGETS))
+    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--methods", default="s3-L,s3-M,random," + ",".join(MANUAL) + ",full")
+    ap.add_argument("--train", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--search-epochs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(a.work)
+    log = work / "log.txt"
+    work.mkdir(parents=True, exist_ok=True)
+    done = done_keys(out)
+    methods = a.methods.split(",")
+    base = [a.bin, "--threads", str(a.threads)]
+    data = ["--data-dir", a.data_dir, "--max-train", str(a.train), "--max-length", "64"]
+    common_train = ["--batch-size", "32", "--epochs", str(a.epochs), "--quiet", "--json", "--overwrite", "--checkpoint-every", "1000000"]
+    cands_cache = {}
+    for task in a.tasks.split(","):
+        for seed in [int(s) for s in a.seeds.split(",")]:
+            for budget in a.budgets.split(","):
+                b = budget_params(budget)
+                for method in methods:
+                    key_budget = "-" if method == "full" else budget
+                    if (task, key_budget, method, seed) in done:
+                        continue
+                    if method == "full" and budget != a.budgets.split(",")[0]:
+                        continue
+                    tag = f"{task}-{budget.rstrip('%')}-{method}-s{seed}"
+                    rec = {"task": task, "budget": key_budget, "budget_params": None if method == "full" else round(b),
+                           "method": method, "seed": seed, "train_examples": a.train, "epochs": a.epochs}
+                    try:
+                        cfg = work / f"{tag}.json"
+                        search_s = None
+                        if method.startswith("s3-"):
+                            space = method.split("-")[1]
+                            sdir = work / f"{tag}-search"
+                            res, search_s = run(base + ["search", "--task", task, *data, "--budget", budget, "--space", space,
+                                                        "--epochs", str(a.search_epochs), "--lr", "1e-3", "--seed", str(seed),
+                                                        "--out", str(sdir), "--overwrite", "--json", "--quiet"], log)
+                            cfg = sdir / "structure.json"
+                            rec.update(search_seconds=round(search_s, 1), supernet_dev=res.get("supernet_dev"),
+                                       selected_params=res["selected_params"], selected=res["selected"])
+                        elif method == "random":
+                            if "M" not in cands_cache:
+                                sdir = work / "space-M"
+                                if not (sdir / "candidates.json").exists():
+                                    run(base + ["search", "--task", task, *data, "--budget", "1000", "--space", "M", "--candidates-only",
+                                                "--out", str(sdir), "--overwrite", "--json", "--quiet"], log)
+                                cands_cache["M"] = json.loads((sdir / "candidates.json").read_text())
+                            specs = random_structure(cands_cache["M"], b, seed)
+                            cfg.write_text(json.dumps({"deltas": specs}, indent=1))
+                        elif method in MANUAL:
+                            specs = MANUAL[method](b)
+                            if specs is None:
+                                rec.update(skipped="does not fit the budget")
+                                with open(out, "a") as f:
+                                    f.write(json.dumps(rec) + "\n")
+                                continue
+                            cfg.write_text(json.dumps({"deltas": specs}, indent=1))
+                        lr = "5e-5" if method == "full" else "1e-3"
+                        delta = ["--delta", "full"] if method == "full" else ["--delta-config", str(cfg)]
+                        res, train_s = run(base + ["train", "--task", task, *data, *delta, "--lr", lr, "--seed", str(seed),
+                                                   *common_train, "--out", str(work / tag)], log)
+                        rec.update(metric=res["metric"], score=res["score"], scores=res["scores"], delta_params=res["delta_params"],
+                                   train_seconds=round(res["seconds"], 1), wall_seconds=round(train_s, 1))
+                        if search_s is not None:
+                            rec["search_over_retrain"] = round(search_s / max(train_s, 1e-9), 2)
+                    except Exception as e:  # record and go on: one failure must not stop the grid
+                        rec.update(error=str(e)[-500:])
+                    with open(out, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()
