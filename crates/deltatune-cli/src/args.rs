@@ -168,6 +168,50 @@ pub enum BenchWhat {
     Train(BenchTrainArgs),
     /// SST-2 accuracy on the PEFT baseline's protocol, deltatune and PyTorch + PEFT side by side.
     Accuracy(BenchAccuracyArgs),
+    /// Seconds per epoch of LoRA on the top 1, 2, 3 layers with frozen-prefix caching, against
+    /// PyTorch + PEFT (layers_to_transform) in the same run.
+    Cache(BenchCacheArgs),
+    /// The machine's single-precision peak (FMA microbenchmark) and the fraction of it the
+    /// encoder's matmuls reach.
+    Matmul(BenchMatmulArgs),
+    /// Inference with a merged LoRA against the bare backbone.
+    Merged(BenchForwardArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchMatmulArgs {
+    /// Rows of the encoder matmuls (batch x sequence length).
+    #[arg(long, default_value_t = 2048)]
+    pub tokens: usize,
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    #[arg(long, default_value_t = 2)]
+    pub bench_threads: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchCacheArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Top layers to put LoRA on, comma-separated.
+    #[arg(long, default_value = "1,2,3")]
+    pub top_layers: String,
+    #[arg(long, default_value = "../shared/data/glue/sst2")]
+    pub sst2: PathBuf,
+    #[arg(long, default_value_t = 2000)]
+    pub train: usize,
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 2)]
+    pub bench_threads: usize,
+    #[arg(long, env = "DELTATUNE_TORCH_PYTHON")]
+    pub torch_python: Option<PathBuf>,
+    #[arg(long, default_value = "runs/bench-cache")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -183,3 +183,112 @@ pub fn train_step_bench(model_dir: &std::path::Path, method: &str, batch: usize,
         last_loss: losses.last().copied().unwrap_or(f64::NAN),
     })
 }
+
+/// Peak single-precision throughput of this machine in GFLOP/s with `threads` threads: each
+/// thread runs 12 independent chains of vector fused multiply-adds (AVX-512 when available, else
+/// AVX2+FMA, else scalar) on registers only — the hardware limit matmuls are measured against.
+pub fn fma_peak(threads: usize) -> f64 {
+    fn one_thread(iters: u64) -> (f64, f32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: guarded by the runtime feature check above.
+                return unsafe { avx512(iters) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: guarded by the runtime feature check above.
+                return unsafe { avx2(iters) };
+            }
+        }
+        let t = Instant::now();
+        let mut acc = [1.0f32; 8];
+        for _ in 0..iters {
+            for a in &mut acc {
+                *a = a.mul_add(0.999_999, 1e-7);
+            }
+        }
+        (8.0 * 2.0 * iters as f64 / t.elapsed().as_secs_f64(), acc.iter().sum())
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512(iters: u64) -> (f64, f32) {
+        use std::arch::x86_64::*;
+        let m = _mm512_set1_ps(0.999_999);
+        let c = _mm512_set1_ps(1e-7);
+        let mut r = [_mm512_set1_ps(1.0); 12];
+        let t = Instant::now();
+        for _ in 0..iters {
+            for x in &mut r {
+                *x = _mm512_fmadd_ps(*x, m, c);
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let mut s = _mm512_setzero_ps();
+        for x in r {
+            s = _mm512_add_ps(s, x);
+        }
+        (12.0 * 16.0 * 2.0 * iters as f64 / secs, _mm512_reduce_add_ps(s))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(iters: u64) -> (f64, f32) {
+        use std::arch::x86_64::*;
+        let m = _mm256_set1_ps(0.999_999);
+        let c = _mm256_set1_ps(1e-7);
+        let mut r = [_mm256_set1_ps(1.0); 12];
+        let t = Instant::now();
+        for _ in 0..iters {
+            for x in &mut r {
+                *x = _mm256_fmadd_ps(*x, m, c);
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let mut buf = [0f32; 8];
+        let mut s = _mm256_setzero_ps();
+        for x in r {
+            s = _mm256_add_ps(s, x);
+        }
+        _mm256_storeu_ps(buf.as_mut_ptr(), s);
+        (12.0 * 8.0 * 2.0 * iters as f64 / secs, buf.iter().sum())
+    }
+    let iters = 20_000_000u64;
+    let results: Vec<(f64, f32)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..threads.max(1)).map(|_| sc.spawn(move || one_thread(iters))).collect();
+        hs.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    // The checksum keeps the loops from being optimised away.
+    let check: f32 = results.iter().map(|r| r.1).sum();
+    std::hint::black_box(check);
+    results.iter().map(|r| r.0).sum::<f64>() / 1e9
+}
+
+/// Throughput (GFLOP/s) of the encoder's linear layers at `tokens` rows: the six projections of a
+/// MiniLM layer (4 × h×h, h×4h, 4h×h) through our frozen-linear kernel, and of a large square
+/// matmul (the library's best case).
+pub fn matmul_throughput(tokens: usize, hidden: usize, inter: usize, iters: usize) -> Result<(f64, f64)> {
+    let dev = Device::Cpu;
+    let key = DropoutKey(1);
+    let rnd = |r: usize, c: usize, tag: &str| -> Result<Tensor> {
+        let k = key.derive(tag);
+        Ok(Tensor::from_vec((0..(r * c) as u64).map(|i| k.uniform(i) - 0.5).collect::<Vec<f32>>(), (r, c), &dev)?)
+    };
+    let x = rnd(tokens, hidden, "x")?;
+    let xi = rnd(tokens, inter, "xi")?;
+    let shapes = [(&x, rnd(hidden, hidden, "q")?), (&x, rnd(hidden, hidden, "k")?), (&x, rnd(hidden, hidden, "v")?), (&x, rnd(hidden, hidden, "o")?), (&x, rnd(inter, hidden, "i")?), (&xi, rnd(hidden, inter, "f")?)];
+    let flops: f64 = shapes.iter().map(|(a, w)| 2.0 * a.dim(0).unwrap_or(0) as f64 * w.dim(1).unwrap_or(0) as f64 * w.dim(0).unwrap_or(0) as f64).sum();
+    let ms = time_runs(2, iters, || {
+        for (a, w) in &shapes {
+            crate::ops::linear(a, w, None)?;
+        }
+        Ok(())
+    })?;
+    let encoder = flops / (median(&ms) / 1e3) / 1e9;
+    let n = 1536;
+    let (a, b) = (rnd(n, n, "a")?, rnd(n, n, "b")?);
+    let ms = time_runs(1, iters.max(3) / 2, || {
+        crate::ops::linear(&a, &b, None)?;
+        Ok(())
+    })?;
+    let square = 2.0 * (n * n * n) as f64 / (median(&ms) / 1e3) / 1e9;
+    Ok((encoder, square))
+}

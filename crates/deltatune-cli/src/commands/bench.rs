@@ -1,7 +1,7 @@
 //! `deltatune bench`: speed measurements on the standard protocol, with the PyTorch baseline run
 //! in the same invocation for ratios.
 
-use crate::args::{BenchAccuracyArgs, BenchArgs, BenchForwardArgs, BenchTrainArgs, BenchWhat};
+use crate::args::{BenchAccuracyArgs, BenchArgs, BenchCacheArgs, BenchForwardArgs, BenchMatmulArgs, BenchTrainArgs, BenchWhat};
 use anyhow::{Context, Result};
 use deltatune::bench::{median, synthetic_batch, time_runs};
 use deltatune::{Backbone, BertModel, Device, ForwardCtx, Pooling};
@@ -10,12 +10,16 @@ use std::path::Path;
 use std::process::Command;
 
 const TORCH_FORWARD: &str = include_str!("../../../../bench/torch_forward.py");
+const TORCH_EPOCH: &str = include_str!("../../../../bench/torch_epoch.py");
 
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Forward(f) => forward(f),
         BenchWhat::Train(t) => train(t),
         BenchWhat::Accuracy(t) => accuracy(t),
+        BenchWhat::Cache(t) => cache(t),
+        BenchWhat::Matmul(t) => matmul(t),
+        BenchWhat::Merged(t) => merged(t),
     }
 }
 
@@ -263,6 +267,145 @@ fn accuracy(a: BenchAccuracyArgs) -> Result<()> {
             let (tm, ts) = mean_std(&t);
             println!("{line} | pytorch+peft {tm:.4} ± {ts:.4} {t:?} | difference {:+.2} points", 100.0 * (om - tm));
         }
+    }
+    Ok(())
+}
+
+fn cache(a: BenchCacheArgs) -> Result<()> {
+    use deltatune::data::TaskOptions;
+    use deltatune::train::log::{read_records, Record};
+    use deltatune::train::optim::{AdamWConfig, DecayRule};
+    use deltatune::train::run::{train_run, DataSource, RunMode, RunSpec};
+    use deltatune::train::TrainConfig;
+    let dir = std::path::absolute(super::model_dir(&a.model)?)?;
+    let root = std::path::absolute(a.sst2.parent().and_then(|p| p.parent()).context("--sst2 must be <root>/glue/sst2")?)?;
+    let mut rows = Vec::new();
+    for k in a.top_layers.split(',').map(|s| s.trim().parse::<usize>()).collect::<std::result::Result<Vec<_>, _>>().context("invalid --top-layers")? {
+        let first = 6usize.saturating_sub(k);
+        let layers: Vec<String> = (first..6).map(|l| l.to_string()).collect();
+        let delta = json!({"method": "lora", "name": "lora", "r": 8, "lora_alpha": 16, "target_modules": ["query", "value"], "layers_to_transform": layers.iter().map(|l| l.parse::<usize>().unwrap_or(0)).collect::<Vec<_>>()});
+        let mut ours = Vec::new();
+        for cached in [false, true] {
+            let train = TrainConfig {
+                lr: 5e-4,
+                epochs: a.epochs,
+                batch_size: 32,
+                max_length: 64,
+                adamw: AdamWConfig { weight_decay: 0.01, decay_rule: DecayRule::All, ..Default::default() },
+                max_grad_norm: None,
+                bucketed: false,
+                checkpoint_every: 1_000_000,
+                cache_frozen: cached,
+                frozen_prefix_dropout: !cached,
+                ..Default::default()
+            };
+            let spec = RunSpec {
+                model: dir.clone(),
+                data: DataSource::Task { name: "sst2".into(), root: root.clone() },
+                data_options: TaskOptions { max_train: Some(a.train), max_dev: Some(64), ..Default::default() },
+                deltas: vec![delta.clone()],
+                train,
+            };
+            let run_dir = a.out.join(format!("top{k}-{}", if cached { "cached" } else { "plain" }));
+            eprintln!("deltatune: LoRA on the top {k} layer(s), {} ...", if cached { "cached" } else { "no cache" });
+            train_run(&spec, &run_dir, RunMode::Overwrite, true)?;
+            let secs: Vec<f64> = read_records(&run_dir.join("metrics.jsonl"))?
+                .into_iter()
+                .filter_map(|r| match r {
+                    Record::Epoch { train_seconds, .. } => Some(train_seconds),
+                    _ => None,
+                })
+                .collect();
+            ours.push(secs);
+        }
+        let theirs: Option<Vec<f64>> = match &a.torch_python {
+            Some(py) => {
+                eprintln!("pytorch+peft: LoRA on the top {k} layer(s) ...");
+                let args: Vec<String> = vec![
+                    "--model-dir".into(), dir.display().to_string(), "--sst2".into(), a.sst2.display().to_string(),
+                    "--train".into(), a.train.to_string(), "--epochs".into(), a.epochs.to_string(),
+                    "--top-layers".into(), k.to_string(), "--threads".into(), a.bench_threads.to_string(),
+                ];
+                let v = run_python(py, TORCH_EPOCH, "torch_epoch.py", &args)?;
+                Some(v["epoch_seconds"].as_array().map(|x| x.iter().filter_map(|t| t.as_f64()).collect()).unwrap_or_default())
+            }
+            None => None,
+        };
+        rows.push(json!({"top_layers": k, "deltatune_plain": ours[0], "deltatune_cached": ours[1], "pytorch": theirs}));
+    }
+    if a.json {
+        println!("{}", json!({"protocol": {"train": a.train, "epochs": a.epochs, "batch": 32, "max_len": 64, "threads": a.bench_threads}, "rows": rows}));
+        return Ok(());
+    }
+    println!("seconds per training epoch, LoRA r=8 on q,v of the top layers, {} SST-2 sentences, batch 32:", a.train);
+    for r in &rows {
+        let v = |k: &str| -> Vec<f64> { r[k].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default() };
+        let (p, c, t) = (v("deltatune_plain"), v("deltatune_cached"), v("pytorch"));
+        let later = |x: &[f64]| if x.len() > 1 { x[1..].iter().sum::<f64>() / (x.len() - 1) as f64 } else { f64::NAN };
+        print!("top {}: deltatune {:?} | cached {:?}", r["top_layers"], p.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>(), c.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>());
+        if !t.is_empty() {
+            print!(" | pytorch+peft {:?} | epoch 2+ speedup vs peft: {:.2}x (cached), {:.2}x (no cache)", t, later(&t) / later(&c), later(&t) / later(&p));
+        }
+        println!();
+    }
+    Ok(())
+}
+
+fn matmul(a: BenchMatmulArgs) -> Result<()> {
+    let peak = deltatune::bench::fma_peak(a.bench_threads);
+    let (encoder, square) = deltatune::bench::matmul_throughput(a.tokens, 384, 1536, a.iters)?;
+    let out = json!({"threads": a.bench_threads, "fma_peak_gflops": peak, "encoder_matmul_gflops": encoder, "square_matmul_gflops": square,
+                     "encoder_fraction_of_peak": encoder / peak, "square_fraction_of_peak": square / peak});
+    if a.json {
+        println!("{out}");
+    } else {
+        println!("single-precision peak (FMA microbenchmark, {} threads): {peak:.0} GFLOP/s", a.bench_threads);
+        println!("encoder matmuls ({} rows, MiniLM shapes): {encoder:.0} GFLOP/s = {:.0}% of peak", a.tokens, 100.0 * encoder / peak);
+        println!("square matmul 1536^3: {square:.0} GFLOP/s = {:.0}% of peak", 100.0 * square / peak);
+    }
+    Ok(())
+}
+
+fn merged(a: BenchForwardArgs) -> Result<()> {
+    use deltatune::attach::{self, AttachOptions};
+    use deltatune::delta::DeltaSpec;
+    let dir = super::model_dir(&a.model)?;
+    let batch = synthetic_batch(a.batch, a.seq_len, 42, &Device::Cpu)?;
+    let ctx = ForwardCtx::eval();
+    let bare = BertModel::load(&dir, &Device::Cpu)?;
+    let mut lora = BertModel::load(&dir, &Device::Cpu)?;
+    attach::attach(&mut lora, &[DeltaSpec::parse_cli("lora:r=8,lora_alpha=16,target=query+value")?], AttachOptions::default())?;
+    // A trained-looking LoRA (B non-zero), then merged.
+    for (_, v) in attach::trainable_vars(&lora) {
+        v.set(&(v.as_tensor().ones_like()? * 0.01)?)?;
+    }
+    let unmerged_ms = median(&time_runs(a.warmup, a.iters, || {
+        lora.forward(&batch, &ctx)?;
+        Ok(())
+    })?);
+    attach::merge_all(&mut lora, true)?;
+    // Interleave the two models so that drift on the machine affects both alike.
+    let (mut tb, mut tm) = (Vec::new(), Vec::new());
+    for _ in 0..a.warmup {
+        bare.forward(&batch, &ctx)?;
+        lora.forward(&batch, &ctx)?;
+    }
+    for _ in 0..a.iters {
+        tb.extend(time_runs(0, 1, || {
+            bare.forward(&batch, &ctx)?;
+            Ok(())
+        })?);
+        tm.extend(time_runs(0, 1, || {
+            lora.forward(&batch, &ctx)?;
+            Ok(())
+        })?);
+    }
+    let (b, m) = (median(&tb), median(&tm));
+    let out = json!({"bare_ms": b, "merged_lora_ms": m, "unmerged_lora_ms": unmerged_ms, "ratio_merged_over_bare": m / b});
+    if a.json {
+        println!("{out}");
+    } else {
+        println!("eval forward, batch {} x {}: bare {b:.1} ms, merged LoRA {m:.1} ms (ratio {:.3}), unmerged LoRA {unmerged_ms:.1} ms", a.batch, a.seq_len, m / b);
     }
     Ok(())
 }

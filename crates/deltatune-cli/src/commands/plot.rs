@@ -26,6 +26,7 @@ pub fn run(a: PlotArgs) -> Result<()> {
                 }
             }
             Record::Search { step, loss: l, .. } => loss.push((*step as f64, *l)),
+            Record::Epoch { .. } => {}
         }
     }
     if loss.is_empty() {

@@ -119,6 +119,7 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
     // Frozen prefix: layers below the lowest delta, run without dropout, optionally cached.
     let k = crate::attach::frozen_prefix_layers(&model.backbone);
     let prefix_fixed = k > 0 && (cfg.cache_frozen || !cfg.frozen_prefix_dropout);
+    let mut cache_seconds = 0f64;
     let cache = if cfg.cache_frozen && k > 0 {
         let t = Instant::now();
         let c = super::cache::FrozenCache::build(&model.backbone, o.train, k, cfg.eval_batch_size, o.pad_id, cfg.cache_mb << 20, o.run_dir)?;
@@ -130,6 +131,7 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
             c.bytes_in_memory as f64 / 1048576.0,
             c.bytes_on_disk as f64 / 1048576.0
         ));
+        cache_seconds = t.elapsed().as_secs_f64();
         Some(c)
     } else {
         if cfg.cache_frozen {
@@ -145,9 +147,11 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
         checkpoint::save(o.run_dir, st, &opt.state().0, |d| model.save(d, &o.meta))
     };
 
+    let mut epoch_train = 0f64; // training seconds in the current epoch (evaluations excluded)
     'epochs: while st.step < total {
         let order = batch_order(&lengths, cfg.batch_size, cfg.seed, st.epoch as u64, cfg.bucketed);
         while st.next_batch < order.len() {
+            let step_t0 = Instant::now();
             let group_end = (st.next_batch + cfg.grad_accum).min(order.len());
             let group_examples: usize = order[st.next_batch..group_end].iter().map(|b| b.len()).sum();
             let mut loss_sum = 0f64;
@@ -207,7 +211,13 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
             let steps_done = (st.step - resumed_from.unwrap_or(0)).max(1);
             progress.step(st.step, total, loss, lr, eps, secs / steps_done as f64 * (total - st.step) as f64);
 
+            epoch_train += step_t0.elapsed().as_secs_f64();
             let epoch_done = st.next_batch >= order.len();
+            if epoch_done {
+                let secs = epoch_train + if st.epoch == 0 { cache_seconds } else { 0.0 };
+                log.write(&Record::Epoch { step: st.step, epoch: st.epoch, train_seconds: secs })?;
+                epoch_train = 0.0;
+            }
             let eval_due = o.dev.is_some() && (cfg.eval_every.map_or(epoch_done, |e| st.step % e == 0) || st.step == total);
             if let (true, Some(dev)) = (eval_due, o.dev) {
                 let ev = evaluate(model, dev, cfg.eval_batch_size, o.pad_id, o.scorer)?;

@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 pub enum Record {
     Train { step: usize, epoch: usize, loss: f64, lr: f64, grad_norm: f64, examples_per_s: f64, elapsed_s: f64 },
     Eval { step: usize, epoch: usize, metric: String, score: f64, scores: serde_json::Map<String, serde_json::Value>, loss: f64 },
+    /// The end of an epoch: its training seconds (evaluation excluded; the first epoch includes
+    /// building a frozen-prefix cache).
+    Epoch { step: usize, epoch: usize, train_seconds: f64 },
     /// A structure-search step: weight loss, learning rates, expected parameters under p.
     Search { step: usize, loss: f64, lr: f64, alpha_lr: f64, expected_params: f64, top: Vec<String>, elapsed_s: f64 },
 }
@@ -19,7 +22,7 @@ pub enum Record {
 impl Record {
     pub fn step(&self) -> usize {
         match self {
-            Record::Train { step, .. } | Record::Eval { step, .. } | Record::Search { step, .. } => *step,
+            Record::Train { step, .. } | Record::Eval { step, .. } | Record::Search { step, .. } | Record::Epoch { step, .. } => *step,
         }
     }
 }
