@@ -94,14 +94,14 @@ impl Delta for Ia3 {
         if !self.feedforward {
             return Ok(None);
         }
-        Ok(Some(x.broadcast_mul(&self.vector(h)?)?))
+        Ok(Some(crate::ops::scale_last(x, &self.vector(h)?)?))
     }
 
     fn post(&self, _x: &Tensor, y: &Tensor, h: &HookCtx) -> Result<Option<Tensor>> {
         if self.feedforward {
             return Ok(None);
         }
-        Ok(Some(y.broadcast_mul(&self.vector(h)?)?))
+        Ok(Some(crate::ops::scale_last(y, &self.vector(h)?)?))
     }
 
     fn merged(&self, base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {

@@ -114,8 +114,11 @@ impl Delta for Lora {
 
     fn post(&self, x: &Tensor, y: &Tensor, h: &HookCtx) -> Result<Option<Tensor>> {
         let x = if h.train && self.dropout > 0.0 { ops::dropout(x, self.dropout, h.key)? } else { x.clone() };
-        let d = ops::linear(&ops::linear(&x, self.a.as_tensor(), None)?, self.b.as_tensor(), None)?;
-        Ok(Some(y.add(&h.gated((d * self.scale)?)?)?))
+        // The scale (and a search gate) folded into the small B: (x A^T)(s·B)^T = s·(x A^T B^T),
+        // one tensor of rank × out instead of a pass over the whole output.
+        let b = h.gated((self.b.as_tensor() * self.scale)?)?;
+        let d = ops::linear(&ops::linear(&x, self.a.as_tensor(), None)?, &b, None)?;
+        Ok(Some(y.add(&d)?))
     }
 
     fn merged(&self, base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {

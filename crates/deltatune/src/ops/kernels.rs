@@ -8,7 +8,7 @@
 
 use super::rng::DropoutKey;
 use crate::error::Result;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -161,6 +161,62 @@ pub fn exp_f32(x: f32) -> f32 {
     y * f32::from_bits(bits)
 }
 
+const LANES: usize = 16;
+
+/// Sum of a slice in 16 independent lanes (vectorises; fixed order, so results are reproducible).
+#[inline(always)]
+pub fn sum_lanes(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
+        for j in 0..LANES {
+            acc[j] += c[j];
+        }
+    }
+    let mut s: f32 = it.remainder().iter().sum();
+    for a in acc {
+        s += a;
+    }
+    s
+}
+
+/// Maximum of a slice in 16 lanes (NaN-agnostic compare, so it vectorises).
+#[inline(always)]
+pub fn max_lanes(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
+        for j in 0..LANES {
+            acc[j] = if c[j] > acc[j] { c[j] } else { acc[j] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in it.remainder().iter().chain(acc.iter()) {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
+/// Dot product in 16 lanes.
+#[inline(always)]
+pub fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; LANES];
+    let mut ia = a.chunks_exact(LANES);
+    let mut ib = b.chunks_exact(LANES);
+    for (ca, cb) in (&mut ia).zip(&mut ib) {
+        for j in 0..LANES {
+            acc[j] += ca[j] * cb[j];
+        }
+    }
+    let mut s: f32 = ia.remainder().iter().zip(ib.remainder()).map(|(x, y)| x * y).sum();
+    for v in acc {
+        s += v;
+    }
+    s
+}
+
 /// erf(x) as a rational function of x (odd degree-13 numerator over even degree-8 denominator,
 /// the approximation Eigen vectorises), clamped to [-4, 4]; absolute error below 4e-7, no exp.
 #[inline(always)]
@@ -304,6 +360,90 @@ pub(crate) fn add_frozen(delta: &Tensor, base: &Tensor) -> Result<Tensor> {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Scaling of the last dimension by a vector, `x ⊙ l` ((IA)³), with gradients for both.
+
+struct ScaleLast;
+
+impl CustomOp2 for ScaleLast {
+    fn name(&self) -> &'static str {
+        "scale-last"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, l) = (slice(s1, l1)?, slice(s2, l2)?);
+        let h = l.len();
+        if h == 0 || x.len() % h != 0 {
+            return Err(err(format!("scale_last: {} elements do not split into rows of {h}", x.len())));
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(yr, xr)| {
+            for i in 0..h {
+                yr[i] = xr[i] * l[i];
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, l: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let h = l.elem_count();
+        let dx = if x.track_op() {
+            let mut dx = vec![0f32; x.elem_count()];
+            with_data(&grad, |dys| {
+                with_data(l, |ls| {
+                    dx.par_chunks_mut(h).zip(dys.par_chunks(h)).for_each(|(dr, gr)| {
+                        for i in 0..h {
+                            dr[i] = gr[i] * ls[i];
+                        }
+                    });
+                    Ok(())
+                })
+            })?;
+            Some(tensor_from(dx, x.shape())?)
+        } else {
+            None
+        };
+        let dl = if l.track_op() {
+            // Fixed blocks of rows summed in order: reproducible whatever rayon's schedule.
+            let partials: Vec<Vec<f32>> = with_data(x, |xs| {
+                with_data(&grad, |dys| {
+                    Ok(xs
+                        .par_chunks(h * 64)
+                        .zip(dys.par_chunks(h * 64))
+                        .map(|(xb, gb)| {
+                            let mut p = vec![0f32; h];
+                            for (xr, gr) in xb.chunks(h).zip(gb.chunks(h)) {
+                                for i in 0..h {
+                                    p[i] += xr[i] * gr[i];
+                                }
+                            }
+                            p
+                        })
+                        .collect())
+                })
+            })?;
+            let mut dl = vec![0f32; h];
+            for p in partials {
+                dl.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+            }
+            Some(tensor_from(dl, l.shape())?)
+        } else {
+            None
+        };
+        Ok((dx, dl))
+    }
+}
+
+/// `x ⊙ l` with `l` broadcast over the rows of `x` (its last dimension has `l.elem_count()` entries).
+pub(crate) fn scale_last(x: &Tensor, l: &Tensor) -> Result<Tensor> {
+    let h = l.elem_count();
+    if x.dims().last() != Some(&h) {
+        return Err(crate::error::Error::Delta(format!("scale_last: x {:?} and vector of {h}", x.dims())));
+    }
+    Ok(x.contiguous()?.apply_op2(&l.flatten_all()?.contiguous()?, ScaleLast)?)
+}
+
+// ------------------------------------------------------------------------------------------------
 // Layer norm over the last dimension, with gradients for x, gamma and beta.
 
 struct LayerNorm {
@@ -315,8 +455,15 @@ struct LayerNorm {
 #[inline]
 fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / n;
-    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = sum_lanes(row) / n;
+    let mut acc = [0f32; LANES];
+    let mut it = row.chunks_exact(LANES);
+    for c in &mut it {
+        for j in 0..LANES {
+            acc[j] += (c[j] - mean) * (c[j] - mean);
+        }
+    }
+    let var = (it.remainder().iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() + acc.iter().sum::<f32>()) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -371,13 +518,24 @@ impl CustomOp3 for LayerNorm {
                         dx.par_chunks_mut(h).zip(xs.par_chunks(h)).zip(dys.par_chunks(h)).for_each(
                             |((dxr, xr), dyr)| {
                                 let (mean, rstd) = row_stats(xr, self.eps);
+                                let (mut a1, mut a2) = ([0f32; LANES], [0f32; LANES]);
                                 let (mut s1, mut s2) = (0f32, 0f32);
-                                for i in 0..h {
-                                    let xhat = (xr[i] - mean) * rstd;
+                                let body = h - h % LANES;
+                                for c in (0..body).step_by(LANES) {
+                                    for j in 0..LANES {
+                                        let i = c + j;
+                                        let gg = dyr[i] * gs[i];
+                                        a1[j] += gg;
+                                        a2[j] += gg * (xr[i] - mean) * rstd;
+                                    }
+                                }
+                                for i in body..h {
                                     let gg = dyr[i] * gs[i];
                                     s1 += gg;
-                                    s2 += gg * xhat;
+                                    s2 += gg * (xr[i] - mean) * rstd;
                                 }
+                                s1 += a1.iter().sum::<f32>();
+                                s2 += a2.iter().sum::<f32>();
                                 let (s1, s2) = (s1 / h as f32, s2 / h as f32);
                                 for i in 0..h {
                                     let xhat = (xr[i] - mean) * rstd;
@@ -559,17 +717,14 @@ impl Attention {
         );
         let brow = &bias[bi * tk..(bi + 1) * tk];
         for row in p.chunks_mut(tk) {
-            let mut max = f32::NEG_INFINITY;
             for (v, &bb) in row.iter_mut().zip(brow) {
                 *v += bb;
-                max = max.max(*v);
             }
-            let mut sum = 0f32;
+            let max = max_lanes(row);
             for v in row.iter_mut() {
                 *v = exp_f32(*v - max);
-                sum += *v;
             }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / sum_lanes(row);
             for v in row.iter_mut() {
                 *v *= inv;
             }
@@ -713,7 +868,7 @@ impl CustomOp3 for Attention {
                                     // dP = mask(dP'); dS = P ⊙ (dP − rowsum(dP ⊙ P)).
                                     self.mask_probs(&dm, bi, hi, dp);
                                     for (dpr, pr) in dp.chunks_mut(dm.tk).zip(p.chunks(dm.tk)) {
-                                        let dot: f32 = dpr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                                        let dot = dot_lanes(dpr, pr);
                                         for (a, &b) in dpr.iter_mut().zip(pr) {
                                             *a = b * (*a - dot);
                                         }
@@ -867,6 +1022,23 @@ mod tests {
             let d = max_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
             assert!(d < 1e-4, "grad diff {d}");
         }
+    }
+
+    #[test]
+    fn scale_last_matches_broadcast_mul() {
+        // 200 rows: more than one 64-row block of the deterministic dl reduction.
+        let x = Var::from_tensor(&rand(&[4, 50, 24], 21)).unwrap();
+        let l = Var::from_tensor(&(rand(&[24], 22) + 1.0).unwrap()).unwrap();
+        let y1 = scale_last(x.as_tensor(), l.as_tensor()).unwrap();
+        let y2 = x.as_tensor().broadcast_mul(l.as_tensor()).unwrap();
+        assert_eq!(max_diff(&y1, &y2), 0.0);
+        let up = rand(&[4, 50, 24], 23);
+        let g1 = (&y1 * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&y2 * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-6);
+        let d = max_diff(g1.get(&l).unwrap(), g2.get(&l).unwrap());
+        assert!(d < 1e-4, "dl diff {d}");
+        assert!(scale_last(x.as_tensor(), &rand(&[23], 1)).is_err());
     }
 
     #[test]

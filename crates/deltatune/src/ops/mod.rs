@@ -64,6 +64,15 @@ pub fn add_frozen(delta: &Tensor, base: &Tensor) -> Result<Tensor> {
     Ok(delta.add(&base.detach())?)
 }
 
+/// `x ⊙ l`, the vector `l` broadcast over every row of `x`'s last dimension ((IA)³ scaling).
+pub fn scale_last(x: &Tensor, l: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) && l.dtype() == DType::F32 {
+        return kernels::scale_last(x, l);
+    }
+    let h = l.elem_count();
+    Ok(x.broadcast_mul(&l.reshape(h)?)?)
+}
+
 /// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) * gamma + beta`.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     if fused_ok(x) {
