@@ -8,7 +8,8 @@ when the script is restarted, so the grid can be run in pieces. `experiments/tab
 results file into the README tables.
 
 Protocol (identical for every method; CPU-sized): first --train examples of each task's training
-split (file order, as the PEFT baseline does), the task's full dev split, max length 64, batch 32,
+split (file order, as the PEFT baseline does), the first --dev examples of its dev split, max length
+64, batch 32,
 --epochs epochs of retraining with AdamW (lr 1e-3 for deltas, 5e-5 for full fine-tuning, weight
 decay 0.01, 6% warm-up then linear decay, clipping at 1.0), dev evaluation after every epoch and
 the best epoch reported. The search uses the same training examples, split 50/50 into a weight
@@ -148,7 +149,8 @@ def main():
     ap.add_argument("--budgets", default=",".join(BUDGETS))
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--methods", default="s3-L,s3-M,random," + ",".join(MANUAL) + ",full")
-    ap.add_argument("--train", type=int, default=1000)
+    ap.add_argument("--train", type=int, default=500)
+    ap.add_argument("--dev", type=int, default=500)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--search-epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -161,7 +163,7 @@ def main():
     done = done_keys(out)
     methods = a.methods.split(",")
     base = [a.bin, "--threads", str(a.threads)]
-    data = ["--data-dir", a.data_dir, "--max-train", str(a.train), "--max-length", "64"]
+    data = ["--data-dir", a.data_dir, "--max-train", str(a.train), "--max-dev", str(a.dev), "--max-length", "64"]
     common_train = ["--batch-size", "32", "--epochs", str(a.epochs), "--quiet", "--json", "--overwrite", "--checkpoint-every", "1000000"]
     cands_cache = {}
     for task in a.tasks.split(","):
@@ -176,7 +178,8 @@ def main():
                         continue
                     tag = f"{task}-{budget.rstrip('%')}-{method}-s{seed}"
                     rec = {"task": task, "budget": key_budget, "budget_params": None if method == "full" else round(b),
-                           "method": method, "seed": seed, "train_examples": a.train, "epochs": a.epochs}
+                           "method": method, "seed": seed, "train_examples": a.train, "dev_examples": a.dev, "epochs": a.epochs,
+                           "search_epochs": a.search_epochs}
                     try:
                         cfg = work / f"{tag}.json"
                         search_s = None

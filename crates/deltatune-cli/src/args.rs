@@ -268,6 +268,10 @@ pub struct BenchTrainArgs {
     /// Internal: measure one method in this process and print its JSON.
     #[arg(long, hide = true)]
     pub single: bool,
+    /// Also print where a step's time goes: each fused op's forward and backward, and the
+    /// forward / backward / optimizer phases (over --steps extra steps).
+    #[arg(long)]
+    pub profile: bool,
     #[arg(long)]
     pub json: bool,
 }

@@ -178,8 +178,9 @@ fn bad_training_input_is_reported_precisely() {
     let empty = tmp.path().join("empty.csv");
     std::fs::write(&empty, "text,label\n").unwrap();
     expect(base(&empty, &dv), "empty.csv");
-    // Nothing half-written by the failed runs.
-    assert!(!out.join("run.json").exists() || out.join("checkpoints").exists() || true);
+    // Nothing half-written by the failed runs: bad data is caught before the run directory exists.
+    assert!(!out.join("run.json").exists(), "a failed run left {}", out.display());
+    assert!(!out.join("metrics.jsonl").exists());
     // A diverging run stops with a clear message and keeps its last good checkpoint.
     let mut args = base(&tr, &dv);
     args.extend(["--lr".into(), "1e30".into(), "--max-grad-norm".into(), "0".into(), "--checkpoint-every".into(), "1".into(), "--overwrite".into()]);

@@ -98,6 +98,21 @@ pub struct TrainBench {
     pub total_params: usize,
     pub first_loss: f64,
     pub last_loss: f64,
+    /// With profiling: per-step milliseconds of each fused op's forward and backward, and of the
+    /// phases (forward, backward, optimizer) over `steps` extra steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<StepProfile>,
+}
+
+/// Where a training step's time goes.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StepProfile {
+    pub steps: usize,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub optimizer_ms: f64,
+    /// (op, phase, ms per step, calls per step), largest first.
+    pub ops: Vec<(String, String, f64, f64)>,
 }
 
 /// The delta specs of the standard benchmark methods (same configs as the PEFT baseline).
@@ -119,7 +134,15 @@ pub fn bench_method_spec(method: &str) -> Result<Vec<crate::delta::DeltaSpec>> {
 
 /// Times training steps (zero grad + forward + loss + backward + AdamW) and eval forwards of one
 /// method on a synthetic batch, as the PEFT baseline's `--mode bench` does.
-pub fn train_step_bench(model_dir: &std::path::Path, method: &str, batch: usize, seq_len: usize, warmup: usize, steps: usize) -> Result<TrainBench> {
+pub fn train_step_bench(
+    model_dir: &std::path::Path,
+    method: &str,
+    batch: usize,
+    seq_len: usize,
+    warmup: usize,
+    steps: usize,
+    profile: bool,
+) -> Result<TrainBench> {
     use crate::head::{Head, HeadConfig, HeadKind};
     use crate::train::optim::{AdamW, AdamWConfig, DecayRule, GradAccumulator};
     use crate::tuned::TaskModel;
@@ -163,6 +186,37 @@ pub fn train_step_bench(model_dir: &std::path::Path, method: &str, batch: usize,
         }
         losses.push(lv);
     }
+    let profile = if profile {
+        crate::ops::profile::take();
+        crate::ops::profile::set_enabled(true);
+        let (mut f, mut bw, mut o) = (0f64, 0f64, 0f64);
+        for i in 0..steps {
+            let t0 = Instant::now();
+            let key = DropoutKey(43).derive_n(i as u64);
+            let logits = model.logits(&b, &ForwardCtx::train(key))?;
+            let loss = model.head.loss(&logits, &labels)?;
+            loss.to_scalar::<f32>()?;
+            let t1 = Instant::now();
+            let grads = loss.backward()?;
+            let t2 = Instant::now();
+            let mut acc = GradAccumulator::default();
+            acc.add(&params, &grads)?;
+            drop(grads);
+            opt.step(&acc.take(1.0)?, lr)?;
+            let t3 = Instant::now();
+            f += (t1 - t0).as_secs_f64();
+            bw += (t2 - t1).as_secs_f64();
+            o += (t3 - t2).as_secs_f64();
+        }
+        crate::ops::profile::set_enabled(false);
+        let n = steps.max(1) as f64;
+        let mut ops: Vec<(String, String, f64, f64)> =
+            crate::ops::profile::take().into_iter().map(|e| (e.op, e.phase, e.seconds * 1e3 / n, e.calls as f64 / n)).collect();
+        ops.sort_by(|a, b| b.2.total_cmp(&a.2));
+        Some(StepProfile { steps, forward_ms: f * 1e3 / n, backward_ms: bw * 1e3 / n, optimizer_ms: o * 1e3 / n, ops })
+    } else {
+        None
+    };
     let infer = time_runs(warmup, steps, || {
         model.logits(&b, &ForwardCtx::eval())?;
         Ok(())
@@ -181,6 +235,7 @@ pub fn train_step_bench(model_dir: &std::path::Path, method: &str, batch: usize,
         total_params: model.backbone.num_params() - pooler + trainable - replaced,
         first_loss: losses.first().copied().unwrap_or(f64::NAN),
         last_loss: losses.last().copied().unwrap_or(f64::NAN),
+        profile,
     })
 }
 

@@ -91,7 +91,7 @@ fn train(a: BenchTrainArgs) -> Result<()> {
     let methods: Vec<&str> = a.methods.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
     if a.single {
         let [m] = methods.as_slice() else { anyhow::bail!("--single takes one method") };
-        let r = deltatune::bench::train_step_bench(&dir, m, a.batch, a.seq_len, a.warmup, a.steps)?;
+        let r = deltatune::bench::train_step_bench(&dir, m, a.batch, a.seq_len, a.warmup, a.steps, a.profile)?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
@@ -103,7 +103,9 @@ fn train(a: BenchTrainArgs) -> Result<()> {
         let out = Command::new(&exe)
             .args(["--threads", &a.bench_threads.to_string(), "bench", "train", "--single", "--methods", m])
             .args(["--batch", &a.batch.to_string(), "--seq-len", &a.seq_len.to_string()])
-            .args(["--warmup", &a.warmup.to_string(), "--steps", &a.steps.to_string(), "--model"])
+            .args(["--warmup", &a.warmup.to_string(), "--steps", &a.steps.to_string()])
+            .args(a.profile.then_some("--profile"))
+            .arg("--model")
             .arg(&dir)
             .output()?;
         if !out.status.success() {
@@ -165,6 +167,43 @@ fn train(a: BenchTrainArgs) -> Result<()> {
             rr(ratio(r, "step_ms_median", "step_ms_median")), rr(ratio(r, "fwd_ms_median", "fwd_ms_median")), rr(ratio(r, "peak_rss_mb", "peak_rss_mb")));
     }
     println!("ratios are deltatune / PyTorch+PEFT (below 1 = deltatune better)");
+    for r in &rows {
+        let p = &r["deltatune"]["profile"];
+        if p.is_null() {
+            continue;
+        }
+        let ms = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
+        let step = ms("forward_ms") + ms("backward_ms") + ms("optimizer_ms");
+        println!(
+            "\nprofile of {} (ms per step over {} steps): forward {:.1}, backward {:.1}, optimizer {:.1}",
+            r["method"].as_str().unwrap_or("?"),
+            p["steps"],
+            ms("forward_ms"),
+            ms("backward_ms"),
+            ms("optimizer_ms")
+        );
+        let mut fused = [0f64; 2];
+        println!("  {:<16} {:>5} {:>9} {:>7} {:>8}", "op", "phase", "ms/step", "calls", "% step");
+        for e in p["ops"].as_array().into_iter().flatten() {
+            let (op, phase) = (e[0].as_str().unwrap_or("?"), e[1].as_str().unwrap_or("?"));
+            let (t, calls) = (e[2].as_f64().unwrap_or(0.0), e[3].as_f64().unwrap_or(0.0));
+            fused[usize::from(phase == "bwd")] += t;
+            println!("  {op:<16} {phase:>5} {t:>9.1} {calls:>7.0} {:>7.1}%", 100.0 * t / step);
+        }
+        println!(
+            "  {:<16} {:>5} {:>9.1} {:>7} {:>7.1}%\n  {:<16} {:>5} {:>9.1} {:>7} {:>7.1}%",
+            "other (candle)",
+            "fwd",
+            ms("forward_ms") - fused[0],
+            "",
+            100.0 * (ms("forward_ms") - fused[0]) / step,
+            "other (candle)",
+            "bwd",
+            ms("backward_ms") - fused[1],
+            "",
+            100.0 * (ms("backward_ms") - fused[1]) / step
+        );
+    }
     Ok(())
 }
 

@@ -251,6 +251,7 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::timer("frozen-linear", "fwd");
         let x = slice(s, l)?;
         let (rows, in_dim) = rows_cols(l.shape());
         let (out_dim, w_in) = self.w.dims2()?;
@@ -292,6 +293,7 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _prof = super::profile::timer("frozen-linear", "bwd");
         let grad = grad.contiguous()?;
         let (out_dim, in_dim) = self.w.dims2()?;
         let (rows, _) = rows_cols(grad.shape());
@@ -337,6 +339,7 @@ impl CustomOp1 for AddFrozen {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::timer("add-frozen", "fwd");
         let x = slice(s, l)?;
         let y = with_data(&self.base, |b| {
             if b.len() != x.len() {
@@ -348,6 +351,7 @@ impl CustomOp1 for AddFrozen {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _prof = super::profile::timer("add-frozen", "bwd");
         Ok(Some(grad.clone()))
     }
 }
@@ -370,6 +374,7 @@ impl CustomOp2 for ScaleLast {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::timer("scale-last", "fwd");
         let (x, l) = (slice(s1, l1)?, slice(s2, l2)?);
         let h = l.len();
         if h == 0 || x.len() % h != 0 {
@@ -385,6 +390,7 @@ impl CustomOp2 for ScaleLast {
     }
 
     fn bwd(&self, x: &Tensor, l: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let _prof = super::profile::timer("scale-last", "bwd");
         let grad = grad.contiguous()?;
         let h = l.elem_count();
         let dx = if x.track_op() {
@@ -481,6 +487,7 @@ impl CustomOp3 for LayerNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::timer("layer-norm", "fwd");
         let (x, g, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let (_, h) = rows_cols(l1.shape());
         if g.len() != h || b.len() != h {
@@ -504,6 +511,7 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _prof = super::profile::timer("layer-norm", "bwd");
         let grad = grad.contiguous()?;
         let h = gamma.elem_count();
         let need_x = x.track_op();
@@ -597,6 +605,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::timer("gelu-erf", "fwd");
         let x = slice(s, l)?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(yc, xc)| {
@@ -608,6 +617,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _prof = super::profile::timer("gelu-erf", "bwd");
         let grad = grad.contiguous()?;
         let mut dx = vec![0f32; arg.elem_count()];
         with_data(arg, |xs| {
@@ -656,6 +666,7 @@ impl CustomOp1 for Dropout {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::timer("dropout", "fwd");
         let x = slice(s, l)?;
         let mut y = vec![0f32; x.len()];
         apply_mask(&mut y, x, self.p, self.key);
@@ -663,6 +674,7 @@ impl CustomOp1 for Dropout {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _prof = super::profile::timer("dropout", "bwd");
         let grad = grad.contiguous()?;
         let mut dx = vec![0f32; arg.elem_count()];
         with_data(&grad, |gs| {
@@ -765,6 +777,7 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::timer("attention", "fwd");
         let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let dm = self.dims(l1.shape(), l2.shape())?;
         if l3.shape() != l2.shape() {
@@ -815,6 +828,7 @@ impl CustomOp3 for Attention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _prof = super::profile::timer("attention", "bwd");
         let grad = grad.contiguous()?;
         let dm = self.dims(q.shape(), k.shape())?;
         let scale = 1.0 / (dm.d as f32).sqrt();

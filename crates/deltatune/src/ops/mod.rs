@@ -8,6 +8,7 @@
 //! tested against, and as the path for non-CPU devices).
 
 pub mod kernels;
+pub mod profile;
 pub(crate) mod rng;
 
 pub use rng::{hash_str, DropoutKey};
