@@ -82,7 +82,9 @@ def s3delta_table(path):
         if not v:
             return "—"
         m = statistics.mean(v)
-        s = statistics.stdev(v) if len(v) > 1 else 0.0
+        if len(v) == 1:
+            return f"{m:.1f} (1 seed)"
+        s = statistics.stdev(v)
         return f"{m:.1f} ± {s:.1f}" + ("" if len(v) == 3 else f" ({len(v)})")
 
     for t in tasks:
