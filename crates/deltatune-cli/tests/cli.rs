@@ -1,30 +1,10 @@
 //! The `deltatune` binary: exit codes, messages and outputs on real and bad input.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_deltatune"))
-}
 
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("running deltatune")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// The default model through the asset command, or `None` with a printed reason.
-fn model() -> Option<PathBuf> {
-    let o = run(&["setup", "--model-only", "--json"]);
-    if !o.status.success() {
-        eprintln!("SKIP: default model unavailable: {}", stderr(&o));
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    Some(PathBuf::from(v["model"].as_str().unwrap()))
-}
+mod common;
+use common::{model, run, stderr};
 
 #[test]
 fn missing_model_dir_is_a_clear_error() {

@@ -3,30 +3,11 @@
 //! bad input fails with messages naming the file, line and column.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_deltatune"))
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("running deltatune")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn model() -> Option<PathBuf> {
-    let o = run(&["setup", "--model-only", "--json"]);
-    if !o.status.success() {
-        eprintln!("SKIP: default model unavailable: {}", stderr(&o));
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    Some(PathBuf::from(v["model"].as_str().unwrap()))
-}
+mod common;
+use common::{bin, model, run, stderr};
 
 /// 96 labelled sentences (CSV with a header) and 24 dev sentences.
 fn write_data(dir: &Path) -> (PathBuf, PathBuf) {
