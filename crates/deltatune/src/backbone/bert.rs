@@ -298,6 +298,12 @@ struct BertIntermediate {
 impl BertIntermediate {
     fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let x = self.site.pre(x, ctx)?;
+        if matches!(self.act, HiddenAct::Gelu) && !self.dense.site.has_active() {
+            // No delta on the dense layer itself: linear and activation as one op.
+            let d = &self.dense.site;
+            let h = ops::linear_gelu(&x, &d.require("weight", ctx)?, d.resolve("bias", ctx)?.as_ref())?;
+            return self.site.post(&x, h, ctx);
+        }
         let h = self.dense.forward(&x, ctx)?;
         let h = match self.act {
             HiddenAct::Gelu => ops::gelu(&h)?,

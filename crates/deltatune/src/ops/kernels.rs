@@ -243,11 +243,20 @@ pub fn erf_f32(x: f32) -> f32 {
 struct FrozenLinear {
     w: Tensor,
     b: Option<Tensor>,
+    /// Exact GELU applied to the output (`gelu(x W^T + b)` in one op). The pre-activation is kept
+    /// here for the backward pass, so the graph holds one node, not two, and the GELU gradient is
+    /// applied on the way into the input-gradient matmul.
+    gelu: bool,
+    pre: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 impl CustomOp1 for FrozenLinear {
     fn name(&self) -> &'static str {
-        "frozen-linear"
+        if self.gelu {
+            "frozen-linear-gelu"
+        } else {
+            "frozen-linear"
+        }
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -289,12 +298,32 @@ impl CustomOp1 for FrozenLinear {
         if let Some(last) = dims.last_mut() {
             *last = out_dim;
         }
+        if self.gelu {
+            let _prof = super::profile::timer("gelu-erf", "fwd");
+            let mut a = vec![0f32; y.len()];
+            gelu_into(&mut a, &y);
+            *self.pre.lock().map_err(|_| err("linear-gelu: poisoned lock"))? = Some(y);
+            return Ok((CpuStorage::F32(a), Shape::from(dims)));
+        }
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let _prof = super::profile::timer("frozen-linear", "bwd");
         let grad = grad.contiguous()?;
+        let grad = if self.gelu {
+            let _prof = super::profile::timer("gelu-erf", "bwd");
+            let pre = self.pre.lock().map_err(|_| err("linear-gelu: poisoned lock"))?;
+            let h = pre.as_ref().ok_or_else(|| err("linear-gelu: backward without forward"))?;
+            let mut dh = vec![0f32; h.len()];
+            with_data(&grad, |gs| {
+                gelu_grad_into(&mut dh, h, gs);
+                Ok(())
+            })?;
+            tensor_from(dh, grad.shape())?
+        } else {
+            grad
+        };
+        let _prof = super::profile::timer("frozen-linear", "bwd");
         let (out_dim, in_dim) = self.w.dims2()?;
         let (rows, _) = rows_cols(grad.shape());
         let mut dx = vec![0f32; rows * in_dim];
@@ -322,7 +351,21 @@ impl CustomOp1 for FrozenLinear {
 }
 
 pub(crate) fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let op = FrozenLinear { w: w.contiguous()?, b: b.map(|b| b.contiguous()).transpose()? };
+    frozen_linear_act(x, w, b, false)
+}
+
+/// `gelu(x W^T + b)` with frozen `w`, `b` as one op.
+pub(crate) fn frozen_linear_gelu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    frozen_linear_act(x, w, b, true)
+}
+
+fn frozen_linear_act(x: &Tensor, w: &Tensor, b: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
+    let op = FrozenLinear {
+        w: w.contiguous()?,
+        b: b.map(|b| b.contiguous()).transpose()?,
+        gelu,
+        pre: std::sync::Mutex::new(None),
+    };
     Ok(x.contiguous()?.apply_op1(op)?)
 }
 
@@ -608,11 +651,7 @@ impl CustomOp1 for Gelu {
         let _prof = super::profile::timer("gelu-erf", "fwd");
         let x = slice(s, l)?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(yc, xc)| {
-            for (y, &x) in yc.iter_mut().zip(xc) {
-                *y = 0.5 * x * (1.0 + erf_f32(x * FRAC_1_SQRT_2));
-            }
-        });
+        gelu_into(&mut y, x);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -622,20 +661,32 @@ impl CustomOp1 for Gelu {
         let mut dx = vec![0f32; arg.elem_count()];
         with_data(arg, |xs| {
             with_data(&grad, |gs| {
-                dx.par_chunks_mut(4096).zip(xs.par_chunks(4096)).zip(gs.par_chunks(4096)).for_each(
-                    |((dc, xc), gc)| {
-                        for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                            let cdf = 0.5 * (1.0 + erf_f32(x * FRAC_1_SQRT_2));
-                            let pdf = FRAC_1_SQRT_2PI * exp_f32(-0.5 * x * x);
-                            *d = g * (cdf + x * pdf);
-                        }
-                    },
-                );
+                gelu_grad_into(&mut dx, xs, gs);
                 Ok(())
             })
         })?;
         Ok(Some(tensor_from(dx, arg.shape())?))
     }
+}
+
+/// `y = gelu(x)`, elementwise, in parallel chunks.
+fn gelu_into(y: &mut [f32], x: &[f32]) {
+    y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(yc, xc)| {
+        for (y, &x) in yc.iter_mut().zip(xc) {
+            *y = 0.5 * x * (1.0 + erf_f32(x * FRAC_1_SQRT_2));
+        }
+    });
+}
+
+/// `dx = g * gelu'(x)`, elementwise, in parallel chunks.
+fn gelu_grad_into(dx: &mut [f32], x: &[f32], g: &[f32]) {
+    dx.par_chunks_mut(4096).zip(x.par_chunks(4096)).zip(g.par_chunks(4096)).for_each(|((dc, xc), gc)| {
+        for ((d, &x), &g) in dc.iter_mut().zip(xc).zip(gc) {
+            let cdf = 0.5 * (1.0 + erf_f32(x * FRAC_1_SQRT_2));
+            let pdf = FRAC_1_SQRT_2PI * exp_f32(-0.5 * x * x);
+            *d = g * (cdf + x * pdf);
+        }
+    });
 }
 
 pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
@@ -1019,6 +1070,24 @@ mod tests {
         let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (&y2 * &g).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn frozen_linear_gelu_matches_composition() {
+        let x = Var::from_tensor(&(rand(&[3, 5, 16], 11) * 2.0).unwrap()).unwrap();
+        let w = rand(&[40, 16], 12);
+        let b = rand(&[40], 13);
+        let y1 = frozen_linear_gelu(x.as_tensor(), &w, Some(&b)).unwrap();
+        let y2 = ops::linear_composed(x.as_tensor(), &w, Some(&b)).unwrap().gelu_erf().unwrap();
+        assert!(max_diff(&y1, &y2) < 1e-5, "forward differs by {}", max_diff(&y1, &y2));
+        let g = rand(&[3, 5, 40], 14);
+        // Backward twice through the same graph: the kept pre-activation must survive the first.
+        for _ in 0..2 {
+            let g1 = (&y1 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&y2 * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let d = max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap());
+            assert!(d < 1e-5, "input gradient differs by {d}");
+        }
     }
 
     #[test]

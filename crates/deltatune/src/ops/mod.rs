@@ -33,6 +33,16 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     linear_composed(x, w, b)
 }
 
+/// `gelu(x W^T + b)` (exact GELU). With frozen `w`, `b` this is one fused op whose backward
+/// applies the GELU gradient on the way into the input-gradient matmul.
+pub fn linear_gelu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let frozen = !w.track_op() && b.is_none_or(|b| !b.track_op());
+    if frozen && fused_ok(x) {
+        return kernels::frozen_linear_gelu(x, w, b);
+    }
+    gelu(&linear(x, w, b)?)
+}
+
 /// Reference implementation of [`linear`] from candle ops.
 pub fn linear_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
