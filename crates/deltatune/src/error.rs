@@ -26,6 +26,10 @@ pub enum Error {
     #[error("{}: not a valid safetensors file: {msg}", file.display())]
     Safetensors { file: PathBuf, msg: String },
 
+    /// A GGUF file that cannot be used (version, tensor type, truncation, metadata).
+    #[error("{}: {msg}", file.display())]
+    Gguf { file: PathBuf, msg: String },
+
     #[error("{}: tensor `{key}` is missing", file.display())]
     MissingTensor { file: PathBuf, key: String },
 

@@ -14,6 +14,7 @@ pub mod delta;
 pub mod error;
 pub mod head;
 pub mod io;
+pub mod lm;
 pub mod ops;
 pub mod plot;
 pub mod train;

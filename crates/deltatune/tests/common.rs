@@ -170,3 +170,16 @@ pub fn tiny_batch() -> EncodedBatch {
     let mask = Tensor::new(&[[1f32, 1., 1., 1., 1., 0.], [1., 1., 1., 0., 0., 0.]], &Device::Cpu).unwrap();
     EncodedBatch { token_type_ids: ids.zeros_like().unwrap(), input_ids: ids, attention_mask: mask, lengths: vec![5, 3] }
 }
+
+/// The default decoder's GGUF file, fetched through the asset command on first use.
+pub fn decoder_file() -> Option<PathBuf> {
+    static F: OnceLock<Option<PathBuf>> = OnceLock::new();
+    F.get_or_init(|| match deltatune::assets::default_decoder(&mut |m| eprintln!("{m}")) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("SKIP: the default decoder is not available ({e})");
+            None
+        }
+    })
+    .clone()
+}

@@ -4,6 +4,7 @@
 
 mod common;
 mod data;
+mod decoder;
 mod errors;
 mod parity;
 mod methods;

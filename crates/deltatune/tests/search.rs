@@ -11,7 +11,7 @@ use deltatune::search::gates::{GateConfig, Gates};
 use deltatune::search::{output, prepare, search, SearchConfig, Space};
 use deltatune::train::{Prepared, Scores};
 use deltatune::tuned::TaskModel;
-use deltatune::{Backbone, BertModel, ForwardCtx, Pooling};
+use deltatune::{BertModel, ForwardCtx, Pooling};
 
 fn tiny_task(n: usize) -> Prepared {
     let mut p = Prepared::default();

@@ -7,13 +7,16 @@
 
 pub mod bert;
 pub mod config;
+pub mod llama;
 pub mod tree;
 
 use crate::data::tokenize::EncodedBatch;
 use crate::delta::{Attached, HookCtx};
 use crate::error::{Error, Result};
 use crate::ops::{hash_str, DropoutKey};
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, IndexOp, Tensor, D};
+use std::sync::Arc;
 
 pub use tree::{ModuleTree, SiteInfo};
 
@@ -28,6 +31,8 @@ pub enum SiteKind {
     /// One embedding table.
     Embedding,
     LayerNorm,
+    /// Root-mean-square normalisation (decoders): weight only.
+    RmsNorm,
     Linear,
     /// The stack of layers.
     Encoder,
@@ -46,6 +51,8 @@ pub enum SiteKind {
     /// Feed-forward output projection + dropout + residual + layer norm.
     Output,
     Pooler,
+    /// A decoder's gated feed-forward block (`gate_proj`, `up_proj`, `down_proj`).
+    Mlp,
 }
 
 impl SiteKind {
@@ -55,6 +62,7 @@ impl SiteKind {
             SiteKind::Embeddings => "embeddings",
             SiteKind::Embedding => "embedding",
             SiteKind::LayerNorm => "layer_norm",
+            SiteKind::RmsNorm => "rms_norm",
             SiteKind::Linear => "linear",
             SiteKind::Encoder => "encoder",
             SiteKind::ModuleList => "module_list",
@@ -65,6 +73,7 @@ impl SiteKind {
             SiteKind::Intermediate => "intermediate",
             SiteKind::Output => "output",
             SiteKind::Pooler => "pooler",
+            SiteKind::Mlp => "mlp",
         }
     }
 }
@@ -79,6 +88,8 @@ pub struct Site {
     hash: u64,
     /// Base tensors by their HF name relative to the path (`weight`, `bias`).
     params: Vec<(String, Tensor)>,
+    /// Base tensors kept quantized (GGUF blocks), by name; never trained, dequantized on use.
+    quantized: Vec<(String, Arc<QTensor>)>,
     /// Originals of `params` while merged deltas are folded in.
     unmerged: Option<Vec<(String, Tensor)>>,
     pub deltas: Vec<Attached>,
@@ -87,7 +98,16 @@ pub struct Site {
 impl Site {
     pub fn new(path: impl Into<String>, kind: SiteKind, layer: Option<usize>) -> Self {
         let path = path.into();
-        Site { hash: hash_str(&path), path, kind, layer, params: Vec::new(), unmerged: None, deltas: Vec::new() }
+        Site {
+            hash: hash_str(&path),
+            path,
+            kind,
+            layer,
+            params: Vec::new(),
+            quantized: Vec::new(),
+            unmerged: None,
+            deltas: Vec::new(),
+        }
     }
 
     pub fn with_param(mut self, name: &str, t: Tensor) -> Self {
@@ -95,8 +115,29 @@ impl Site {
         self
     }
 
+    /// Adds a base tensor that stays quantized in memory.
+    pub fn with_quantized(mut self, name: &str, t: Arc<QTensor>) -> Self {
+        self.quantized.push((name.to_string(), t));
+        self
+    }
+
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// The quantized base tensor `name`, if this site keeps one.
+    pub fn quantized(&self, name: &str) -> Option<&Arc<QTensor>> {
+        self.quantized.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+
+    /// The quantized base tensors of this site.
+    pub fn quantized_params(&self) -> &[(String, Arc<QTensor>)] {
+        &self.quantized
+    }
+
+    /// The shape of base tensor `name`, whether it is held in f32 or quantized.
+    pub fn param_dims(&self, name: &str) -> Option<Vec<usize>> {
+        self.param(name).map(|t| t.dims().to_vec()).or_else(|| self.quantized(name).map(|q| q.shape().dims().to_vec()))
     }
 
     pub fn kind(&self) -> SiteKind {
@@ -118,7 +159,8 @@ impl Site {
 
     /// Number of base scalars held by this site itself.
     pub fn num_params(&self) -> usize {
-        self.params.iter().map(|(_, t)| t.elem_count()).sum()
+        self.params.iter().map(|(_, t)| t.elem_count()).sum::<usize>()
+            + self.quantized.iter().map(|(_, q)| q.shape().elem_count()).sum::<usize>()
     }
 
     /// Replaces the base tensor `name` (same shape required).

@@ -88,7 +88,12 @@ impl ModuleTree {
                 kind: s.kind(),
                 layer: s.layer(),
                 params: s.num_params(),
-                shapes: s.params().iter().map(|(n, t)| (n.clone(), t.dims().to_vec())).collect(),
+                shapes: s
+                    .params()
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+                    .chain(s.quantized_params().iter().map(|(n, q)| (n.clone(), q.shape().dims().to_vec())))
+                    .collect(),
                 deltas: s
                     .deltas
                     .iter()

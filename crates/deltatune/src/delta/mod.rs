@@ -194,9 +194,10 @@ impl BuildCtx<'_> {
 pub(crate) fn site_dims(site: &Site, info: &BackboneInfo) -> Result<(usize, usize)> {
     match site.kind() {
         SiteKind::Linear | SiteKind::Embedding => {
-            let w = site.param("weight").ok_or_else(|| Error::Delta(format!("{} has no weight", site.path())))?;
-            let (out, inp) = w.dims2()?;
-            Ok((inp, out))
+            match site.param_dims("weight").as_deref() {
+                Some(&[out, inp]) => Ok((inp, out)),
+                _ => Err(Error::Delta(format!("{} has no two-dimensional weight", site.path()))),
+            }
         }
         SiteKind::Intermediate => Ok((info.hidden_size, info.intermediate_size)),
         _ => Ok((info.hidden_size, info.hidden_size)),

@@ -1,7 +1,8 @@
-//! File formats and file safety: atomic writes, safetensors with validating reads, JSON helpers.
+//! File formats and file safety: atomic writes, safetensors with validating reads, GGUF, JSON helpers.
 //! Knows nothing about models or deltas beyond tensor names.
 
 pub mod atomic;
+pub mod gguf;
 pub mod peft;
 pub mod tensors;
 

@@ -370,6 +370,55 @@ fn frozen_linear_act(x: &Tensor, w: &Tensor, b: Option<&Tensor>, gelu: bool) -> 
 }
 
 // ------------------------------------------------------------------------------------------------
+// Frozen quantized linear: y = x W^T with W in GGUF blocks; backward dx = dy W (dequantized).
+
+/// At most this many rows use the quantized dot-product kernels (unless exact).
+const QUANT_DOT_ROWS: usize = 8;
+
+struct QLinear {
+    w: std::sync::Arc<candle_core::quantized::QTensor>,
+    exact: bool,
+}
+
+impl QLinear {
+    /// The weight as a transient f32 frozen linear.
+    fn dense(&self) -> candle_core::Result<FrozenLinear> {
+        Ok(FrozenLinear { w: self.w.dequantize(&candle_core::Device::Cpu)?, b: None, gelu: false, pre: Default::default() })
+    }
+}
+
+impl CustomOp1 for QLinear {
+    fn name(&self) -> &'static str {
+        "quantized-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::timer("quantized-linear", "fwd");
+        let (rows, _) = rows_cols(l.shape());
+        if !self.exact && rows <= QUANT_DOT_ROWS {
+            return CustomOp1::cpu_fwd(self.w.as_ref(), s, l);
+        }
+        self.dense()?.cpu_fwd(s, l)
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _prof = super::profile::timer("quantized-linear", "bwd");
+        self.dense()?.bwd(arg, res, grad)
+    }
+}
+
+pub(crate) fn qlinear(x: &Tensor, w: &std::sync::Arc<candle_core::quantized::QTensor>, exact: bool) -> Result<Tensor> {
+    let (_, in_dim) = w.shape().dims2()?;
+    if x.dim(candle_core::D::Minus1)? != in_dim {
+        return Err(crate::error::Error::Delta(format!(
+            "quantized linear: input has {} features, weight expects {in_dim}",
+            x.dim(candle_core::D::Minus1)?
+        )));
+    }
+    Ok(x.contiguous()?.apply_op1(QLinear { w: w.clone(), exact })?)
+}
+
+// ------------------------------------------------------------------------------------------------
 // Adding a frozen constant: the gradient passes to the tracked argument only.
 
 struct AddFrozen {

@@ -43,6 +43,35 @@ pub fn linear_gelu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>
     gelu(&linear(x, w, b)?)
 }
 
+/// `x W^T` with a frozen quantized `W` (out, in). Gradients flow to `x` only.
+///
+/// With `exact`, or for more than a few rows, `W` is dequantized into a transient f32 matrix and
+/// multiplied in f32 (the same numbers an f32 reference multiplies); for a few rows (token-by-token
+/// generation) the quantized dot-product kernels run directly on the blocks, which also quantize
+/// the activations to 8 bits. The backward pass always dequantizes.
+pub fn qlinear(x: &Tensor, w: &std::sync::Arc<candle_core::quantized::QTensor>, exact: bool) -> Result<Tensor> {
+    kernels::qlinear(x, w, exact)
+}
+
+/// RMS normalisation over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`, from
+/// differentiable ops.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    Ok(y.broadcast_mul(weight)?)
+}
+
+/// Rotary position embedding, HF layout (`rotate_half`): `x cos + rotate_half(x) sin` for `x`
+/// (b, heads, t, d) and tables (t, d). Differentiable.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let half = d / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
 /// Reference implementation of [`linear`] from candle ops.
 pub fn linear_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();

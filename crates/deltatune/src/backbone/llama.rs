@@ -1,0 +1,723 @@
+//! Llama-family decoders (Llama, SmolLM, Mistral-style GQA): RMSNorm, rotary position embeddings,
+//! grouped-query attention and a SwiGLU feed-forward, mirroring transformers' `modeling_llama.py`
+//! (eager attention). Every module is a [`Site`] at its HF path (`model.layers.3.self_attn.q_proj`),
+//! so delta patterns and PEFT key names are the same whether the weights came from a GGUF file or
+//! an HF safetensors directory.
+//!
+//! Weights loaded from GGUF stay quantized ([`QTensor`]) in memory; [`ops::qlinear`] multiplies
+//! with them (dequantizing one layer at a time into an f32 matmul, or with the quantized dot
+//! product kernels for a few rows) and passes gradients through them to the input.
+//!
+//! Shapes: b = batch, t = new tokens, p = tokens already in the cache, h = hidden size,
+//! nh / nkv = query / key-value heads, d = head size.
+
+use super::{ForwardCtx, ModuleTree, Site, SiteKind};
+use crate::error::{Error, Result};
+use crate::io::gguf::{permute_rows, unpermute_rotary_order, GgufFile};
+use crate::io::TensorFile;
+use crate::ops;
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The architecture numbers of a Llama-family model.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+}
+
+impl LlamaConfig {
+    /// From GGUF metadata (`general.architecture` = `llama`).
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let arch = g.string("general.architecture")?;
+        if arch != "llama" {
+            return Err(Error::Gguf {
+                file: g.path().to_path_buf(),
+                msg: format!("architecture `{arch}` is not supported (only `llama`-family models are)"),
+            });
+        }
+        let key = |k: &str| format!("{arch}.{k}");
+        let hidden = g.usize(&key("embedding_length"))?;
+        let heads = g.usize(&key("attention.head_count"))?;
+        let vocab = match g.usize(&key("vocab_size")) {
+            Ok(v) => v,
+            Err(_) => g.strings("tokenizer.ggml.tokens")?.len(),
+        };
+        let head_dim = g.usize(&key("rope.dimension_count")).unwrap_or(hidden / heads.max(1));
+        let c = LlamaConfig {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: g.usize(&key("feed_forward_length"))?,
+            num_hidden_layers: g.usize(&key("block_count"))?,
+            num_attention_heads: heads,
+            num_key_value_heads: g.usize(&key("attention.head_count_kv")).unwrap_or(heads),
+            head_dim,
+            rms_norm_eps: g.f64_opt(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            rope_theta: g.f64_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0),
+            max_position_embeddings: g.usize(&key("context_length")).unwrap_or(2048),
+            tie_word_embeddings: !g.contains("output.weight"),
+        };
+        c.check(g.path())?;
+        Ok(c)
+    }
+
+    /// From an HF `config.json` with `model_type` `llama` (or a Llama-compatible type).
+    pub fn from_hf(path: &Path) -> Result<Self> {
+        let v = crate::io::read_json(path)?;
+        let cerr = |msg: String| Error::Config { file: path.to_path_buf(), msg };
+        let mt = v.get("model_type").and_then(|x| x.as_str()).unwrap_or("");
+        if !["llama", "mistral", "smollm", "smollm3"].contains(&mt) {
+            return Err(cerr(format!("model_type `{mt}` is not a Llama-family decoder")));
+        }
+        let num = |k: &str| -> Result<usize> {
+            v.get(k)
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .ok_or_else(|| Error::MissingField { file: path.to_path_buf(), field: k.into() })
+        };
+        let hidden = num("hidden_size")?;
+        let heads = num("num_attention_heads")?;
+        let theta = v
+            .get("rope_theta")
+            .and_then(|x| x.as_f64())
+            .or_else(|| v.get("rope_parameters").and_then(|r| r.get("rope_theta")).and_then(|x| x.as_f64()))
+            .unwrap_or(10_000.0);
+        if let Some(rs) = v.get("rope_scaling").filter(|x| !x.is_null()) {
+            let kind = rs.get("rope_type").or_else(|| rs.get("type")).and_then(|x| x.as_str()).unwrap_or("?");
+            if kind != "default" {
+                return Err(cerr(format!("rope_scaling `{kind}` is not supported yet")));
+            }
+        }
+        let c = LlamaConfig {
+            vocab_size: num("vocab_size")?,
+            hidden_size: hidden,
+            intermediate_size: num("intermediate_size")?,
+            num_hidden_layers: num("num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: num("num_key_value_heads").unwrap_or(heads),
+            head_dim: num("head_dim").unwrap_or(hidden / heads.max(1)),
+            rms_norm_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
+            rope_theta: theta,
+            max_position_embeddings: num("max_position_embeddings").unwrap_or(2048),
+            tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
+        };
+        c.check(path)?;
+        Ok(c)
+    }
+
+    fn check(&self, file: &Path) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config { file: file.to_path_buf(), msg });
+        if self.num_attention_heads == 0 || self.num_key_value_heads == 0 || self.hidden_size == 0 {
+            return bad("zero heads or hidden size".into());
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return bad(format!(
+                "{} attention heads are not a multiple of {} key-value heads",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("head size {} is odd (rotary embeddings need pairs)", self.head_dim));
+        }
+        Ok(())
+    }
+}
+
+/// Where the weights came from.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LlamaSource {
+    Gguf { path: PathBuf, file_type: String },
+    Safetensors { dir: PathBuf },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Modules.
+
+#[derive(Debug)]
+struct Linear {
+    site: Site,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor, ctx: &ForwardCtx, exact: bool) -> Result<Tensor> {
+        let s = &self.site;
+        let x = s.pre(x, ctx)?;
+        let y = match s.quantized("weight") {
+            Some(q) => {
+                let y = ops::qlinear(&x, q, exact)?;
+                match s.resolve("bias", ctx)? {
+                    Some(b) => y.broadcast_add(&b)?,
+                    None => y,
+                }
+            }
+            None => ops::linear(&x, &s.require("weight", ctx)?, s.resolve("bias", ctx)?.as_ref())?,
+        };
+        s.post(&x, y, ctx)
+    }
+
+    fn out_features(&self) -> usize {
+        self.site.param_dims("weight").map(|d| d[0]).unwrap_or(0)
+    }
+}
+
+#[derive(Debug)]
+struct RmsNorm {
+    site: Site,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let s = &self.site;
+        let x = s.pre(x, ctx)?;
+        let y = ops::rms_norm(&x, &s.require("weight", ctx)?, self.eps)?;
+        s.post(&x, y, ctx)
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    site: Site,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+#[derive(Debug)]
+struct Mlp {
+    site: Site,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    site: Site,
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// Keys and values of the tokens seen so far, per layer: (b, nkv, p, d) each.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache { layers: vec![None; num_layers] }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).and_then(|(k, _)| k.dim(2).ok()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+    }
+}
+
+/// Rotary tables for positions `start..start + t`: cos and sin, each (t, d), HF layout (the two
+/// halves of each head repeat the same frequencies).
+fn rotary(start: usize, t: usize, d: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = d / 2;
+    // As transformers computes them: inverse frequencies and angles in f32.
+    let inv: Vec<f32> = (0..half).map(|i| 1.0 / (theta.powf((2 * i) as f64 / d as f64) as f32)).collect();
+    let mut cos = Vec::with_capacity(t * d);
+    let mut sin = Vec::with_capacity(t * d);
+    for p in start..start + t {
+        for _ in 0..2 {
+            for f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+    Ok((Tensor::from_vec(cos, (t, d), device)?, Tensor::from_vec(sin, (t, d), device)?))
+}
+
+impl Attention {
+    /// `x`: (b, t, h); `bias`: (b or 1, 1, t, p + t) additive mask. Appends this step's keys and
+    /// values to `cache` when given.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        bias: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        ctx: &ForwardCtx,
+        exact: bool,
+    ) -> Result<Tensor> {
+        let x = self.site.pre(x, ctx)?;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let split = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
+        let q = split(self.q_proj.forward(&x, ctx, exact)?, nh)?;
+        let k = split(self.k_proj.forward(&x, ctx, exact)?, nkv)?;
+        let v = split(self.v_proj.forward(&x, ctx, exact)?, nkv)?;
+        let q = ops::rope(&q, &rope.0, &rope.1)?;
+        let k = ops::rope(&k, &rope.0, &rope.1)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let total = k.dim(2)?;
+        let rep = nh / nkv;
+        let expand = |y: &Tensor| -> Result<Tensor> {
+            if rep == 1 {
+                return Ok(y.clone());
+            }
+            Ok(y.unsqueeze(2)?.expand((b, nkv, rep, total, d))?.reshape((b, nh, total, d))?)
+        };
+        let (k, v) = (expand(&k)?, expand(&v)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        let scores = scores.broadcast_add(bias)?;
+        let probs = ops::softmax_composed(&scores)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * d))?;
+        let y = self.o_proj.forward(&out, ctx, exact)?;
+        self.site.post(&x, y, ctx)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, ctx: &ForwardCtx, exact: bool) -> Result<Tensor> {
+        let x = self.site.pre(x, ctx)?;
+        let g = self.gate_proj.forward(&x, ctx, exact)?;
+        let u = self.up_proj.forward(&x, ctx, exact)?;
+        let y = self.down_proj.forward(&(g.silu()? * u)?, ctx, exact)?;
+        self.site.post(&x, y, ctx)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The model.
+
+/// A Llama-family decoder with its LM head.
+#[derive(Debug)]
+pub struct LlamaModel {
+    pub config: LlamaConfig,
+    pub source: LlamaSource,
+    root: Site,
+    model: Site,
+    layers_site: Site,
+    embed_tokens: Site,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// `None` when tied to `embed_tokens`.
+    lm_head: Option<Linear>,
+    fingerprint: String,
+    /// Always dequantize into an f32 matmul (bit-for-bit the maths of an f32 reference), instead
+    /// of the quantized dot-product kernels used for a few rows at a time.
+    exact: bool,
+    device: Device,
+}
+
+/// Weights by HF name, from either source.
+enum Weights {
+    Gguf(GgufFile, LlamaConfig),
+    St(TensorFile),
+}
+
+impl Weights {
+    /// A matrix (out, in): kept quantized from GGUF (unless stored as F32), f32 from safetensors.
+    fn matrix(&mut self, hf: &str, out: usize, inp: usize, site: Site) -> Result<Site> {
+        match self {
+            Weights::St(st) => Ok(site.with_param("weight", st.get_f32(&format!("{hf}.weight"), &[out, inp])?)),
+            Weights::Gguf(g, c) => {
+                let name = gguf_name(hf);
+                let mut q = g.tensor(&name, &[out, inp])?;
+                // llama.cpp interleaves the rotary halves of the query/key rows; undo it.
+                if hf.ends_with("q_proj") {
+                    q = permute_rows(&q, &unpermute_rotary_order(out, c.num_attention_heads))?;
+                } else if hf.ends_with("k_proj") {
+                    q = permute_rows(&q, &unpermute_rotary_order(out, c.num_key_value_heads))?;
+                }
+                if q.dtype() == GgmlDType::F32 {
+                    Ok(site.with_param("weight", q.dequantize(&Device::Cpu)?))
+                } else {
+                    Ok(site.with_quantized("weight", Arc::new(q)))
+                }
+            }
+        }
+    }
+
+    /// A vector, always f32.
+    fn vector(&mut self, hf: &str, n: usize) -> Result<Tensor> {
+        match self {
+            Weights::St(st) => st.get_f32(&format!("{hf}.weight"), &[n]),
+            Weights::Gguf(g, _) => Ok(g.tensor(&gguf_name(hf), &[n])?.dequantize(&Device::Cpu)?),
+        }
+    }
+
+    fn has(&self, hf: &str) -> bool {
+        match self {
+            Weights::St(st) => st.contains(&format!("{hf}.weight")),
+            Weights::Gguf(g, _) => g.contains(&gguf_name(hf)),
+        }
+    }
+}
+
+/// The GGUF tensor name of an HF module path (`model.layers.3.self_attn.q_proj` → `blk.3.attn_q.weight`).
+pub fn gguf_name(hf: &str) -> String {
+    let rest = match hf {
+        "model.embed_tokens" => return "token_embd.weight".into(),
+        "model.norm" => return "output_norm.weight".into(),
+        "lm_head" => return "output.weight".into(),
+        _ => hf,
+    };
+    let Some(tail) = rest.strip_prefix("model.layers.") else { return format!("{hf}.weight") };
+    let (n, module) = tail.split_once('.').unwrap_or((tail, ""));
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        other => other,
+    };
+    format!("blk.{n}.{g}.weight")
+}
+
+impl LlamaModel {
+    /// Loads a `.gguf` file, or an HF directory (config.json + model.safetensors), or a directory
+    /// holding exactly one `.gguf` file.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        if path.is_dir() && !path.join("config.json").is_file() {
+            let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| Error::io(path, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+                .collect();
+            return match ggufs.as_slice() {
+                [one] => Self::load_gguf(one, device),
+                [] => Err(Error::NotFound { path: path.to_path_buf(), what: "config.json or a .gguf file".into() }),
+                _ => Err(Error::arg("--model", format!("{} holds several .gguf files; name one", path.display()))),
+            };
+        }
+        if path.is_dir() {
+            return Self::load_hf(path, device);
+        }
+        Self::load_gguf(path, device)
+    }
+
+    /// Loads a GGUF file; matrices stay quantized.
+    pub fn load_gguf(path: &Path, device: &Device) -> Result<Self> {
+        if !matches!(device, Device::Cpu) {
+            return Err(Error::arg("--device", "GGUF decoders run on the CPU for now"));
+        }
+        let g = GgufFile::open(path)?;
+        let config = LlamaConfig::from_gguf(&g)?;
+        let file_type = g
+            .tensor_info(&gguf_name("model.layers.0.self_attn.q_proj"))
+            .map(|(_, t)| format!("{t:?}"))
+            .unwrap_or_else(|| "?".into());
+        let mut hasher = Sha256::new();
+        for name in g.tensor_names() {
+            if let Some((dims, t)) = g.tensor_info(name) {
+                hasher.update(format!("{name}{dims:?}{t:?}").as_bytes());
+            }
+        }
+        let fp_head = hasher;
+        let source = LlamaSource::Gguf { path: path.to_path_buf(), file_type };
+        Self::build(Weights::Gguf(g, config.clone()), config, source, fp_head, device)
+    }
+
+    /// Loads an HF directory (config.json + model.safetensors) in f32.
+    pub fn load_hf(dir: &Path, device: &Device) -> Result<Self> {
+        let config = LlamaConfig::from_hf(&dir.join("config.json"))?;
+        let weights = dir.join("model.safetensors");
+        if !weights.is_file() {
+            return Err(Error::NotFound { path: weights, what: "model.safetensors".into() });
+        }
+        let st = TensorFile::load(&weights, device)?;
+        let mut hasher = Sha256::new();
+        for name in st.names() {
+            hasher.update(name.as_bytes());
+        }
+        Self::build(Weights::St(st), config, LlamaSource::Safetensors { dir: dir.to_path_buf() }, hasher, device)
+    }
+
+    fn build(mut w: Weights, config: LlamaConfig, source: LlamaSource, mut hasher: Sha256, device: &Device) -> Result<Self> {
+        let c = &config;
+        let (h, i, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
+        let (qo, kvo) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+        let embed_tokens = w.matrix("model.embed_tokens", c.vocab_size, h, Site::new("model.embed_tokens", SiteKind::Embedding, None))?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for n in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{n}");
+            let l = Some(n);
+            let mut lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+                let path = format!("{p}.{name}");
+                Ok(Linear { site: w.matrix(&path, out, inp, Site::new(&path, SiteKind::Linear, l))? })
+            };
+            let q_proj = lin("self_attn.q_proj", qo, h)?;
+            let k_proj = lin("self_attn.k_proj", kvo, h)?;
+            let v_proj = lin("self_attn.v_proj", kvo, h)?;
+            let o_proj = lin("self_attn.o_proj", h, qo)?;
+            let gate_proj = lin("mlp.gate_proj", i, h)?;
+            let up_proj = lin("mlp.up_proj", i, h)?;
+            let down_proj = lin("mlp.down_proj", h, i)?;
+            let mut norm = |name: &str| -> Result<RmsNorm> {
+                let path = format!("{p}.{name}");
+                let t = w.vector(&path, h)?;
+                Ok(RmsNorm { site: Site::new(&path, SiteKind::RmsNorm, l).with_param("weight", t), eps: c.rms_norm_eps })
+            };
+            layers.push(DecoderLayer {
+                site: Site::new(&p, SiteKind::Layer, l),
+                input_layernorm: norm("input_layernorm")?,
+                post_attention_layernorm: norm("post_attention_layernorm")?,
+                self_attn: Attention {
+                    site: Site::new(format!("{p}.self_attn"), SiteKind::SelfAttention, l),
+                    q_proj,
+                    k_proj,
+                    v_proj,
+                    o_proj,
+                    heads: c.num_attention_heads,
+                    kv_heads: c.num_key_value_heads,
+                    head_dim: d,
+                },
+                mlp: Mlp { site: Site::new(format!("{p}.mlp"), SiteKind::Mlp, l), gate_proj, up_proj, down_proj },
+            });
+        }
+        let norm_w = w.vector("model.norm", h)?;
+        let norm = RmsNorm { site: Site::new("model.norm", SiteKind::RmsNorm, None).with_param("weight", norm_w), eps: c.rms_norm_eps };
+        let lm_head = if w.has("lm_head") {
+            Some(Linear { site: w.matrix("lm_head", c.vocab_size, h, Site::new("lm_head", SiteKind::Linear, None))? })
+        } else {
+            None
+        };
+        // Values in the fingerprint: the first norm weights (cheap, and they differ between checkpoints).
+        for l in layers.iter().take(2) {
+            if let Some(t) = l.input_layernorm.site.param("weight") {
+                for v in t.to_vec1::<f32>()? {
+                    hasher.update(v.to_le_bytes());
+                }
+            }
+        }
+        hasher.update(serde_json::to_string(&config).unwrap_or_default().as_bytes());
+        let fingerprint = hasher.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
+        Ok(LlamaModel {
+            config,
+            source,
+            root: Site::new("", SiteKind::Model, None),
+            model: Site::new("model", SiteKind::Encoder, None),
+            layers_site: Site::new("model.layers", SiteKind::ModuleList, None),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            fingerprint,
+            exact: false,
+            device: device.clone(),
+        })
+    }
+
+    /// Always multiply with dequantized f32 weights (see the field); slower for generation.
+    pub fn set_exact(&mut self, exact: bool) {
+        self.exact = exact;
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Token embeddings (b, t) u32 → (b, t, h).
+    fn embed(&self, ids: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let s = &self.embed_tokens;
+        let y = match s.quantized("weight") {
+            Some(q) => q.embedding(ids)?,
+            None => {
+                let w = s.require("weight", ctx)?;
+                let (b, t) = ids.dims2()?;
+                w.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, w.dim(1)?))?
+            }
+        };
+        s.post(ids, y, ctx)
+    }
+
+    /// Runs the decoder on `ids` (b, t) that follow the `cache`'s positions (or start at 0 without
+    /// a cache). `key_mask` (b, p + t), 1 for real tokens and 0 for padding, masks keys beyond the
+    /// causal mask. Returns the final hidden states (b, t, h) after the last norm.
+    pub fn forward(&self, ids: &Tensor, key_mask: Option<&Tensor>, mut cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        if past + t > self.config.max_position_embeddings {
+            return Err(Error::arg(
+                "--prompt",
+                format!("{} tokens exceed the model's context of {}", past + t, self.config.max_position_embeddings),
+            ));
+        }
+        let total = past + t;
+        let rope = rotary(past, t, self.config.head_dim, self.config.rope_theta, &self.device)?;
+        let mut bias: Vec<f32> = Vec::with_capacity(t * total);
+        for qi in 0..t {
+            for kj in 0..total {
+                bias.push(if kj <= past + qi { 0.0 } else { f32::NEG_INFINITY });
+            }
+        }
+        let mut bias = Tensor::from_vec(bias, (1, 1, t, total), &self.device)?;
+        if let Some(m) = key_mask {
+            if m.dims() != [b, total] {
+                return Err(Error::Delta(format!("key mask has shape {:?}, expected [{b}, {total}]", m.dims())));
+            }
+            let kb = ops::mask_to_bias(m)?.reshape((b, 1, 1, total))?;
+            bias = bias.broadcast_add(&kb)?;
+        }
+        let mut x = self.embed(ids, ctx)?;
+        if let Some(c) = cache.as_deref_mut() {
+            if c.layers.len() != self.layers.len() {
+                *c = KvCache::new(self.layers.len());
+            }
+        }
+        for (n, l) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[n]);
+            x = self.layer_forward(l, &x, &rope, &bias, slot, ctx)?;
+        }
+        self.norm.forward(&x, ctx)
+    }
+
+    fn layer_forward(
+        &self,
+        l: &DecoderLayer,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        bias: &Tensor,
+        slot: Option<&mut Option<(Tensor, Tensor)>>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let x = l.site.pre(x, ctx)?;
+        let a = l.self_attn.forward(&l.input_layernorm.forward(&x, ctx)?, rope, bias, slot, ctx, self.exact)?;
+        let h = (&x + a)?;
+        let m = l.mlp.forward(&l.post_attention_layernorm.forward(&h, ctx)?, ctx, self.exact)?;
+        let y = (h + m)?;
+        l.site.post(&x, y, ctx)
+    }
+
+    /// Next-token logits (..., vocab) from final hidden states (..., h).
+    pub fn logits(&self, hidden: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden, ctx, self.exact),
+            None => {
+                let s = &self.embed_tokens;
+                match s.quantized("weight") {
+                    Some(q) => ops::qlinear(hidden, q, self.exact),
+                    None => ops::linear(hidden, &s.require("weight", ctx)?, None),
+                }
+            }
+        }
+    }
+
+    /// Every site in forward order.
+    pub fn sites(&self) -> Vec<&Site> {
+        let mut v: Vec<&Site> = vec![&self.root, &self.model, &self.embed_tokens, &self.layers_site];
+        for l in &self.layers {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            v.extend([&l.site, &l.input_layernorm.site, &a.site, &a.q_proj.site, &a.k_proj.site, &a.v_proj.site, &a.o_proj.site]);
+            v.extend([&l.post_attention_layernorm.site, &m.site, &m.gate_proj.site, &m.up_proj.site, &m.down_proj.site]);
+        }
+        v.push(&self.norm.site);
+        if let Some(h) = &self.lm_head {
+            v.push(&h.site);
+        }
+        v
+    }
+
+    pub fn sites_mut(&mut self) -> Vec<&mut Site> {
+        let mut v: Vec<&mut Site> = vec![&mut self.root, &mut self.model, &mut self.embed_tokens, &mut self.layers_site];
+        for l in &mut self.layers {
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            v.extend([&mut l.site, &mut l.input_layernorm.site, &mut a.site, &mut a.q_proj.site, &mut a.k_proj.site]);
+            v.extend([&mut a.v_proj.site, &mut a.o_proj.site]);
+            v.extend([&mut l.post_attention_layernorm.site, &mut m.site, &mut m.gate_proj.site, &mut m.up_proj.site]);
+            v.push(&mut m.down_proj.site);
+        }
+        v.push(&mut self.norm.site);
+        if let Some(h) = &mut self.lm_head {
+            v.push(&mut h.site);
+        }
+        v
+    }
+
+    /// Total base parameters (a tied LM head counted once).
+    pub fn num_params(&self) -> usize {
+        self.sites().iter().map(|s| s.num_params()).sum()
+    }
+
+    /// Bytes the base weights occupy in memory as loaded, and as f32.
+    pub fn weight_bytes(&self) -> (usize, usize) {
+        let mut held = 0;
+        let mut f32_bytes = 0;
+        for s in self.sites() {
+            for (_, t) in s.params() {
+                held += t.elem_count() * t.dtype().size_in_bytes();
+                f32_bytes += t.elem_count() * 4;
+            }
+            for (_, q) in s.quantized_params() {
+                held += q.storage_size_in_bytes();
+                f32_bytes += q.shape().elem_count() * 4;
+            }
+        }
+        (held, f32_bytes)
+    }
+
+    pub fn tree(&self) -> ModuleTree {
+        ModuleTree::from_sites("llama", &self.sites())
+    }
+
+    /// The output features of the query projection of layer 0 (a sanity hook for tests).
+    pub fn q_features(&self) -> usize {
+        self.layers.first().map(|l| l.self_attn.q_proj.out_features()).unwrap_or(0)
+    }
+}
+
+/// The hidden size of the last position of each sequence: (b, t, h) → (b, h).
+pub fn last_position(hidden: &Tensor) -> Result<Tensor> {
+    let t = hidden.dim(1)?;
+    Ok(hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+}

@@ -1,0 +1,173 @@
+//! Text generation with a key-value cache: greedy, or temperature / top-k / top-p sampling from a
+//! seeded generator; stop tokens and stop strings; the text streamed to a callback as it grows.
+
+use super::CausalLm;
+use crate::backbone::llama::{last_position, KvCache};
+use crate::backbone::ForwardCtx;
+use crate::error::{Error, Result};
+use candle_core::{DType, Tensor};
+use crate::ops::DropoutKey;
+use serde::Serialize;
+use std::time::Instant;
+
+/// How to pick tokens and when to stop.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    /// 0 = greedy (argmax).
+    pub temperature: f64,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability (1 = all).
+    pub top_p: f64,
+    /// Keep only the `top_k` most likely tokens (0 = all).
+    pub top_k: usize,
+    pub seed: u64,
+    /// Generation ends after any of these ids (the tokenizer's end-of-turn ids are added).
+    pub stop_ids: Vec<u32>,
+    /// Generation ends when the text contains any of these; the text is cut before it.
+    pub stop_strings: Vec<String>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 42,
+            stop_ids: Vec::new(),
+            stop_strings: Vec::new(),
+        }
+    }
+}
+
+/// What a generation produced, with timings.
+#[derive(Clone, Debug, Serialize)]
+pub struct Generation {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub prompt_tokens: usize,
+    /// `eos` (a stop id), `stop` (a stop string) or `length`.
+    pub stop_reason: String,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    /// Generated tokens per second of decoding (after the first token).
+    pub tokens_per_second: f64,
+}
+
+/// Picks the next token from `logits` (vocab,); `draw` is a uniform number in [0, 1).
+pub fn sample(logits: &[f32], opts: &GenerateOptions, draw: f64) -> Result<u32> {
+    if logits.iter().any(|v| v.is_nan()) {
+        return Err(Error::NonFinite("next-token logits".into()));
+    }
+    let argmax = || logits.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+    if opts.temperature <= 0.0 {
+        return Ok(argmax());
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if opts.top_k > 0 {
+        idx.truncate(opts.top_k);
+    }
+    let t = opts.temperature as f32;
+    let max = logits[idx[0]] / t;
+    let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] / t - max) as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if opts.top_p < 1.0 {
+        let mut acc = 0.0;
+        let mut keep = probs.len();
+        for (n, p) in probs.iter().enumerate() {
+            acc += p;
+            if acc >= opts.top_p {
+                keep = n + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        idx.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut r = draw * total;
+    for (p, &i) in probs.iter().zip(&idx) {
+        if r < *p {
+            return Ok(i as u32);
+        }
+        r -= p;
+    }
+    Ok(idx[idx.len() - 1] as u32)
+}
+
+/// Generates a continuation of `prompt_ids`, calling `on_text` with each new piece of text.
+pub fn generate(lm: &CausalLm, prompt_ids: &[u32], opts: &GenerateOptions, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
+    if prompt_ids.is_empty() {
+        return Err(Error::arg("--prompt", "the prompt has no tokens"));
+    }
+    let ctx_len = lm.model.config.max_position_embeddings;
+    if prompt_ids.len() >= ctx_len {
+        return Err(Error::arg(
+            "--prompt",
+            format!("the prompt has {} tokens; the model's context holds {ctx_len}", prompt_ids.len()),
+        ));
+    }
+    let max_new = opts.max_new_tokens.min(ctx_len - prompt_ids.len());
+    let mut stop_ids = opts.stop_ids.clone();
+    stop_ids.extend(lm.tokenizer.eos_ids.iter().copied());
+    let dev = lm.model.device().clone();
+    let ctx = ForwardCtx::eval();
+    let key = DropoutKey(opts.seed).derive("generate");
+    let mut cache = KvCache::new(lm.model.num_layers());
+    let t0 = Instant::now();
+    let ids = Tensor::new(prompt_ids, &dev)?.unsqueeze(0)?;
+    let hidden = lm.model.forward(&ids, None, Some(&mut cache), &ctx)?;
+    let mut logits = lm.model.logits(&last_position(&hidden)?, &ctx)?;
+    let prefill = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let mut out: Vec<u32> = Vec::new();
+    let mut emitted = String::new();
+    let mut reason = "length";
+    for step in 0..max_new {
+        let row = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let next = sample(&row, opts, key.uniform(step as u64) as f64)?;
+        if stop_ids.contains(&next) {
+            reason = "eos";
+            break;
+        }
+        out.push(next);
+        let text = lm.tokenizer.decode(&out, true)?;
+        // Hold back an incomplete UTF-8 sequence (shown as U+FFFD) until the next token completes it.
+        if !text.ends_with('\u{FFFD}') && text.len() > emitted.len() && text.starts_with(&emitted) {
+            let mut piece = text[emitted.len()..].to_string();
+            let mut stop_hit = false;
+            for s in opts.stop_strings.iter().filter(|s| !s.is_empty()) {
+                if let Some(pos) = text.find(s.as_str()) {
+                    piece = text[emitted.len().min(pos)..pos].to_string();
+                    stop_hit = true;
+                }
+            }
+            on_text(&piece);
+            emitted.push_str(&piece);
+            if stop_hit {
+                reason = "stop";
+                break;
+            }
+        }
+        if step + 1 == max_new {
+            break;
+        }
+        let ids = Tensor::new(&[next], &dev)?.unsqueeze(0)?;
+        let hidden = lm.model.forward(&ids, None, Some(&mut cache), &ctx)?;
+        logits = lm.model.logits(&last_position(&hidden)?, &ctx)?;
+    }
+    let decode = t1.elapsed().as_secs_f64();
+    let text = if reason == "stop" { emitted } else { lm.tokenizer.decode(&out, true)? };
+    Ok(Generation {
+        text,
+        prompt_tokens: prompt_ids.len(),
+        stop_reason: reason.into(),
+        prefill_seconds: prefill,
+        decode_seconds: decode,
+        tokens_per_second: if decode > 0.0 { out.len() as f64 / decode } else { 0.0 },
+        tokens: out,
+    })
+}

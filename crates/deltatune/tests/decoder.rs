@@ -1,0 +1,209 @@
+//! The Llama-family decoder on the default GGUF model (SmolLM2-135M-Instruct, Q4_1) against the
+//! PyTorch + transformers fixture written by `tools/decoder_reference.py`.
+
+use crate::common::{decoder_file, fixture};
+use candle_core::{Device, Tensor};
+use deltatune::backbone::llama::{last_position, KvCache, LlamaModel};
+use deltatune::io::gguf::GgufFile;
+use deltatune::lm::{generate, CausalLm, GenerateOptions, LmTokenizer};
+use deltatune::ForwardCtx;
+use std::sync::OnceLock;
+
+fn reference() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_reference.json")).unwrap()).unwrap()
+}
+
+fn lm() -> Option<&'static CausalLm> {
+    static LM: OnceLock<Option<CausalLm>> = OnceLock::new();
+    LM.get_or_init(|| {
+        let f = decoder_file()?;
+        let mut lm = CausalLm::load(&f, &Device::Cpu).unwrap();
+        lm.model.set_exact(true);
+        Some(lm)
+    })
+    .as_ref()
+}
+
+macro_rules! require_decoder {
+    () => {
+        match lm() {
+            Some(l) => l,
+            None => {
+                eprintln!("SKIP {}: decoder unavailable", module_path!());
+                return;
+            }
+        }
+    };
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+#[test]
+fn loads_with_hf_names_and_quantized_weights() {
+    let lm = require_decoder!();
+    let m = &lm.model;
+    assert_eq!(m.config.num_hidden_layers, 30);
+    assert_eq!(m.config.hidden_size, 576);
+    assert_eq!((m.config.num_attention_heads, m.config.num_key_value_heads), (9, 3));
+    assert!(m.config.tie_word_embeddings);
+    // SmolLM2-135M: 134,515,008 parameters (the tied head counted once).
+    assert_eq!(m.num_params(), 134_515_008);
+    let tree = m.tree();
+    let paths: Vec<&str> = tree.modules.iter().map(|s| s.path.as_str()).collect();
+    for p in ["model.embed_tokens", "model.layers.0.self_attn.q_proj", "model.layers.29.mlp.down_proj", "model.norm"] {
+        assert!(paths.contains(&p), "{p} missing from the tree");
+    }
+    let (held, f32_bytes) = m.weight_bytes();
+    assert!(held * 4 < f32_bytes, "quantized weights take {held} bytes, f32 would take {f32_bytes}");
+}
+
+#[test]
+fn tokenizer_matches_transformers() {
+    let lm = require_decoder!();
+    for case in reference()["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let ids = lm.tokenizer.encode(prompt).unwrap();
+        assert_eq!(ids, ids_of(&case["ids"]), "token ids of {prompt:?}");
+        assert_eq!(lm.tokenizer.decode(&ids, false).unwrap(), case["decoded"].as_str().unwrap());
+    }
+    assert_eq!(lm.tokenizer.eos_ids.first(), Some(&2));
+}
+
+/// Logits within 5e-4 of transformers on the dequantized weights. Both sides multiply the same
+/// f32 numbers and differ only in summation order over 30 layers (logits of magnitude ~20, so
+/// f32 rounding alone reaches ~1e-5 relative); measured worst case 5.5e-5, printed by the test.
+#[test]
+fn logits_match_transformers() {
+    let lm = require_decoder!();
+    let ctx = ForwardCtx::eval();
+    let mut worst = 0f32;
+    for case in reference()["cases"].as_array().unwrap() {
+        let ids = ids_of(&case["ids"]);
+        let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let h = lm.model.forward(&t, None, None, &ctx).unwrap();
+        let logits = lm.model.logits(&h, &ctx).unwrap().squeeze(0).unwrap();
+        let rows = logits.to_vec2::<f32>().unwrap();
+        let heads = case["logits_head"].as_array().unwrap();
+        let argmax = ids_of(&case["argmax"]);
+        let lse = floats(&case["logsumexp"]);
+        for (p, row) in rows.iter().enumerate() {
+            for (a, b) in row.iter().zip(floats(&heads[p])) {
+                worst = worst.max((a - b).abs());
+            }
+            let am = row.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+            assert_eq!(am as u32, argmax[p], "argmax at position {p} of {:?}", case["prompt"]);
+            let m = row.iter().cloned().fold(f32::MIN, f32::max);
+            let l = m + row.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
+            assert!((l - lse[p]).abs() < 5e-4, "logsumexp {l} vs {}", lse[p]);
+        }
+    }
+    eprintln!("worst logit difference vs transformers: {worst:.2e}");
+    assert!(worst < 5e-4, "worst logit difference {worst}");
+}
+
+/// The cached step-by-step path equals one full forward (the cache is exact).
+#[test]
+fn kv_cache_equals_full_forward() {
+    let lm = require_decoder!();
+    let ctx = ForwardCtx::eval();
+    let ids: Vec<u32> = lm.tokenizer.encode("The capital of France is Paris, and").unwrap();
+    let full = {
+        let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        lm.model.logits(&lm.model.forward(&t, None, None, &ctx).unwrap(), &ctx).unwrap()
+    };
+    let mut cache = KvCache::new(lm.model.num_layers());
+    let split = 5;
+    let first = Tensor::new(&ids[..split], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    lm.model.forward(&first, None, Some(&mut cache), &ctx).unwrap();
+    for (n, &id) in ids[split..].iter().enumerate() {
+        let t = Tensor::new(&[id], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let h = lm.model.forward(&t, None, Some(&mut cache), &ctx).unwrap();
+        let step = lm.model.logits(&last_position(&h).unwrap(), &ctx).unwrap();
+        let want = full.narrow(1, split + n, 1).unwrap().squeeze(1).unwrap();
+        let d = (step - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-3, "cached step {n} differs by {d}");
+    }
+    assert_eq!(cache.len(), ids.len());
+}
+
+#[test]
+fn greedy_generation_matches_transformers() {
+    let lm = require_decoder!();
+    let cases = reference();
+    for case in cases["cases"].as_array().unwrap().iter().take(3) {
+        let want = ids_of(&case["greedy"]);
+        let opts = GenerateOptions { max_new_tokens: want.len(), ..Default::default() };
+        let mut streamed = String::new();
+        let g = generate(lm, &ids_of(&case["ids"]), &opts, &mut |s| streamed.push_str(s)).unwrap();
+        // transformers stops at the end-of-turn token too; compare the common part.
+        let n = g.tokens.len().min(want.len());
+        assert_eq!(&g.tokens[..n], &want[..n], "greedy continuation of {:?}", case["prompt"]);
+        assert_eq!(streamed, g.text, "streamed text equals the final text");
+    }
+}
+
+#[test]
+fn sampling_is_seeded_and_respects_top_k() {
+    let lm = require_decoder!();
+    let ids = lm.tokenizer.encode("Once upon a time").unwrap();
+    let opts = GenerateOptions { max_new_tokens: 6, temperature: 0.8, top_p: 0.9, top_k: 40, seed: 7, ..Default::default() };
+    let a = generate(lm, &ids, &opts, &mut |_| {}).unwrap();
+    let b = generate(lm, &ids, &opts, &mut |_| {}).unwrap();
+    assert_eq!(a.tokens, b.tokens, "same seed, same tokens");
+    // top_k = 1 is greedy whatever the temperature.
+    let k1 = GenerateOptions { top_k: 1, ..opts.clone() };
+    let greedy = GenerateOptions { temperature: 0.0, ..opts.clone() };
+    assert_eq!(generate(lm, &ids, &k1, &mut |_| {}).unwrap().tokens, generate(lm, &ids, &greedy, &mut |_| {}).unwrap().tokens);
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_an_error() {
+    let lm = require_decoder!();
+    let ids = vec![42u32; lm.model.config.max_position_embeddings + 1];
+    let e = generate(lm, &ids, &GenerateOptions::default(), &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("8192") && e.contains("--prompt"), "{e}");
+}
+
+#[test]
+fn bad_gguf_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    // Not GGUF at all.
+    let p = dir.path().join("x.gguf");
+    std::fs::write(&p, b"hello world, not a model").unwrap();
+    let e = GgufFile::open(&p).unwrap_err().to_string();
+    assert!(e.contains("x.gguf") && e.contains("GGUF"), "{e}");
+    // Unsupported version.
+    let mut v1 = b"GGUF".to_vec();
+    v1.extend(1u32.to_le_bytes());
+    v1.extend([0u8; 32]);
+    std::fs::write(&p, &v1).unwrap();
+    let e = GgufFile::open(&p).unwrap_err().to_string();
+    assert!(e.contains("version 1"), "{e}");
+    let Some(real) = decoder_file() else { return };
+    // Truncated: the first 20 MB of the real file.
+    let bytes = std::fs::read(&real).unwrap();
+    std::fs::write(&p, &bytes[..20 << 20]).unwrap();
+    let e = GgufFile::open(&p).unwrap_err().to_string();
+    assert!(e.contains("truncated") && e.contains("x.gguf"), "{e}");
+    let e = LlamaModel::load(&p, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("truncated"), "{e}");
+    // An unknown tensor type id: patch the type field of the first tensor in the directory.
+    let mut patched = bytes.clone();
+    let name = b"token_embd.weight";
+    let at = patched.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    // n_dims (u32) + dims (2 x u64), then the type (u32).
+    let ty = at + 4 + 16;
+    patched[ty..ty + 4].copy_from_slice(&99u32.to_le_bytes());
+    std::fs::write(&p, &patched).unwrap();
+    let e = GgufFile::open(&p).unwrap_err().to_string();
+    assert!(e.contains("unsupported tensor type") || e.contains("99"), "{e}");
+    // GGUF tokenizer built without tokenizer.json.
+    let t = LmTokenizer::from_gguf(&GgufFile::open(&real).unwrap()).unwrap();
+    assert_eq!(t.vocab_size(), 49152);
+}
