@@ -39,6 +39,46 @@ pub enum Command {
     Export(ExportArgs),
     /// Benchmarks, side by side with PyTorch when --torch-python is given.
     Bench(BenchArgs),
+    /// Generate text with a decoder LM (GGUF or HF directory), streaming to stdout.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// A `.gguf` file, a directory with one, or an HF Llama-family directory. Default: the
+    /// default decoder (SmolLM2-135M-Instruct, Q4_1 GGUF), fetched on first use.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The prompt, used as is (special tokens such as `<|im_start|>` are recognised).
+    #[arg(long, required_unless_present = "chat")]
+    pub prompt: Option<String>,
+    /// A user message, wrapped in the model's chat template (ChatML).
+    #[arg(long, conflicts_with = "prompt")]
+    pub chat: Option<String>,
+    /// A system message for --chat (default: the template's own, if any).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// 0 = no top-k cut.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Stop when the text contains this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Multiply in f32 with dequantized weights at every step (slower; the maths of an f32 reference).
+    #[arg(long)]
+    pub exact: bool,
+    /// Print one JSON object (text, tokens, timings) instead of streaming.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -66,6 +106,9 @@ pub struct ModelArgs {
 
 #[derive(Args, Debug)]
 pub struct SetupArgs {
+    /// Also fetch the default decoder (SmolLM2-135M-Instruct, Q4_1 GGUF, about 98 MB).
+    #[arg(long)]
+    pub decoder: bool,
     /// Fetch only the model.
     #[arg(long, conflicts_with = "data_only")]
     pub model_only: bool,

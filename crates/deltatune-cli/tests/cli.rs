@@ -161,3 +161,28 @@ fn export_round_trips_peft_lora() {
     let b: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(lora.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(a, b);
 }
+
+#[test]
+fn generate_greedy_json_and_bad_flags() {
+    let o = run(&["setup", "--model-only", "--decoder", "--json"]);
+    if !o.status.success() {
+        eprintln!("SKIP: default decoder unavailable: {}", stderr(&o));
+        return;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let gguf = v["decoder"].as_str().unwrap().to_string();
+    let o = run(&["generate", "--model", &gguf, "--prompt", "The capital of France is", "--max-new-tokens", "3", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(g["text"].as_str().unwrap().contains("Paris"), "{g}");
+    assert_eq!(g["prompt_tokens"], 5);
+    assert!(g["tokens_per_second"].as_f64().unwrap() > 0.0);
+    // Streaming: the text goes to stdout as it is produced, timings to stderr.
+    let o = run(&["generate", "--model", &gguf, "--chat", "Say hi", "--max-new-tokens", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("tokens/s"), "{}", stderr(&o));
+    let o = run(&["generate", "--model", &gguf, "--prompt", "x", "--top-p", "0"]);
+    assert!(!o.status.success() && stderr(&o).contains("--top-p"), "{}", stderr(&o));
+    let o = run(&["generate", "--model", "no/such/model.gguf", "--prompt", "x"]);
+    assert!(!o.status.success() && stderr(&o).contains("no/such/model.gguf"), "{}", stderr(&o));
+}

@@ -1,6 +1,7 @@
 //! One file per subcommand; shared resolution of common flags.
 
 mod bench;
+mod generate;
 mod embed;
 mod evaluate;
 mod plot;
@@ -32,6 +33,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Merge(a) => merge::run(a),
         Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Generate(a) => generate::run(a),
     }
 }
 

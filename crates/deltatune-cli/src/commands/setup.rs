@@ -12,6 +12,10 @@ pub fn run(a: SetupArgs) -> Result<()> {
         let p = assets::ensure(&home, &assets::DEFAULT_MODEL, &mut super::progress)?;
         out.insert("model".into(), p.display().to_string().into());
     }
+    if a.decoder {
+        let p = assets::default_decoder(&mut super::progress)?;
+        out.insert("decoder".into(), p.display().to_string().into());
+    }
     if !a.model_only {
         let p = assets::ensure(&home, &assets::DEMO_DATA, &mut super::progress)?;
         out.insert("data".into(), p.display().to_string().into());

@@ -179,9 +179,25 @@ impl LmTokenizer {
 }
 
 /// The default system message a ChatML template inserts (`... '<|im_start|>system\nTEXT<|im_end|>` literal).
+/// The newline after `system` may be a real newline or a `\n` escape inside the Jinja string.
 fn default_system(tpl: &str) -> Option<String> {
-    let marker = "'<|im_start|>system\\n";
-    let start = tpl.find(marker)? + marker.len();
-    let end = tpl[start..].find("<|im_end|>")? + start;
-    Some(tpl[start..end].to_string())
+    ["'<|im_start|>system\n", "'<|im_start|>system\\n"].iter().find_map(|marker| {
+        let start = tpl.find(marker)? + marker.len();
+        let end = tpl[start..].find("<|im_end|>")? + start;
+        Some(tpl[start..end].to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_system;
+
+    #[test]
+    fn default_system_message_from_either_newline_form() {
+        let real = "{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}";
+        let escaped = "{{ '<|im_start|>system\\nYou are helpful<|im_end|>\\n' }}";
+        assert_eq!(default_system(real).as_deref(), Some("You are helpful"));
+        assert_eq!(default_system(escaped).as_deref(), Some("You are helpful"));
+        assert_eq!(default_system("{{ messages }}"), None);
+    }
 }
