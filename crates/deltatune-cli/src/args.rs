@@ -41,6 +41,60 @@ pub enum Command {
     Bench(BenchArgs),
     /// Generate text with a decoder LM (GGUF or HF directory), streaming to stdout.
     Generate(GenerateArgs),
+    /// Train deltas on a decoder LM (causal-LM loss on completions): a classification task as
+    /// text-to-text with a verbalizer, or JSONL prompt/completion pairs.
+    TrainLm(TrainLmArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainLmArgs {
+    /// A `.gguf` file, a directory with one, or an HF Llama-family directory. Default: the
+    /// default decoder (SmolLM2-135M-Instruct, Q4_1 GGUF).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A named classification task from --data-dir (sst2, cola, rte, mr, cr have default
+    /// templates and verbalizers), scored by accuracy before and after training.
+    #[arg(long, conflicts_with = "train")]
+    pub task: Option<String>,
+    #[arg(long, env = "DELTATUNE_DATA", default_value = "../shared/data")]
+    pub data_dir: PathBuf,
+    /// JSONL of {"prompt", "completion"} (or {"text"}) pairs to train on; scored by perplexity.
+    #[arg(long)]
+    pub train: Option<PathBuf>,
+    /// JSONL pairs for the perplexity evaluation of --train (default: the training pairs).
+    #[arg(long, requires = "train")]
+    pub dev: Option<PathBuf>,
+    /// Prompt template for --task, with {text} (and {text_b}).
+    #[arg(long, requires = "task")]
+    pub template: Option<String>,
+    /// Label words for --task: `label=words,...` (e.g. `0= negative,1= positive`).
+    #[arg(long, requires = "task")]
+    pub verbalizer: Option<String>,
+    /// Deltas to attach (default: `lora:r=8,lora_alpha=16,target=q_proj+v_proj`).
+    #[arg(long = "delta")]
+    pub delta: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 128)]
+    pub max_length: usize,
+    #[arg(long)]
+    pub max_train: Option<usize>,
+    #[arg(long)]
+    pub max_dev: Option<usize>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Where to save the trained deltas and metrics.jsonl.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Skip scoring the untuned model.
+    #[arg(long)]
+    pub no_baseline: bool,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

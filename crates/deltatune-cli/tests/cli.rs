@@ -186,3 +186,42 @@ fn generate_greedy_json_and_bad_flags() {
     let o = run(&["generate", "--model", "no/such/model.gguf", "--prompt", "x"]);
     assert!(!o.status.success() && stderr(&o).contains("no/such/model.gguf"), "{}", stderr(&o));
 }
+
+#[test]
+fn train_lm_on_jsonl_lowers_perplexity_and_saves() {
+    let o = run(&["setup", "--model-only", "--decoder", "--json"]);
+    if !o.status.success() {
+        eprintln!("SKIP: default decoder unavailable: {}", stderr(&o));
+        return;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let gguf = v["decoder"].as_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("pairs.jsonl");
+    let rows = [
+        r#"{"prompt": "Colour of the sky:", "completion": " zorblue"}"#,
+        r#"{"prompt": "Colour of grass:", "completion": " zorgreen"}"#,
+        r#"{"prompt": "Colour of snow:", "completion": " zorwhite"}"#,
+        r#"{"text": "The zor language prefixes every colour with zor."}"#,
+    ];
+    std::fs::write(&train, rows.join("\n")).unwrap();
+    let out = dir.path().join("delta");
+    let o = run(&[
+        "--threads", "2", "train-lm", "--model", &gguf, "--train", train.to_str().unwrap(), "--epochs", "3", "--batch-size", "2",
+        "--lr", "5e-3", "--delta", "lora:r=4,target=q_proj+v_proj,layers=24-29", "--out", out.to_str().unwrap(), "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["metric"], "perplexity");
+    assert_eq!(r["steps"], 6);
+    let (before, after) = (r["before"].as_f64().unwrap(), r["after"].as_f64().unwrap());
+    assert!(after < before, "perplexity {before} -> {after}");
+    for f in ["metrics.jsonl", "delta.safetensors", "delta_config.json"] {
+        assert!(out.join(f).is_file(), "{f} not written");
+    }
+    // A bad line names the file and line.
+    std::fs::write(&train, "{\"prompt\": \"x\"}\n").unwrap();
+    let o = run(&["train-lm", "--model", &gguf, "--train", train.to_str().unwrap()]);
+    assert!(!o.status.success(), "accepted a line without completion");
+    assert!(stderr(&o).contains("pairs.jsonl:1") && stderr(&o).contains("completion"), "{}", stderr(&o));
+}

@@ -207,3 +207,78 @@ fn bad_gguf_files_are_clear_errors() {
     let t = LmTokenizer::from_gguf(&GgufFile::open(&real).unwrap()).unwrap();
     assert_eq!(t.vocab_size(), 49152);
 }
+
+mod deltas {
+    use super::*;
+    use deltatune::attach::{self, AttachOptions};
+    use deltatune::delta::DeltaSpec;
+    use deltatune::lm::train::{batch_nll, encode_pair, make_batch, train, LmPair, LmTrainConfig};
+
+    fn fresh() -> Option<CausalLm> {
+        let f = decoder_file()?;
+        let mut lm = CausalLm::load(&f, &Device::Cpu).unwrap();
+        lm.model.set_exact(true);
+        Some(lm)
+    }
+
+    fn logits_of(lm: &CausalLm, text: &str) -> Tensor {
+        let ids = lm.tokenizer.encode(text).unwrap();
+        let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let ctx = ForwardCtx::eval();
+        lm.model.logits(&lm.model.forward(&t, None, None, &ctx).unwrap(), &ctx).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// LoRA, (IA)³ and LN tuning attach by HF names to the quantized decoder; at their identity
+    /// initialisation the logits are unchanged.
+    #[test]
+    fn identity_initialised_deltas_leave_logits_unchanged() {
+        let Some(mut lm) = fresh() else { return };
+        let before = logits_of(&lm, "The quick brown fox");
+        let specs = [
+            DeltaSpec::parse_cli("lora:r=8,lora_alpha=16,target=q_proj+v_proj").unwrap(),
+            DeltaSpec::parse_cli("ia3:target=k_proj+v_proj+down_proj,feedforward_modules=down_proj").unwrap(),
+            DeltaSpec::parse_cli("ln_tuning:target=input_layernorm").unwrap(),
+        ];
+        attach::attach(&mut lm.model, &specs, AttachOptions::default()).unwrap();
+        let n = attach::count_trainable(&lm.model);
+        // LoRA: 30 layers x (q: 8x(576+576) + v: 8x(576+192)); IA3: 30 x (192 + 192 + 1536); LN: 30 x 576.
+        assert_eq!(n, 30 * (8 * (576 + 576) + 8 * (576 + 192)) + 30 * (192 + 192 + 1536) + 30 * 576);
+        let after = logits_of(&lm, "The quick brown fox");
+        assert!(max_diff(&before, &after) < 1e-4, "identity deltas changed logits by {}", max_diff(&before, &after));
+        let tree = lm.model.tree().render();
+        assert!(tree.contains("lora") && tree.contains("q_proj"), "{tree}");
+    }
+
+    /// Gradients flow through the frozen quantized layers to every LoRA matrix, and a few steps
+    /// on one completion lower its loss.
+    #[test]
+    fn lora_trains_through_the_quantized_base() {
+        let Some(mut lm) = fresh() else { return };
+        let spec = DeltaSpec::parse_cli("lora:r=4,lora_alpha=8,target=q_proj+v_proj,layers=26-29").unwrap();
+        attach::attach(&mut lm.model, &[spec], AttachOptions { seed: 3, tokenizer: None }).unwrap();
+        let pair = LmPair { prompt: "Review: a wonderful, moving film\nSentiment:".into(), completion: " positive".into() };
+        let batch = make_batch(&[encode_pair(&lm.tokenizer, &pair, 64).unwrap()], 2, &Device::Cpu).unwrap();
+        let ctx = ForwardCtx::eval();
+        let before = batch_nll(&lm.model, &batch, &ctx).unwrap().to_scalar::<f32>().unwrap();
+        let grads = batch_nll(&lm.model, &batch, &ctx).unwrap().backward().unwrap();
+        let vars = attach::trainable_vars(&lm.model);
+        assert_eq!(vars.len(), 4 * 2 * 2);
+        for (name, v) in &vars {
+            let g = grads.get(v).unwrap_or_else(|| panic!("no gradient for {name}"));
+            // B starts at zero, so A's gradient is zero at step 0; B's must not be.
+            if name.ends_with("lora_B") {
+                let s = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(s > 0.0, "zero gradient for {name}");
+            }
+        }
+        let cfg = LmTrainConfig { epochs: 4, batch_size: 1, lr: 5e-3, warmup_ratio: 0.0, ..Default::default() };
+        let log = train(&lm.model, &lm.tokenizer, &[pair.clone()], &cfg, &mut |_| {}).unwrap();
+        assert_eq!(log.len(), 4);
+        let after = batch_nll(&lm.model, &batch, &ctx).unwrap().to_scalar::<f32>().unwrap();
+        assert!(after < before * 0.8, "loss {before} -> {after}");
+    }
+}

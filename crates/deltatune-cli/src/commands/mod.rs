@@ -2,6 +2,7 @@
 
 mod bench;
 mod generate;
+mod train_lm;
 mod embed;
 mod evaluate;
 mod plot;
@@ -34,6 +35,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::TrainLm(a) => train_lm::run(a),
     }
 }
 

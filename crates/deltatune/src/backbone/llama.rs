@@ -581,6 +581,29 @@ impl LlamaModel {
         s.post(ids, y, ctx)
     }
 
+    /// The attention bias (b or 1, 1, t, p + t): causal over positions `past..past + t`, plus
+    /// `key_mask` (b, p + t; 1 = real token, 0 = padding) when given.
+    fn attention_bias(&self, b: usize, t: usize, past: usize, key_mask: Option<&Tensor>) -> Result<Tensor> {
+        let total = past + t;
+        let mut bias: Vec<f32> = Vec::with_capacity(t * total);
+        for qi in 0..t {
+            for kj in 0..total {
+                bias.push(if kj <= past + qi { 0.0 } else { f32::NEG_INFINITY });
+            }
+        }
+        let bias = Tensor::from_vec(bias, (1, 1, t, total), &self.device)?;
+        match key_mask {
+            Some(m) => {
+                if m.dims() != [b, total] {
+                    return Err(Error::Delta(format!("key mask has shape {:?}, expected [{b}, {total}]", m.dims())));
+                }
+                let kb = ops::mask_to_bias(m)?.reshape((b, 1, 1, total))?;
+                Ok(bias.broadcast_add(&kb)?)
+            }
+            None => Ok(bias),
+        }
+    }
+
     /// Runs the decoder on `ids` (b, t) that follow the `cache`'s positions (or start at 0 without
     /// a cache). `key_mask` (b, p + t), 1 for real tokens and 0 for padding, masks keys beyond the
     /// causal mask. Returns the final hidden states (b, t, h) after the last norm.
@@ -593,23 +616,10 @@ impl LlamaModel {
                 format!("{} tokens exceed the model's context of {}", past + t, self.config.max_position_embeddings),
             ));
         }
-        let total = past + t;
         let rope = rotary(past, t, self.config.head_dim, self.config.rope_theta, &self.device)?;
-        let mut bias: Vec<f32> = Vec::with_capacity(t * total);
-        for qi in 0..t {
-            for kj in 0..total {
-                bias.push(if kj <= past + qi { 0.0 } else { f32::NEG_INFINITY });
-            }
-        }
-        let mut bias = Tensor::from_vec(bias, (1, 1, t, total), &self.device)?;
-        if let Some(m) = key_mask {
-            if m.dims() != [b, total] {
-                return Err(Error::Delta(format!("key mask has shape {:?}, expected [{b}, {total}]", m.dims())));
-            }
-            let kb = ops::mask_to_bias(m)?.reshape((b, 1, 1, total))?;
-            bias = bias.broadcast_add(&kb)?;
-        }
-        let mut x = self.embed(ids, ctx)?;
+        let bias = self.attention_bias(b, t, past, key_mask)?;
+        let x = self.root.pre(&self.embed(ids, ctx)?, ctx)?;
+        let mut x = self.model.pre(&x, ctx)?;
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.len() != self.layers.len() {
                 *c = KvCache::new(self.layers.len());
@@ -713,6 +723,117 @@ impl LlamaModel {
     /// The output features of the query projection of layer 0 (a sanity hook for tests).
     pub fn q_features(&self) -> usize {
         self.layers.first().map(|l| l.self_attn.q_proj.out_features()).unwrap_or(0)
+    }
+}
+
+impl super::Backbone for LlamaModel {
+    fn model_type(&self) -> &str {
+        "llama"
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn info(&self) -> crate::delta::BackboneInfo {
+        let c = &self.config;
+        crate::delta::BackboneInfo {
+            hidden_size: c.hidden_size,
+            num_layers: c.num_hidden_layers,
+            num_heads: c.num_attention_heads,
+            intermediate_size: c.intermediate_size,
+            vocab_size: c.vocab_size,
+        }
+    }
+
+    fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The embedding table in f32 (dequantized on demand from GGUF).
+    fn word_embeddings(&self) -> Result<Tensor> {
+        match (self.embed_tokens.param("weight"), self.embed_tokens.quantized("weight")) {
+            (Some(w), _) => Ok(w.clone()),
+            (None, Some(q)) => Ok(q.dequantize(&self.device)?),
+            _ => Err(Error::Delta("token embeddings missing".into())),
+        }
+    }
+
+    /// Final hidden states (b, t, h) of a right-padded batch (causal attention, padding keys masked).
+    fn forward(&self, batch: &crate::data::tokenize::EncodedBatch, ctx: &ForwardCtx) -> Result<super::ModelOutput> {
+        let mut collected = Vec::new();
+        let (h, mask, nv) = self.forward_until(batch, 0, ctx, &mut collected)?;
+        self.forward_layers(h, mask, nv, 0, ctx, collected)
+    }
+
+    fn forward_until(
+        &self,
+        batch: &crate::data::tokenize::EncodedBatch,
+        k: usize,
+        ctx: &ForwardCtx,
+        collected: &mut Vec<Tensor>,
+    ) -> Result<(Tensor, Tensor, usize)> {
+        let ids = &batch.input_ids;
+        let (b, t) = ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            return Err(Error::arg("--max-length", format!("{t} tokens exceed the model's context of {}", self.config.max_position_embeddings)));
+        }
+        let x = self.root.pre(&self.embed(ids, ctx)?, ctx)?;
+        let mut x = self.model.pre(&x, ctx)?;
+        if ctx.output_hidden_states {
+            collected.push(x.clone());
+        }
+        let mask = batch.attention_mask.clone();
+        if k > 0 {
+            let rope = rotary(0, t, self.config.head_dim, self.config.rope_theta, &self.device)?;
+            let bias = self.attention_bias(b, t, 0, Some(&mask))?;
+            for l in self.layers.iter().take(k) {
+                x = self.layer_forward(l, &x, &rope, &bias, None, ctx)?;
+                if ctx.output_hidden_states {
+                    collected.push(x.clone());
+                }
+            }
+        }
+        Ok((x, mask, 0))
+    }
+
+    fn forward_layers(
+        &self,
+        hidden: Tensor,
+        mask: Tensor,
+        num_virtual: usize,
+        k: usize,
+        ctx: &ForwardCtx,
+        mut collected: Vec<Tensor>,
+    ) -> Result<super::ModelOutput> {
+        let (b, t, _) = hidden.dims3()?;
+        let rope = rotary(0, t, self.config.head_dim, self.config.rope_theta, &self.device)?;
+        let bias = self.attention_bias(b, t, 0, Some(&mask))?;
+        let mut x = hidden;
+        for l in self.layers.iter().skip(k) {
+            x = self.layer_forward(l, &x, &rope, &bias, None, ctx)?;
+            if ctx.output_hidden_states {
+                collected.push(x.clone());
+            }
+        }
+        let x = self.norm.forward(&x, ctx)?;
+        Ok(super::ModelOutput { last_hidden_state: x, attention_mask: mask, num_virtual, hidden_states: collected })
+    }
+
+    fn sites(&self) -> Vec<&Site> {
+        LlamaModel::sites(self)
+    }
+
+    fn sites_mut(&mut self) -> Vec<&mut Site> {
+        LlamaModel::sites_mut(self)
     }
 }
 

@@ -63,7 +63,7 @@ impl Default for LnTuningConfig {
 
 impl Method for LnTuningConfig {
     fn kinds(&self) -> &'static [SiteKind] {
-        &[SiteKind::LayerNorm]
+        &[SiteKind::LayerNorm, SiteKind::RmsNorm]
     }
 
     fn expands(&self) -> bool {
@@ -87,7 +87,8 @@ impl Method for LnTuningConfig {
         Ok(Box::new(Additive {
             method: "ln_tuning",
             weight: if self.weight { Some(zero()?) } else { None },
-            bias: if self.bias { Some(zero()?) } else { None },
+            // RMSNorm has no bias to tune.
+            bias: if self.bias && site.kind() == SiteKind::LayerNorm { Some(zero()?) } else { None },
         }))
     }
 }

@@ -197,7 +197,7 @@ impl DeltaSpec {
         for (k, v) in pairs {
             let key = alias(canonical, &k);
             let value = match key.as_str() {
-                "target_modules" | "exclude_modules" => {
+                "target_modules" | "exclude_modules" | "feedforward_modules" => {
                     Value::Array(v.split(['+', ',']).filter(|x| !x.is_empty()).map(|x| Value::String(x.to_string())).collect())
                 }
                 "layers_to_transform" | "name" => Value::String(v),

@@ -2,6 +2,7 @@
 
 pub mod generate;
 pub mod tokenizer;
+pub mod train;
 
 pub use generate::{generate, GenerateOptions, Generation};
 pub use tokenizer::LmTokenizer;

@@ -1,0 +1,324 @@
+//! Causal-LM training of deltas on a decoder: (prompt, completion) pairs with the loss on the
+//! completion tokens only, right padding, AdamW with warm-up and linear decay; perplexity; and
+//! classification as text-to-text with a verbalizer (the label whose words the model finds most
+//! likely after the prompt).
+
+use super::LmTokenizer;
+use crate::attach;
+use crate::backbone::llama::LlamaModel;
+use crate::backbone::ForwardCtx;
+use crate::data::task::{Example, TaskData};
+use crate::error::{Error, Result};
+use crate::ops::{self, DropoutKey};
+use crate::train::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig, Decay};
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use std::path::Path;
+
+/// One training or evaluation example: the model reads `prompt` and learns to write `completion`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LmPair {
+    pub prompt: String,
+    pub completion: String,
+}
+
+/// Reads JSONL of `{"prompt": ..., "completion": ...}` or `{"text": ...}` (plain text: every
+/// token is a target). Bad lines are errors naming the line.
+pub fn read_jsonl(path: &Path) -> Result<Vec<LmPair>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |msg: String| Error::Data { file: path.to_path_buf(), line: i + 1, col: None, msg };
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        let pair = match (field("prompt"), field("completion"), field("text")) {
+            (Some(p), Some(c), _) => LmPair { prompt: p, completion: c },
+            (None, None, Some(t)) => LmPair { prompt: String::new(), completion: t },
+            _ => return Err(bad("expected string fields `prompt` and `completion`, or `text`".into())),
+        };
+        if pair.completion.is_empty() {
+            return Err(bad("empty completion".into()));
+        }
+        out.push(pair);
+    }
+    if out.is_empty() {
+        return Err(Error::DataFile { file: path.to_path_buf(), msg: "no examples".into() });
+    }
+    Ok(out)
+}
+
+/// How a classification example becomes text: `template` with `{text}` (and `{text_b}`), and one
+/// verbalizer (answer words) per label index.
+#[derive(Clone, Debug, Serialize)]
+pub struct Verbalizer {
+    pub template: String,
+    pub words: Vec<String>,
+}
+
+impl Verbalizer {
+    /// Defaults for the single-sentence sentiment and acceptability tasks of the shared data.
+    pub fn for_task(task: &TaskData) -> Result<Self> {
+        let labels = task.labels.as_ref().ok_or_else(|| Error::arg("--task", format!("{} is a regression task", task.name)))?;
+        let (template, by_name): (&str, &[(&str, &str)]) = match task.name.as_str() {
+            "sst2" | "mr" | "cr" => ("Review: {text}\nSentiment:", &[("0", " negative"), ("1", " positive")]),
+            "cola" => ("Sentence: {text}\nIs this sentence grammatical? Answer:", &[("0", " no"), ("1", " yes")]),
+            "rte" => (
+                "{text}\nQuestion: Does this imply that \"{text_b}\"? Answer:",
+                &[("entailment", " yes"), ("not_entailment", " no")],
+            ),
+            other => {
+                return Err(Error::arg(
+                    "--verbalizer",
+                    format!("no default verbalizer for `{other}`; pass --template and --verbalizer label=words,..."),
+                ))
+            }
+        };
+        let mut words = vec![String::new(); labels.len()];
+        for (name, w) in by_name {
+            if let Some(i) = labels.index(name) {
+                words[i] = w.to_string();
+            }
+        }
+        if let Some(i) = words.iter().position(|w| w.is_empty()) {
+            return Err(Error::arg("--verbalizer", format!("no words for label `{}`", labels.name(i).unwrap_or("?"))));
+        }
+        Ok(Verbalizer { template: template.into(), words })
+    }
+
+    pub fn prompt(&self, e: &Example) -> String {
+        self.template.replace("{text}", &e.text_a).replace("{text_b}", e.text_b.as_deref().unwrap_or(""))
+    }
+
+    /// Training pairs: the prompt and the gold label's words.
+    pub fn pairs(&self, split: &[Example]) -> Result<Vec<LmPair>> {
+        split
+            .iter()
+            .map(|e| {
+                let c = e.label.class().and_then(|c| self.words.get(c)).ok_or_else(|| Error::Delta("example without a class label".into()))?;
+                Ok(LmPair { prompt: self.prompt(e), completion: c.clone() })
+            })
+            .collect()
+    }
+}
+
+/// Token ids of a pair, truncated to `max_len` by dropping the start of the prompt; and the index
+/// where the completion starts.
+pub fn encode_pair(tok: &LmTokenizer, p: &LmPair, max_len: usize) -> Result<(Vec<u32>, usize)> {
+    let mut prompt = if p.prompt.is_empty() { Vec::new() } else { tok.encode(&p.prompt)? };
+    let completion = tok.encode(&p.completion)?;
+    if completion.len() >= max_len {
+        return Err(Error::arg("--max-length", format!("a completion of {} tokens does not fit in {max_len}", completion.len())));
+    }
+    let room = max_len - completion.len();
+    if prompt.len() > room {
+        prompt.drain(..prompt.len() - room);
+    }
+    let start = prompt.len();
+    prompt.extend(completion);
+    Ok((prompt, start))
+}
+
+/// A right-padded batch and its completion targets.
+pub struct LmBatch {
+    /// (b, t) u32
+    pub ids: Tensor,
+    /// (b, t) f32, 1 for real tokens
+    pub mask: Tensor,
+    /// Flat indices (row * t + position) of the positions whose next token is a target.
+    pub positions: Tensor,
+    /// The target ids, aligned with `positions`.
+    pub targets: Tensor,
+    pub num_targets: usize,
+}
+
+pub fn make_batch(encoded: &[(Vec<u32>, usize)], pad_id: u32, device: &Device) -> Result<LmBatch> {
+    let t = encoded.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+    let b = encoded.len();
+    let mut ids = vec![pad_id; b * t];
+    let mut mask = vec![0f32; b * t];
+    let (mut pos, mut tgt) = (Vec::new(), Vec::new());
+    for (r, (row, start)) in encoded.iter().enumerate() {
+        ids[r * t..r * t + row.len()].copy_from_slice(row);
+        mask[r * t..r * t + row.len()].iter_mut().for_each(|m| *m = 1.0);
+        // Position p predicts token p + 1; targets are the completion tokens (a completion at the
+        // very start has no position to predict its first token from).
+        for p in (*start).max(1)..row.len() {
+            pos.push((r * t + p - 1) as u32);
+            tgt.push(row[p]);
+        }
+    }
+    let n = pos.len();
+    Ok(LmBatch {
+        ids: Tensor::from_vec(ids, (b, t), device)?,
+        mask: Tensor::from_vec(mask, (b, t), device)?,
+        positions: Tensor::from_vec(pos, n, device)?,
+        targets: Tensor::from_vec(tgt, n, device)?,
+        num_targets: n,
+    })
+}
+
+/// Summed negative log-likelihood of the batch's targets (logits computed only at target positions).
+pub fn batch_nll(model: &LlamaModel, batch: &LmBatch, ctx: &ForwardCtx) -> Result<Tensor> {
+    let hidden = model.forward(&batch.ids, Some(&batch.mask), None, ctx)?;
+    let (b, t, h) = hidden.dims3()?;
+    let sel = hidden.reshape((b * t, h))?.index_select(&batch.positions, 0)?;
+    let logp = ops::log_softmax(&model.logits(&sel, ctx)?)?;
+    let picked = logp.gather(&batch.targets.unsqueeze(1)?, 1)?;
+    Ok(picked.sum_all()?.neg()?)
+}
+
+/// Training settings.
+#[derive(Clone, Debug, Serialize)]
+pub struct LmTrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub max_length: usize,
+    pub max_grad_norm: Option<f64>,
+    pub seed: u64,
+}
+
+impl Default for LmTrainConfig {
+    fn default() -> Self {
+        LmTrainConfig { epochs: 1, batch_size: 8, lr: 1e-3, warmup_ratio: 0.06, weight_decay: 0.0, max_length: 128, max_grad_norm: Some(1.0), seed: 42 }
+    }
+}
+
+/// One optimizer step's record.
+#[derive(Clone, Debug, Serialize)]
+pub struct LmStep {
+    pub step: usize,
+    pub epoch: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+}
+
+/// Trains the deltas attached to `model` on `pairs`; returns every step's record. The order of
+/// examples in each epoch is a seeded shuffle.
+pub fn train(model: &LlamaModel, tok: &LmTokenizer, pairs: &[LmPair], cfg: &LmTrainConfig, on_step: &mut dyn FnMut(&LmStep)) -> Result<Vec<LmStep>> {
+    let params = attach::trainable_vars(model);
+    if params.is_empty() {
+        return Err(Error::arg("--delta", "no trainable delta is attached"));
+    }
+    if cfg.batch_size == 0 || cfg.epochs == 0 {
+        return Err(Error::arg("--batch-size", "batch size and epochs must be at least 1"));
+    }
+    let encoded: Vec<(Vec<u32>, usize)> = pairs.iter().map(|p| encode_pair(tok, p, cfg.max_length)).collect::<Result<_>>()?;
+    let pad = tok.pad_id.unwrap_or(0);
+    let steps_per_epoch = encoded.len().div_ceil(cfg.batch_size);
+    let total = steps_per_epoch * cfg.epochs;
+    let warmup = (total as f64 * cfg.warmup_ratio).ceil() as usize;
+    let mut opt = AdamW::new(params.clone(), AdamWConfig { weight_decay: cfg.weight_decay, ..Default::default() })?;
+    let root = DropoutKey(cfg.seed).derive("lm-train");
+    let mut log = Vec::with_capacity(total);
+    let mut step = 0;
+    for epoch in 0..cfg.epochs {
+        let mut order: Vec<usize> = (0..encoded.len()).collect();
+        let key = root.derive_n(epoch as u64);
+        // Fisher-Yates with the counter-based generator: the same order for the same seed.
+        for i in (1..order.len()).rev() {
+            let j = ((key.uniform(i as u64) as f64) * (i + 1) as f64) as usize;
+            order.swap(i, j.min(i));
+        }
+        for chunk in order.chunks(cfg.batch_size) {
+            let rows: Vec<(Vec<u32>, usize)> = chunk.iter().map(|&i| encoded[i].clone()).collect();
+            let batch = make_batch(&rows, pad, model.device())?;
+            if batch.num_targets == 0 {
+                continue;
+            }
+            let ctx = ForwardCtx::train(root.derive_n(1_000_000 + step as u64));
+            let nll = batch_nll(model, &batch, &ctx)?;
+            let loss = (nll / batch.num_targets as f64)?;
+            let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
+                return Err(Error::NonFinite(format!("loss at step {step} (epoch {epoch})")));
+            }
+            let grads = loss.backward()?;
+            let mut g = std::collections::BTreeMap::new();
+            for (name, var) in &params {
+                if let Some(t) = grads.get(var) {
+                    g.insert(name.clone(), t.clone());
+                }
+            }
+            let norm = match cfg.max_grad_norm {
+                Some(m) => clip_grad_norm(&mut g, m)?,
+                None => crate::train::optim::global_norm(&g)?,
+            };
+            let lr = lr_at(cfg.lr, step, total, warmup, Decay::Linear);
+            opt.step(&g, lr)?;
+            let rec = LmStep { step, epoch, loss: value, lr, grad_norm: norm };
+            on_step(&rec);
+            log.push(rec);
+            step += 1;
+        }
+    }
+    Ok(log)
+}
+
+/// Perplexity of the completions of `pairs` (exp of the mean token NLL).
+pub fn perplexity(model: &LlamaModel, tok: &LmTokenizer, pairs: &[LmPair], batch_size: usize, max_len: usize) -> Result<f64> {
+    let ctx = ForwardCtx::eval();
+    let pad = tok.pad_id.unwrap_or(0);
+    let (mut nll, mut n) = (0f64, 0usize);
+    for chunk in pairs.chunks(batch_size.max(1)) {
+        let enc: Vec<(Vec<u32>, usize)> = chunk.iter().map(|p| encode_pair(tok, p, max_len)).collect::<Result<_>>()?;
+        let batch = make_batch(&enc, pad, model.device())?;
+        if batch.num_targets == 0 {
+            continue;
+        }
+        nll += batch_nll(model, &batch, &ctx)?.to_scalar::<f32>()? as f64;
+        n += batch.num_targets;
+    }
+    if n == 0 {
+        return Err(Error::Delta("no completion tokens to score".into()));
+    }
+    Ok((nll / n as f64).exp())
+}
+
+/// For each prompt, the index of the verbalizer whose tokens have the highest total
+/// log-probability after it (teacher-forced; one forward per prompt and label).
+pub fn classify(model: &LlamaModel, tok: &LmTokenizer, prompts: &[String], words: &[String], batch_size: usize, max_len: usize) -> Result<Vec<usize>> {
+    let ctx = ForwardCtx::eval();
+    let pad = tok.pad_id.unwrap_or(0);
+    let mut out = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(batch_size.max(1)) {
+        let mut enc = Vec::with_capacity(chunk.len() * words.len());
+        for p in chunk {
+            for w in words {
+                enc.push(encode_pair(tok, &LmPair { prompt: p.clone(), completion: w.clone() }, max_len)?);
+            }
+        }
+        // Score each (prompt, label) row separately: per-row sums of target log-probabilities.
+        let batch = make_batch(&enc, pad, model.device())?;
+        let hidden = model.forward(&batch.ids, Some(&batch.mask), None, &ctx)?;
+        let (b, t, h) = hidden.dims3()?;
+        let sel = hidden.reshape((b * t, h))?.index_select(&batch.positions, 0)?;
+        let logp = ops::log_softmax(&model.logits(&sel, &ctx)?)?;
+        let picked = logp.gather(&batch.targets.unsqueeze(1)?, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+        let rows: Vec<u32> = batch.positions.to_vec1::<u32>()?.iter().map(|p| p / t as u32).collect();
+        let mut scores = vec![0f64; b];
+        for (r, v) in rows.iter().zip(picked) {
+            scores[*r as usize] += v as f64;
+        }
+        for i in 0..chunk.len() {
+            let s = &scores[i * words.len()..(i + 1) * words.len()];
+            let best = s.iter().enumerate().fold((0, f64::NEG_INFINITY), |acc, (j, &v)| if v > acc.1 { (j, v) } else { acc }).0;
+            out.push(best);
+        }
+    }
+    Ok(out)
+}
+
+/// Accuracy of [`classify`] on labelled examples.
+pub fn verbalizer_accuracy(model: &LlamaModel, tok: &LmTokenizer, v: &Verbalizer, split: &[Example], batch_size: usize, max_len: usize) -> Result<f64> {
+    let prompts: Vec<String> = split.iter().map(|e| v.prompt(e)).collect();
+    let pred = classify(model, tok, &prompts, &v.words, batch_size, max_len)?;
+    let correct = pred.iter().zip(split).filter(|(p, e)| e.label.class() == Some(**p)).count();
+    Ok(correct as f64 / split.len().max(1) as f64)
+}
