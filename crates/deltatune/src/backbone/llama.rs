@@ -837,6 +837,21 @@ impl super::Backbone for LlamaModel {
     }
 }
 
+/// Whether `path` names a decoder this module loads: a `.gguf` file, a directory holding one, or
+/// an HF directory whose config.json declares a Llama-family `model_type`.
+pub fn is_decoder_path(path: &Path) -> bool {
+    if path.is_file() {
+        return path.extension().is_some_and(|x| x == "gguf");
+    }
+    let cfg = path.join("config.json");
+    if cfg.is_file() {
+        return LlamaConfig::from_hf(&cfg).is_ok();
+    }
+    std::fs::read_dir(path)
+        .map(|d| d.filter_map(|e| e.ok()).any(|e| e.path().extension().is_some_and(|x| x == "gguf")))
+        .unwrap_or(false)
+}
+
 /// The hidden size of the last position of each sequence: (b, t, h) → (b, h).
 pub fn last_position(hidden: &Tensor) -> Result<Tensor> {
     let t = hidden.dim(1)?;
