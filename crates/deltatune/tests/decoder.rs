@@ -282,3 +282,48 @@ mod deltas {
         assert!(after < before * 0.8, "loss {before} -> {after}");
     }
 }
+
+mod interop {
+    use super::*;
+    use deltatune::attach::{self, AttachOptions};
+    use deltatune::delta::DeltaSpec;
+    use deltatune::io::peft;
+    use deltatune::lm::train::{train, LmPair, LmTrainConfig};
+
+    /// A LoRA trained on the quantized decoder exports with PEFT's Llama key names and loads back
+    /// onto a fresh copy of the model with identical logits.
+    #[test]
+    fn lora_exports_with_peft_llama_keys_and_round_trips() {
+        let Some(f) = decoder_file() else { return };
+        let mut a = CausalLm::load(&f, &Device::Cpu).unwrap();
+        a.model.set_exact(true);
+        let spec = DeltaSpec::parse_cli("lora:r=4,lora_alpha=8,target=q_proj+v_proj,layers=28-29").unwrap();
+        attach::attach(&mut a.model, &[spec.clone()], AttachOptions { seed: 5, tokenizer: None }).unwrap();
+        let pair = LmPair { prompt: "2 + 2 =".into(), completion: " 4".into() };
+        let cfg = LmTrainConfig { epochs: 2, batch_size: 1, lr: 1e-2, warmup_ratio: 0.0, ..Default::default() };
+        train(&a.model, &a.tokenizer, &[pair], &cfg, &mut |_| {}).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("adapter");
+        peft::export(&out, &a.model, &spec, "HuggingFaceTB/SmolLM2-135M-Instruct", &Default::default()).unwrap();
+        let st = deltatune::io::TensorFile::load(&out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+        let names: Vec<&str> = st.names().collect();
+        for k in [
+            "base_model.model.model.layers.28.self_attn.q_proj.lora_A.weight",
+            "base_model.model.model.layers.29.self_attn.v_proj.lora_B.weight",
+        ] {
+            assert!(names.contains(&k), "{k} not in {names:?}");
+        }
+        assert_eq!(names.len(), 2 * 2 * 2);
+        let mut b = CausalLm::load(&f, &Device::Cpu).unwrap();
+        b.model.set_exact(true);
+        peft::load(&out, &mut b.model, None).unwrap();
+        let text = "Numbers: 2 + 2 = 4";
+        let ids = a.tokenizer.encode(text).unwrap();
+        let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let ctx = ForwardCtx::eval();
+        let la = a.model.logits(&a.model.forward(&t, None, None, &ctx).unwrap(), &ctx).unwrap();
+        let lb = b.model.logits(&b.model.forward(&t, None, None, &ctx).unwrap(), &ctx).unwrap();
+        let d = (la - lb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "round-tripped LoRA changes logits by {d}");
+    }
+}
