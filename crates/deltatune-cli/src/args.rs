@@ -130,6 +130,9 @@ pub struct GenerateArgs {
     /// Multiply in f32 with dequantized weights at every step (slower; the maths of an f32 reference).
     #[arg(long)]
     pub exact: bool,
+    /// A trained delta directory (ours, e.g. from `train-lm --out`, or a PEFT adapter) to apply.
+    #[arg(long)]
+    pub delta: Option<PathBuf>,
     /// Print one JSON object (text, tokens, timings) instead of streaming.
     #[arg(long)]
     pub json: bool,
@@ -224,6 +227,9 @@ pub struct MergeArgs {
     /// Output directory (a plain HF model directory).
     #[arg(long)]
     pub out: PathBuf,
+    /// Weight dtype of a merged decoder: f32, f16 or bf16 (encoders are written as loaded).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,

@@ -327,3 +327,49 @@ mod interop {
         assert!(d < 1e-5, "round-tripped LoRA changes logits by {d}");
     }
 }
+
+mod merge {
+    use super::*;
+    use deltatune::attach::{self, AttachOptions};
+    use deltatune::delta::DeltaSpec;
+    use deltatune::lm::train::{train, LmPair, LmTrainConfig};
+
+    /// LoRA + LN tuning trained on the quantized GGUF model, merged into an f32 HF directory: the
+    /// directory loads as an ordinary safetensors Llama (our HF loader) with the same tokenizer
+    /// and the same logits as the unmerged model.
+    #[test]
+    fn merged_hf_directory_equals_the_unmerged_model() {
+        let Some(f) = decoder_file() else { return };
+        let mut a = CausalLm::load(&f, &Device::Cpu).unwrap();
+        a.model.set_exact(true);
+        let specs = [
+            DeltaSpec::parse_cli("lora:r=4,lora_alpha=8,target=q_proj+v_proj+down_proj,layers=27-29").unwrap(),
+            DeltaSpec::parse_cli("ln_tuning:target=post_attention_layernorm,layers=29").unwrap(),
+        ];
+        attach::attach(&mut a.model, &specs, AttachOptions { seed: 9, tokenizer: None }).unwrap();
+        let pair = LmPair { prompt: "The sky is".into(), completion: " green today".into() };
+        let cfg = LmTrainConfig { epochs: 2, batch_size: 1, lr: 1e-2, warmup_ratio: 0.0, ..Default::default() };
+        train(&a.model, &a.tokenizer, &[pair], &cfg, &mut |_| {}).unwrap();
+        let text = "The sky is blue and the grass";
+        let ids = a.tokenizer.encode(text).unwrap();
+        let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let ctx = ForwardCtx::eval();
+        let before = a.model.logits(&a.model.forward(&t, None, None, &ctx).unwrap(), &ctx).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("merged");
+        let merged = a.model.write_merged(&out, candle_core::DType::F32, &a.tokenizer).unwrap();
+        assert_eq!(merged, 3 * 3 + 1);
+        for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+            assert!(out.join(file).is_file(), "{file} missing");
+        }
+        let b = CausalLm::load(&out, &Device::Cpu).unwrap();
+        assert!(matches!(b.model.source, deltatune::backbone::llama::LlamaSource::Safetensors { .. }));
+        assert_eq!(b.model.num_params(), 134_515_008);
+        assert_eq!(b.tokenizer.encode(text).unwrap(), ids);
+        assert_eq!(b.tokenizer.eos_ids.first(), Some(&2));
+        let after = b.model.logits(&b.model.forward(&t, None, None, &ctx).unwrap(), &ctx).unwrap();
+        let d = (before - after).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 2e-4, "merged model differs by {d}");
+        eprintln!("merged vs unmerged logits: max |diff| {d:.2e}");
+    }
+}

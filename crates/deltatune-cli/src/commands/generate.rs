@@ -19,6 +19,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let mut lm = CausalLm::load(&path, &Device::Cpu).with_context(|| format!("loading {}", path.display()))?;
     lm.model.set_exact(a.exact);
+    if let Some(d) = &a.delta {
+        let loaded = deltatune::tuned::load_delta(d, &mut lm.model, Default::default())?;
+        for w in &loaded.warnings {
+            eprintln!("warning: {w}");
+        }
+    }
     let prompt = match (&a.prompt, &a.chat) {
         (Some(p), _) => p.clone(),
         (None, Some(user)) => {

@@ -726,6 +726,71 @@ impl LlamaModel {
     }
 }
 
+impl LlamaModel {
+    /// Folds the mergeable deltas (LoRA, (IA)³, LN tuning) into f32 copies of the base weights and
+    /// writes an HF directory: config.json, model.safetensors (`dtype` F32, F16 or BF16),
+    /// tokenizer.json and tokenizer_config.json. Written to a staging directory and renamed into
+    /// place. Returns the number of sites that had deltas merged.
+    pub fn write_merged(&mut self, dir: &Path, dtype: candle_core::DType, tokenizer: &crate::lm::LmTokenizer) -> Result<usize> {
+        use candle_core::DType;
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::arg("--dtype", format!("{dtype:?} (expected f32, f16 or bf16)")));
+        }
+        for s in self.sites_mut() {
+            s.dequantize()?;
+        }
+        let merged = crate::attach::merge_all(self, true)?;
+        let mut tensors = std::collections::BTreeMap::new();
+        for s in self.sites() {
+            for (name, t) in s.params() {
+                tensors.insert(format!("{}.{name}", s.path()), t.to_dtype(dtype)?);
+            }
+        }
+        let c = &self.config;
+        let dtype_name = match dtype {
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            _ => "float32",
+        };
+        let mut config = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": c.rope_theta,
+            "max_position_embeddings": c.max_position_embeddings,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "attention_bias": false,
+            "mlp_bias": false,
+            "torch_dtype": dtype_name,
+        });
+        if let Some(b) = tokenizer.bos_id {
+            config["bos_token_id"] = b.into();
+        }
+        if let Some(e) = tokenizer.eos_ids.first() {
+            config["eos_token_id"] = (*e).into();
+        }
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        let staging = tempfile::Builder::new().prefix(".merge-staging-").tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
+        crate::io::save_tensors(&staging.path().join("model.safetensors"), &tensors, Some([("format".to_string(), "pt".to_string())].into()))?;
+        crate::io::write_json_atomic(&staging.path().join("config.json"), &config)?;
+        tokenizer.save_dir(staging.path())?;
+        crate::io::atomic::replace_dir(&staging.keep(), dir)?;
+        Ok(merged)
+    }
+}
+
 impl super::Backbone for LlamaModel {
     fn model_type(&self) -> &str {
         "llama"

@@ -183,6 +183,18 @@ impl Site {
         Ok(())
     }
 
+    /// Replaces every quantized base tensor by its f32 dequantization (before merging deltas into
+    /// it or writing it out). Returns how many were converted.
+    pub fn dequantize(&mut self) -> Result<usize> {
+        let q = std::mem::take(&mut self.quantized);
+        let n = q.len();
+        for (name, t) in q {
+            let dev = self.params.first().map(|(_, p)| p.device().clone()).unwrap_or(Device::Cpu);
+            self.params.push((name, t.dequantize(&dev)?));
+        }
+        Ok(n)
+    }
+
     /// Whether any merged delta is folded into the base tensors.
     pub fn is_merged(&self) -> bool {
         self.unmerged.is_some()

@@ -129,6 +129,29 @@ impl LmTokenizer {
         })
     }
 
+    /// Writes tokenizer.json and tokenizer_config.json (special tokens, chat template) into `dir`.
+    pub fn save_dir(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("tokenizer.json");
+        let json = self.tokenizer.to_string(false).map_err(|e| Error::Tokenizer { file: path.clone(), msg: e.to_string() })?;
+        crate::io::write_atomic(&path, json.as_bytes())?;
+        let name = |id: Option<u32>| id.and_then(|i| self.tokenizer.id_to_token(i));
+        let mut cfg = serde_json::Map::new();
+        if let Some(b) = name(self.bos_id) {
+            cfg.insert("bos_token".into(), b.into());
+        }
+        if let Some(e) = name(self.eos_ids.first().copied()) {
+            cfg.insert("eos_token".into(), e.into());
+        }
+        if let Some(p) = name(self.pad_id) {
+            cfg.insert("pad_token".into(), p.into());
+        }
+        if let Some(t) = &self.chat_template {
+            cfg.insert("chat_template".into(), t.clone().into());
+        }
+        cfg.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+        crate::io::write_json_atomic(&dir.join("tokenizer_config.json"), &Value::Object(cfg))
+    }
+
     /// Token ids of `text`, special-token strings matched as single tokens, nothing added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
