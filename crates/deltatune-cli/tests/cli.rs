@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 
 mod common;
-use common::{model, run, stderr};
+use common::{decoder, model, run, stderr};
 
 #[test]
 fn missing_model_dir_is_a_clear_error() {
@@ -164,13 +164,7 @@ fn export_round_trips_peft_lora() {
 
 #[test]
 fn generate_greedy_json_and_bad_flags() {
-    let o = run(&["setup", "--model-only", "--decoder", "--json"]);
-    if !o.status.success() {
-        eprintln!("SKIP: default decoder unavailable: {}", stderr(&o));
-        return;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let gguf = v["decoder"].as_str().unwrap().to_string();
+    let Some(gguf) = decoder() else { return };
     let o = run(&["generate", "--model", &gguf, "--prompt", "The capital of France is", "--max-new-tokens", "3", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let g: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -189,13 +183,7 @@ fn generate_greedy_json_and_bad_flags() {
 
 #[test]
 fn train_lm_on_jsonl_lowers_perplexity_and_saves() {
-    let o = run(&["setup", "--model-only", "--decoder", "--json"]);
-    if !o.status.success() {
-        eprintln!("SKIP: default decoder unavailable: {}", stderr(&o));
-        return;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let gguf = v["decoder"].as_str().unwrap().to_string();
+    let Some(gguf) = decoder() else { return };
     let dir = tempfile::tempdir().unwrap();
     let train = dir.path().join("pairs.jsonl");
     let rows = [

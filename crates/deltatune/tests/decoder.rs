@@ -44,6 +44,25 @@ fn floats(v: &serde_json::Value) -> Vec<f32> {
     v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
 }
 
+/// A freshly loaded default decoder in exact (dequantize-and-multiply) mode.
+fn fresh() -> Option<CausalLm> {
+    let f = decoder_file()?;
+    let mut lm = CausalLm::load(&f, &Device::Cpu).unwrap();
+    lm.model.set_exact(true);
+    Some(lm)
+}
+
+fn logits_of(lm: &CausalLm, text: &str) -> Tensor {
+    let ids = lm.tokenizer.encode(text).unwrap();
+    let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let ctx = ForwardCtx::eval();
+    lm.model.logits(&lm.model.forward(&t, None, None, &ctx).unwrap(), &ctx).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
 #[test]
 fn loads_with_hf_names_and_quantized_weights() {
     let lm = require_decoder!();
@@ -214,24 +233,6 @@ mod deltas {
     use deltatune::delta::DeltaSpec;
     use deltatune::lm::train::{batch_nll, encode_pair, make_batch, train, LmPair, LmTrainConfig};
 
-    fn fresh() -> Option<CausalLm> {
-        let f = decoder_file()?;
-        let mut lm = CausalLm::load(&f, &Device::Cpu).unwrap();
-        lm.model.set_exact(true);
-        Some(lm)
-    }
-
-    fn logits_of(lm: &CausalLm, text: &str) -> Tensor {
-        let ids = lm.tokenizer.encode(text).unwrap();
-        let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let ctx = ForwardCtx::eval();
-        lm.model.logits(&lm.model.forward(&t, None, None, &ctx).unwrap(), &ctx).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
-    }
-
     /// LoRA, (IA)³ and LN tuning attach by HF names to the quantized decoder; at their identity
     /// initialisation the logits are unchanged.
     #[test]
@@ -294,9 +295,7 @@ mod interop {
     /// onto a fresh copy of the model with identical logits.
     #[test]
     fn lora_exports_with_peft_llama_keys_and_round_trips() {
-        let Some(f) = decoder_file() else { return };
-        let mut a = CausalLm::load(&f, &Device::Cpu).unwrap();
-        a.model.set_exact(true);
+        let Some(mut a) = fresh() else { return };
         let spec = DeltaSpec::parse_cli("lora:r=4,lora_alpha=8,target=q_proj+v_proj,layers=28-29").unwrap();
         attach::attach(&mut a.model, &[spec.clone()], AttachOptions { seed: 5, tokenizer: None }).unwrap();
         let pair = LmPair { prompt: "2 + 2 =".into(), completion: " 4".into() };
@@ -314,16 +313,10 @@ mod interop {
             assert!(names.contains(&k), "{k} not in {names:?}");
         }
         assert_eq!(names.len(), 2 * 2 * 2);
-        let mut b = CausalLm::load(&f, &Device::Cpu).unwrap();
-        b.model.set_exact(true);
+        let mut b = fresh().unwrap();
         peft::load(&out, &mut b.model, None).unwrap();
         let text = "Numbers: 2 + 2 = 4";
-        let ids = a.tokenizer.encode(text).unwrap();
-        let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let ctx = ForwardCtx::eval();
-        let la = a.model.logits(&a.model.forward(&t, None, None, &ctx).unwrap(), &ctx).unwrap();
-        let lb = b.model.logits(&b.model.forward(&t, None, None, &ctx).unwrap(), &ctx).unwrap();
-        let d = (la - lb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = max_diff(&logits_of(&a, text), &logits_of(&b, text));
         assert!(d < 1e-5, "round-tripped LoRA changes logits by {d}");
     }
 }
@@ -339,9 +332,7 @@ mod merge {
     /// and the same logits as the unmerged model.
     #[test]
     fn merged_hf_directory_equals_the_unmerged_model() {
-        let Some(f) = decoder_file() else { return };
-        let mut a = CausalLm::load(&f, &Device::Cpu).unwrap();
-        a.model.set_exact(true);
+        let Some(mut a) = fresh() else { return };
         let specs = [
             DeltaSpec::parse_cli("lora:r=4,lora_alpha=8,target=q_proj+v_proj+down_proj,layers=27-29").unwrap(),
             DeltaSpec::parse_cli("ln_tuning:target=post_attention_layernorm,layers=29").unwrap(),
@@ -352,9 +343,7 @@ mod merge {
         train(&a.model, &a.tokenizer, &[pair], &cfg, &mut |_| {}).unwrap();
         let text = "The sky is blue and the grass";
         let ids = a.tokenizer.encode(text).unwrap();
-        let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let ctx = ForwardCtx::eval();
-        let before = a.model.logits(&a.model.forward(&t, None, None, &ctx).unwrap(), &ctx).unwrap();
+        let before = logits_of(&a, text);
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("merged");
         let merged = a.model.write_merged(&out, candle_core::DType::F32, &a.tokenizer).unwrap();
@@ -367,8 +356,7 @@ mod merge {
         assert_eq!(b.model.num_params(), 134_515_008);
         assert_eq!(b.tokenizer.encode(text).unwrap(), ids);
         assert_eq!(b.tokenizer.eos_ids.first(), Some(&2));
-        let after = b.model.logits(&b.model.forward(&t, None, None, &ctx).unwrap(), &ctx).unwrap();
-        let d = (before - after).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = max_diff(&before, &logits_of(&b, text));
         assert!(d < 2e-4, "merged model differs by {d}");
         eprintln!("merged vs unmerged logits: max |diff| {d:.2e}");
     }

@@ -26,3 +26,14 @@ pub fn model() -> Option<PathBuf> {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     Some(PathBuf::from(v["model"].as_str().unwrap()))
 }
+
+/// The default decoder's GGUF file through the asset command, or `None` with a printed reason.
+pub fn decoder() -> Option<String> {
+    let o = run(&["setup", "--model-only", "--decoder", "--json"]);
+    if !o.status.success() {
+        eprintln!("SKIP: default decoder unavailable: {}", stderr(&o));
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    Some(v["decoder"].as_str().unwrap().to_string())
+}
