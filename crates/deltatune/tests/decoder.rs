@@ -361,3 +361,20 @@ mod merge {
         eprintln!("merged vs unmerged logits: max |diff| {d:.2e}");
     }
 }
+
+/// A delta trained for another architecture (a BERT LoRA) is refused with both backbones named.
+#[test]
+fn delta_for_another_architecture_is_a_clear_error() {
+    use deltatune::attach::{self, AttachOptions};
+    use deltatune::delta::{store, DeltaSpec};
+    let Some(bert_dir) = crate::common::model_dir() else { return };
+    let Some(mut lm) = fresh() else { return };
+    let mut bert = deltatune::BertModel::load(&bert_dir, &Device::Cpu).unwrap();
+    let spec = DeltaSpec::parse_cli("lora:r=2,target=query+value").unwrap();
+    attach::attach(&mut bert, &[spec.clone()], AttachOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bert-lora");
+    store::save(&out, &bert, &[spec], &Default::default(), &Default::default()).unwrap();
+    let e = deltatune::tuned::load_delta(&out, &mut lm.model, AttachOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("bert") && e.contains("llama") && e.contains("bert-lora"), "{e}");
+}
