@@ -168,10 +168,6 @@ impl Linear {
         };
         s.post(&x, y, ctx)
     }
-
-    fn out_features(&self) -> usize {
-        self.site.param_dims("weight").map(|d| d[0]).unwrap_or(0)
-    }
 }
 
 #[derive(Debug)]
@@ -718,11 +714,6 @@ impl LlamaModel {
 
     pub fn tree(&self) -> ModuleTree {
         ModuleTree::from_sites("llama", &self.sites())
-    }
-
-    /// The output features of the query projection of layer 0 (a sanity hook for tests).
-    pub fn q_features(&self) -> usize {
-        self.layers.first().map(|l| l.self_attn.q_proj.out_features()).unwrap_or(0)
     }
 }
 

@@ -53,7 +53,7 @@ impl GgufFile {
         }
         let content = Content::read(&mut reader).map_err(|e| {
             let msg = e.to_string();
-            if msg.contains("unknown dtype") || msg.contains("dtype") {
+            if msg.contains("dtype") {
                 gerr(format!("unsupported tensor type: {msg} (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q8_K)"))
             } else {
                 gerr(format!("cannot read the GGUF header: {msg}"))

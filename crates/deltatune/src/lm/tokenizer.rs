@@ -78,15 +78,7 @@ impl LmTokenizer {
         });
         let tokenizer: Tokenizer = spec.to_string().parse().map_err(|e: tokenizers::Error| terr(e.to_string()))?;
         let id = |k: &str| g.usize(k).ok().map(|v| v as u32);
-        let mut eos_ids: Vec<u32> = id("tokenizer.ggml.eos_token_id").into_iter().collect();
-        // Chat models end a turn with `<|im_end|>` / `<|eot_id|>` / `<end_of_turn>`.
-        for t in ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>"] {
-            if let Some(i) = tokenizer.token_to_id(t) {
-                if !eos_ids.contains(&i) {
-                    eos_ids.push(i);
-                }
-            }
-        }
+        let eos_ids = with_turn_ends(&tokenizer, id("tokenizer.ggml.eos_token_id"));
         Ok(LmTokenizer {
             tokenizer,
             source: file.clone(),
@@ -111,14 +103,7 @@ impl LmTokenizer {
             let s = v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str()))?;
             tokenizer.token_to_id(s)
         };
-        let mut eos_ids: Vec<u32> = tok_id("eos_token").into_iter().collect();
-        for t in ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "</s>"] {
-            if let Some(i) = tokenizer.token_to_id(t) {
-                if !eos_ids.contains(&i) {
-                    eos_ids.push(i);
-                }
-            }
-        }
+        let eos_ids = with_turn_ends(&tokenizer, tok_id("eos_token"));
         Ok(LmTokenizer {
             bos_id: tok_id("bos_token"),
             pad_id: tok_id("pad_token"),
@@ -199,6 +184,20 @@ impl LmTokenizer {
         s.push_str("<|im_start|>assistant\n");
         Ok(s)
     }
+}
+
+/// The declared end-of-sequence id (first) followed by the end-of-turn tokens chat models use
+/// (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `<|endoftext|>`, `</s>`) that the vocabulary has.
+fn with_turn_ends(tokenizer: &Tokenizer, eos: Option<u32>) -> Vec<u32> {
+    let mut ids: Vec<u32> = eos.into_iter().collect();
+    for t in ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "</s>"] {
+        if let Some(i) = tokenizer.token_to_id(t) {
+            if !ids.contains(&i) {
+                ids.push(i);
+            }
+        }
+    }
+    ids
 }
 
 /// The default system message a ChatML template inserts (`... '<|im_start|>system\nTEXT<|im_end|>` literal).

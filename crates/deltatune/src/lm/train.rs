@@ -160,14 +160,18 @@ pub fn make_batch(encoded: &[(Vec<u32>, usize)], pad_id: u32, device: &Device) -
     })
 }
 
-/// Summed negative log-likelihood of the batch's targets (logits computed only at target positions).
-pub fn batch_nll(model: &LlamaModel, batch: &LmBatch, ctx: &ForwardCtx) -> Result<Tensor> {
+/// Log-probability of each target token (n,), with logits computed only at target positions.
+fn target_logprobs(model: &LlamaModel, batch: &LmBatch, ctx: &ForwardCtx) -> Result<Tensor> {
     let hidden = model.forward(&batch.ids, Some(&batch.mask), None, ctx)?;
     let (b, t, h) = hidden.dims3()?;
     let sel = hidden.reshape((b * t, h))?.index_select(&batch.positions, 0)?;
     let logp = ops::log_softmax(&model.logits(&sel, ctx)?)?;
-    let picked = logp.gather(&batch.targets.unsqueeze(1)?, 1)?;
-    Ok(picked.sum_all()?.neg()?)
+    Ok(logp.gather(&batch.targets.unsqueeze(1)?, 1)?.squeeze(1)?)
+}
+
+/// Summed negative log-likelihood of the batch's targets.
+pub fn batch_nll(model: &LlamaModel, batch: &LmBatch, ctx: &ForwardCtx) -> Result<Tensor> {
+    Ok(target_logprobs(model, batch, ctx)?.sum_all()?.neg()?)
 }
 
 /// Training settings.
@@ -296,11 +300,8 @@ pub fn classify(model: &LlamaModel, tok: &LmTokenizer, prompts: &[String], words
         }
         // Score each (prompt, label) row separately: per-row sums of target log-probabilities.
         let batch = make_batch(&enc, pad, model.device())?;
-        let hidden = model.forward(&batch.ids, Some(&batch.mask), None, &ctx)?;
-        let (b, t, h) = hidden.dims3()?;
-        let sel = hidden.reshape((b * t, h))?.index_select(&batch.positions, 0)?;
-        let logp = ops::log_softmax(&model.logits(&sel, &ctx)?)?;
-        let picked = logp.gather(&batch.targets.unsqueeze(1)?, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+        let (b, t) = batch.ids.dims2()?;
+        let picked = target_logprobs(model, &batch, &ctx)?.to_vec1::<f32>()?;
         let rows: Vec<u32> = batch.positions.to_vec1::<u32>()?.iter().map(|p| p / t as u32).collect();
         let mut scores = vec![0f64; b];
         for (r, v) in rows.iter().zip(picked) {
