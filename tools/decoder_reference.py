@@ -27,6 +27,52 @@ PROMPTS = [
 ]
 VOCAB_SLICE = 64  # logits kept per position: the first ids plus the argmax and logsumexp over all
 GREEDY_TOKENS = 16
+VIRTUAL_TOKENS = 3
+
+
+def table(rows, cols, scale, freq, phase):
+    """A deterministic test table: scale * sin(freq * i + phase) over the row-major index i,
+    computed in f64 and rounded to f32 (the Rust test builds the same one)."""
+    i = torch.arange(rows * cols, dtype=torch.float64)
+    return (scale * torch.sin(freq * i + phase)).to(torch.float32).reshape(rows, cols)
+
+
+def summary(logits):
+    return {
+        "logits_head": [[round(v, 6) for v in row[:VOCAB_SLICE].tolist()] for row in logits],
+        "argmax": logits.argmax(-1).tolist(),
+        "logsumexp": [round(v, 6) for v in torch.logsumexp(logits, -1).tolist()],
+    }
+
+
+def prompt_learning(model, ids):
+    """PEFT prefix tuning and prompt tuning with fixed tables on the first prompt: logits of the
+    real positions."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    out = {}
+    c = model.config
+    for kind, cfg in [
+        ("prefix", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS)),
+        ("prompt", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS)),
+    ]:
+        peft_model = get_peft_model(model, cfg)
+        emb = peft_model.prompt_encoder["default"].embedding
+        if kind == "prefix":
+            # PEFT's token_dim under grouped-query attention: num_key_value_heads * head_dim.
+            width = c.num_key_value_heads * c.head_dim
+            assert emb.weight.shape == (VIRTUAL_TOKENS, c.num_hidden_layers * 2 * width), emb.weight.shape
+            t = table(VIRTUAL_TOKENS, c.num_hidden_layers * 2 * width, 0.5, 0.13, 0.0)
+        else:
+            t = table(VIRTUAL_TOKENS, c.hidden_size, 0.05, 0.37, 1.0)
+        with torch.no_grad():
+            emb.weight.copy_(t)
+            logits = peft_model(input_ids=torch.tensor([ids])).logits[0]
+        if kind == "prompt":
+            logits = logits[VIRTUAL_TOKENS:]
+        out[kind] = {"peft": __import__("peft").__version__, "num_virtual_tokens": VIRTUAL_TOKENS, **summary(logits)}
+        model = peft_model.unload() if hasattr(peft_model, "unload") else peft_model.base_model
+    return out
 
 
 def main():
@@ -54,8 +100,10 @@ def main():
         case["greedy"] = gen[0, len(ids):].tolist()
         case["greedy_text"] = tok.decode(case["greedy"])
         cases.append(case)
+    deltas = prompt_learning(model, cases[0]["ids"])
     meta = {
         "model": GGUF,
+        "deltas": deltas,
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "vocab_slice": VOCAB_SLICE,

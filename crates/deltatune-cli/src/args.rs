@@ -58,7 +58,8 @@ pub struct TrainLmArgs {
     pub task: Option<String>,
     #[arg(long, env = "DELTATUNE_DATA", default_value = "../shared/data")]
     pub data_dir: PathBuf,
-    /// JSONL of {"prompt", "completion"} (or {"text"}) pairs to train on; scored by perplexity.
+    /// JSONL of {"prompt", "completion"} pairs, {"text"} lines or (with --chat) {"messages"}
+    /// conversations to train on; scored by perplexity.
     #[arg(long)]
     pub train: Option<PathBuf>,
     /// JSONL pairs for the perplexity evaluation of --train (default: the training pairs).
@@ -87,6 +88,16 @@ pub struct TrainLmArgs {
     pub max_dev: Option<usize>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Apply the model's chat template (ChatML): each prompt becomes the user's message and each
+    /// completion the assistant's reply, closed by the end-of-turn token; --train files may then
+    /// hold {"messages": [{"role", "content"}, ...]} conversations (the last, assistant turn is
+    /// the target). With --task the label words are the reply.
+    #[arg(long)]
+    pub chat: bool,
+    /// Pack examples (separated by the end-of-sequence token) into full --max-length rows
+    /// instead of padding each example to the longest in its batch.
+    #[arg(long)]
+    pub pack: bool,
     /// Where to save the trained deltas and metrics.jsonl.
     #[arg(long)]
     pub out: Option<PathBuf>,

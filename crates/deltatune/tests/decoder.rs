@@ -284,6 +284,183 @@ mod deltas {
     }
 }
 
+/// Prefix tuning (keys and values in the attention cache) and prompt tuning (soft tokens before
+/// the embeddings) on the decoder.
+mod prompt_learning {
+    use super::*;
+    use deltatune::attach::{self, AttachOptions};
+    use deltatune::delta::DeltaSpec;
+    use deltatune::lm::train::{batch_nll, encode_pair, make_batch, train, LmPair, LmTrainConfig};
+
+    /// The fixture's deterministic table: scale * sin(freq * i + phase), in f64 rounded to f32.
+    fn table(rows: usize, cols: usize, scale: f64, freq: f64, phase: f64) -> Tensor {
+        let v: Vec<f32> = (0..rows * cols).map(|i| (scale * (freq * i as f64 + phase).sin()) as f32).collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    fn attach_one(lm: &mut CausalLm, spec: &str) -> candle_core::Var {
+        attach::attach(&mut lm.model, &[DeltaSpec::parse_cli(spec).unwrap()], AttachOptions::default()).unwrap();
+        let vars = attach::trainable_vars(&lm.model);
+        assert_eq!(vars.len(), 1, "{vars:?}");
+        vars[0].1.clone()
+    }
+
+    fn forward_ids(lm: &CausalLm, ids: &[u32]) -> Tensor {
+        let t = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let ctx = ForwardCtx::eval();
+        lm.model.logits(&lm.model.forward(&t, None, None, &ctx).unwrap(), &ctx).unwrap().squeeze(0).unwrap()
+    }
+
+    /// With PEFT's own tables set to the same values, our prefix and prompt tuning give PEFT's
+    /// logits (tables laid out as PEFT's: the prefix width is num_key_value_heads × head_dim).
+    #[test]
+    fn prefix_and_prompt_match_peft() {
+        let reference = reference();
+        let ids = ids_of(&reference["cases"][0]["ids"]);
+        for (kind, rows) in [("prefix", 3 * 30 * 2 * 192), ("prompt", 3 * 576)] {
+            let Some(mut lm) = fresh() else { return };
+            let var = attach_one(&mut lm, &format!("{kind}:num_virtual_tokens=3"));
+            assert_eq!(var.elem_count(), rows, "{kind} parameters");
+            let t = match kind {
+                "prefix" => table(3, 30 * 2 * 192, 0.5, 0.13, 0.0),
+                _ => table(3, 576, 0.05, 0.37, 1.0),
+            };
+            var.set(&t).unwrap();
+            let logits = forward_ids(&lm, &ids).to_vec2::<f32>().unwrap();
+            let want = &reference["deltas"][kind];
+            assert_eq!(logits.len(), ids.len());
+            let argmax = ids_of(&want["argmax"]);
+            let lse = floats(&want["logsumexp"]);
+            let mut worst = 0f32;
+            for (p, row) in logits.iter().enumerate() {
+                for (a, b) in row.iter().zip(floats(&want["logits_head"][p])) {
+                    worst = worst.max((a - b).abs());
+                }
+                let am = row.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+                assert_eq!(am as u32, argmax[p], "{kind}: argmax at position {p}");
+                let m = row.iter().cloned().fold(f32::MIN, f32::max);
+                let l = m + row.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
+                assert!((l - lse[p]).abs() < 5e-4, "{kind}: logsumexp {l} vs {}", lse[p]);
+            }
+            eprintln!("{kind}: worst logit difference vs PEFT {worst:.2e}");
+            assert!(worst < 5e-4, "{kind}: worst logit difference {worst}");
+        }
+    }
+
+    /// A soft prompt equal to the embeddings of tokens X, or a prefix equal to X's cached keys and
+    /// values, makes the model score Y exactly as it scores Y after the real tokens X.
+    #[test]
+    fn virtual_tokens_act_as_the_tokens_they_copy() {
+        let Some(base) = lm() else { return };
+        let x: Vec<u32> = base.tokenizer.encode("Review: a wonderful film.").unwrap();
+        let y: Vec<u32> = base.tokenizer.encode(" Sentiment: positive").unwrap();
+        let xy: Vec<u32> = x.iter().chain(&y).copied().collect();
+        let want = forward_ids(base, &xy).narrow(0, x.len(), y.len()).unwrap();
+        let n = x.len();
+        // Prompt: the embedding rows of X.
+        {
+            let Some(mut lm) = fresh() else { return };
+            let var = attach_one(&mut lm, &format!("prompt:num_virtual_tokens={n}"));
+            let emb = deltatune::Backbone::word_embeddings(&lm.model).unwrap();
+            var.set(&emb.index_select(&Tensor::new(x.as_slice(), &Device::Cpu).unwrap(), 0).unwrap()).unwrap();
+            let d = max_diff(&forward_ids(&lm, &y), &want);
+            assert!(d < 1e-3, "prompt: {d}");
+        }
+        // Prefix: X's keys and values from a cache, laid out as the prefix table (P, L·2·w).
+        {
+            let mut cache = KvCache::new(base.model.num_layers());
+            let t = Tensor::new(x.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            base.model.forward(&t, None, Some(&mut cache), &ForwardCtx::eval()).unwrap();
+            let rows = |t: &Tensor| t.squeeze(0).unwrap().transpose(0, 1).unwrap().reshape((n, 192)).unwrap();
+            let mut blocks = Vec::new();
+            for l in 0..30 {
+                let (k, v) = cache.layer(l).unwrap();
+                blocks.push(rows(k));
+                blocks.push(rows(v));
+            }
+            let Some(mut lm) = fresh() else { return };
+            let var = attach_one(&mut lm, &format!("prefix:num_virtual_tokens={n}"));
+            var.set(&Tensor::cat(&blocks, 1).unwrap()).unwrap();
+            let d = max_diff(&forward_ids(&lm, &y), &want);
+            assert!(d < 1e-3, "prefix: {d}");
+        }
+    }
+
+    /// With a prefix and a prompt attached, cached generation steps equal one full forward, a
+    /// padded batch scores its real rows as unpadded ones, and the generation context shrinks by
+    /// the virtual tokens.
+    #[test]
+    fn cache_and_padding_with_virtual_tokens() {
+        let Some(mut lm) = fresh() else { return };
+        let specs = [
+            DeltaSpec::parse_cli("prefix:num_virtual_tokens=4").unwrap(),
+            DeltaSpec::parse_cli("prompt:num_virtual_tokens=2,prompt_tuning_init=random_uniform,init_range=0.05").unwrap(),
+        ];
+        attach::attach(&mut lm.model, &specs, AttachOptions { seed: 9, tokenizer: None }).unwrap();
+        assert_eq!(lm.model.num_virtual_tokens(), 6);
+        let ctx = ForwardCtx::eval();
+        let ids: Vec<u32> = lm.tokenizer.encode("The capital of France is Paris, and").unwrap();
+        let full = forward_ids(&lm, &ids);
+        let mut cache = KvCache::new(lm.model.num_layers());
+        let split = 4;
+        let first = Tensor::new(&ids[..split], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        lm.model.forward(&first, None, Some(&mut cache), &ctx).unwrap();
+        assert_eq!((cache.virtual_tokens(), cache.len()), (6, 6 + split));
+        let mut worst = 0f32;
+        for (n, &id) in ids[split..].iter().enumerate() {
+            let t = Tensor::new(&[id], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let h = lm.model.forward(&t, None, Some(&mut cache), &ctx).unwrap();
+            let step = lm.model.logits(&last_position(&h).unwrap(), &ctx).unwrap().squeeze(0).unwrap();
+            let d = max_diff(&step, &full.get(split + n).unwrap());
+            worst = worst.max(d);
+        }
+        // Summation-order noise only (one-row products against whole-sequence ones; the N(0, 1)
+        // prefix keys give larger attention scores than real keys): a misplaced position or mask
+        // moves logits by whole units.
+        eprintln!("worst cached-step difference {worst:.2e}");
+        assert!(worst < 5e-3, "cached steps differ by {worst}");
+        // Right-padded batch of two: the short row's real positions match its own forward.
+        let short = &ids[..5];
+        let mut padded = short.to_vec();
+        padded.resize(ids.len(), 0);
+        let batch = Tensor::new(vec![ids.clone(), padded], &Device::Cpu).unwrap();
+        let mut mask = vec![vec![1u32; ids.len()], vec![0u32; ids.len()]];
+        mask[1][..5].fill(1);
+        let mask = Tensor::new(mask, &Device::Cpu).unwrap();
+        let h = lm.model.forward(&batch, Some(&mask), None, &ctx).unwrap();
+        let logits = lm.model.logits(&h, &ctx).unwrap();
+        assert!(max_diff(&logits.get(0).unwrap(), &full) < 1e-3);
+        let d = max_diff(&logits.get(1).unwrap().narrow(0, 0, 5).unwrap(), &forward_ids(&lm, short));
+        assert!(d < 1e-3, "padded row differs by {d}");
+        // The context left for generation excludes the virtual tokens.
+        let long = vec![ids[0]; lm.model.config.max_position_embeddings - 3];
+        let err = generate(&lm, &long, &GenerateOptions::default(), &mut |_| {}).unwrap_err().to_string();
+        assert!(err.contains("6 virtual tokens"), "{err}");
+    }
+
+    /// Gradients reach the prefix and prompt tables through the frozen quantized layers, and a
+    /// few steps on one completion lower its loss.
+    #[test]
+    fn prefix_and_prompt_train() {
+        for (spec, lr) in [("prefix:num_virtual_tokens=4", 1e-2), ("prompt:num_virtual_tokens=4", 3e-2)] {
+            let Some(mut lm) = fresh() else { return };
+            let var = attach_one(&mut lm, spec);
+            let pair = LmPair { prompt: "Review: a wonderful, moving film\nSentiment:".into(), completion: " positive".into() };
+            let batch = make_batch(&[encode_pair(&lm.tokenizer, &pair, 64).unwrap()], 2, &Device::Cpu).unwrap();
+            let ctx = ForwardCtx::eval();
+            let loss = batch_nll(&lm.model, &batch, &ctx).unwrap();
+            let before = loss.to_scalar::<f32>().unwrap();
+            let g = loss.backward().unwrap();
+            let gs = g.get(&var).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(gs > 0.0, "{spec}: zero gradient");
+            let cfg = LmTrainConfig { epochs: 4, batch_size: 1, lr, warmup_ratio: 0.0, ..Default::default() };
+            train(&lm.model, &lm.tokenizer, &[pair.clone()], &cfg, &mut |_| {}).unwrap();
+            let after = batch_nll(&lm.model, &batch, &ctx).unwrap().to_scalar::<f32>().unwrap();
+            assert!(after < before * 0.8, "{spec}: loss {before} -> {after}");
+        }
+    }
+}
+
 mod interop {
     use super::*;
     use deltatune::attach::{self, AttachOptions};

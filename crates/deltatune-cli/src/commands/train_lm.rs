@@ -51,15 +51,21 @@ pub fn run(a: TrainLmArgs) -> Result<()> {
                 }
                 v.words = words;
             }
+            if a.chat {
+                // The filled-in template is the user's message; the label words are the reply.
+                v.template = lm.tokenizer.chat_prompt(&[("user", &v.template)])?;
+                v.words = v.words.iter().map(|w| w.trim_start().to_string()).collect();
+            }
             (v.pairs(&data.train)?, Eval::Accuracy(v, data.dev.clone()), format!("{} ({} train, {} dev)", data.name, data.train.len(), data.dev.len()))
         }
         (None, Some(train)) => {
-            let mut pairs = lmt::read_jsonl(train)?;
+            let chat = a.chat.then_some(&lm.tokenizer);
+            let mut pairs = lmt::read_jsonl(train, chat)?;
             if let Some(n) = a.max_train {
                 pairs.truncate(n);
             }
             let mut dev = match &a.dev {
-                Some(d) => lmt::read_jsonl(d)?,
+                Some(d) => lmt::read_jsonl(d, chat)?,
                 None => pairs.clone(),
             };
             if let Some(n) = a.max_dev {
@@ -88,18 +94,21 @@ pub fn run(a: TrainLmArgs) -> Result<()> {
         lr: a.lr,
         max_length: a.max_length,
         seed: a.seed,
+        pack: a.pack,
         ..Default::default()
     };
-    let steps = pairs.len().div_ceil(a.batch_size.max(1)) * a.epochs;
+    let rows = lmt::training_rows(&lm.tokenizer, &pairs, &cfg)?;
+    let steps = rows.len().div_ceil(a.batch_size.max(1)) * a.epochs;
+    let packed = if a.pack { format!(", packed into {} rows of {} tokens", rows.len(), a.max_length) } else { String::new() };
     if !a.json {
-        eprintln!("training {trainable} parameters on {what}: {steps} steps");
+        eprintln!("training {trainable} parameters on {what}{packed}: {steps} steps");
     }
     let bar = indicatif::ProgressBar::new(steps as u64);
     if a.json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let t0 = Instant::now();
-    let log = lmt::train(&lm.model, &lm.tokenizer, &pairs, &cfg, &mut |s| {
+    let log = lmt::train_rows(&lm.model, lm.tokenizer.pad_id.unwrap_or(0), &rows, &cfg, &mut |s| {
         bar.set_message(format!("loss {:.4}", s.loss));
         bar.inc(1);
     })?;
@@ -111,6 +120,7 @@ pub fn run(a: TrainLmArgs) -> Result<()> {
         "data": what,
         "trainable_params": trainable,
         "steps": log.len(),
+        "rows": rows.len(),
         "first_loss": log.first().map(|s| s.loss),
         "last_loss": log.last().map(|s| s.loss),
         "train_seconds": (train_seconds * 10.0).round() / 10.0,

@@ -49,6 +49,7 @@ pub fn attach(model: &mut dyn Backbone, specs: &[DeltaSpec], opts: AttachOptions
     for (si, spec) in specs.iter().enumerate() {
         let mut ctx = BuildCtx {
             seed: opts.seed,
+            model_type: model.model_type().to_string(),
             name: spec.name.clone(),
             device: model.device().clone(),
             info,

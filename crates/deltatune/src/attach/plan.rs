@@ -136,7 +136,7 @@ fn plan_with(tree: &ModuleTree, specs: &[DeltaSpec], strict: bool) -> Result<Pla
             return Err(Error::Delta(format!("two deltas are named `{}`; give each a unique name (name=...)", spec.name)));
         }
         let origin = format!("delta `{}`", spec.name);
-        let defaults = spec.config.default_targets();
+        let defaults = spec.config.default_targets(&tree.model_type);
         let targets = spec.targets.target_modules.clone().or(defaults.target_modules).ok_or_else(|| {
             Error::Delta(format!("{origin}: {} has no default targets; give target_modules", spec.config.method()))
         })?;

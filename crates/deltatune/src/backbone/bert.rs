@@ -160,7 +160,11 @@ impl BertEmbeddings {
         let (b, t) = batch.input_ids.dims2()?;
         let dev = batch.input_ids.device();
         let words = self.word_embeddings.forward(&batch.input_ids, ctx)?;
-        let prompts = self.site.prompts(b, ctx)?;
+        // Soft prompts from the block and from the word-embedding table, in that order.
+        let prompts = match (self.site.prompts(b, ctx)?, self.word_embeddings.site.prompts(b, ctx)?) {
+            (Some(a), Some(w)) => Some(Tensor::cat(&[&a, &w], 1)?),
+            (a, w) => a.or(w),
+        };
         let v = prompts.as_ref().map(|p| p.dim(1)).transpose()?.unwrap_or(0);
         let (inputs, mask) = match &prompts {
             Some(p) => (
@@ -539,6 +543,7 @@ impl Backbone for BertModel {
             num_heads: c.num_attention_heads,
             intermediate_size: c.intermediate_size,
             vocab_size: c.vocab_size,
+            kv_width: None,
         }
     }
 

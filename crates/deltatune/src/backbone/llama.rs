@@ -214,15 +214,27 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
-/// Keys and values of the tokens seen so far, per layer: (b, nkv, p, d) each.
+/// Keys and values of the positions seen so far, per layer: (b, nkv, p, d) each. The first
+/// [`KvCache::virtual_tokens`] positions belong to deltas (prefix keys, soft prompts).
 #[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    virtual_tokens: usize,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        KvCache { layers: vec![None; num_layers] }
+        KvCache { layers: vec![None; num_layers], virtual_tokens: 0 }
+    }
+
+    /// Layer `n`'s cached keys and values, (b, nkv, p, d) each.
+    pub fn layer(&self, n: usize) -> Option<&(Tensor, Tensor)> {
+        self.layers.get(n).and_then(|l| l.as_ref())
+    }
+
+    /// Leading positions that hold prefix keys or soft-prompt tokens rather than real tokens.
+    pub fn virtual_tokens(&self) -> usize {
+        self.virtual_tokens
     }
 
     /// Number of cached positions.
@@ -236,6 +248,7 @@ impl KvCache {
 
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
+        self.virtual_tokens = 0;
     }
 }
 
@@ -563,6 +576,11 @@ impl LlamaModel {
         self.layers.len()
     }
 
+    /// Positions the active deltas add in front of the tokens (prefix keys and soft prompts).
+    pub fn num_virtual_tokens(&self) -> usize {
+        self.model.num_virtual_tokens() + self.embed_tokens.num_virtual_tokens()
+    }
+
     /// Token embeddings (b, t) u32 → (b, t, h).
     fn embed(&self, ids: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let s = &self.embed_tokens;
@@ -601,31 +619,116 @@ impl LlamaModel {
     }
 
     /// Runs the decoder on `ids` (b, t) that follow the `cache`'s positions (or start at 0 without
-    /// a cache). `key_mask` (b, p + t), 1 for real tokens and 0 for padding, masks keys beyond the
-    /// causal mask. Returns the final hidden states (b, t, h) after the last norm.
-    pub fn forward(&self, ids: &Tensor, key_mask: Option<&Tensor>, mut cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {
+    /// a cache). `key_mask` (b, p + t), 1 for real tokens and 0 for padding, covers the real tokens
+    /// only (cached and new) and masks keys beyond the causal mask. Returns the final hidden states
+    /// (b, t, h) of the real tokens, after the last norm.
+    ///
+    /// Deltas that add virtual tokens enter at the first call on an empty cache: prefix keys and
+    /// values (the `model` site's prefix deltas) fill the first cache positions, soft prompts (the
+    /// `model.embed_tokens` site's prompt deltas) go before the tokens; both stay in the cache
+    /// for later steps, and real positions start after them.
+    pub fn forward(&self, ids: &Tensor, key_mask: Option<&Tensor>, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {
+        let mut local = KvCache::default();
+        let cache = cache.unwrap_or(&mut local);
+        if cache.layers.len() != self.layers.len() {
+            *cache = KvCache::new(self.layers.len());
+        }
         let (b, t) = ids.dims2()?;
-        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-        if past + t > self.config.max_position_embeddings {
+        let fresh = cache.is_empty();
+        if fresh {
+            cache.virtual_tokens = 0;
+            for n in 0..self.layers.len() {
+                cache.layers[n] = self.prefix_kv(n, b, ctx)?;
+            }
+            cache.virtual_tokens = cache.len();
+        }
+        let x = self.embed(ids, ctx)?;
+        let (x, prompts) = match fresh.then(|| self.embed_tokens.prompts(b, ctx)).transpose()?.flatten() {
+            Some(p) => {
+                let n = p.dim(1)?;
+                cache.virtual_tokens += n;
+                (Tensor::cat(&[&p, &x], 1)?, n)
+            }
+            None => (x, 0),
+        };
+        let past = cache.len();
+        let len = prompts + t;
+        if past + len > self.config.max_position_embeddings {
             return Err(Error::arg(
                 "--prompt",
-                format!("{} tokens exceed the model's context of {}", past + t, self.config.max_position_embeddings),
+                format!(
+                    "{} tokens ({} virtual) exceed the model's context of {}",
+                    past + len,
+                    cache.virtual_tokens,
+                    self.config.max_position_embeddings
+                ),
+            ));
+        }
+        let key_mask = self.with_virtual_keys(key_mask, b, cache.virtual_tokens)?;
+        let rope = rotary(past, len, self.config.head_dim, self.config.rope_theta, &self.device)?;
+        let bias = self.attention_bias(b, len, past, key_mask.as_ref())?;
+        let x = self.root.pre(&x, ctx)?;
+        let mut x = self.model.pre(&x, ctx)?;
+        for (n, l) in self.layers.iter().enumerate() {
+            x = self.layer_forward(l, &x, &rope, &bias, Some(&mut cache.layers[n]), ctx)?;
+        }
+        let x = if prompts > 0 { x.narrow(1, prompts, t)? } else { x };
+        self.norm.forward(&x, ctx)
+    }
+
+    /// Layers `range` over a whole sequence `x` (b, t, h) without a cache: positions start after
+    /// the prefix, and each layer's prefix keys and values come first. `mask` (b, t) covers `x`.
+    fn run_layers(
+        &self,
+        mut x: Tensor,
+        mask: &Tensor,
+        range: std::ops::Range<usize>,
+        ctx: &ForwardCtx,
+        collected: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
+        if range.is_empty() {
+            return Ok(x);
+        }
+        let (b, t, _) = x.dims3()?;
+        let past = self.model.num_virtual_tokens();
+        if past + t > self.config.max_position_embeddings {
+            return Err(Error::arg(
+                "--max-length",
+                format!("{} tokens ({past} prefix) exceed the model's context of {}", past + t, self.config.max_position_embeddings),
             ));
         }
         let rope = rotary(past, t, self.config.head_dim, self.config.rope_theta, &self.device)?;
-        let bias = self.attention_bias(b, t, past, key_mask)?;
-        let x = self.root.pre(&self.embed(ids, ctx)?, ctx)?;
-        let mut x = self.model.pre(&x, ctx)?;
-        if let Some(c) = cache.as_deref_mut() {
-            if c.layers.len() != self.layers.len() {
-                *c = KvCache::new(self.layers.len());
+        let bias = self.attention_bias(b, t, past, self.with_virtual_keys(Some(mask), b, past)?.as_ref())?;
+        for n in range {
+            let mut slot = self.prefix_kv(n, b, ctx)?;
+            x = self.layer_forward(&self.layers[n], &x, &rope, &bias, Some(&mut slot), ctx)?;
+            if ctx.output_hidden_states {
+                collected.push(x.clone());
             }
         }
-        for (n, l) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[n]);
-            x = self.layer_forward(l, &x, &rope, &bias, slot, ctx)?;
-        }
-        self.norm.forward(&x, ctx)
+        Ok(x)
+    }
+
+    /// Layer `n`'s prefix keys and values from the `model` site's deltas, (b, nkv, P, d) each.
+    fn prefix_kv(&self, n: usize, b: usize, ctx: &ForwardCtx) -> Result<Option<(Tensor, Tensor)>> {
+        let Some((k, v)) = self.model.prefixes(n, b, ctx)? else { return Ok(None) };
+        let (nkv, d) = (self.config.num_key_value_heads, self.config.head_dim);
+        let heads = |y: Tensor| -> Result<Tensor> {
+            let p = y.dim(1)?;
+            Ok(y.reshape((b, p, nkv, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        Ok(Some((heads(k)?, heads(v)?)))
+    }
+
+    /// `key_mask` (b, p) over real tokens, with ones in front for `virtual_tokens` positions.
+    fn with_virtual_keys(&self, key_mask: Option<&Tensor>, b: usize, virtual_tokens: usize) -> Result<Option<Tensor>> {
+        Ok(match key_mask {
+            Some(m) if virtual_tokens > 0 => {
+                let ones = Tensor::ones((b, virtual_tokens), m.dtype(), m.device())?;
+                Some(Tensor::cat(&[&ones, m], 1)?)
+            }
+            other => other.cloned(),
+        })
     }
 
     fn layer_forward(
@@ -807,6 +910,7 @@ impl super::Backbone for LlamaModel {
             num_heads: c.num_attention_heads,
             intermediate_size: c.intermediate_size,
             vocab_size: c.vocab_size,
+            kv_width: Some(c.num_key_value_heads * c.head_dim).filter(|&w| w != c.hidden_size),
         }
     }
 
@@ -830,6 +934,8 @@ impl super::Backbone for LlamaModel {
         self.forward_layers(h, mask, nv, 0, ctx, collected)
     }
 
+    /// Embeds the batch (soft prompts first, with ones prepended to the mask) and runs the first
+    /// `k` layers. Returns the hidden states, the mask and the number of prompt positions.
     fn forward_until(
         &self,
         batch: &crate::data::tokenize::EncodedBatch,
@@ -838,27 +944,24 @@ impl super::Backbone for LlamaModel {
         collected: &mut Vec<Tensor>,
     ) -> Result<(Tensor, Tensor, usize)> {
         let ids = &batch.input_ids;
-        let (b, t) = ids.dims2()?;
-        if t > self.config.max_position_embeddings {
-            return Err(Error::arg("--max-length", format!("{t} tokens exceed the model's context of {}", self.config.max_position_embeddings)));
-        }
-        let x = self.root.pre(&self.embed(ids, ctx)?, ctx)?;
-        let mut x = self.model.pre(&x, ctx)?;
+        let b = ids.dim(0)?;
+        let x = self.embed(ids, ctx)?;
+        let mask = batch.attention_mask.to_dtype(candle_core::DType::F32)?;
+        let (x, mask, num_virtual) = match self.embed_tokens.prompts(b, ctx)? {
+            Some(p) => {
+                let n = p.dim(1)?;
+                let ones = Tensor::ones((b, n), candle_core::DType::F32, &self.device)?;
+                (Tensor::cat(&[&p, &x], 1)?, Tensor::cat(&[&ones, &mask], 1)?, n)
+            }
+            None => (x, mask, 0),
+        };
+        let x = self.root.pre(&x, ctx)?;
+        let x = self.model.pre(&x, ctx)?;
         if ctx.output_hidden_states {
             collected.push(x.clone());
         }
-        let mask = batch.attention_mask.clone();
-        if k > 0 {
-            let rope = rotary(0, t, self.config.head_dim, self.config.rope_theta, &self.device)?;
-            let bias = self.attention_bias(b, t, 0, Some(&mask))?;
-            for l in self.layers.iter().take(k) {
-                x = self.layer_forward(l, &x, &rope, &bias, None, ctx)?;
-                if ctx.output_hidden_states {
-                    collected.push(x.clone());
-                }
-            }
-        }
-        Ok((x, mask, 0))
+        let x = self.run_layers(x, &mask, 0..k.min(self.layers.len()), ctx, collected)?;
+        Ok((x, mask, num_virtual))
     }
 
     fn forward_layers(
@@ -870,16 +973,7 @@ impl super::Backbone for LlamaModel {
         ctx: &ForwardCtx,
         mut collected: Vec<Tensor>,
     ) -> Result<super::ModelOutput> {
-        let (b, t, _) = hidden.dims3()?;
-        let rope = rotary(0, t, self.config.head_dim, self.config.rope_theta, &self.device)?;
-        let bias = self.attention_bias(b, t, 0, Some(&mask))?;
-        let mut x = hidden;
-        for l in self.layers.iter().skip(k) {
-            x = self.layer_forward(l, &x, &rope, &bias, None, ctx)?;
-            if ctx.output_hidden_states {
-                collected.push(x.clone());
-            }
-        }
+        let x = self.run_layers(hidden, &mask, k.min(self.layers.len())..self.layers.len(), ctx, &mut collected)?;
         let x = self.norm.forward(&x, ctx)?;
         Ok(super::ModelOutput { last_hidden_state: x, attention_mask: mask, num_virtual, hidden_states: collected })
     }

@@ -12,7 +12,7 @@
 //!
 //! The shared machinery ([`Proj`], [`Bottleneck`]) also serves Compacter's PHM projections.
 
-use super::{BuildCtx, Delta, HookCtx, Method, TargetModules, Targets};
+use super::{BuildCtx, Delta, HookCtx, Method, Targets};
 use crate::backbone::{Site, SiteKind};
 use crate::error::{Error, Result};
 use crate::ops;
@@ -74,9 +74,21 @@ pub enum Placement {
 const FFN_OUTPUT: &str = r"re:encoder\.layer\.\d+\.output";
 const ATTN_OUTPUT: &str = r"re:encoder\.layer\.\d+\.attention\.output";
 
+/// Default adapter positions: after each layer's feed-forward block, and with `attention` after
+/// its attention block too (BERT: the output sub-blocks before their residual and layer norm;
+/// decoders: the `mlp` and `self_attn` blocks before their residual).
+pub(crate) fn block_targets(model_type: &str, attention: bool) -> Targets {
+    match (super::is_decoder(model_type), attention) {
+        (true, true) => super::targets(&[r"re:model\.layers\.\d+\.self_attn", r"re:model\.layers\.\d+\.mlp"]),
+        (true, false) => super::targets(&[r"re:model\.layers\.\d+\.mlp"]),
+        (false, true) => super::targets(&[ATTN_OUTPUT, FFN_OUTPUT]),
+        (false, false) => super::targets(&[FFN_OUTPUT]),
+    }
+}
+
 /// Kinds a bottleneck adapter can sit on: projections and blocks whose output has the hidden size.
 const ADAPTER_KINDS: &[SiteKind] =
-    &[SiteKind::Linear, SiteKind::AttentionOutput, SiteKind::Output, SiteKind::Attention, SiteKind::SelfAttention, SiteKind::Layer];
+    &[SiteKind::Linear, SiteKind::AttentionOutput, SiteKind::Output, SiteKind::Attention, SiteKind::SelfAttention, SiteKind::Layer, SiteKind::Mlp];
 
 fn bottleneck_size(explicit: Option<usize>, reduction: f64, hidden: usize) -> Result<usize> {
     let m = match explicit {
@@ -247,12 +259,11 @@ impl Method for AdapterConfig {
         ADAPTER_KINDS
     }
 
-    fn default_targets(&self) -> Targets {
-        let list = match self.placement {
-            Placement::Pfeiffer => vec![FFN_OUTPUT.to_string()],
-            Placement::Houlsby => vec![ATTN_OUTPUT.to_string(), FFN_OUTPUT.to_string()],
-        };
-        Targets { target_modules: Some(TargetModules::List(list)), ..Default::default() }
+    fn default_targets(&self, model_type: &str) -> Targets {
+        match self.placement {
+            Placement::Pfeiffer => block_targets(model_type, false),
+            Placement::Houlsby => block_targets(model_type, true),
+        }
     }
 
     fn validate(&self, info: &super::BackboneInfo) -> Result<()> {
@@ -307,8 +318,8 @@ impl Method for ParallelAdapterConfig {
         ADAPTER_KINDS
     }
 
-    fn default_targets(&self) -> Targets {
-        Targets { target_modules: Some(TargetModules::List(vec![FFN_OUTPUT.into()])), ..Default::default() }
+    fn default_targets(&self, model_type: &str) -> Targets {
+        block_targets(model_type, false)
     }
 
     fn validate(&self, info: &super::BackboneInfo) -> Result<()> {
@@ -360,11 +371,8 @@ impl Method for LowRankAdapterConfig {
         ADAPTER_KINDS
     }
 
-    fn default_targets(&self) -> Targets {
-        Targets {
-            target_modules: Some(TargetModules::List(vec![ATTN_OUTPUT.into(), FFN_OUTPUT.into()])),
-            ..Default::default()
-        }
+    fn default_targets(&self, model_type: &str) -> Targets {
+        block_targets(model_type, true)
     }
 
     fn validate(&self, info: &super::BackboneInfo) -> Result<()> {

@@ -6,7 +6,7 @@
 //! as in the paper (OpenDelta does not support sharing). Placement as the sequential adapter.
 
 use super::adapter::{Activation, Adapter, Bottleneck, Proj};
-use super::{BuildCtx, Delta, Method, TargetModules, Targets};
+use super::{BuildCtx, Delta, Method, Targets};
 use crate::backbone::{Site, SiteKind};
 use crate::error::{Error, Result};
 use candle_core::Var;
@@ -60,17 +60,11 @@ impl CompacterConfig {
 
 impl Method for CompacterConfig {
     fn kinds(&self) -> &'static [SiteKind] {
-        &[SiteKind::Linear, SiteKind::AttentionOutput, SiteKind::Output, SiteKind::Attention, SiteKind::Layer]
+        &[SiteKind::Linear, SiteKind::AttentionOutput, SiteKind::Output, SiteKind::Attention, SiteKind::Layer, SiteKind::SelfAttention, SiteKind::Mlp]
     }
 
-    fn default_targets(&self) -> Targets {
-        Targets {
-            target_modules: Some(TargetModules::List(vec![
-                r"re:encoder\.layer\.\d+\.attention\.output".into(),
-                r"re:encoder\.layer\.\d+\.output".into(),
-            ])),
-            ..Default::default()
-        }
+    fn default_targets(&self, model_type: &str) -> Targets {
+        super::adapter::block_targets(model_type, true)
     }
 
     fn validate(&self, info: &super::BackboneInfo) -> Result<()> {

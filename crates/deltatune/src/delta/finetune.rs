@@ -3,7 +3,7 @@
 //! their HF names (`encoder.layer.5.output.dense.weight`). `full` (alias) targets every module of
 //! the embeddings and the encoder; the pooler stays frozen (it is unused by mean/CLS-state heads).
 
-use super::{BuildCtx, Delta, HookCtx, Method, TargetModules, Targets};
+use super::{BuildCtx, Delta, HookCtx, Method, Targets};
 use crate::backbone::{Site, SiteKind};
 use crate::error::Result;
 use candle_core::{Tensor, Var};
@@ -22,8 +22,12 @@ impl Method for FinetuneConfig {
         true
     }
 
-    fn default_targets(&self) -> Targets {
-        Targets { target_modules: Some(TargetModules::List(vec!["embeddings".into(), "encoder".into()])), ..Default::default() }
+    fn default_targets(&self, model_type: &str) -> Targets {
+        if super::is_decoder(model_type) {
+            super::targets(&["model"])
+        } else {
+            super::targets(&["embeddings", "encoder"])
+        }
     }
 
     fn gateable(&self) -> bool {

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 #[serde(default)]
 pub struct Ia3Config {
     /// Modules whose input (not output) is scaled. PEFT semantics: a list entry matches any path
-    /// ending with it (no dot boundary); a string is a full-match regex.
+    /// ending with it (no dot boundary); a string is a full-match regex; `None`: the backbone's
+    /// default (`output.dense` for BERT, `down_proj` for decoders), as PEFT resolves it.
     pub feedforward_modules: Option<TargetModules>,
     /// Initialise vectors to ones (a no-op at start). False: N(0,1) (PEFT's debugging option).
     pub init_ia3_weights: bool,
@@ -23,16 +24,23 @@ pub struct Ia3Config {
 
 impl Default for Ia3Config {
     fn default() -> Self {
-        Ia3Config { feedforward_modules: Some(TargetModules::List(vec!["output.dense".into()])), init_ia3_weights: true }
+        Ia3Config { feedforward_modules: None, init_ia3_weights: true }
     }
 }
 
 impl Ia3Config {
-    pub fn is_feedforward(&self, path: &str) -> Result<bool> {
-        Ok(match &self.feedforward_modules {
-            None => false,
-            Some(TargetModules::List(l)) => l.iter().any(|e| path.ends_with(e.as_str())),
-            Some(TargetModules::Regex(r)) => regex::Regex::new(&format!("^(?:{r})$"))
+    /// The feed-forward module list in effect on a backbone of `model_type`.
+    pub fn feedforward_for(&self, model_type: &str) -> TargetModules {
+        self.feedforward_modules.clone().unwrap_or_else(|| {
+            let default = if super::is_decoder(model_type) { "down_proj" } else { "output.dense" };
+            TargetModules::List(vec![default.into()])
+        })
+    }
+
+    pub fn is_feedforward(&self, path: &str, model_type: &str) -> Result<bool> {
+        Ok(match self.feedforward_for(model_type) {
+            TargetModules::List(l) => l.iter().any(|e| path.ends_with(e.as_str())),
+            TargetModules::Regex(r) => regex::Regex::new(&format!("^(?:{r})$"))
                 .map_err(|e| Error::Delta(format!("ia3: feedforward_modules regex `{r}`: {e}")))?
                 .is_match(path),
         })
@@ -44,16 +52,18 @@ impl Method for Ia3Config {
         &[SiteKind::Linear]
     }
 
-    fn default_targets(&self) -> Targets {
-        Targets {
-            target_modules: Some(TargetModules::List(vec!["key".into(), "value".into(), "output.dense".into()])),
-            ..Default::default()
+    fn default_targets(&self, model_type: &str) -> Targets {
+        // PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING for bert and llama.
+        if super::is_decoder(model_type) {
+            super::targets(&["k_proj", "v_proj", "down_proj"])
+        } else {
+            super::targets(&["key", "value", "output.dense"])
         }
     }
 
     fn build(&self, site: &Site, ctx: &mut BuildCtx) -> Result<Box<dyn Delta>> {
         let (inp, out) = super::site_dims(site, &ctx.info)?;
-        let feedforward = self.is_feedforward(site.path())?;
+        let feedforward = self.is_feedforward(site.path(), &ctx.model_type)?;
         let shape = if feedforward { vec![1, inp] } else { vec![out, 1] };
         let l = if self.init_ia3_weights {
             super::init::ones(&shape, &ctx.device)?

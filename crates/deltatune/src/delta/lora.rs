@@ -3,7 +3,7 @@
 //! PEFT (`tuners/lora/layer.py`, `LoraLayer.reset_lora_parameters`): A ~ kaiming_uniform(a=√5) =
 //! U(±1/√in), B = 0, so a fresh LoRA leaves the model unchanged. Mergeable: `W' = W + s · B A`.
 
-use super::{BackboneInfo, BuildCtx, Delta, HookCtx, Method, TargetModules, Targets};
+use super::{BackboneInfo, BuildCtx, Delta, HookCtx, Method, Targets};
 use crate::backbone::{Site, SiteKind};
 use crate::error::{Error, Result};
 use crate::ops;
@@ -60,9 +60,13 @@ impl Method for LoraConfig {
         &[SiteKind::Linear]
     }
 
-    fn default_targets(&self) -> Targets {
-        // PEFT's default for BERT: TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["bert"].
-        Targets { target_modules: Some(TargetModules::List(vec!["query".into(), "value".into()])), ..Default::default() }
+    fn default_targets(&self, model_type: &str) -> Targets {
+        // PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for bert and llama.
+        if super::is_decoder(model_type) {
+            super::targets(&["q_proj", "v_proj"])
+        } else {
+            super::targets(&["query", "value"])
+        }
     }
 
     fn validate(&self, _info: &BackboneInfo) -> Result<()> {

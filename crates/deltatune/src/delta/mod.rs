@@ -105,7 +105,8 @@ pub trait Delta: std::fmt::Debug + Send + Sync {
         Ok(None)
     }
 
-    /// Keys and values to prepend in layer `layer`'s self-attention, each (b, n, h) (encoder site).
+    /// Keys and values to prepend in layer `layer`'s self-attention, each (b, n, w) with w the key
+    /// width ([`BackboneInfo::kv_width`]) (layer-stack site).
     fn prefix(&self, _layer: usize, _batch: usize, _h: &HookCtx) -> Result<Option<(Tensor, Tensor)>> {
         Ok(None)
     }
@@ -156,11 +157,34 @@ pub struct BackboneInfo {
     pub num_heads: usize,
     pub intermediate_size: usize,
     pub vocab_size: usize,
+    /// Width of one layer's keys (and values) where it differs from `hidden_size`: grouped-query
+    /// attention (`num_key_value_heads × head_dim`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_width: Option<usize>,
+}
+
+impl BackboneInfo {
+    /// Width of one layer's attention keys (and values).
+    pub fn kv_width(&self) -> usize {
+        self.kv_width.unwrap_or(self.hidden_size)
+    }
+}
+
+/// Whether `model_type` names a Llama-family decoder (HF names `model.layers.N.self_attn.q_proj`).
+pub(crate) fn is_decoder(model_type: &str) -> bool {
+    model_type == "llama"
+}
+
+/// A target list of suffix names or `re:` patterns.
+pub(crate) fn targets(list: &[&str]) -> Targets {
+    Targets { target_modules: Some(TargetModules::List(list.iter().map(|s| s.to_string()).collect())), ..Default::default() }
 }
 
 /// Everything a method needs to build its delta for one site.
 pub struct BuildCtx<'a> {
     pub seed: u64,
+    /// The backbone's `model_type` (`bert`, `llama`, …).
+    pub model_type: String,
     /// The delta group's name (part of every random stream).
     pub name: String,
     pub device: Device,
@@ -213,8 +237,9 @@ pub(crate) trait Method {
     fn expands(&self) -> bool {
         false
     }
-    /// Where it attaches when the user names no targets (BERT family).
-    fn default_targets(&self) -> Targets;
+    /// Where it attaches when the user names no targets, per backbone `model_type` (PEFT's
+    /// per-architecture defaults: BERT family, or `llama` for decoders).
+    fn default_targets(&self, model_type: &str) -> Targets;
     /// Checks hyperparameters.
     fn validate(&self, _info: &BackboneInfo) -> Result<()> {
         Ok(())
@@ -340,8 +365,8 @@ impl DeltaConfig {
         self.as_method().expands()
     }
 
-    pub fn default_targets(&self) -> Targets {
-        self.as_method().default_targets()
+    pub fn default_targets(&self, model_type: &str) -> Targets {
+        self.as_method().default_targets(model_type)
     }
 
     pub fn validate(&self, info: &BackboneInfo) -> Result<()> {

@@ -8,7 +8,7 @@
 //! * LayerNorm tuning: `γ' = γ + Δγ`, `β' = β + Δβ` (set `bias=false` for the weight-only "LN-fit"
 //!   of the structure-search paper).
 
-use super::{BuildCtx, Delta, HookCtx, Method, TargetModules, Targets};
+use super::{BuildCtx, Delta, HookCtx, Method, Targets};
 use crate::backbone::{Site, SiteKind};
 use crate::error::{Error, Result};
 use candle_core::{Tensor, Var};
@@ -27,9 +27,13 @@ impl Method for BitFitConfig {
         true
     }
 
-    fn default_targets(&self) -> Targets {
+    fn default_targets(&self, model_type: &str) -> Targets {
         // OpenDelta's default for BERT: attention, feed-forward and layer norms of every layer.
-        Targets { target_modules: Some(TargetModules::List(vec![r"re:encoder\.layer\.\d+".into()])), ..Default::default() }
+        if super::is_decoder(model_type) {
+            super::targets(&[r"re:model\.layers\.\d+"])
+        } else {
+            super::targets(&[r"re:encoder\.layer\.\d+"])
+        }
     }
 
     fn build(&self, site: &Site, ctx: &mut BuildCtx) -> Result<Box<dyn Delta>> {
@@ -70,8 +74,12 @@ impl Method for LnTuningConfig {
         true
     }
 
-    fn default_targets(&self) -> Targets {
-        Targets { target_modules: Some(TargetModules::List(vec!["LayerNorm".into()])), ..Default::default() }
+    fn default_targets(&self, model_type: &str) -> Targets {
+        if super::is_decoder(model_type) {
+            super::targets(&["input_layernorm", "post_attention_layernorm", "model.norm"])
+        } else {
+            super::targets(&["LayerNorm"])
+        }
     }
 
     fn validate(&self, _info: &super::BackboneInfo) -> Result<()> {

@@ -1,12 +1,16 @@
 //! Prefix tuning (Li & Liang, 2021), addition family: per layer, `num_virtual_tokens` learned keys
 //! and values prepended to the self-attention's own. Follows PEFT's `PrefixEncoder`: one table
-//! `prompt_embeddings` (P, L·2·h) where, for layer l, columns [2lh, 2lh+h) are the keys and
-//! [2lh+h, 2(l+1)h) the values (already projected; N(0,1) init). With `prefix_projection`, the
-//! table is produced during training by `embedding (P, h) → Linear(h, E) → tanh → Linear(E, 2Lh)`
-//! (Li & Liang's reparameterization). Attaches to the encoder; real tokens' position ids start at P
-//! as with transformers' cache (PEFT behaviour). Not mergeable.
+//! `prompt_embeddings` (P, L·2·w) where, for layer l, columns [2lw, 2lw+w) are the keys and
+//! [2lw+w, 2(l+1)w) the values (already projected; N(0,1) init). `w` is the key width: the hidden
+//! size, or `num_key_value_heads × head_dim` under grouped-query attention (PEFT's `token_dim`);
+//! each row holds the heads in order. With `prefix_projection`, the table is produced during
+//! training by `embedding (P, w) → Linear(w, E) → tanh → Linear(E, 2Lw)` (Li & Liang's
+//! reparameterization). Attaches to the layer stack (BERT's `encoder`, a decoder's `model`), where
+//! the keys act as an attention cache of P positions: real tokens' position ids start at P, and a
+//! decoder's keys are used as given (no rotary embedding), as with transformers' cache (PEFT
+//! behaviour). Not mergeable.
 
-use super::{BuildCtx, Delta, HookCtx, Method, TargetModules, Targets};
+use super::{BuildCtx, Delta, HookCtx, Method, Targets};
 use crate::backbone::{Site, SiteKind};
 use crate::error::{Error, Result};
 use crate::ops;
@@ -34,8 +38,9 @@ impl Method for PrefixConfig {
         &[SiteKind::Encoder]
     }
 
-    fn default_targets(&self) -> Targets {
-        Targets { target_modules: Some(TargetModules::List(vec!["encoder".into()])), ..Default::default() }
+    fn default_targets(&self, model_type: &str) -> Targets {
+        // The layer stack: BERT's `encoder`, a decoder's `model`.
+        super::targets(&[if super::is_decoder(model_type) { "model" } else { "encoder" }])
     }
 
     fn validate(&self, _info: &super::BackboneInfo) -> Result<()> {
@@ -50,7 +55,7 @@ impl Method for PrefixConfig {
     }
 
     fn build(&self, site: &Site, ctx: &mut BuildCtx) -> Result<Box<dyn Delta>> {
-        let (p, h, l, dev) = (self.num_virtual_tokens, ctx.info.hidden_size, ctx.info.num_layers, ctx.device.clone());
+        let (p, h, l, dev) = (self.num_virtual_tokens, ctx.info.kv_width(), ctx.info.num_layers, ctx.device.clone());
         let path = site.path();
         let table = if self.prefix_projection {
             let e = self.encoder_hidden_size.unwrap_or(h);
@@ -73,9 +78,9 @@ impl Method for PrefixConfig {
 
 #[derive(Debug)]
 enum Table {
-    /// (P, 2Lh) trained directly.
+    /// (P, 2Lw) trained directly.
     Direct(Var),
-    /// embedding (P, h); first (E, h)+(E); second (2Lh, E)+(2Lh).
+    /// embedding (P, w); first (E, w)+(E); second (2Lw, E)+(2Lw).
     Projected { embedding: Var, first: (Var, Var), second: (Var, Var) },
 }
 
@@ -83,11 +88,12 @@ enum Table {
 pub struct Prefix {
     table: Table,
     tokens: usize,
+    /// Key width w.
     hidden: usize,
 }
 
 impl Prefix {
-    /// This layer's (P, 2h) block of keys and values.
+    /// This layer's (P, 2w) block of keys and values.
     fn layer_block(&self, layer: usize) -> Result<Tensor> {
         let h2 = 2 * self.hidden;
         match &self.table {

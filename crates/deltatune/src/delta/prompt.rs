@@ -1,9 +1,10 @@
 //! Prompt tuning (Lester et al., 2021), addition family: `num_virtual_tokens` soft tokens prepended
-//! to the input embeddings (the attention mask is extended with ones; outputs keep the virtual
-//! positions first, as PEFT does). Parameter `prompt_embeddings` (P, h) as in PEFT's
+//! to the input embeddings (the attention mask is extended with ones; encoder outputs keep the
+//! virtual positions first, as PEFT does; a decoder drops them from its outputs, and in
+//! generation they occupy the first cache positions). Parameter `prompt_embeddings` (P, h) as in PEFT's
 //! `PromptEmbedding`. Not mergeable.
 
-use super::{BuildCtx, Delta, HookCtx, Method, TargetModules, Targets};
+use super::{BuildCtx, Delta, HookCtx, Method, Targets};
 use crate::backbone::{Site, SiteKind};
 use crate::error::{Error, Result};
 use candle_core::{Tensor, Var};
@@ -43,11 +44,14 @@ impl Default for PromptConfig {
 
 impl Method for PromptConfig {
     fn kinds(&self) -> &'static [SiteKind] {
-        &[SiteKind::Embeddings]
+        // BERT's embeddings block or a token-embedding table (a decoder's `model.embed_tokens`,
+        // BERT's `embeddings.word_embeddings`): either way the tokens go before the word embeddings.
+        &[SiteKind::Embeddings, SiteKind::Embedding]
     }
 
-    fn default_targets(&self) -> Targets {
-        Targets { target_modules: Some(TargetModules::List(vec!["embeddings".into()])), ..Default::default() }
+    fn default_targets(&self, model_type: &str) -> Targets {
+        // BERT's embeddings block; a decoder's token embeddings (its whole embedding stage).
+        super::targets(&[if super::is_decoder(model_type) { "model.embed_tokens" } else { "embeddings" }])
     }
 
     fn validate(&self, _info: &super::BackboneInfo) -> Result<()> {

@@ -60,8 +60,10 @@ pub fn spec_from_config(path: &Path, model: &dyn Backbone) -> Result<DeltaSpec> 
         .ok_or_else(|| Error::MissingField { file: path.into(), field: "peft_type".into() })?;
     let bad = |msg: String| Error::Config { file: path.into(), msg };
     let info = model.info();
-    let check_dims = |obj: &Map<String, Value>| -> Result<()> {
-        for (k, want) in [("token_dim", info.hidden_size), ("num_layers", info.num_layers)] {
+    // PEFT's token_dim is the hidden size for prompts and the key width for prefixes (grouped-query
+    // attention: num_key_value_heads × head_dim).
+    let check_dims = |obj: &Map<String, Value>, token_dim: usize| -> Result<()> {
+        for (k, want) in [("token_dim", token_dim), ("num_layers", info.num_layers)] {
             if let Some(got) = obj.get(k).and_then(|x| x.as_u64()) {
                 if got as usize != want {
                     return Err(bad(format!("{k} is {got} but the model has {want}")));
@@ -120,13 +122,13 @@ pub fn spec_from_config(path: &Path, model: &dyn Backbone) -> Result<DeltaSpec> 
             (DeltaConfig::Ia3(cfg), t)
         }
         "PREFIX_TUNING" => {
-            check_dims(obj)?;
+            check_dims(obj, info.kv_width())?;
             // PEFT saves the (projected) table only, so it always loads as a plain table.
             let cfg = PrefixConfig { num_virtual_tokens: num(obj, "num_virtual_tokens", path)? as usize, prefix_projection: false, encoder_hidden_size: None };
             (DeltaConfig::Prefix(cfg), Targets::default())
         }
         "PROMPT_TUNING" => {
-            check_dims(obj)?;
+            check_dims(obj, info.hidden_size)?;
             let cfg = PromptConfig {
                 num_virtual_tokens: num(obj, "num_virtual_tokens", path)? as usize,
                 prompt_tuning_init: PromptInit::Random,
@@ -217,7 +219,7 @@ pub fn export(dir: &Path, model: &dyn Backbone, spec: &DeltaSpec, base_model: &s
             Some(t) => sorted(&Some(t.clone()), TargetModules::List(vec![])),
         }
     };
-    let defaults = spec.config.default_targets();
+    let defaults = spec.config.default_targets(model.model_type());
     let default_list = defaults.target_modules.unwrap_or(TargetModules::List(vec![]));
     let modules_to_save = if extra_tensors.keys().any(|k| k.starts_with("classifier.")) { json!(["classifier"]) } else { Value::Null };
     let config = match &spec.config {
@@ -246,7 +248,7 @@ pub fn export(dir: &Path, model: &dyn Backbone, spec: &DeltaSpec, base_model: &s
             json!({
                 "auto_mapping": null, "base_model_name_or_path": base_model,
                 "exclude_modules": opt_targets(&spec.targets.exclude_modules), "fan_in_fan_out": false,
-                "feedforward_modules": opt_targets(&c.feedforward_modules), "inference_mode": true,
+                "feedforward_modules": sorted(&Some(c.feedforward_for(model.model_type())), TargetModules::List(vec![])), "inference_mode": true,
                 "init_ia3_weights": c.init_ia3_weights, "modules_to_save": modules_to_save, "peft_type": "IA3",
                 "peft_version": "0.21.2", "revision": null, "target_modules": sorted(&spec.targets.target_modules, default_list),
                 "task_type": "FEATURE_EXTRACTION"

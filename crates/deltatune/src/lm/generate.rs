@@ -103,11 +103,13 @@ pub fn generate(lm: &CausalLm, prompt_ids: &[u32], opts: &GenerateOptions, on_te
     if prompt_ids.is_empty() {
         return Err(Error::arg("--prompt", "the prompt has no tokens"));
     }
-    let ctx_len = lm.model.config.max_position_embeddings;
+    let virtual_tokens = lm.model.num_virtual_tokens();
+    let ctx_len = lm.model.config.max_position_embeddings.saturating_sub(virtual_tokens);
     if prompt_ids.len() >= ctx_len {
+        let with = if virtual_tokens > 0 { format!(" besides the delta's {virtual_tokens} virtual tokens") } else { String::new() };
         return Err(Error::arg(
             "--prompt",
-            format!("the prompt has {} tokens; the model's context holds {ctx_len}", prompt_ids.len()),
+            format!("the prompt has {} tokens; the model's context holds {ctx_len}{with}", prompt_ids.len()),
         ));
     }
     let max_new = opts.max_new_tokens.min(ctx_len - prompt_ids.len());

@@ -1,7 +1,8 @@
-//! Causal-LM training of deltas on a decoder: (prompt, completion) pairs with the loss on the
-//! completion tokens only, right padding, AdamW with warm-up and linear decay; perplexity; and
-//! classification as text-to-text with a verbalizer (the label whose words the model finds most
-//! likely after the prompt).
+//! Causal-LM training of deltas on a decoder: (prompt, completion) pairs, plain text or chat
+//! conversations, with the loss on the completion tokens only; the chat template applied on
+//! request; right padding or packing into full-length rows; AdamW with warm-up and linear decay;
+//! perplexity; and classification as text-to-text with a verbalizer (the label whose words the
+//! model finds most likely after the prompt).
 
 use super::LmTokenizer;
 use crate::attach;
@@ -22,9 +23,23 @@ pub struct LmPair {
     pub completion: String,
 }
 
-/// Reads JSONL of `{"prompt": ..., "completion": ...}` or `{"text": ...}` (plain text: every
-/// token is a target). Bad lines are errors naming the line.
-pub fn read_jsonl(path: &Path) -> Result<Vec<LmPair>> {
+/// The end-of-turn marker of the ChatML template, closing a chat completion.
+pub const END_OF_TURN: &str = "<|im_end|>";
+
+impl LmPair {
+    /// The pair as one chat turn: the prompt as the user's message in the model's chat template
+    /// (with the assistant header), the completion closed by the end-of-turn marker.
+    pub fn to_chat(&self, tok: &LmTokenizer) -> Result<LmPair> {
+        Ok(LmPair { prompt: tok.chat_prompt(&[("user", &self.prompt)])?, completion: format!("{}{END_OF_TURN}", self.completion) })
+    }
+}
+
+/// Reads JSONL of `{"prompt": ..., "completion": ...}`, `{"text": ...}` (plain text: every token
+/// is a target) or `{"messages": [{"role": ..., "content": ...}, ...]}` (a conversation ending
+/// with the assistant's turn, the target). With `chat` (the model's tokenizer), prompt/completion
+/// pairs become chat turns ([`LmPair::to_chat`]) and conversations go through the chat template;
+/// conversations need it. Bad lines are errors naming the line.
+pub fn read_jsonl(path: &Path, chat: Option<&LmTokenizer>) -> Result<Vec<LmPair>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -34,10 +49,20 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<LmPair>> {
         let bad = |msg: String| Error::Data { file: path.to_path_buf(), line: i + 1, col: None, msg };
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
         let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-        let pair = match (field("prompt"), field("completion"), field("text")) {
-            (Some(p), Some(c), _) => LmPair { prompt: p, completion: c },
-            (None, None, Some(t)) => LmPair { prompt: String::new(), completion: t },
-            _ => return Err(bad("expected string fields `prompt` and `completion`, or `text`".into())),
+        let pair = match (field("prompt"), field("completion"), field("text"), v.get("messages")) {
+            (Some(p), Some(c), _, _) => {
+                let pair = LmPair { prompt: p, completion: c };
+                match chat {
+                    Some(tok) => pair.to_chat(tok).map_err(|e| bad(e.to_string()))?,
+                    None => pair,
+                }
+            }
+            (None, None, Some(t), _) => LmPair { prompt: String::new(), completion: t },
+            (None, None, None, Some(m)) => {
+                let tok = chat.ok_or_else(|| bad("`messages` needs the chat template (--chat)".into()))?;
+                conversation(tok, m).map_err(bad)?
+            }
+            _ => return Err(bad("expected string fields `prompt` and `completion`, `text`, or a `messages` list".into())),
         };
         if pair.completion.is_empty() {
             return Err(bad("empty completion".into()));
@@ -48,6 +73,28 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<LmPair>> {
         return Err(Error::DataFile { file: path.to_path_buf(), msg: "no examples".into() });
     }
     Ok(out)
+}
+
+/// A `messages` list as a chat pair: the turns before the last in the chat template, the last
+/// (the assistant's) as the completion.
+fn conversation(tok: &LmTokenizer, m: &serde_json::Value) -> std::result::Result<LmPair, String> {
+    let list = m.as_array().ok_or("`messages` must be a list")?;
+    let mut turns = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        let get = |k: &str| t.get(k).and_then(|x| x.as_str()).ok_or(format!("message {i} has no string `{k}`"));
+        let role = get("role")?;
+        if !matches!(role, "system" | "user" | "assistant") {
+            return Err(format!("message {i} has role `{role}` (expected system, user or assistant)"));
+        }
+        turns.push((role, get("content")?));
+    }
+    match turns.split_last() {
+        Some(((role, content), before)) if *role == "assistant" && !before.is_empty() => {
+            let prompt = tok.chat_prompt(before).map_err(|e| e.to_string())?;
+            Ok(LmPair { prompt, completion: format!("{content}{END_OF_TURN}") })
+        }
+        _ => Err("`messages` must end with an assistant turn after at least one other".into()),
+    }
 }
 
 /// How a classification example becomes text: `template` with `{text}` (and `{text_b}`), and one
@@ -134,20 +181,61 @@ pub struct LmBatch {
     pub num_targets: usize,
 }
 
+/// One training row: token ids and, per token, whether it is a target (a completion token).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LmRow {
+    pub ids: Vec<u32>,
+    pub target: Vec<bool>,
+}
+
+impl From<(Vec<u32>, usize)> for LmRow {
+    /// An [`encode_pair`] result: targets from the completion start on.
+    fn from((ids, start): (Vec<u32>, usize)) -> Self {
+        let target = (0..ids.len()).map(|i| i >= start).collect();
+        LmRow { ids, target }
+    }
+}
+
+/// Packs rows into rows of exactly `max_len` tokens (the last one shorter): each row followed by
+/// `separator` (a target when the row's last token is one, so the model learns to stop), all
+/// concatenated and cut, as in transformers' causal-LM example. Rows attend across the joins
+/// (no per-example mask), the usual trade for no padding.
+pub fn pack(rows: &[LmRow], max_len: usize, separator: Option<u32>) -> Vec<LmRow> {
+    let (mut ids, mut target) = (Vec::new(), Vec::new());
+    for r in rows {
+        ids.extend_from_slice(&r.ids);
+        target.extend_from_slice(&r.target);
+        if let Some(sep) = separator {
+            ids.push(sep);
+            target.push(r.target.last().copied().unwrap_or(false));
+        }
+    }
+    ids.chunks(max_len.max(1)).zip(target.chunks(max_len.max(1))).map(|(i, t)| LmRow { ids: i.to_vec(), target: t.to_vec() }).collect()
+}
+
+/// A right-padded batch of [`encode_pair`] results.
 pub fn make_batch(encoded: &[(Vec<u32>, usize)], pad_id: u32, device: &Device) -> Result<LmBatch> {
-    let t = encoded.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
-    let b = encoded.len();
+    let rows: Vec<LmRow> = encoded.iter().cloned().map(LmRow::from).collect();
+    make_row_batch(&rows, pad_id, device)
+}
+
+/// A right-padded batch of rows.
+pub fn make_row_batch(rows: &[LmRow], pad_id: u32, device: &Device) -> Result<LmBatch> {
+    let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+    let b = rows.len();
     let mut ids = vec![pad_id; b * t];
     let mut mask = vec![0f32; b * t];
     let (mut pos, mut tgt) = (Vec::new(), Vec::new());
-    for (r, (row, start)) in encoded.iter().enumerate() {
-        ids[r * t..r * t + row.len()].copy_from_slice(row);
-        mask[r * t..r * t + row.len()].iter_mut().for_each(|m| *m = 1.0);
-        // Position p predicts token p + 1; targets are the completion tokens (a completion at the
-        // very start has no position to predict its first token from).
-        for p in (*start).max(1)..row.len() {
-            pos.push((r * t + p - 1) as u32);
-            tgt.push(row[p]);
+    for (r, row) in rows.iter().enumerate() {
+        ids[r * t..r * t + row.ids.len()].copy_from_slice(&row.ids);
+        mask[r * t..r * t + row.ids.len()].iter_mut().for_each(|m| *m = 1.0);
+        // Position p predicts token p + 1; targets are the completion tokens (a target at the
+        // very start has no position to predict it from).
+        for p in 1..row.ids.len() {
+            if row.target[p] {
+                pos.push((r * t + p - 1) as u32);
+                tgt.push(row.ids[p]);
+            }
         }
     }
     let n = pos.len();
@@ -185,12 +273,31 @@ pub struct LmTrainConfig {
     pub max_length: usize,
     pub max_grad_norm: Option<f64>,
     pub seed: u64,
+    /// Pack examples into full `max_length` rows ([`pack`]) instead of padding each.
+    pub pack: bool,
 }
 
 impl Default for LmTrainConfig {
     fn default() -> Self {
-        LmTrainConfig { epochs: 1, batch_size: 8, lr: 1e-3, warmup_ratio: 0.06, weight_decay: 0.0, max_length: 128, max_grad_norm: Some(1.0), seed: 42 }
+        LmTrainConfig {
+            epochs: 1,
+            batch_size: 8,
+            lr: 1e-3,
+            warmup_ratio: 0.06,
+            weight_decay: 0.0,
+            max_length: 128,
+            max_grad_norm: Some(1.0),
+            seed: 42,
+            pack: false,
+        }
     }
+}
+
+/// The rows [`train_rows`] trains on: each pair encoded (truncated to `max_length`), packed when
+/// the config says so (separated by the tokenizer's end-of-sequence token).
+pub fn training_rows(tok: &LmTokenizer, pairs: &[LmPair], cfg: &LmTrainConfig) -> Result<Vec<LmRow>> {
+    let rows: Vec<LmRow> = pairs.iter().map(|p| encode_pair(tok, p, cfg.max_length).map(LmRow::from)).collect::<Result<_>>()?;
+    Ok(if cfg.pack { pack(&rows, cfg.max_length, tok.eos_ids.first().copied()) } else { rows })
 }
 
 /// One optimizer step's record.
@@ -206,6 +313,12 @@ pub struct LmStep {
 /// Trains the deltas attached to `model` on `pairs`; returns every step's record. The order of
 /// examples in each epoch is a seeded shuffle.
 pub fn train(model: &LlamaModel, tok: &LmTokenizer, pairs: &[LmPair], cfg: &LmTrainConfig, on_step: &mut dyn FnMut(&LmStep)) -> Result<Vec<LmStep>> {
+    let rows = training_rows(tok, pairs, cfg)?;
+    train_rows(model, tok.pad_id.unwrap_or(0), &rows, cfg, on_step)
+}
+
+/// Trains on prepared rows ([`training_rows`]), `ceil(rows / batch_size)` steps per epoch.
+pub fn train_rows(model: &LlamaModel, pad: u32, encoded: &[LmRow], cfg: &LmTrainConfig, on_step: &mut dyn FnMut(&LmStep)) -> Result<Vec<LmStep>> {
     let params = attach::trainable_vars(model);
     if params.is_empty() {
         return Err(Error::arg("--delta", "no trainable delta is attached"));
@@ -213,8 +326,6 @@ pub fn train(model: &LlamaModel, tok: &LmTokenizer, pairs: &[LmPair], cfg: &LmTr
     if cfg.batch_size == 0 || cfg.epochs == 0 {
         return Err(Error::arg("--batch-size", "batch size and epochs must be at least 1"));
     }
-    let encoded: Vec<(Vec<u32>, usize)> = pairs.iter().map(|p| encode_pair(tok, p, cfg.max_length)).collect::<Result<_>>()?;
-    let pad = tok.pad_id.unwrap_or(0);
     let steps_per_epoch = encoded.len().div_ceil(cfg.batch_size);
     let total = steps_per_epoch * cfg.epochs;
     let warmup = (total as f64 * cfg.warmup_ratio).ceil() as usize;
@@ -231,8 +342,8 @@ pub fn train(model: &LlamaModel, tok: &LmTokenizer, pairs: &[LmPair], cfg: &LmTr
             order.swap(i, j.min(i));
         }
         for chunk in order.chunks(cfg.batch_size) {
-            let rows: Vec<(Vec<u32>, usize)> = chunk.iter().map(|&i| encoded[i].clone()).collect();
-            let batch = make_batch(&rows, pad, model.device())?;
+            let rows: Vec<LmRow> = chunk.iter().map(|&i| encoded[i].clone()).collect();
+            let batch = make_row_batch(&rows, pad, model.device())?;
             if batch.num_targets == 0 {
                 continue;
             }
