@@ -207,6 +207,23 @@ fn train_lm_on_jsonl_lowers_perplexity_and_saves() {
     for f in ["metrics.jsonl", "delta.safetensors", "delta_config.json"] {
         assert!(out.join(f).is_file(), "{f} not written");
     }
+    // Chat conversations, packed.
+    let chat = dir.path().join("chat.jsonl");
+    let convo = |q: &str, a: &str| format!(r#"{{"messages": [{{"role": "user", "content": "{q}"}}, {{"role": "assistant", "content": "{a}"}}]}}"#);
+    std::fs::write(&chat, [convo("Sky?", "zorblue"), convo("Grass?", "zorgreen"), convo("Snow?", "zorwhite")].join("\n")).unwrap();
+    let o = run(&[
+        "--threads", "2", "train-lm", "--model", &gguf, "--train", chat.to_str().unwrap(), "--chat", "--pack", "--max-length", "64",
+        "--epochs", "4", "--batch-size", "1", "--lr", "5e-3", "--delta", "lora:r=4,target=q_proj+v_proj,layers=24-29", "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = r["rows"].as_u64().unwrap();
+    assert!(rows >= 1 && rows < 3, "three short conversations pack into fewer rows, got {rows}");
+    let (before, after) = (r["before"].as_f64().unwrap(), r["after"].as_f64().unwrap());
+    assert!(after < before, "chat perplexity {before} -> {after}");
+    // Conversations without --chat are refused, naming the flag.
+    let o = run(&["train-lm", "--model", &gguf, "--train", chat.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("--chat"), "{}", stderr(&o));
     // A bad line names the file and line.
     std::fs::write(&train, "{\"prompt\": \"x\"}\n").unwrap();
     let o = run(&["train-lm", "--model", &gguf, "--train", train.to_str().unwrap()]);

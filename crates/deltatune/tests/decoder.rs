@@ -461,6 +461,75 @@ mod prompt_learning {
     }
 }
 
+/// Chat-formatted training data and packing.
+mod chat_and_packing {
+    use super::*;
+    use deltatune::lm::train::{make_row_batch, read_jsonl, training_rows, LmPair, LmTrainConfig, END_OF_TURN};
+
+    #[test]
+    fn conversations_and_pairs_go_through_the_chat_template() {
+        let Some(lm) = lm() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("chat.jsonl");
+        std::fs::write(
+            &f,
+            [
+                r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#,
+                r#"{"prompt": "2+2?", "completion": "4"}"#,
+                r#"{"text": "plain text stays plain"}"#,
+            ]
+            .join("\n"),
+        )
+        .unwrap();
+        let pairs = read_jsonl(&f, Some(&lm.tokenizer)).unwrap();
+        assert_eq!(pairs[0].prompt, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(pairs[0].completion, format!("Hello.{END_OF_TURN}"));
+        // A pair becomes one user turn after the template's default system message.
+        assert!(pairs[1].prompt.starts_with("<|im_start|>system\n") && pairs[1].prompt.ends_with("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"));
+        assert_eq!(pairs[2], LmPair { prompt: String::new(), completion: "plain text stays plain".into() });
+        // The end of turn is one special token, the last target.
+        let ids = lm.tokenizer.encode(&pairs[0].completion).unwrap();
+        assert_eq!(ids.last().copied(), lm.tokenizer.encode(END_OF_TURN).unwrap().first().copied());
+        assert_eq!(lm.tokenizer.encode(END_OF_TURN).unwrap().len(), 1);
+        // Without --chat a conversation is an error naming the line; so are malformed ones.
+        for (line, want) in [
+            (r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}"#, "chat template"),
+            (r#"{"messages": [{"role": "user", "content": "Hi"}]}"#, "end with an assistant turn"),
+            (r#"{"messages": [{"role": "bot", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}"#, "role `bot`"),
+        ] {
+            std::fs::write(&f, line).unwrap();
+            let chat = (!want.contains("template")).then_some(&lm.tokenizer);
+            let e = read_jsonl(&f, chat).unwrap_err().to_string();
+            assert!(e.contains("chat.jsonl") && e.contains(":1") && e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn packing_fills_rows_and_keeps_the_targets() {
+        let Some(lm) = lm() else { return };
+        let pairs: Vec<LmPair> = (0..9)
+            .map(|i| LmPair { prompt: format!("Question {i}: what comes next?"), completion: format!(" The answer is {i}.") })
+            .collect();
+        let padded = training_rows(&lm.tokenizer, &pairs, &LmTrainConfig { max_length: 32, ..Default::default() }).unwrap();
+        let packed = training_rows(&lm.tokenizer, &pairs, &LmTrainConfig { max_length: 32, pack: true, ..Default::default() }).unwrap();
+        let tokens: usize = padded.iter().map(|r| r.ids.len()).sum();
+        // One end-of-sequence separator per example, then cut into rows of 32.
+        assert_eq!(packed.iter().map(|r| r.ids.len()).sum::<usize>(), tokens + pairs.len());
+        assert_eq!(packed.len(), (tokens + pairs.len()).div_ceil(32));
+        assert!(packed[..packed.len() - 1].iter().all(|r| r.ids.len() == 32));
+        let eos = lm.tokenizer.eos_ids[0];
+        let targets = |rows: &[deltatune::lm::train::LmRow]| rows.iter().map(|r| r.target.iter().filter(|&&t| t).count()).sum::<usize>();
+        // Every completion token stays a target, and each separator after a completion is one.
+        assert_eq!(targets(&packed), targets(&padded) + pairs.len());
+        assert!(packed.iter().flat_map(|r| r.ids.iter().zip(&r.target)).filter(|(&i, _)| i == eos).all(|(_, &t)| t));
+        // A packed batch has no padding; targets at a row's first token have no position.
+        let batch = make_row_batch(&packed[..2], 0, &Device::Cpu).unwrap();
+        assert_eq!(batch.mask.sum_all().unwrap().to_scalar::<f32>().unwrap(), 64.0);
+        let first_targets = packed[..2].iter().filter(|r| r.target[0]).count();
+        assert_eq!(batch.num_targets, targets(&packed[..2]) - first_targets);
+    }
+}
+
 mod interop {
     use super::*;
     use deltatune::attach::{self, AttachOptions};
