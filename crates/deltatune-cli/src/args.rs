@@ -139,6 +139,9 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub stop: Vec<String>,
     /// Multiply in f32 with dequantized weights at every step (slower; the maths of an f32 reference).
+    /// Keep generating past the end-of-sequence token (always --max-new-tokens tokens).
+    #[arg(long)]
+    pub ignore_eos: bool,
     #[arg(long)]
     pub exact: bool,
     /// A trained delta directory (ours, e.g. from `train-lm --out`, or a PEFT adapter) to apply.
@@ -290,6 +293,51 @@ pub enum BenchWhat {
     Matmul(BenchMatmulArgs),
     /// Inference with a merged LoRA against the bare backbone.
     Merged(BenchForwardArgs),
+    /// The decoder (default: SmolLM2-135M Q4_1 GGUF): greedy tokens/s without and with deltas,
+    /// and LoRA training step time and peak memory at batch x seq-len, each against PyTorch +
+    /// PEFT on the dequantized f32 model (bench/torch_decoder.py) in the same run.
+    Decoder(BenchDecoderArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchDecoderArgs {
+    /// A `.gguf` file (default: the default decoder).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The delta trained in the step benchmark (the PyTorch side always runs LoRA r 8 on q_proj
+    /// and v_proj).
+    #[arg(long, default_value = "lora:r=8,lora_alpha=16,target=q_proj+v_proj")]
+    pub delta: String,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// New tokens per generation run.
+    #[arg(long, default_value_t = 64)]
+    pub tokens: usize,
+    /// Generation runs per variant (median).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    #[arg(long, default_value_t = 2)]
+    pub bench_threads: usize,
+    /// A Python with torch, transformers, gguf and peft for the baseline.
+    #[arg(long, env = "DELTATUNE_TORCH_PYTHON")]
+    pub torch_python: Option<PathBuf>,
+    /// Skip the training-step part.
+    #[arg(long)]
+    pub no_train: bool,
+    /// Skip the generation part.
+    #[arg(long)]
+    pub no_generate: bool,
+    /// Internal: measure our training step in this process and print its JSON.
+    #[arg(long, hide = true)]
+    pub single: bool,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -347,3 +347,108 @@ pub fn matmul_throughput(tokens: usize, hidden: usize, inter: usize, iters: usiz
     let square = 2.0 * (n * n * n) as f64 / (median(&ms) / 1e3) / 1e9;
     Ok((encoder, square))
 }
+
+/// Results of the decoder training-step benchmark (milliseconds, MiB).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DecoderTrainBench {
+    pub delta: String,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub step_ms_median: f64,
+    pub fwd_ms_median: f64,
+    pub tokens_per_second: f64,
+    pub peak_rss_mb: f64,
+    /// The frozen base weights as held in memory (quantized) and as f32.
+    pub weights_mb: f64,
+    pub weights_f32_mb: f64,
+    pub trainable_params: usize,
+    pub first_loss: f64,
+    pub last_loss: f64,
+}
+
+/// Token ids uniform in [256, vocab) for `batch` rows of `seq_len`, every one a target.
+pub fn synthetic_lm_rows(batch: usize, seq_len: usize, vocab: usize, seed: u64) -> Vec<crate::lm::train::LmRow> {
+    let key = DropoutKey(seed).derive("synthetic-lm");
+    (0..batch)
+        .map(|r| {
+            let ids: Vec<u32> =
+                (0..seq_len).map(|p| 256 + (key.uniform((r * seq_len + p) as u64) * (vocab - 256) as f32) as u32).collect();
+            crate::lm::train::LmRow { target: vec![true; ids.len()], ids }
+        })
+        .collect()
+}
+
+/// Times causal-LM training steps (forward + loss on every position + backward + AdamW) of the
+/// delta `spec` on the decoder at `path`, the frozen base kept as stored (quantized for GGUF), as
+/// the PyTorch side (`bench/torch_decoder.py --mode train`) does on the dequantized f32 model.
+pub fn decoder_step_bench(path: &std::path::Path, spec: &str, batch: usize, seq_len: usize, warmup: usize, steps: usize) -> Result<DecoderTrainBench> {
+    use crate::lm::train::{batch_nll, make_row_batch};
+    use crate::train::optim::{AdamW, AdamWConfig};
+    use crate::{attach, ForwardCtx};
+    let dev = Device::Cpu;
+    let mut lm = crate::lm::CausalLm::load(path, &dev)?;
+    let specs = vec![crate::delta::DeltaSpec::parse_cli(spec)?];
+    attach::attach(&mut lm.model, &specs, attach::AttachOptions { seed: 42, tokenizer: None })?;
+    let params = attach::trainable_vars(&lm.model);
+    let rows = synthetic_lm_rows(batch, seq_len, lm.model.config.vocab_size, 42);
+    let b = make_row_batch(&rows, 0, &dev)?;
+    let mut opt = AdamW::new(params.clone(), AdamWConfig::default())?;
+    let (mut step_ms, mut fwd_ms, mut losses) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..warmup + steps {
+        let t0 = Instant::now();
+        let ctx = ForwardCtx::train(DropoutKey(42).derive_n(i as u64));
+        let loss = (batch_nll(&lm.model, &b, &ctx)? / b.num_targets as f64)?;
+        losses.push(loss.to_scalar::<f32>()? as f64);
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        let g: std::collections::BTreeMap<String, Tensor> =
+            params.iter().filter_map(|(n, v)| grads.get(v).map(|t| (n.clone(), t.clone()))).collect();
+        drop(grads);
+        opt.step(&g, 1e-4)?;
+        let t2 = Instant::now();
+        if i >= warmup {
+            step_ms.push((t2 - t0).as_secs_f64() * 1e3);
+            fwd_ms.push((t1 - t0).as_secs_f64() * 1e3);
+        }
+    }
+    let (held, f32_bytes) = lm.model.weight_bytes();
+    let step = median(&step_ms);
+    Ok(DecoderTrainBench {
+        delta: spec.to_string(),
+        batch,
+        seq_len,
+        step_ms_median: step,
+        fwd_ms_median: median(&fwd_ms),
+        tokens_per_second: (batch * seq_len) as f64 / (step / 1e3),
+        peak_rss_mb: peak_rss_mb(),
+        weights_mb: held as f64 / (1 << 20) as f64,
+        weights_f32_mb: f32_bytes as f64 / (1 << 20) as f64,
+        trainable_params: params.iter().map(|(_, v)| v.elem_count()).sum(),
+        first_loss: losses.first().copied().unwrap_or(f64::NAN),
+        last_loss: losses.last().copied().unwrap_or(f64::NAN),
+    })
+}
+
+/// Greedy generation speed of the decoder with an optional delta (`spec`, at its initial
+/// values: the compute is the same as a trained one's): median tokens/s of the decode phase over
+/// `runs` runs of exactly `tokens` new tokens, and the median prefill milliseconds. Every delta
+/// is detached afterwards.
+pub fn decoder_generate_bench(lm: &mut crate::lm::CausalLm, spec: Option<&str>, prompt: &str, tokens: usize, runs: usize) -> Result<(f64, f64)> {
+    use crate::attach;
+    if let Some(s) = spec {
+        let specs = vec![crate::delta::DeltaSpec::parse_cli(s)?];
+        attach::attach(&mut lm.model, &specs, attach::AttachOptions { seed: 42, tokenizer: None })?;
+    }
+    let ids = lm.tokenizer.encode(prompt)?;
+    let opts = crate::lm::GenerateOptions { max_new_tokens: tokens, ignore_eos: true, ..Default::default() };
+    let (mut tps, mut prefill) = (Vec::new(), Vec::new());
+    for _ in 0..runs.max(1) {
+        let g = crate::lm::generate(lm, &ids, &opts, &mut |_| {})?;
+        tps.push(g.tokens_per_second);
+        prefill.push(g.prefill_seconds * 1e3);
+    }
+    for s in lm.model.sites_mut() {
+        s.deltas.clear();
+    }
+    Ok((median(&tps), median(&prefill)))
+}

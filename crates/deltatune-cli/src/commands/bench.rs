@@ -1,7 +1,7 @@
 //! `deltatune bench`: speed measurements on the standard protocol, with the PyTorch baseline run
 //! in the same invocation for ratios.
 
-use crate::args::{BenchAccuracyArgs, BenchArgs, BenchCacheArgs, BenchForwardArgs, BenchMatmulArgs, BenchTrainArgs, BenchWhat};
+use crate::args::{BenchAccuracyArgs, BenchArgs, BenchCacheArgs, BenchDecoderArgs, BenchForwardArgs, BenchMatmulArgs, BenchTrainArgs, BenchWhat};
 use anyhow::{Context, Result};
 use deltatune::bench::{median, synthetic_batch, time_runs};
 use deltatune::{Backbone, BertModel, Device, ForwardCtx, Pooling};
@@ -11,6 +11,7 @@ use std::process::Command;
 
 const TORCH_FORWARD: &str = include_str!("../../../../bench/torch_forward.py");
 const TORCH_EPOCH: &str = include_str!("../../../../bench/torch_epoch.py");
+const TORCH_DECODER: &str = include_str!("../../../../bench/torch_decoder.py");
 
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
@@ -20,6 +21,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchWhat::Cache(t) => cache(t),
         BenchWhat::Matmul(t) => matmul(t),
         BenchWhat::Merged(t) => merged(t),
+        BenchWhat::Decoder(t) => decoder(t),
     }
 }
 
@@ -445,6 +447,110 @@ fn merged(a: BenchForwardArgs) -> Result<()> {
         println!("{out}");
     } else {
         println!("eval forward, batch {} x {}: bare {b:.1} ms, merged LoRA {m:.1} ms (ratio {:.3}), unmerged LoRA {unmerged_ms:.1} ms", a.batch, a.seq_len, m / b);
+    }
+    Ok(())
+}
+
+/// Generation variants of `bench decoder`: a label and the delta spec (none for the bare model).
+const DECODER_VARIANTS: &[(&str, Option<&str>)] = &[
+    ("none", None),
+    ("lora", Some("lora:r=8,lora_alpha=16,target=q_proj+v_proj")),
+    ("ia3", Some("ia3")),
+    ("prefix", Some("prefix:num_virtual_tokens=10")),
+];
+
+fn decoder(a: BenchDecoderArgs) -> Result<()> {
+    let path = match &a.model {
+        Some(p) => p.clone(),
+        None => deltatune::assets::default_decoder(&mut super::progress)?,
+    };
+    if a.single {
+        let r = deltatune::bench::decoder_step_bench(&path, &a.delta, a.batch, a.seq_len, a.warmup, a.steps)?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let torch_args = |mode: &str| -> Vec<String> {
+        let mut v: Vec<String> = vec!["--model".into(), path.display().to_string(), "--mode".into(), mode.into()];
+        for (k, x) in [("--batch", a.batch), ("--seq-len", a.seq_len), ("--warmup", a.warmup), ("--steps", a.steps)] {
+            v.extend([k.to_string(), x.to_string()]);
+        }
+        for (k, x) in [("--tokens", a.tokens), ("--runs", a.runs), ("--threads", a.bench_threads)] {
+            v.extend([k.to_string(), x.to_string()]);
+        }
+        v
+    };
+    let mut out = json!({"model": path.display().to_string(), "threads": a.bench_threads});
+    if !a.no_generate {
+        let mut lm = deltatune::lm::CausalLm::load(&path, &Device::Cpu).with_context(|| format!("loading {}", path.display()))?;
+        let prompt = "The history of the city begins";
+        let mut rows = serde_json::Map::new();
+        for (label, spec) in DECODER_VARIANTS {
+            eprintln!("deltatune: generate, delta {label} ...");
+            let (tps, prefill) = deltatune::bench::decoder_generate_bench(&mut lm, *spec, prompt, a.tokens, a.runs)?;
+            rows.insert(label.to_string(), json!({"tokens_per_second": tps, "prefill_ms": prefill}));
+        }
+        let base = rows["none"]["tokens_per_second"].as_f64().unwrap_or(f64::NAN);
+        for (_, r) in rows.iter_mut() {
+            r["ratio_to_none"] = json!(r["tokens_per_second"].as_f64().unwrap_or(f64::NAN) / base);
+        }
+        out["generate"] = json!({"tokens": a.tokens, "runs": a.runs, "deltatune": rows});
+        if let Some(py) = &a.torch_python {
+            eprintln!("pytorch: generate ...");
+            out["generate"]["pytorch"] = run_python(py, TORCH_DECODER, "torch_decoder.py", &torch_args("generate"))?;
+        }
+    }
+    if !a.no_train {
+        eprintln!("deltatune: train {} at {} x {} ...", a.delta, a.batch, a.seq_len);
+        let o = Command::new(std::env::current_exe()?)
+            .args(["--threads", &a.bench_threads.to_string(), "bench", "decoder", "--single", "--delta", &a.delta])
+            .args(["--batch", &a.batch.to_string(), "--seq-len", &a.seq_len.to_string()])
+            .args(["--warmup", &a.warmup.to_string(), "--steps", &a.steps.to_string()])
+            .arg("--model")
+            .arg(&path)
+            .output()?;
+        if !o.status.success() {
+            anyhow::bail!("decoder training benchmark failed: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        let ours: Value = serde_json::from_slice(o.stdout.split(|&b| b == b'\n').rev().find(|l| l.starts_with(b"{")).unwrap_or(b"{}"))?;
+        out["train"] = json!({"deltatune": ours});
+        if let Some(py) = &a.torch_python {
+            eprintln!("pytorch+peft: train lora at {} x {} ...", a.batch, a.seq_len);
+            let theirs = run_python(py, TORCH_DECODER, "torch_decoder.py", &torch_args("train"))?;
+            let ratio = |k: &str| ours[k].as_f64().zip(theirs[k].as_f64()).map(|(x, y)| x / y);
+            out["train"]["ratio_step_time"] = json!(ratio("step_ms_median"));
+            out["train"]["ratio_peak_rss"] = json!(ratio("peak_rss_mb"));
+            out["train"]["pytorch"] = theirs;
+        }
+    }
+    if a.json {
+        println!("{out}");
+        return Ok(());
+    }
+    let f = |v: &Value| v.as_f64().map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
+    if let Some(g) = out.get("generate") {
+        println!("greedy generation, {} new tokens, median of {} (tokens/s, decode phase):", a.tokens, a.runs);
+        for (label, _) in DECODER_VARIANTS {
+            let r = &g["deltatune"][*label];
+            let torch = g.get("pytorch").map(|p| format!("  pytorch f32 {}", f(&p[*label]))).unwrap_or_default();
+            println!("  {label:<7} deltatune {:>7}  ({:.2}x of none){torch}", f(&r["tokens_per_second"]), r["ratio_to_none"].as_f64().unwrap_or(f64::NAN));
+        }
+    }
+    if let Some(t) = out.get("train") {
+        let d = &t["deltatune"];
+        println!("training step, {} at batch {} x {} tokens:", a.delta, a.batch, a.seq_len);
+        println!(
+            "  deltatune (quantized base {} MiB): step {} ms, forward {} ms, {} tokens/s, peak RSS {} MiB",
+            f(&d["weights_mb"]), f(&d["step_ms_median"]), f(&d["fwd_ms_median"]), f(&d["tokens_per_second"]), f(&d["peak_rss_mb"])
+        );
+        if let Some(p) = t.get("pytorch") {
+            println!(
+                "  pytorch+peft (f32 base):  step {} ms, forward {} ms, {} tokens/s, peak RSS {} MiB (torch {})",
+                f(&p["step_ms_median"]), f(&p["fwd_ms_median"]), f(&p["tokens_per_second"]), f(&p["peak_rss_mb"]), p["torch"]
+            );
+            println!("  ratios deltatune / pytorch: step time {:.2}, peak RSS {:.2}", t["ratio_step_time"].as_f64().unwrap_or(f64::NAN), t["ratio_peak_rss"].as_f64().unwrap_or(f64::NAN));
+        } else {
+            println!("  (pass --torch-python PYTHON to run PyTorch + PEFT side by side)");
+        }
     }
     Ok(())
 }

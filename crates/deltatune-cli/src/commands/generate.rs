@@ -46,6 +46,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
         stop_ids: Vec::new(),
         stop_strings: a.stop.clone(),
+        ignore_eos: a.ignore_eos,
     };
     let stream = !a.json;
     let mut stdout = std::io::stdout();

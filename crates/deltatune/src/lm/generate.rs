@@ -25,6 +25,9 @@ pub struct GenerateOptions {
     pub stop_ids: Vec<u32>,
     /// Generation ends when the text contains any of these; the text is cut before it.
     pub stop_strings: Vec<String>,
+    /// Do not stop at the tokenizer's end-of-sequence / end-of-turn ids (benchmarks: always
+    /// `max_new_tokens`).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerateOptions {
@@ -37,6 +40,7 @@ impl Default for GenerateOptions {
             seed: 42,
             stop_ids: Vec::new(),
             stop_strings: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -114,7 +118,9 @@ pub fn generate(lm: &CausalLm, prompt_ids: &[u32], opts: &GenerateOptions, on_te
     }
     let max_new = opts.max_new_tokens.min(ctx_len - prompt_ids.len());
     let mut stop_ids = opts.stop_ids.clone();
-    stop_ids.extend(lm.tokenizer.eos_ids.iter().copied());
+    if !opts.ignore_eos {
+        stop_ids.extend(lm.tokenizer.eos_ids.iter().copied());
+    }
     let dev = lm.model.device().clone();
     let ctx = ForwardCtx::eval();
     let key = DropoutKey(opts.seed).derive("generate");
