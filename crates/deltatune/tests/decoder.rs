@@ -371,7 +371,7 @@ mod prompt_learning {
             let mut cache = KvCache::new(base.model.num_layers());
             let t = Tensor::new(x.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
             base.model.forward(&t, None, Some(&mut cache), &ForwardCtx::eval()).unwrap();
-            let rows = |t: &Tensor| t.squeeze(0).unwrap().transpose(0, 1).unwrap().reshape((n, 192)).unwrap();
+            let rows = |t: &Tensor| t.squeeze(0).unwrap(); // (1, n, nkv·d) -> (n, 192)
             let mut blocks = Vec::new();
             for l in 0..30 {
                 let (k, v) = cache.layer(l).unwrap();

@@ -214,7 +214,7 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
-/// Keys and values of the positions seen so far, per layer: (b, nkv, p, d) each. The first
+/// Keys and values of the positions seen so far, per layer: (b, p, nkv·d) each (rotated keys). The first
 /// [`KvCache::virtual_tokens`] positions belong to deltas (prefix keys, soft prompts).
 #[derive(Debug, Default)]
 pub struct KvCache {
@@ -227,7 +227,7 @@ impl KvCache {
         KvCache { layers: vec![None; num_layers], virtual_tokens: 0 }
     }
 
-    /// Layer `n`'s cached keys and values, (b, nkv, p, d) each.
+    /// Layer `n`'s cached keys and values, (b, p, nkv·d) each.
     pub fn layer(&self, n: usize) -> Option<&(Tensor, Tensor)> {
         self.layers.get(n).and_then(|l| l.as_ref())
     }
@@ -239,7 +239,7 @@ impl KvCache {
 
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).and_then(|(k, _)| k.dim(2).ok()).unwrap_or(0)
+        self.layers.first().and_then(|l| l.as_ref()).and_then(|(k, _)| k.dim(1).ok()).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -252,8 +252,8 @@ impl KvCache {
     }
 }
 
-/// Rotary tables for positions `start..start + t`: cos and sin, each (t, d), HF layout (the two
-/// halves of each head repeat the same frequencies).
+/// Rotary tables for positions `start..start + t`: cos and sin, each (t, 1, d) to broadcast over
+/// heads, HF layout (the two halves of each head repeat the same frequencies).
 fn rotary(start: usize, t: usize, d: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = d / 2;
     // As transformers computes them: inverse frequencies and angles in f32.
@@ -269,54 +269,47 @@ fn rotary(start: usize, t: usize, d: usize, theta: f64, device: &Device) -> Resu
             }
         }
     }
-    Ok((Tensor::from_vec(cos, (t, d), device)?, Tensor::from_vec(sin, (t, d), device)?))
+    Ok((Tensor::from_vec(cos, (t, 1, d), device)?, Tensor::from_vec(sin, (t, 1, d), device)?))
 }
 
 impl Attention {
-    /// `x`: (b, t, h); `bias`: (b or 1, 1, t, p + t) additive mask. Appends this step's keys and
-    /// values to `cache` when given.
+    /// `x`: (b, t, h); `key_bias`: (b, p + t) additive key mask over the cached and new positions
+    /// (attention is causal on top of it). Appends this step's keys and values to `cache`.
     fn forward(
         &self,
         x: &Tensor,
         rope: &(Tensor, Tensor),
-        bias: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        key_bias: &Tensor,
+        cache: &mut Option<(Tensor, Tensor)>,
         ctx: &ForwardCtx,
         exact: bool,
     ) -> Result<Tensor> {
         let x = self.site.pre(x, ctx)?;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
-        let split = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
-        let q = split(self.q_proj.forward(&x, ctx, exact)?, nh)?;
-        let k = split(self.k_proj.forward(&x, ctx, exact)?, nkv)?;
-        let v = split(self.v_proj.forward(&x, ctx, exact)?, nkv)?;
-        let q = ops::rope(&q, &rope.0, &rope.1)?;
-        let k = ops::rope(&k, &rope.0, &rope.1)?;
-        let (k, v) = match cache {
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
+        // Heads interleaved along the last dimension, (b, t, n·d): rotary per (t, head).
+        let rotated = |y: Tensor, n: usize| -> Result<Tensor> {
+            let y = ops::rope(&y.reshape((b, t, n, d))?, &rope.0, &rope.1)?;
+            Ok(y.reshape((b, t, n * d))?)
+        };
+        let q = rotated(self.q_proj.forward(&x, ctx, exact)?, nh)?;
+        let k = rotated(self.k_proj.forward(&x, ctx, exact)?, nkv)?;
+        let v = self.v_proj.forward(&x, ctx, exact)?;
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
             None => (k, v),
         };
-        let total = k.dim(2)?;
+        *cache = Some((k.clone(), v.clone()));
+        let total = k.dim(1)?;
         let rep = nh / nkv;
+        // Grouped-query attention: each key/value head serves `rep` consecutive query heads.
         let expand = |y: &Tensor| -> Result<Tensor> {
             if rep == 1 {
                 return Ok(y.clone());
             }
-            Ok(y.unsqueeze(2)?.expand((b, nkv, rep, total, d))?.reshape((b, nh, total, d))?)
+            Ok(y.reshape((b, total, nkv, 1, d))?.expand((b, total, nkv, rep, d))?.reshape((b, total, nh * d))?)
         };
-        let (k, v) = (expand(&k)?, expand(&v)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-        let scores = scores.broadcast_add(bias)?;
-        let probs = ops::softmax_composed(&scores)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * d))?;
+        let out = ops::causal_attention(&q, &expand(&k)?, &expand(&v)?, key_bias, nh)?;
         let y = self.o_proj.forward(&out, ctx, exact)?;
         self.site.post(&x, y, ctx)
     }
@@ -595,26 +588,13 @@ impl LlamaModel {
         s.post(ids, y, ctx)
     }
 
-    /// The attention bias (b or 1, 1, t, p + t): causal over positions `past..past + t`, plus
-    /// `key_mask` (b, p + t; 1 = real token, 0 = padding) when given.
-    fn attention_bias(&self, b: usize, t: usize, past: usize, key_mask: Option<&Tensor>) -> Result<Tensor> {
-        let total = past + t;
-        let mut bias: Vec<f32> = Vec::with_capacity(t * total);
-        for qi in 0..t {
-            for kj in 0..total {
-                bias.push(if kj <= past + qi { 0.0 } else { f32::NEG_INFINITY });
-            }
-        }
-        let bias = Tensor::from_vec(bias, (1, 1, t, total), &self.device)?;
+    /// The additive key mask (b, total) from `key_mask` (b, total; 1 = real token, 0 = padding),
+    /// zeros without one.
+    fn key_bias(&self, b: usize, total: usize, key_mask: Option<&Tensor>) -> Result<Tensor> {
         match key_mask {
-            Some(m) => {
-                if m.dims() != [b, total] {
-                    return Err(Error::Delta(format!("key mask has shape {:?}, expected [{b}, {total}]", m.dims())));
-                }
-                let kb = ops::mask_to_bias(m)?.reshape((b, 1, 1, total))?;
-                Ok(bias.broadcast_add(&kb)?)
-            }
-            None => Ok(bias),
+            Some(m) if m.dims() != [b, total] => Err(Error::Delta(format!("key mask has shape {:?}, expected [{b}, {total}]", m.dims()))),
+            Some(m) => ops::mask_to_bias(m),
+            None => Ok(Tensor::zeros((b, total), candle_core::DType::F32, &self.device)?),
         }
     }
 
@@ -666,11 +646,11 @@ impl LlamaModel {
         }
         let key_mask = self.with_virtual_keys(key_mask, b, cache.virtual_tokens)?;
         let rope = rotary(past, len, self.config.head_dim, self.config.rope_theta, &self.device)?;
-        let bias = self.attention_bias(b, len, past, key_mask.as_ref())?;
+        let bias = self.key_bias(b, past + len, key_mask.as_ref())?;
         let x = self.root.pre(&x, ctx)?;
         let mut x = self.model.pre(&x, ctx)?;
         for (n, l) in self.layers.iter().enumerate() {
-            x = self.layer_forward(l, &x, &rope, &bias, Some(&mut cache.layers[n]), ctx)?;
+            x = self.layer_forward(l, &x, &rope, &bias, &mut cache.layers[n], ctx)?;
         }
         let x = if prompts > 0 { x.narrow(1, prompts, t)? } else { x };
         self.norm.forward(&x, ctx)
@@ -698,10 +678,10 @@ impl LlamaModel {
             ));
         }
         let rope = rotary(past, t, self.config.head_dim, self.config.rope_theta, &self.device)?;
-        let bias = self.attention_bias(b, t, past, self.with_virtual_keys(Some(mask), b, past)?.as_ref())?;
+        let bias = self.key_bias(b, past + t, self.with_virtual_keys(Some(mask), b, past)?.as_ref())?;
         for n in range {
             let mut slot = self.prefix_kv(n, b, ctx)?;
-            x = self.layer_forward(&self.layers[n], &x, &rope, &bias, Some(&mut slot), ctx)?;
+            x = self.layer_forward(&self.layers[n], &x, &rope, &bias, &mut slot, ctx)?;
             if ctx.output_hidden_states {
                 collected.push(x.clone());
             }
@@ -709,15 +689,9 @@ impl LlamaModel {
         Ok(x)
     }
 
-    /// Layer `n`'s prefix keys and values from the `model` site's deltas, (b, nkv, P, d) each.
+    /// Layer `n`'s prefix keys and values from the `model` site's deltas, (b, P, nkv·d) each.
     fn prefix_kv(&self, n: usize, b: usize, ctx: &ForwardCtx) -> Result<Option<(Tensor, Tensor)>> {
-        let Some((k, v)) = self.model.prefixes(n, b, ctx)? else { return Ok(None) };
-        let (nkv, d) = (self.config.num_key_value_heads, self.config.head_dim);
-        let heads = |y: Tensor| -> Result<Tensor> {
-            let p = y.dim(1)?;
-            Ok(y.reshape((b, p, nkv, d))?.transpose(1, 2)?.contiguous()?)
-        };
-        Ok(Some((heads(k)?, heads(v)?)))
+        self.model.prefixes(n, b, ctx)
     }
 
     /// `key_mask` (b, p) over real tokens, with ones in front for `virtual_tokens` positions.
@@ -737,7 +711,7 @@ impl LlamaModel {
         x: &Tensor,
         rope: &(Tensor, Tensor),
         bias: &Tensor,
-        slot: Option<&mut Option<(Tensor, Tensor)>>,
+        slot: &mut Option<(Tensor, Tensor)>,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
         let x = l.site.pre(x, ctx)?;

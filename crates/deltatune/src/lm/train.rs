@@ -253,8 +253,7 @@ fn target_logprobs(model: &LlamaModel, batch: &LmBatch, ctx: &ForwardCtx) -> Res
     let hidden = model.forward(&batch.ids, Some(&batch.mask), None, ctx)?;
     let (b, t, h) = hidden.dims3()?;
     let sel = hidden.reshape((b * t, h))?.index_select(&batch.positions, 0)?;
-    let logp = ops::log_softmax(&model.logits(&sel, ctx)?)?;
-    Ok(logp.gather(&batch.targets.unsqueeze(1)?, 1)?.squeeze(1)?)
+    ops::picked_log_prob(&model.logits(&sel, ctx)?, &batch.targets)
 }
 
 /// Summed negative log-likelihood of the batch's targets.

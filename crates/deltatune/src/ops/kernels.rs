@@ -797,6 +797,8 @@ struct Attention {
     heads: usize,
     key_bias: Tensor, // (b, tk)
     dropout: Option<(f32, DropoutKey)>,
+    /// Causal: query i sees keys 0..=past + i only (decoders; `past` = tk − tq cached keys).
+    causal: bool,
 }
 
 struct AttnDims {
@@ -828,7 +830,16 @@ impl Attention {
             false,
         );
         let brow = &bias[bi * tk..(bi + 1) * tk];
-        for row in p.chunks_mut(tk) {
+        let past = tk.saturating_sub(tq);
+        for (qi, row) in p.chunks_mut(tk).enumerate() {
+            // Causal rows stop at their own position; later keys get probability 0.
+            let row = if self.causal {
+                let (seen, later) = row.split_at_mut((past + qi + 1).min(tk));
+                later.fill(0.0);
+                seen
+            } else {
+                row
+            };
             for (v, &bb) in row.iter_mut().zip(brow) {
                 *v += bb;
             }
@@ -1041,12 +1052,88 @@ pub(crate) fn attention(
     heads: usize,
     dropout: Option<(f32, DropoutKey)>,
 ) -> Result<Tensor> {
+    attention_op(q, k, v, key_bias, heads, dropout, false)
+}
+
+/// Causal attention (decoders): the queries are the last tq of the tk positions.
+pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_bias: &Tensor, heads: usize) -> Result<Tensor> {
+    attention_op(q, k, v, key_bias, heads, None, true)
+}
+
+fn attention_op(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_bias: &Tensor,
+    heads: usize,
+    dropout: Option<(f32, DropoutKey)>,
+    causal: bool,
+) -> Result<Tensor> {
     let op = Attention {
         heads,
         key_bias: key_bias.to_dtype(candle_core::DType::F32)?.contiguous()?,
         dropout: dropout.filter(|(p, _)| *p > 0.0),
+        causal,
     };
     Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Log-probability of one target per row: log_softmax(logits)[i, t_i], without materialising the
+// log-softmax (language-model heads: rows × a vocabulary of tens of thousands).
+
+struct PickedLogProb {
+    targets: Vec<u32>,
+}
+
+impl CustomOp1 for PickedLogProb {
+    fn name(&self) -> &'static str {
+        "picked-log-prob"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::timer("picked-log-prob", "fwd");
+        let x = slice(s, l)?;
+        let (n, v) = l.shape().dims2()?;
+        if self.targets.len() != n || self.targets.iter().any(|&t| t as usize >= v) {
+            return Err(err(format!("picked log-prob: {} targets for {n} rows of {v}", self.targets.len())));
+        }
+        let out: Vec<f32> = x
+            .par_chunks(v)
+            .zip(self.targets.par_iter())
+            .map(|(row, &t)| {
+                let max = max_lanes(row);
+                let sum: f64 = row.iter().map(|&z| exp_f32(z - max) as f64).sum();
+                row[t as usize] - max - sum.ln() as f32
+            })
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    /// d/dlogits = g_i (onehot(t_i) − softmax_i), with log-sum-exp_i = logits[i, t_i] − out_i.
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _prof = super::profile::timer("picked-log-prob", "bwd");
+        let (n, v) = arg.dims2()?;
+        let mut dx = vec![0f32; n * v];
+        let (res, grad) = (res.to_vec1::<f32>()?, grad.to_vec1::<f32>()?);
+        with_data(&arg.contiguous()?, |x| {
+            dx.par_chunks_mut(v).zip(x.par_chunks(v)).enumerate().for_each(|(i, (d, row))| {
+                let t = self.targets[i] as usize;
+                let lse = row[t] - res[i];
+                let g = grad[i];
+                for (dj, &z) in d.iter_mut().zip(row) {
+                    *dj = -g * exp_f32(z - lse);
+                }
+                d[t] += g;
+            });
+            Ok(())
+        })?;
+        Ok(Some(tensor_from(dx, (n, v))?))
+    }
+}
+
+pub(crate) fn picked_log_prob(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    Ok(logits.contiguous()?.apply_op1(PickedLogProb { targets: targets.to_vec() })?)
 }
 
 #[cfg(test)]
@@ -1191,6 +1278,46 @@ mod tests {
         let g1 = (&d1 * &up).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (&d2 * &up).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-6);
+    }
+
+    #[test]
+    fn picked_log_prob_matches_composition() {
+        let x = Var::from_tensor(&(rand(&[5, 37], 31) * 6.0).unwrap()).unwrap();
+        let t = [3u32, 0, 36, 17, 3];
+        let y1 = picked_log_prob(x.as_tensor(), &t).unwrap();
+        let idx = Tensor::new(&t, &Device::Cpu).unwrap().unsqueeze(1).unwrap();
+        let y2 = ops::log_softmax(x.as_tensor()).unwrap().gather(&idx, 1).unwrap().squeeze(1).unwrap();
+        assert!(max_diff(&y1, &y2) < 1e-5, "fwd {}", max_diff(&y1, &y2));
+        let up = rand(&[5], 32);
+        let g1 = (&y1 * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&y2 * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-5);
+        assert!(picked_log_prob(x.as_tensor(), &[40]).is_err());
+    }
+
+    #[test]
+    fn causal_attention_matches_composition() {
+        // tq < tk: the queries follow 3 cached positions.
+        let (b, tq, tk, heads, d) = (2, 6, 9, 3, 4);
+        let q = Var::from_tensor(&rand(&[b, tq, heads * d], 21)).unwrap();
+        let k = Var::from_tensor(&rand(&[b, tk, heads * d], 22)).unwrap();
+        let v = Var::from_tensor(&rand(&[b, tk, heads * d], 23)).unwrap();
+        let mut mask = vec![1f32; b * tk];
+        mask[tk + 1] = 0.0;
+        let bias = ops::mask_to_bias(&Tensor::from_vec(mask, (b, tk), &Device::Cpu).unwrap()).unwrap();
+        let y1 = causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, heads).unwrap();
+        let y2 = ops::causal_attention_composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, heads).unwrap();
+        assert!(max_diff(&y1, &y2) < 1e-5, "fwd {}", max_diff(&y1, &y2));
+        // Not the non-causal result.
+        let y3 = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, heads, None).unwrap();
+        assert!(max_diff(&y1, &y3) > 1e-2);
+        let up = rand(&[b, tq, heads * d], 24);
+        let g1 = (&y1 * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&y2 * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for t in [&q, &k, &v] {
+            let diff = max_diff(g1.get(t).unwrap(), g2.get(t).unwrap());
+            assert!(diff < 1e-5, "grad diff {diff}");
+        }
     }
 
     #[test]

@@ -186,6 +186,31 @@ pub fn attention(
     attention_composed(q, k, v, key_bias, heads, probs_dropout)
 }
 
+/// Causal multi-head attention (decoders): like [`attention`], with query i (of the last tq
+/// positions of tk) attending keys 0..=tk − tq + i only.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_bias: &Tensor, heads: usize) -> Result<Tensor> {
+    if fused_ok(q) {
+        return kernels::causal_attention(q, k, v, key_bias, heads);
+    }
+    causal_attention_composed(q, k, v, key_bias, heads)
+}
+
+/// Reference implementation of [`causal_attention`] from candle ops.
+pub fn causal_attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, key_bias: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, tq, h) = q.dims3()?;
+    let tk = k.dim(1)?;
+    let d = h / heads;
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> { Ok(t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()?) };
+    let (qh, kh, vh) = (split(q, tq)?, split(k, tk)?, split(v, tk)?);
+    let past = tk - tq;
+    let causal: Vec<f32> = (0..tq).flat_map(|i| (0..tk).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let causal = Tensor::from_vec(causal, (1, 1, tq, tk), q.device())?;
+    let scores = (qh.matmul(&kh.t()?)? * (1.0 / (d as f64).sqrt()))?;
+    let scores = scores.broadcast_add(&key_bias.reshape((b, 1, 1, tk))?)?.broadcast_add(&causal)?;
+    let ctx = softmax_composed(&scores)?.matmul(&vh)?;
+    Ok(ctx.transpose(1, 2)?.reshape((b, tq, h))?)
+}
+
 /// Reference implementation of [`attention`] from candle ops.
 pub fn attention_composed(
     q: &Tensor,
@@ -219,6 +244,15 @@ pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// `log_softmax(logits)[i, targets[i]]` for logits (n, v): (n,). Fused on CPU (no (n, v)
+/// intermediate besides the gradient).
+pub fn picked_log_prob(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if fused_ok(logits) && logits.rank() == 2 {
+        return kernels::picked_log_prob(logits, &targets.to_vec1::<u32>()?);
+    }
+    Ok(log_softmax(logits)?.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?)
 }
 
 /// Log-softmax over the last dimension from differentiable ops.
