@@ -336,6 +336,9 @@ pub struct BenchDecoderArgs {
     /// Internal: measure our training step in this process and print its JSON.
     #[arg(long, hide = true)]
     pub single: bool,
+    /// Also print where our training step's time goes (phases and fused ops).
+    #[arg(long)]
+    pub profile: bool,
     #[arg(long)]
     pub json: bool,
 }

@@ -364,6 +364,9 @@ pub struct DecoderTrainBench {
     pub trainable_params: usize,
     pub first_loss: f64,
     pub last_loss: f64,
+    /// With profiling: the timed steps' phases and fused ops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<StepProfile>,
 }
 
 /// Token ids uniform in [256, vocab) for `batch` rows of `seq_len`, every one a target.
@@ -381,7 +384,15 @@ pub fn synthetic_lm_rows(batch: usize, seq_len: usize, vocab: usize, seed: u64) 
 /// Times causal-LM training steps (forward + loss on every position + backward + AdamW) of the
 /// delta `spec` on the decoder at `path`, the frozen base kept as stored (quantized for GGUF), as
 /// the PyTorch side (`bench/torch_decoder.py --mode train`) does on the dequantized f32 model.
-pub fn decoder_step_bench(path: &std::path::Path, spec: &str, batch: usize, seq_len: usize, warmup: usize, steps: usize) -> Result<DecoderTrainBench> {
+pub fn decoder_step_bench(
+    path: &std::path::Path,
+    spec: &str,
+    batch: usize,
+    seq_len: usize,
+    warmup: usize,
+    steps: usize,
+    profile: bool,
+) -> Result<DecoderTrainBench> {
     use crate::lm::train::{batch_nll, make_row_batch};
     use crate::train::optim::{AdamW, AdamWConfig};
     use crate::{attach, ForwardCtx};
@@ -394,7 +405,12 @@ pub fn decoder_step_bench(path: &std::path::Path, spec: &str, batch: usize, seq_
     let b = make_row_batch(&rows, 0, &dev)?;
     let mut opt = AdamW::new(params.clone(), AdamWConfig::default())?;
     let (mut step_ms, mut fwd_ms, mut losses) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut bwd_s, mut opt_s) = (0f64, 0f64);
     for i in 0..warmup + steps {
+        if profile && i == warmup {
+            crate::ops::profile::take();
+            crate::ops::profile::set_enabled(true);
+        }
         let t0 = Instant::now();
         let ctx = ForwardCtx::train(DropoutKey(42).derive_n(i as u64));
         let loss = (batch_nll(&lm.model, &b, &ctx)? / b.num_targets as f64)?;
@@ -404,13 +420,24 @@ pub fn decoder_step_bench(path: &std::path::Path, spec: &str, batch: usize, seq_
         let g: std::collections::BTreeMap<String, Tensor> =
             params.iter().filter_map(|(n, v)| grads.get(v).map(|t| (n.clone(), t.clone()))).collect();
         drop(grads);
-        opt.step(&g, 1e-4)?;
         let t2 = Instant::now();
+        opt.step(&g, 1e-4)?;
+        let t3 = Instant::now();
         if i >= warmup {
-            step_ms.push((t2 - t0).as_secs_f64() * 1e3);
+            step_ms.push((t3 - t0).as_secs_f64() * 1e3);
             fwd_ms.push((t1 - t0).as_secs_f64() * 1e3);
+            bwd_s += (t2 - t1).as_secs_f64();
+            opt_s += (t3 - t2).as_secs_f64();
         }
     }
+    let profile = profile.then(|| {
+        crate::ops::profile::set_enabled(false);
+        let n = steps.max(1) as f64;
+        let mut ops: Vec<(String, String, f64, f64)> =
+            crate::ops::profile::take().into_iter().map(|e| (e.op, e.phase, e.seconds * 1e3 / n, e.calls as f64 / n)).collect();
+        ops.sort_by(|a, b| b.2.total_cmp(&a.2));
+        StepProfile { steps, forward_ms: fwd_ms.iter().sum::<f64>() / n, backward_ms: bwd_s * 1e3 / n, optimizer_ms: opt_s * 1e3 / n, ops }
+    });
     let (held, f32_bytes) = lm.model.weight_bytes();
     let step = median(&step_ms);
     Ok(DecoderTrainBench {
@@ -426,6 +453,7 @@ pub fn decoder_step_bench(path: &std::path::Path, spec: &str, batch: usize, seq_
         trainable_params: params.iter().map(|(_, v)| v.elem_count()).sum(),
         first_loss: losses.first().copied().unwrap_or(f64::NAN),
         last_loss: losses.last().copied().unwrap_or(f64::NAN),
+        profile,
     })
 }
 

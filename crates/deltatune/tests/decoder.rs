@@ -59,6 +59,27 @@ fn logits_of(lm: &CausalLm, text: &str) -> Tensor {
     lm.model.logits(&lm.model.forward(&t, None, None, &ctx).unwrap(), &ctx).unwrap()
 }
 
+/// Checks logits rows against a fixture entry (`logits_head`, `argmax`, `logsumexp`): same
+/// argmax and log-sum-exp within 5e-4 at every position. Returns the worst difference on the
+/// stored logits.
+fn check_against(rows: &[Vec<f32>], want: &serde_json::Value, what: &str) -> f32 {
+    let argmax = ids_of(&want["argmax"]);
+    let lse = floats(&want["logsumexp"]);
+    assert_eq!(rows.len(), argmax.len(), "{what}: positions");
+    let mut worst = 0f32;
+    for (p, row) in rows.iter().enumerate() {
+        for (a, b) in row.iter().zip(floats(&want["logits_head"][p])) {
+            worst = worst.max((a - b).abs());
+        }
+        let am = row.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+        assert_eq!(am as u32, argmax[p], "{what}: argmax at position {p}");
+        let m = row.iter().cloned().fold(f32::MIN, f32::max);
+        let l = m + row.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
+        assert!((l - lse[p]).abs() < 5e-4, "{what}: logsumexp {l} vs {}", lse[p]);
+    }
+    worst
+}
+
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
 }
@@ -108,19 +129,7 @@ fn logits_match_transformers() {
         let h = lm.model.forward(&t, None, None, &ctx).unwrap();
         let logits = lm.model.logits(&h, &ctx).unwrap().squeeze(0).unwrap();
         let rows = logits.to_vec2::<f32>().unwrap();
-        let heads = case["logits_head"].as_array().unwrap();
-        let argmax = ids_of(&case["argmax"]);
-        let lse = floats(&case["logsumexp"]);
-        for (p, row) in rows.iter().enumerate() {
-            for (a, b) in row.iter().zip(floats(&heads[p])) {
-                worst = worst.max((a - b).abs());
-            }
-            let am = row.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
-            assert_eq!(am as u32, argmax[p], "argmax at position {p} of {:?}", case["prompt"]);
-            let m = row.iter().cloned().fold(f32::MIN, f32::max);
-            let l = m + row.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
-            assert!((l - lse[p]).abs() < 5e-4, "logsumexp {l} vs {}", lse[p]);
-        }
+        worst = worst.max(check_against(&rows, case, case["prompt"].as_str().unwrap()));
     }
     eprintln!("worst logit difference vs transformers: {worst:.2e}");
     assert!(worst < 5e-4, "worst logit difference {worst}");
@@ -327,21 +336,8 @@ mod prompt_learning {
             };
             var.set(&t).unwrap();
             let logits = forward_ids(&lm, &ids).to_vec2::<f32>().unwrap();
-            let want = &reference["deltas"][kind];
             assert_eq!(logits.len(), ids.len());
-            let argmax = ids_of(&want["argmax"]);
-            let lse = floats(&want["logsumexp"]);
-            let mut worst = 0f32;
-            for (p, row) in logits.iter().enumerate() {
-                for (a, b) in row.iter().zip(floats(&want["logits_head"][p])) {
-                    worst = worst.max((a - b).abs());
-                }
-                let am = row.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
-                assert_eq!(am as u32, argmax[p], "{kind}: argmax at position {p}");
-                let m = row.iter().cloned().fold(f32::MIN, f32::max);
-                let l = m + row.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
-                assert!((l - lse[p]).abs() < 5e-4, "{kind}: logsumexp {l} vs {}", lse[p]);
-            }
+            let worst = check_against(&logits, &reference["deltas"][kind], kind);
             eprintln!("{kind}: worst logit difference vs PEFT {worst:.2e}");
             assert!(worst < 5e-4, "{kind}: worst logit difference {worst}");
         }

@@ -465,7 +465,7 @@ fn decoder(a: BenchDecoderArgs) -> Result<()> {
         None => deltatune::assets::default_decoder(&mut super::progress)?,
     };
     if a.single {
-        let r = deltatune::bench::decoder_step_bench(&path, &a.delta, a.batch, a.seq_len, a.warmup, a.steps)?;
+        let r = deltatune::bench::decoder_step_bench(&path, &a.delta, a.batch, a.seq_len, a.warmup, a.steps, a.profile)?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
@@ -505,6 +505,7 @@ fn decoder(a: BenchDecoderArgs) -> Result<()> {
             .args(["--threads", &a.bench_threads.to_string(), "bench", "decoder", "--single", "--delta", &a.delta])
             .args(["--batch", &a.batch.to_string(), "--seq-len", &a.seq_len.to_string()])
             .args(["--warmup", &a.warmup.to_string(), "--steps", &a.steps.to_string()])
+            .args(a.profile.then_some("--profile"))
             .arg("--model")
             .arg(&path)
             .output()?;
@@ -542,6 +543,15 @@ fn decoder(a: BenchDecoderArgs) -> Result<()> {
             "  deltatune (quantized base {} MiB): step {} ms, forward {} ms, {} tokens/s, peak RSS {} MiB",
             f(&d["weights_mb"]), f(&d["step_ms_median"]), f(&d["fwd_ms_median"]), f(&d["tokens_per_second"]), f(&d["peak_rss_mb"])
         );
+        if let Some(p) = d.get("profile") {
+            println!(
+                "  profile per step: forward {} ms, backward {} ms, optimizer {} ms; fused ops:",
+                f(&p["forward_ms"]), f(&p["backward_ms"]), f(&p["optimizer_ms"])
+            );
+            for op in p["ops"].as_array().into_iter().flatten() {
+                println!("    {:<20} {:<4} {:>9} ms  {:>6} calls", op[0].as_str().unwrap_or(""), op[1].as_str().unwrap_or(""), f(&op[2]), f(&op[3]));
+            }
+        }
         if let Some(p) = t.get("pytorch") {
             println!(
                 "  pytorch+peft (f32 base):  step {} ms, forward {} ms, {} tokens/s, peak RSS {} MiB (torch {})",

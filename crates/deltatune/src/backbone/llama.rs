@@ -320,7 +320,7 @@ impl Mlp {
         let x = self.site.pre(x, ctx)?;
         let g = self.gate_proj.forward(&x, ctx, exact)?;
         let u = self.up_proj.forward(&x, ctx, exact)?;
-        let y = self.down_proj.forward(&(g.silu()? * u)?, ctx, exact)?;
+        let y = self.down_proj.forward(&ops::swiglu(&g, &u)?, ctx, exact)?;
         self.site.post(&x, y, ctx)
     }
 }

@@ -1079,6 +1079,230 @@ fn attention_op(
 }
 
 // ------------------------------------------------------------------------------------------------
+// Decoder ops: RMS norm (gradients for x and the weight), rotary embedding, SwiGLU gate.
+
+struct RmsNorm {
+    eps: f32,
+}
+
+/// 1 / sqrt(mean(x²) + eps) of one row.
+#[inline]
+fn rms_scale(row: &[f32], eps: f32) -> f32 {
+    let ss: f32 = row.chunks(LANES * 4).map(|c| dot_lanes(c, c)).sum();
+    1.0 / (ss / row.len() as f32 + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::timer("rms-norm", "fwd");
+        let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (_, h) = rows_cols(l1.shape());
+        if w.len() != h {
+            return Err(err(format!("rms norm: weight has {} elements, rows have {h}", w.len())));
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(h.max(1)).zip(x.par_chunks(h.max(1))).for_each(|(yr, xr)| {
+            let r = rms_scale(xr, self.eps);
+            for i in 0..h {
+                yr[i] = xr[i] * r * w[i];
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    /// dx_j = r (g_j w_j − x_j r² mean_i(g_i w_i x_i)); dw_i = Σ_rows g_i x_i r.
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let _prof = super::profile::timer("rms-norm", "bwd");
+        let grad = grad.contiguous()?;
+        let h = w.elem_count();
+        let dx = if x.track_op() {
+            let mut dx = vec![0f32; x.elem_count()];
+            with_data(x, |xs| {
+                with_data(w, |ws| {
+                    with_data(&grad, |gs| {
+                        dx.par_chunks_mut(h).zip(xs.par_chunks(h)).zip(gs.par_chunks(h)).for_each(|((dr, xr), gr)| {
+                            let r = rms_scale(xr, self.eps);
+                            let mut dot = 0f32;
+                            for i in 0..h {
+                                dot += gr[i] * ws[i] * xr[i];
+                            }
+                            let c = r * r * dot / h as f32;
+                            for i in 0..h {
+                                dr[i] = r * (gr[i] * ws[i] - xr[i] * c);
+                            }
+                        });
+                        Ok(())
+                    })
+                })
+            })?;
+            Some(tensor_from(dx, x.shape())?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            // Fixed blocks of rows summed in order (reproducible whatever rayon's schedule).
+            let partials: Vec<Vec<f32>> = with_data(x, |xs| {
+                with_data(&grad, |gs| {
+                    Ok(xs
+                        .par_chunks(h * 64)
+                        .zip(gs.par_chunks(h * 64))
+                        .map(|(xb, gb)| {
+                            let mut p = vec![0f32; h];
+                            for (xr, gr) in xb.chunks(h).zip(gb.chunks(h)) {
+                                let r = rms_scale(xr, self.eps);
+                                for i in 0..h {
+                                    p[i] += gr[i] * xr[i] * r;
+                                }
+                            }
+                            p
+                        })
+                        .collect())
+                })
+            })?;
+            let mut dw = vec![0f32; h];
+            for p in partials {
+                dw.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+            }
+            Some(tensor_from(dw, w.shape())?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op2(&w.flatten_all()?.contiguous()?, RmsNorm { eps: eps as f32 })?)
+}
+
+/// Rotary embedding of x (b, t, n, d) with tables (t, d): for i < d/2,
+/// y_i = x_i c_i − x_{i+d/2} s_i and y_{i+d/2} = x_{i+d/2} c_{i+d/2} + x_i s_{i+d/2}.
+struct Rope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    t: usize,
+    n: usize,
+    d: usize,
+}
+
+impl Rope {
+    /// Applies the rotation (`sign` 1) or its transpose (`sign` −1, the backward) to `x` into `y`.
+    fn apply(&self, y: &mut [f32], x: &[f32], sign: f32) {
+        let (d, half) = (self.d, self.d / 2);
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(row, (yr, xr))| {
+            let p = (row / self.n) % self.t;
+            let (c, s) = (&self.cos[p * d..(p + 1) * d], &self.sin[p * d..(p + 1) * d]);
+            for i in 0..half {
+                // Forward reads the partner's sine at the output index; the transpose at the
+                // partner's index.
+                let (si, sh) = if sign > 0.0 { (s[i], s[i + half]) } else { (s[i + half], s[i]) };
+                yr[i] = xr[i] * c[i] - sign * xr[i + half] * si;
+                yr[i + half] = xr[i + half] * c[i + half] + sign * xr[i] * sh;
+            }
+        });
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::timer("rope", "fwd");
+        let x = slice(s, l)?;
+        let mut y = vec![0f32; x.len()];
+        self.apply(&mut y, x, 1.0);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _prof = super::profile::timer("rope", "bwd");
+        let grad = grad.contiguous()?;
+        let mut dx = vec![0f32; arg.elem_count()];
+        with_data(&grad, |gs| {
+            self.apply(&mut dx, gs, -1.0);
+            Ok(())
+        })?;
+        Ok(Some(tensor_from(dx, arg.shape())?))
+    }
+}
+
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (_, t, n, d) = x.dims4()?;
+    let table = |c: &Tensor| -> Result<Vec<f32>> { Ok(c.flatten_all()?.to_vec1::<f32>()?) };
+    let (cos, sin) = (table(cos)?, table(sin)?);
+    if cos.len() != t * d || sin.len() != t * d || d % 2 != 0 {
+        return Err(crate::error::Error::Delta(format!("rope: tables of {} for {t} positions of {d}", cos.len())));
+    }
+    Ok(x.contiguous()?.apply_op1(Rope { cos, sin, t, n, d })?)
+}
+
+/// SwiGLU gate: silu(g) ⊙ u.
+struct SwiGlu;
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp_f32(-x))
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _prof = super::profile::timer("swiglu", "fwd");
+        let (g, u) = (slice(s1, l1)?, slice(s2, l2)?);
+        if g.len() != u.len() {
+            return Err(err("swiglu: gate and up shapes differ"));
+        }
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(4096).zip(g.par_chunks(4096)).zip(u.par_chunks(4096)).for_each(|((yc, gc), uc)| {
+            for ((y, &g), &u) in yc.iter_mut().zip(gc).zip(uc) {
+                *y = g * sigmoid(g) * u;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let _prof = super::profile::timer("swiglu", "bwd");
+        let grad = grad.contiguous()?;
+        let n = g.elem_count();
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        with_data(g, |gs| {
+            with_data(u, |us| {
+                with_data(&grad, |dy| {
+                    dg.par_chunks_mut(4096)
+                        .zip(du.par_chunks_mut(4096))
+                        .zip(gs.par_chunks(4096).zip(us.par_chunks(4096)).zip(dy.par_chunks(4096)))
+                        .for_each(|((dgc, duc), ((gc, uc), dyc))| {
+                            for i in 0..gc.len() {
+                                let s = sigmoid(gc[i]);
+                                duc[i] = dyc[i] * gc[i] * s;
+                                dgc[i] = dyc[i] * uc[i] * s * (1.0 + gc[i] * (1.0 - s));
+                            }
+                        });
+                    Ok(())
+                })
+            })
+        })?;
+        let dg = if g.track_op() { Some(tensor_from(dg, g.shape())?) } else { None };
+        let du = if u.track_op() { Some(tensor_from(du, u.shape())?) } else { None };
+        Ok((dg, du))
+    }
+}
+
+pub(crate) fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    Ok(g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)?)
+}
+
+// ------------------------------------------------------------------------------------------------
 // Log-probability of one target per row: log_softmax(logits)[i, t_i], without materialising the
 // log-softmax (language-model heads: rows × a vocabulary of tens of thousands).
 
@@ -1278,6 +1502,46 @@ mod tests {
         let g1 = (&d1 * &up).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (&d2 * &up).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-6);
+    }
+
+    #[test]
+    fn decoder_ops_match_composition() {
+        let (b, t, n, d) = (2, 5, 3, 8);
+        let x = Var::from_tensor(&(rand(&[b, t, n * d], 41) * 3.0).unwrap()).unwrap();
+        let w = Var::from_tensor(&rand(&[n * d], 42)).unwrap();
+        let y1 = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+        let y2 = ops::rms_norm_composed(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+        assert!(max_diff(&y1, &y2) < 1e-5, "rms fwd {}", max_diff(&y1, &y2));
+        let up = rand(&[b, t, n * d], 43);
+        let g1 = (&y1 * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&y2 * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w] {
+            assert!(max_diff(g1.get(v).unwrap(), g2.get(v).unwrap()) < 1e-4, "rms grad");
+        }
+        // Rotary on (b, t, heads, d) with (t, 1, d) tables.
+        let x4 = Var::from_tensor(&rand(&[b, t, n, d], 44)).unwrap();
+        let ang: Vec<f32> = (0..t * d).map(|i| (i as f32 * 0.37).sin() * 2.0).collect();
+        let cos = Tensor::from_vec(ang.iter().map(|a| a.cos()).collect::<Vec<_>>(), (t, 1, d), &Device::Cpu).unwrap();
+        let sin = Tensor::from_vec(ang.iter().map(|a| a.sin()).collect::<Vec<_>>(), (t, 1, d), &Device::Cpu).unwrap();
+        let y1 = rope(x4.as_tensor(), &cos, &sin).unwrap();
+        let y2 = ops::rope_composed(x4.as_tensor(), &cos, &sin).unwrap();
+        assert!(max_diff(&y1, &y2) < 1e-6, "rope fwd {}", max_diff(&y1, &y2));
+        let up = rand(&[b, t, n, d], 45);
+        let g1 = (&y1 * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&y2 * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(g1.get(&x4).unwrap(), g2.get(&x4).unwrap()) < 1e-5, "rope grad");
+        // SwiGLU.
+        let g = Var::from_tensor(&(rand(&[b, t, 16], 46) * 4.0).unwrap()).unwrap();
+        let u = Var::from_tensor(&rand(&[b, t, 16], 47)).unwrap();
+        let y1 = swiglu(g.as_tensor(), u.as_tensor()).unwrap();
+        let y2 = (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap();
+        assert!(max_diff(&y1, &y2) < 1e-5, "swiglu fwd {}", max_diff(&y1, &y2));
+        let up = rand(&[b, t, 16], 48);
+        let g1 = (&y1 * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&y2 * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&g, &u] {
+            assert!(max_diff(g1.get(v).unwrap(), g2.get(v).unwrap()) < 1e-5, "swiglu grad");
+        }
     }
 
     #[test]

@@ -53,17 +53,34 @@ pub fn qlinear(x: &Tensor, w: &std::sync::Arc<candle_core::quantized::QTensor>, 
     kernels::qlinear(x, w, exact)
 }
 
-/// RMS normalisation over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`, from
-/// differentiable ops.
+/// RMS normalisation over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`. Fused on
+/// CPU (gradients for `x` and a trainable weight).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_ok(x) {
+        return kernels::rms_norm(x, weight, eps);
+    }
+    rms_norm_composed(x, weight, eps)
+}
+
+/// Reference implementation of [`rms_norm`] from differentiable ops.
+pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
     Ok(y.broadcast_mul(weight)?)
 }
 
 /// Rotary position embedding, HF layout (`rotate_half`): `x cos + rotate_half(x) sin` for `x`
-/// (b, heads, t, d) and tables (t, d). Differentiable.
+/// (..., d) and tables that broadcast to it (the decoder: x (b, t, heads, d), tables (t, 1, d)).
+/// Differentiable; fused on CPU for x (b, t, heads, d) with tables (t, 1, d).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) && x.rank() == 4 && cos.rank() == 3 && cos.dim(1)? == 1 {
+        return kernels::rope(x, cos, sin);
+    }
+    rope_composed(x, cos, sin)
+}
+
+/// Reference implementation of [`rope`] from differentiable ops.
+pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let half = d / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
@@ -163,6 +180,14 @@ pub fn dropout_composed(x: &Tensor, p: f32, key: DropoutKey) -> Result<Tensor> {
     let mask: Vec<f32> = (0..n as u64).map(|i| if key.keep(i, p) { scale } else { 0.0 }).collect();
     let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)?.to_device(x.device())?.to_dtype(x.dtype())?;
     Ok(x.mul(&mask)?)
+}
+
+/// The SwiGLU gate `silu(gate) ⊙ up` (Llama feed-forward). Fused on CPU.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fused_ok(gate) {
+        return kernels::swiglu(gate, up);
+    }
+    Ok((gate.silu()? * up)?)
 }
 
 /// Multi-head scaled dot-product attention.
