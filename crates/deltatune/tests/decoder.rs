@@ -176,6 +176,24 @@ fn greedy_generation_matches_transformers() {
     }
 }
 
+/// Streaming decodes incrementally; a stop string spanning several tokens cuts the text before
+/// it, and what was streamed is exactly the final text.
+#[test]
+fn stop_strings_cut_the_streamed_text() {
+    let lm = require_decoder!();
+    let reference = reference();
+    for (case, stop) in [(0, "answer is"), (2, "solar system"), (3, "AI,")] {
+        let c = &reference["cases"][case];
+        let full = c["greedy_text"].as_str().unwrap();
+        let want = &full[..full.find(stop).unwrap()];
+        let opts = GenerateOptions { max_new_tokens: 16, stop_strings: vec![stop.into()], ..Default::default() };
+        let mut streamed = String::new();
+        let g = generate(lm, &ids_of(&c["ids"]), &opts, &mut |s| streamed.push_str(s)).unwrap();
+        assert_eq!((g.text.as_str(), g.stop_reason.as_str()), (want, "stop"), "case {case}");
+        assert_eq!(streamed, want);
+    }
+}
+
 #[test]
 fn sampling_is_seeded_and_respects_top_k() {
     let lm = require_decoder!();

@@ -418,10 +418,17 @@ pub fn gguf_name(hf: &str) -> String {
     format!("blk.{n}.{g}.weight")
 }
 
-impl LlamaModel {
-    /// Loads a `.gguf` file, or an HF directory (config.json + model.safetensors), or a directory
-    /// holding exactly one `.gguf` file.
-    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+/// Where a decoder's weights are.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DecoderPath {
+    Gguf(PathBuf),
+    /// An HF directory (config.json + model.safetensors).
+    Hf(PathBuf),
+}
+
+impl DecoderPath {
+    /// Resolves a `.gguf` file, an HF directory, or a directory holding exactly one `.gguf` file.
+    pub fn resolve(path: &Path) -> Result<Self> {
         if path.is_dir() && !path.join("config.json").is_file() {
             let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
                 .map_err(|e| Error::io(path, e))?
@@ -429,23 +436,35 @@ impl LlamaModel {
                 .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
                 .collect();
             return match ggufs.as_slice() {
-                [one] => Self::load_gguf(one, device),
+                [one] => Ok(DecoderPath::Gguf(one.clone())),
                 [] => Err(Error::NotFound { path: path.to_path_buf(), what: "config.json or a .gguf file".into() }),
                 _ => Err(Error::arg("--model", format!("{} holds several .gguf files; name one", path.display()))),
             };
         }
-        if path.is_dir() {
-            return Self::load_hf(path, device);
+        Ok(if path.is_dir() { DecoderPath::Hf(path.to_path_buf()) } else { DecoderPath::Gguf(path.to_path_buf()) })
+    }
+}
+
+impl LlamaModel {
+    /// Loads a `.gguf` file, or an HF directory (config.json + model.safetensors), or a directory
+    /// holding exactly one `.gguf` file.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        match DecoderPath::resolve(path)? {
+            DecoderPath::Gguf(p) => Self::load_gguf(&p, device),
+            DecoderPath::Hf(d) => Self::load_hf(&d, device),
         }
-        Self::load_gguf(path, device)
     }
 
     /// Loads a GGUF file; matrices stay quantized.
     pub fn load_gguf(path: &Path, device: &Device) -> Result<Self> {
+        Self::from_gguf(GgufFile::open(path)?, path, device)
+    }
+
+    /// Builds the model from an opened GGUF file (read from `path`); matrices stay quantized.
+    pub fn from_gguf(g: GgufFile, path: &Path, device: &Device) -> Result<Self> {
         if !matches!(device, Device::Cpu) {
             return Err(Error::arg("--device", "GGUF decoders run on the CPU for now"));
         }
-        let g = GgufFile::open(path)?;
         let config = LlamaConfig::from_gguf(&g)?;
         let file_type = g
             .tensor_info(&gguf_name("model.layers.0.self_attn.q_proj"))

@@ -132,8 +132,17 @@ pub fn generate(lm: &CausalLm, prompt_ids: &[u32], opts: &GenerateOptions, on_te
     let prefill = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut out: Vec<u32> = Vec::new();
-    let mut emitted = String::new();
+    // `text`: everything decoded so far; its first `emitted` bytes have been streamed, the rest
+    // is held back while it could be the start of a stop string.
+    let mut text = String::new();
+    let mut emitted = 0usize;
     let mut reason = "length";
+    let stops: Vec<&str> = opts.stop_strings.iter().map(String::as_str).filter(|s| !s.is_empty()).collect();
+    let longest_stop = stops.iter().map(|s| s.len()).max().unwrap_or(0);
+    // Incremental detokenisation over a window: the text of out[prefix..] beyond that of
+    // out[prefix..read] is new (decoding a window, not a lone token, keeps the spacing rules of
+    // tokenizers that treat a sequence's first token specially).
+    let (mut prefix, mut read) = (0usize, 0usize);
     for step in 0..max_new {
         let row = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let next = sample(&row, opts, key.uniform(step as u64) as f64)?;
@@ -142,20 +151,24 @@ pub fn generate(lm: &CausalLm, prompt_ids: &[u32], opts: &GenerateOptions, on_te
             break;
         }
         out.push(next);
-        let text = lm.tokenizer.decode(&out, true)?;
+        let before = lm.tokenizer.decode(&out[prefix..read], true)?;
+        let window = lm.tokenizer.decode(&out[prefix..], true)?;
         // Hold back an incomplete UTF-8 sequence (shown as U+FFFD) until the next token completes it.
-        if !text.ends_with('\u{FFFD}') && text.len() > emitted.len() && text.starts_with(&emitted) {
-            let mut piece = text[emitted.len()..].to_string();
-            let mut stop_hit = false;
-            for s in opts.stop_strings.iter().filter(|s| !s.is_empty()) {
-                if let Some(pos) = text.find(s.as_str()) {
-                    piece = text[emitted.len().min(pos)..pos].to_string();
-                    stop_hit = true;
-                }
+        if !window.ends_with('\u{FFFD}') && window.len() > before.len() && window.starts_with(&before) {
+            let searched = floor_boundary(&text, emitted.saturating_sub(longest_stop));
+            text.push_str(&window[before.len()..]);
+            (prefix, read) = (read, out.len());
+            let hit = stops.iter().filter_map(|s| text[searched..].find(s).map(|p| searched + p)).min();
+            let until = match hit {
+                Some(pos) => pos,
+                None => text.len() - held_back(&text, &stops),
+            };
+            if until > emitted {
+                on_text(&text[emitted..until]);
+                emitted = until;
             }
-            on_text(&piece);
-            emitted.push_str(&piece);
-            if stop_hit {
+            if hit.is_some() {
+                text.truncate(emitted);
                 reason = "stop";
                 break;
             }
@@ -168,7 +181,12 @@ pub fn generate(lm: &CausalLm, prompt_ids: &[u32], opts: &GenerateOptions, on_te
         logits = lm.model.logits(&last_position(&hidden)?, &ctx)?;
     }
     let decode = t1.elapsed().as_secs_f64();
-    let text = if reason == "stop" { emitted } else { lm.tokenizer.decode(&out, true)? };
+    if reason != "stop" {
+        text = lm.tokenizer.decode(&out, true)?;
+        if text.len() > emitted && text.is_char_boundary(emitted) {
+            on_text(&text[emitted..]);
+        }
+    }
     Ok(Generation {
         text,
         prompt_tokens: prompt_ids.len(),
@@ -178,4 +196,24 @@ pub fn generate(lm: &CausalLm, prompt_ids: &[u32], opts: &GenerateOptions, on_te
         tokens_per_second: if decode > 0.0 { out.len() as f64 / decode } else { 0.0 },
         tokens: out,
     })
+}
+
+/// Bytes at the end of `text` that are a proper prefix of some stop string (held back from the
+/// stream until the next tokens settle it).
+fn held_back(text: &str, stops: &[&str]) -> usize {
+    stops
+        .iter()
+        .flat_map(|s| s.char_indices().skip(1).map(|(k, _)| &s[..k]))
+        .filter(|p| text.ends_with(p))
+        .map(str::len)
+        .max()
+        .unwrap_or(0)
+}
+
+/// The largest char boundary of `s` at or below `i`.
+fn floor_boundary(s: &str, mut i: usize) -> usize {
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
 }

@@ -7,7 +7,7 @@ pub mod train;
 pub use generate::{generate, GenerateOptions, Generation};
 pub use tokenizer::LmTokenizer;
 
-use crate::backbone::llama::LlamaModel;
+use crate::backbone::llama::{DecoderPath, LlamaModel};
 use crate::error::Result;
 use crate::io::gguf::GgufFile;
 use candle_core::Device;
@@ -25,17 +25,15 @@ impl CausalLm {
     /// (config.json, model.safetensors, tokenizer.json). A tokenizer.json beside a GGUF file wins
     /// over the GGUF's own vocabulary.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let model = LlamaModel::load(path, device)?;
-        let tokenizer = match &model.source {
-            crate::backbone::llama::LlamaSource::Gguf { path: gguf, .. } => {
-                let dir: PathBuf = gguf.parent().map(Path::to_path_buf).unwrap_or_default();
-                if dir.join("tokenizer.json").is_file() {
-                    LmTokenizer::from_dir(&dir)?
-                } else {
-                    LmTokenizer::from_gguf(&GgufFile::open(gguf)?)?
-                }
+        let (model, tokenizer) = match DecoderPath::resolve(path)? {
+            DecoderPath::Gguf(file) => {
+                // One parse of the GGUF header serves the tokenizer and the model.
+                let g = GgufFile::open(&file)?;
+                let dir: PathBuf = file.parent().map(Path::to_path_buf).unwrap_or_default();
+                let tokenizer = if dir.join("tokenizer.json").is_file() { LmTokenizer::from_dir(&dir)? } else { LmTokenizer::from_gguf(&g)? };
+                (LlamaModel::from_gguf(g, &file, device)?, tokenizer)
             }
-            crate::backbone::llama::LlamaSource::Safetensors { dir } => LmTokenizer::from_dir(dir)?,
+            DecoderPath::Hf(dir) => (LlamaModel::load_hf(&dir, device)?, LmTokenizer::from_dir(&dir)?),
         };
         Ok(CausalLm { model, tokenizer })
     }
