@@ -502,34 +502,43 @@ impl CustomOp2 for ScaleLast {
             None
         };
         let dl = if l.track_op() {
-            // Fixed blocks of rows summed in order: reproducible whatever rayon's schedule.
-            let partials: Vec<Vec<f32>> = with_data(x, |xs| {
+            let dl = with_data(x, |xs| {
                 with_data(&grad, |dys| {
-                    Ok(xs
-                        .par_chunks(h * 64)
-                        .zip(dys.par_chunks(h * 64))
-                        .map(|(xb, gb)| {
-                            let mut p = vec![0f32; h];
-                            for (xr, gr) in xb.chunks(h).zip(gb.chunks(h)) {
-                                for i in 0..h {
-                                    p[i] += xr[i] * gr[i];
-                                }
-                            }
-                            p
-                        })
-                        .collect())
+                    Ok(column_sums(xs, dys, h, |xr, gr, p| {
+                        for i in 0..h {
+                            p[i] += xr[i] * gr[i];
+                        }
+                    }))
                 })
             })?;
-            let mut dl = vec![0f32; h];
-            for p in partials {
-                dl.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
-            }
             Some(tensor_from(dl, l.shape())?)
         } else {
             None
         };
         Ok((dx, dl))
     }
+}
+
+/// A parameter gradient summed over rows: `row(x_row, g_row, acc)` adds one row's contribution
+/// (h values) to `acc`. Fixed blocks of 64 rows are summed in parallel and combined in order, so
+/// the result does not depend on rayon's schedule (bit-reproducible runs).
+fn column_sums(xs: &[f32], gs: &[f32], h: usize, row: impl Fn(&[f32], &[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let partials: Vec<Vec<f32>> = xs
+        .par_chunks(h * 64)
+        .zip(gs.par_chunks(h * 64))
+        .map(|(xb, gb)| {
+            let mut p = vec![0f32; h];
+            for (xr, gr) in xb.chunks(h).zip(gb.chunks(h)) {
+                row(xr, gr, &mut p);
+            }
+            p
+        })
+        .collect();
+    let mut out = vec![0f32; h];
+    for p in partials {
+        out.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+    }
+    out
 }
 
 /// `x ⊙ l` with `l` broadcast over the rows of `x` (its last dimension has `l.elem_count()` entries).
@@ -1144,29 +1153,16 @@ impl CustomOp2 for RmsNorm {
             None
         };
         let dw = if w.track_op() {
-            // Fixed blocks of rows summed in order (reproducible whatever rayon's schedule).
-            let partials: Vec<Vec<f32>> = with_data(x, |xs| {
+            let dw = with_data(x, |xs| {
                 with_data(&grad, |gs| {
-                    Ok(xs
-                        .par_chunks(h * 64)
-                        .zip(gs.par_chunks(h * 64))
-                        .map(|(xb, gb)| {
-                            let mut p = vec![0f32; h];
-                            for (xr, gr) in xb.chunks(h).zip(gb.chunks(h)) {
-                                let r = rms_scale(xr, self.eps);
-                                for i in 0..h {
-                                    p[i] += gr[i] * xr[i] * r;
-                                }
-                            }
-                            p
-                        })
-                        .collect())
+                    Ok(column_sums(xs, gs, h, |xr, gr, p| {
+                        let r = rms_scale(xr, self.eps);
+                        for i in 0..h {
+                            p[i] += gr[i] * xr[i] * r;
+                        }
+                    }))
                 })
             })?;
-            let mut dw = vec![0f32; h];
-            for p in partials {
-                dw.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
-            }
             Some(tensor_from(dw, w.shape())?)
         } else {
             None
