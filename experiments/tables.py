@@ -123,8 +123,11 @@ def s3delta_table(path):
         f = lambda v: f"{statistics.mean(v):+.1f}" if v else "—"
         print(f"| {b} | {f(dm)} | {f(dr)} | {wm}/{len(dm)} | {wr}/{len(dr)} |")
     print()
-    ratios = [r["search_over_retrain"] for r in rows if r.get("search_over_retrain")]
-    secs = [r["search_seconds"] for r in rows if r.get("search_seconds")]
+    # Searches marked "timing": "paused" were stopped for a while by the operator: their wall
+    # time is not a measurement.
+    timed = [r for r in rows if r.get("timing") != "paused"]
+    ratios = [r["search_over_retrain"] for r in timed if r.get("search_over_retrain")]
+    secs = [r["search_seconds"] for r in timed if r.get("search_seconds")]
     if ratios:
         print(f"Search wall time: median {statistics.median(secs):.0f} s, "
               f"{statistics.median(ratios):.2f}× one retraining run (median over {len(ratios)} searches; "

@@ -67,7 +67,7 @@ fn embed_writes_normalized_vectors() {
         assert!((norm - 1.0).abs() < 1e-5, "{norm}");
     }
     // sentence-transformers' embedding of the first sentence (../shared/golden sentence_embedding[0]).
-    let expected_head = [0.077218220f32, -0.037737440, 0.039966337, -0.035658751];
+    let expected_head = [0.077_218_22_f32, -0.037_737_44, 0.039966337, -0.035_658_75];
     for (a, b) in rows[0].iter().zip(expected_head) {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
@@ -218,7 +218,7 @@ fn train_lm_on_jsonl_lowers_perplexity_and_saves() {
     assert!(o.status.success(), "{}", stderr(&o));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let rows = r["rows"].as_u64().unwrap();
-    assert!(rows >= 1 && rows < 3, "three short conversations pack into fewer rows, got {rows}");
+    assert!((1..3).contains(&rows), "three short conversations pack into fewer rows, got {rows}");
     let (before, after) = (r["before"].as_f64().unwrap(), r["after"].as_f64().unwrap());
     assert!(after < before, "chat perplexity {before} -> {after}");
     // Conversations without --chat are refused, naming the flag.

@@ -132,7 +132,7 @@ impl BertConfig {
             layer_norm_eps: raw.layer_norm_eps.unwrap_or(1e-12),
             pad_token_id: raw.pad_token_id.unwrap_or(if family == Family::Roberta { 1 } else { 0 }),
         };
-        if cfg.hidden_size == 0 || cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0
+        if cfg.hidden_size == 0 || cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
         {
             return Err(bad(format!(
                 "hidden_size {} is not a positive multiple of num_attention_heads {}",

@@ -123,13 +123,13 @@ impl LlamaConfig {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 || self.hidden_size == 0 {
             return bad("zero heads or hidden size".into());
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return bad(format!(
                 "{} attention heads are not a multiple of {} key-value heads",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head size {} is odd (rotary embeddings need pairs)", self.head_dim));
         }
         Ok(())

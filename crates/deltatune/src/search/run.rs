@@ -227,10 +227,10 @@ pub fn search(
                 elapsed_s: t0.elapsed().as_secs_f64(),
             })?;
             progress.step(step, total, lv, lr_w, 0.0, 0.0);
-            if step % (total / 10).max(1) == 0 || step == total {
+            if step.is_multiple_of((total / 10).max(1)) || step == total {
                 progress.println(&format!("step {step}/{total}: loss {lv:.4}, budget use {expected:.0}/{budget:.0}, top: {}", top3.join(", ")));
             }
-            let eval_due = dev.is_some() && (cfg.eval_every.is_some_and(|e| step % e == 0) || step == total);
+            let eval_due = dev.is_some() && (cfg.eval_every.is_some_and(|e| step.is_multiple_of(e)) || step == total);
             if let (true, Some(dev)) = (eval_due, dev) {
                 // Supernet score with deterministic gates z = p.
                 let pz = gates.probs()?.detach();

@@ -218,7 +218,7 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
                 log.write(&Record::Epoch { step: st.step, epoch: st.epoch, train_seconds: secs })?;
                 epoch_train = 0.0;
             }
-            let eval_due = o.dev.is_some() && (cfg.eval_every.map_or(epoch_done, |e| st.step % e == 0) || st.step == total);
+            let eval_due = o.dev.is_some() && (cfg.eval_every.map_or(epoch_done, |e| st.step.is_multiple_of(e)) || st.step == total);
             if let (true, Some(dev)) = (eval_due, o.dev) {
                 let ev = evaluate(model, dev, cfg.eval_batch_size, o.pad_id, o.scorer)?;
                 let scores = ev.scores.clone().unwrap_or(Scores { primary: String::new(), values: Default::default() });
@@ -249,7 +249,7 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
                 st.next_batch = 0;
             }
             let stop_early = cfg.patience.is_some_and(|p| st.evals_since_best >= p);
-            if st.step % cfg.checkpoint_every == 0 || eval_due || st.step >= total || epoch_done || stop_early {
+            if st.step.is_multiple_of(cfg.checkpoint_every) || eval_due || st.step >= total || epoch_done || stop_early {
                 st.elapsed_s = elapsed0 + t0.elapsed().as_secs_f64();
                 save_ckpt(&st, &opt, model)?;
                 log.flush()?;

@@ -116,7 +116,7 @@ impl Progress {
                 b.set_position(step as u64);
                 b.set_message(msg);
             }
-            None if !self.quiet && (step % self.every == 0 || step == total) => {
+            None if !self.quiet && (step.is_multiple_of(self.every) || step == total) => {
                 eprintln!("step {step}/{total}  {msg}  ETA {:.0}s", eta_s.max(0.0));
             }
             None => {}

@@ -209,6 +209,35 @@ pub fn load_user(train: &Path, dev: Option<&Path>, cols: &Columns, opts: &UserOp
     Ok(data)
 }
 
+/// Reads only the text columns of a user file (new data to predict on; no label needed), with
+/// lossy UTF-8 decoding. Returns the texts and a note when lines needed replacement.
+pub fn read_texts(path: &Path, text: &str, text_pair: Option<&str>, format: Option<Format>) -> Result<(Vec<(String, Option<String>)>, Option<String>)> {
+    let format = match format {
+        Some(f) => f,
+        None => Format::from_path(path)?,
+    };
+    let cols = Columns { text: text.to_string(), text_pair: text_pair.map(str::to_string), label: text.to_string() };
+    let (raw, lossy) = match format {
+        Format::Csv | Format::Tsv => {
+            let header = !cols.all_indices();
+            let t = match format {
+                Format::Csv => read_csv(path, header)?,
+                _ => read_tsv(path, Decoding::Lossy, header)?,
+            };
+            let a = t.column(&cols.text)?;
+            let b = cols.text_pair.as_deref().map(|c| t.column(c)).transpose()?;
+            // The label slot repeats the text column: labels are not read.
+            (t.raw_examples(a, b, a), t.lossy)
+        }
+        Format::Jsonl => {
+            let f = read_jsonl(path, Decoding::Lossy)?;
+            (f.raw_examples(&cols.text, cols.text_pair.as_deref(), &cols.text)?, f.lossy)
+        }
+    };
+    require_examples(&raw, path)?;
+    Ok((raw.into_iter().map(|r| (r.text_a, r.text_b)).collect(), lossy_note(path, &lossy)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,33 +270,4 @@ mod tests {
         assert_eq!(t.train[2], Example { text_a: "e".into(), text_b: Some("f".into()), label: Label::Real(2.25) });
         assert_eq!(t.name, "scores");
     }
-}
-
-/// Reads only the text columns of a user file (new data to predict on; no label needed), with
-/// lossy UTF-8 decoding. Returns the texts and a note when lines needed replacement.
-pub fn read_texts(path: &Path, text: &str, text_pair: Option<&str>, format: Option<Format>) -> Result<(Vec<(String, Option<String>)>, Option<String>)> {
-    let format = match format {
-        Some(f) => f,
-        None => Format::from_path(path)?,
-    };
-    let cols = Columns { text: text.to_string(), text_pair: text_pair.map(str::to_string), label: text.to_string() };
-    let (raw, lossy) = match format {
-        Format::Csv | Format::Tsv => {
-            let header = !cols.all_indices();
-            let t = match format {
-                Format::Csv => read_csv(path, header)?,
-                _ => read_tsv(path, Decoding::Lossy, header)?,
-            };
-            let a = t.column(&cols.text)?;
-            let b = cols.text_pair.as_deref().map(|c| t.column(c)).transpose()?;
-            // The label slot repeats the text column: labels are not read.
-            (t.raw_examples(a, b, a), t.lossy)
-        }
-        Format::Jsonl => {
-            let f = read_jsonl(path, Decoding::Lossy)?;
-            (f.raw_examples(&cols.text, cols.text_pair.as_deref(), &cols.text)?, f.lossy)
-        }
-    };
-    require_examples(&raw, path)?;
-    Ok((raw.into_iter().map(|r| (r.text_a, r.text_b)).collect(), lossy_note(path, &lossy)))
 }
