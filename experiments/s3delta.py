@@ -14,11 +14,14 @@ split (file order, as the PEFT baseline does), the first --dev examples of its d
 decay 0.01, 6% warm-up then linear decay, clipping at 1.0), dev evaluation after every epoch and
 the best epoch reported. The search uses the same training examples, split 50/50 into a weight
 half and a gate half, for --search-epochs epochs (first-order alternation, weight lr 1e-3, α lr 0.1,
-β = 1, τ = 1, renormalised p), and retrains the chosen structure from scratch.
+β = 1, τ = 1, renormalised p), and retrains the chosen structure from scratch. Methods s3-L-2nd and
+s3-M-2nd (not in the default list) search with the DARTS second-order gate gradient instead
+(`search --second-order`, what the reference's published runs used).
 
 Usage:
   python3 experiments/s3delta.py --bin target/release/deltatune --data-dir ../shared/data \
       --out experiments/results/s3delta.jsonl [--tasks sst2,rte] [--budgets 0.0139%] [--seeds 1,2,3]
+      [--methods s3-L-2nd,s3-M-2nd]
 """
 import argparse
 import json
@@ -185,10 +188,11 @@ def main():
                         search_s = None
                         if method.startswith("s3-"):
                             space = method.split("-")[1]
+                            order = ["--second-order"] if method.endswith("-2nd") else []
                             sdir = work / f"{tag}-search"
                             res, search_s = run(base + ["search", "--task", task, *data, "--budget", budget, "--space", space,
                                                         "--epochs", str(a.search_epochs), "--lr", "1e-3", "--seed", str(seed),
-                                                        "--out", str(sdir), "--overwrite", "--json", "--quiet"], log)
+                                                        *order, "--out", str(sdir), "--overwrite", "--json", "--quiet"], log)
                             cfg = sdir / "structure.json"
                             rec.update(search_seconds=round(search_s, 1), supernet_dev=res.get("supernet_dev"),
                                        selected_params=res["selected_params"], selected=res["selected"])

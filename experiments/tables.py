@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 TASK_NAMES = {"sst2": "SST-2", "rte": "RTE", "cola": "CoLA", "stsb": "STS-B", "mrpc": "MRPC"}
+SECOND_ORDER = ("s3-L-2nd", "s3-M-2nd")
 METRIC_NAMES = {"accuracy": "acc", "matthews": "MCC", "pearson": "Pearson", "f1": "F1", "macro_f1": "macro-F1",
                 "spearman": "Spearman"}
 
@@ -93,7 +94,7 @@ def s3delta_table(path):
         print()
         print("| method | " + " | ".join(budgets) + " |")
         print("|---|" + "---|" * len(budgets))
-        for m in methods:
+        for m in methods + [m for m in SECOND_ORDER if any(cell[(t, b, m)] for b in budgets)]:
             print(f"| {m} | " + " | ".join(fmt(cell[(t, b, m)]) for b in budgets) + " |")
         full = cell[(t, "-", "full")]
         print(f"| full fine-tuning | {fmt(full)} (all budgets) |" + " |" * (len(budgets) - 1))
@@ -126,17 +127,43 @@ def s3delta_table(path):
     # Searches marked "timing": "paused" were stopped for a while by the operator: their wall
     # time is not a measurement.
     timed = [r for r in rows if r.get("timing") != "paused"]
-    ratios = [r["search_over_retrain"] for r in timed if r.get("search_over_retrain")]
-    secs = [r["search_seconds"] for r in timed if r.get("search_seconds")]
-    if ratios:
-        print(f"Search wall time: median {statistics.median(secs):.0f} s, "
-              f"{statistics.median(ratios):.2f}× one retraining run (median over {len(ratios)} searches; "
-              f"range {min(ratios):.2f}–{max(ratios):.2f}).")
+    for label, ms in (("", ("s3-L", "s3-M")), ("second-order ", SECOND_ORDER)):
+        ratios = [r["search_over_retrain"] for r in timed if r["method"] in ms and r.get("search_over_retrain")]
+        secs = [r["search_seconds"] for r in timed if r["method"] in ms and r.get("search_seconds")]
+        if ratios:
+            print(f"{label.capitalize() or 'Search '}{'search ' if label else ''}wall time: median {statistics.median(secs):.0f} s, "
+                  f"{statistics.median(ratios):.2f}× one retraining run (median over {len(ratios)} searches; "
+                  f"range {min(ratios):.2f}–{max(ratios):.2f}).")
+    second_order_table(tasks, budgets, {(r["task"], r["budget"], r["method"], r["seed"]): 100 * r["score"] for r in rows})
     if skipped:
         kinds = sorted({(r['method'], r['budget']) for r in skipped})
         print(f"Not run (the placement does not fit the budget): " + ", ".join(f"{m} at {b}" for m, b in kinds) + ".")
     if errors:
         print(f"{len(errors)} runs failed; see the results file.")
+
+
+def second_order_table(tasks, budgets, score):
+    """Second-order (unrolled) search against the default first-order one: same task, budget, space
+    and seed, paired."""
+    def paired(t, b, sp):
+        seeds = sorted(s for (t2, b2, m, s) in score if (t2, b2, m) == (t, b, f"s3-{sp}-2nd") and (t, b, f"s3-{sp}", s) in score)
+        return [score[(t, b, f"s3-{sp}-2nd", s)] - score[(t, b, f"s3-{sp}", s)] for s in seeds]
+
+    if not any(paired(t, b, sp) for t in tasks for b in budgets for sp in ("L", "M")):
+        return
+    print()
+    print("**Second-order − first-order search** (points, mean over seeds of the paired difference; same retraining)")
+    print()
+    print("| task | space | " + " | ".join(budgets) + " |")
+    print("|---|---|" + "---|" * len(budgets))
+    for t in tasks:
+        for sp in ("L", "M"):
+            diffs = [paired(t, b, sp) for b in budgets]
+            if not any(diffs):
+                continue
+            cells = [(f"{statistics.mean(d):+.1f}" + ("" if len(d) == 3 else f" ({len(d)})")) if d else "—" for d in diffs]
+            print(f"| {TASK_NAMES[t]} | {sp} | " + " | ".join(cells) + " |")
+    print()
 
 
 if __name__ == "__main__":

@@ -430,12 +430,7 @@ impl DecoderPath {
     /// Resolves a `.gguf` file, an HF directory, or a directory holding exactly one `.gguf` file.
     pub fn resolve(path: &Path) -> Result<Self> {
         if path.is_dir() && !path.join("config.json").is_file() {
-            let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
-                .map_err(|e| Error::io(path, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
-                .collect();
-            return match ggufs.as_slice() {
+            return match gguf_files(path).map_err(|e| Error::io(path, e))?.as_slice() {
                 [one] => Ok(DecoderPath::Gguf(one.clone())),
                 [] => Err(Error::NotFound { path: path.to_path_buf(), what: "config.json or a .gguf file".into() }),
                 _ => Err(Error::arg("--model", format!("{} holds several .gguf files; name one", path.display()))),
@@ -637,7 +632,7 @@ impl LlamaModel {
         if fresh {
             cache.virtual_tokens = 0;
             for n in 0..self.layers.len() {
-                cache.layers[n] = self.prefix_kv(n, b, ctx)?;
+                cache.layers[n] = self.model.prefixes(n, b, ctx)?;
             }
             cache.virtual_tokens = cache.len();
         }
@@ -699,18 +694,13 @@ impl LlamaModel {
         let rope = rotary(past, t, self.config.head_dim, self.config.rope_theta, &self.device)?;
         let bias = self.key_bias(b, past + t, self.with_virtual_keys(Some(mask), b, past)?.as_ref())?;
         for n in range {
-            let mut slot = self.prefix_kv(n, b, ctx)?;
+            let mut slot = self.model.prefixes(n, b, ctx)?;
             x = self.layer_forward(&self.layers[n], &x, &rope, &bias, &mut slot, ctx)?;
             if ctx.output_hidden_states {
                 collected.push(x.clone());
             }
         }
         Ok(x)
-    }
-
-    /// Layer `n`'s prefix keys and values from the `model` site's deltas, (b, P, nkv·d) each.
-    fn prefix_kv(&self, n: usize, b: usize, ctx: &ForwardCtx) -> Result<Option<(Tensor, Tensor)>> {
-        self.model.prefixes(n, b, ctx)
     }
 
     /// `key_mask` (b, p) over real tokens, with ones in front for `virtual_tokens` positions.
@@ -990,9 +980,15 @@ pub fn is_decoder_path(path: &Path) -> bool {
     if cfg.is_file() {
         return LlamaConfig::from_hf(&cfg).is_ok();
     }
-    std::fs::read_dir(path)
-        .map(|d| d.filter_map(|e| e.ok()).any(|e| e.path().extension().is_some_and(|x| x == "gguf")))
-        .unwrap_or(false)
+    gguf_files(path).is_ok_and(|g| !g.is_empty())
+}
+
+/// The `.gguf` files directly inside `dir`.
+fn gguf_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    Ok(std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .collect())
 }
 
 /// The hidden size of the last position of each sequence: (b, t, h) → (b, h).

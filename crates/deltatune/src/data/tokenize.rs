@@ -136,28 +136,23 @@ impl TextEncoder {
 
     /// Encodes one text or text pair with special tokens, truncated to `max_length`.
     pub fn encode(&self, text: &str, pair: Option<&str>) -> Result<Encoding> {
-        let input = match pair {
-            Some(p) => tokenizers::EncodeInput::Dual(text.into(), p.into()),
-            None => tokenizers::EncodeInput::Single(text.into()),
-        };
-        let enc = self
-            .tokenizer
-            .encode(input, true)
-            .map_err(|e| Error::Tokenizer { file: self.path.clone(), msg: e.to_string() })?;
+        let enc = self.encode_raw(text, pair)?;
         Ok(Encoding { input_ids: enc.get_ids().to_vec(), token_type_ids: enc.get_type_ids().to_vec() })
     }
 
     /// The tokens (strings) of an encoding, for display.
     pub fn tokens(&self, text: &str, pair: Option<&str>) -> Result<Vec<String>> {
+        Ok(self.encode_raw(text, pair)?.get_tokens().to_vec())
+    }
+
+    fn encode_raw(&self, text: &str, pair: Option<&str>) -> Result<tokenizers::Encoding> {
         let input = match pair {
             Some(p) => tokenizers::EncodeInput::Dual(text.into(), p.into()),
             None => tokenizers::EncodeInput::Single(text.into()),
         };
-        let enc = self
-            .tokenizer
+        self.tokenizer
             .encode(input, true)
-            .map_err(|e| Error::Tokenizer { file: self.path.clone(), msg: e.to_string() })?;
-        Ok(enc.get_tokens().to_vec())
+            .map_err(|e| Error::Tokenizer { file: self.path.clone(), msg: e.to_string() })
     }
 
     /// Encodes and pads a batch of texts (with optional pairs).
