@@ -16,12 +16,13 @@ the best epoch reported. The search uses the same training examples, split 50/50
 half and a gate half, for --search-epochs epochs (first-order alternation, weight lr 1e-3, α lr 0.1,
 β = 1, τ = 1, renormalised p), and retrains the chosen structure from scratch. Methods s3-L-2nd and
 s3-M-2nd (not in the default list) search with the DARTS second-order gate gradient instead
-(`search --second-order`, what the reference's published runs used).
+(`search --second-order`, what the reference's published runs used); a suffix -e<N> searches
+for N epochs instead of --search-epochs (s3-L-e10, s3-M-2nd-e10).
 
 Usage:
   python3 experiments/s3delta.py --bin target/release/deltatune --data-dir ../shared/data \
       --out experiments/results/s3delta.jsonl [--tasks sst2,rte] [--budgets 0.0139%] [--seeds 1,2,3]
-      [--methods s3-L-2nd,s3-M-2nd]
+      [--methods s3-L-2nd,s3-M-2nd,s3-L-e10]
 """
 import argparse
 import json
@@ -187,11 +188,15 @@ def main():
                         cfg = work / f"{tag}.json"
                         search_s = None
                         if method.startswith("s3-"):
-                            space = method.split("-")[1]
-                            order = ["--second-order"] if method.endswith("-2nd") else []
+                            # s3-<space>[-2nd][-e<search epochs>]
+                            parts = method.split("-")
+                            space = parts[1]
+                            order = ["--second-order"] if "2nd" in parts[2:] else []
+                            epochs = next((int(x[1:]) for x in parts[2:] if x.startswith("e")), a.search_epochs)
+                            rec["search_epochs"] = epochs
                             sdir = work / f"{tag}-search"
                             res, search_s = run(base + ["search", "--task", task, *data, "--budget", budget, "--space", space,
-                                                        "--epochs", str(a.search_epochs), "--lr", "1e-3", "--seed", str(seed),
+                                                        "--epochs", str(epochs), "--lr", "1e-3", "--seed", str(seed),
                                                         *order, "--out", str(sdir), "--overwrite", "--json", "--quiet"], log)
                             cfg = sdir / "structure.json"
                             rec.update(search_seconds=round(search_s, 1), supernet_dev=res.get("supernet_dev"),

@@ -660,12 +660,17 @@ pub struct SearchArgs {
     /// Output directory (structure.json, candidates.tsv, heatmap.png/svg, search.json).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace the output files if --out already holds a search.
     #[arg(long)]
     pub overwrite: bool,
+    /// Passes over the training set (each step: one weight step on the weight half, one gate step on
+    /// the gate half).
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
+    /// Run exactly N steps instead of --epochs passes.
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// Examples per step on each half.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
     /// Learning rate of the delta weights and head.
@@ -689,19 +694,25 @@ pub struct SearchArgs {
     /// Only list the space's candidates (candidates.json/tsv) and stop.
     #[arg(long)]
     pub candidates_only: bool,
+    /// Seed of the 50/50 split, delta initialisation, gate noise and batch order.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Truncate inputs to N tokens.
     #[arg(long, default_value_t = 128)]
     pub max_length: usize,
     /// Supernet dev evaluation every N steps (and at the end).
     #[arg(long)]
     pub eval_every: Option<usize>,
+    /// Pooling over token states for the head: mean or cls.
     #[arg(long, default_value = "mean")]
     pub pooling: String,
+    /// Turn the backbone's dropout off during the search.
     #[arg(long)]
     pub no_dropout: bool,
+    /// Print one JSON object (the search.json summary) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// No progress bar or per-epoch lines.
     #[arg(long)]
     pub quiet: bool,
 }
