@@ -7,8 +7,9 @@ pairwise Jaccard overlap of the chosen candidate sets:
   * across tasks, same seed  — is the structure task-specific?
   * random structures across seeds (space M) — the overlap that chance alone gives;
 
-and how far the search moved the gates: the mean over searches of max α − min α (every α starts
-at 0) and of max p / median p (how strongly the top candidate stands out).
+how far the search moved the gates: the mean over searches of max α − min α (every α starts
+at 0) and of max p / median p (how strongly the top candidate stands out); and, for search
+variants (longer, second-order), how often they choose the default search's structure.
 
   python3 experiments/structures.py [--work runs/s3delta]
 """
@@ -70,6 +71,20 @@ def main():
             f = lambda v: f"{statistics.mean(v):.2f}" if v else "—"
             sp = spread.get((b, m), [])
             print(f"| {m} | {b}% | {f(seeds_j)} | {f(tasks_j)} | {f([x for x, _ in sp])} | {f([y for _, y in sp])} |")
+    # Search variants (s3-L-e10, s3-M-2nd, ...) against the default search, same task, budget, seed.
+    variants = [m for m in methods if m.startswith("s3-") and m.count("-") > 1]
+    if variants:
+        print()
+        print("| variant | budget | Jaccard with the default search (same task and seed) | identical structures |")
+        print("|---|---|---|---|")
+        for v in variants:
+            base = "-".join(v.split("-")[:2])
+            for b in BUDGETS:
+                pairs = [(chosen[k], chosen[(k[0], b, base, k[3])]) for k in chosen
+                         if k[1] == b and k[2] == v and (k[0], b, base, k[3]) in chosen]
+                if pairs:
+                    same = sum(x == y for x, y in pairs)
+                    print(f"| {v} | {b}% | {statistics.mean(jaccard(x, y) for x, y in pairs):.2f} | {same}/{len(pairs)} |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
   python3 experiments/tables.py methods [experiments/results/methods.jsonl]
   python3 experiments/tables.py s3delta [experiments/results/s3delta.jsonl]
+  python3 experiments/tables.py s3delta --update README.md   # rewrite the README's tables in place
 
 Scores are printed ×100 (accuracy, Matthews correlation, Pearson). S3Delta cells are the mean and
 sample standard deviation over seeds, with the number of seeds when it is not 3.
@@ -14,7 +15,6 @@ from collections import defaultdict
 from pathlib import Path
 
 TASK_NAMES = {"sst2": "SST-2", "rte": "RTE", "cola": "CoLA", "stsb": "STS-B", "mrpc": "MRPC"}
-SECOND_ORDER = ("s3-L-2nd", "s3-M-2nd")
 METRIC_NAMES = {"accuracy": "acc", "matthews": "MCC", "pearson": "Pearson", "f1": "F1", "macro_f1": "macro-F1",
                 "spearman": "Spearman"}
 
@@ -75,6 +75,8 @@ def s3delta_table(path):
             budgets.append(r["budget"])
     budgets.sort(key=lambda b: float(b.rstrip("%")))
     methods = ["s3-L", "s3-M", "random", "manual-lora", "manual-bitfit", "manual-lnfit", "manual-adapter"]
+    # Search variants (s3-L-2nd, s3-M-e10, ...): extra rows, and a paired comparison with their base.
+    variants = sorted({r["method"] for r in rows if r["method"].startswith("s3-") and r["method"] not in methods[:2]})
     cell = defaultdict(list)
     for r in rows:
         cell[(r["task"], r["budget"], r["method"])].append(100 * r["score"])
@@ -94,47 +96,51 @@ def s3delta_table(path):
         print()
         print("| method | " + " | ".join(budgets) + " |")
         print("|---|" + "---|" * len(budgets))
-        for m in methods + [m for m in SECOND_ORDER if any(cell[(t, b, m)] for b in budgets)]:
+        for m in methods + [m for m in variants if any(cell[(t, b, m)] for b in budgets)]:
             print(f"| {m} | " + " | ".join(fmt(cell[(t, b, m)]) for b in budgets) + " |")
         full = cell[(t, "-", "full")]
         print(f"| full fine-tuning | {fmt(full)} (all budgets) |" + " |" * (len(budgets) - 1))
         print()
 
     # The claim: searched beats random and manual at equal budget, the margin growing as the budget shrinks.
-    print("**Margin of the better S3Delta space over the best baseline** (points, mean over tasks; "
-          "per-task wins in brackets)")
+    print("**Margin of S3Delta over the best baseline** (points; each cell the mean over tasks of the "
+          "per-task difference of 3-seed means; wins = tasks where S3Delta's mean is higher)")
     print()
-    print("| budget | best S3Delta − best manual | best S3Delta − random | S3Delta wins vs manual | vs random |")
-    print("|---|---|---|---|---|")
+    print("| budget | s3-L − best manual | s3-M − best manual | better S3Delta − best manual | better S3Delta − random "
+          "| wins vs manual | wins vs random |")
+    print("|---|---|---|---|---|---|---|")
     for b in budgets:
-        dm, dr, wm, wr, n = [], [], 0, 0, 0
+        d = defaultdict(list)
+        wm = wr = 0
         for t in tasks:
-            s3 = [statistics.mean(cell[(t, b, m)]) for m in ("s3-L", "s3-M") if cell[(t, b, m)]]
-            man = [statistics.mean(cell[(t, b, m)]) for m in methods[3:] if cell[(t, b, m)]]
-            rnd = cell[(t, b, "random")]
-            if not s3:
+            mean = {m: statistics.mean(cell[(t, b, m)]) for m in methods if cell[(t, b, m)]}
+            s3 = [mean[m] for m in ("s3-L", "s3-M") if m in mean]
+            man = [mean[m] for m in methods[3:] if m in mean]
+            if not s3 or not man:
                 continue
-            n += 1
-            if man:
-                dm.append(max(s3) - max(man))
-                wm += max(s3) > max(man)
-            if rnd:
-                dr.append(max(s3) - statistics.mean(rnd))
-                wr += max(s3) > statistics.mean(rnd)
+            for m in ("s3-L", "s3-M"):
+                if m in mean:
+                    d[m].append(mean[m] - max(man))
+            d["best"].append(max(s3) - max(man))
+            wm += max(s3) > max(man)
+            if "random" in mean:
+                d["random"].append(max(s3) - mean["random"])
+                wr += max(s3) > mean["random"]
         f = lambda v: f"{statistics.mean(v):+.1f}" if v else "—"
-        print(f"| {b} | {f(dm)} | {f(dr)} | {wm}/{len(dm)} | {wr}/{len(dr)} |")
+        print(f"| {b} | {f(d['s3-L'])} | {f(d['s3-M'])} | {f(d['best'])} | {f(d['random'])} "
+              f"| {wm}/{len(d['best'])} | {wr}/{len(d['random'])} |")
     print()
     # Searches marked "timing": "paused" were stopped for a while by the operator: their wall
     # time is not a measurement.
     timed = [r for r in rows if r.get("timing") != "paused"]
-    for label, ms in (("", ("s3-L", "s3-M")), ("second-order ", SECOND_ORDER)):
+    for label, ms in [("the default search (s3-L, s3-M)", ("s3-L", "s3-M"))] + [(v, (v,)) for v in variants]:
         ratios = [r["search_over_retrain"] for r in timed if r["method"] in ms and r.get("search_over_retrain")]
         secs = [r["search_seconds"] for r in timed if r["method"] in ms and r.get("search_seconds")]
         if ratios:
-            print(f"{label.capitalize() or 'Search '}{'search ' if label else ''}wall time: median {statistics.median(secs):.0f} s, "
+            print(f"Search wall time, {label}: median {statistics.median(secs):.0f} s, "
                   f"{statistics.median(ratios):.2f}× one retraining run (median over {len(ratios)} searches; "
                   f"range {min(ratios):.2f}–{max(ratios):.2f}).")
-    second_order_table(tasks, budgets, {(r["task"], r["budget"], r["method"], r["seed"]): 100 * r["score"] for r in rows})
+    variants_table(tasks, budgets, variants, {(r["task"], r["budget"], r["method"], r["seed"]): 100 * r["score"] for r in rows})
     if skipped:
         kinds = sorted({(r['method'], r['budget']) for r in skipped})
         print(f"Not run (the placement does not fit the budget): " + ", ".join(f"{m} at {b}" for m, b in kinds) + ".")
@@ -142,32 +148,59 @@ def s3delta_table(path):
         print(f"{len(errors)} runs failed; see the results file.")
 
 
-def second_order_table(tasks, budgets, score):
-    """Second-order (unrolled) search against the default first-order one: same task, budget, space
-    and seed, paired."""
-    def paired(t, b, sp):
-        seeds = sorted(s for (t2, b2, m, s) in score if (t2, b2, m) == (t, b, f"s3-{sp}-2nd") and (t, b, f"s3-{sp}", s) in score)
-        return [score[(t, b, f"s3-{sp}-2nd", s)] - score[(t, b, f"s3-{sp}", s)] for s in seeds]
+def variants_table(tasks, budgets, variants, score):
+    """Each search variant against the default search of the same space: same task, budget and
+    seed, paired, and the same retraining."""
+    def paired(t, b, v):
+        base = "-".join(v.split("-")[:2])
+        seeds = sorted(s for (t2, b2, m, s) in score if (t2, b2, m) == (t, b, v) and (t, b, base, s) in score)
+        return [score[(t, b, v, s)] - score[(t, b, base, s)] for s in seeds]
 
-    if not any(paired(t, b, sp) for t in tasks for b in budgets for sp in ("L", "M")):
+    rows = [(t, v, [paired(t, b, v) for b in budgets]) for t in tasks for v in variants]
+    rows = [r for r in rows if any(r[2])]
+    if not rows:
         return
     print()
-    print("**Second-order − first-order search** (points, mean over seeds of the paired difference; same retraining)")
+    print("**Search variants − the default search of the same space** (points, mean of the per-seed differences)")
     print()
-    print("| task | space | " + " | ".join(budgets) + " |")
+    print("| task | variant | " + " | ".join(budgets) + " |")
     print("|---|---|" + "---|" * len(budgets))
-    for t in tasks:
-        for sp in ("L", "M"):
-            diffs = [paired(t, b, sp) for b in budgets]
-            if not any(diffs):
-                continue
-            cells = [(f"{statistics.mean(d):+.1f}" + ("" if len(d) == 3 else f" ({len(d)})")) if d else "—" for d in diffs]
-            print(f"| {TASK_NAMES[t]} | {sp} | " + " | ".join(cells) + " |")
+    for t, v, diffs in rows:
+        cells = [(f"{statistics.mean(d):+.1f}" + ("" if len(d) == 3 else f" ({len(d)})")) if d else "—" for d in diffs]
+        print(f"| {TASK_NAMES[t]} | {v} | " + " | ".join(cells) + " |")
     print()
+
+
+def update(readme, what, render):
+    """Replaces the text between `<!-- WHAT-tables:begin -->` and `<!-- WHAT-tables:end -->` in
+    `readme` with the rendered tables."""
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        render()
+    text = Path(readme).read_text()
+    begin, end = f"<!-- {what}-tables:begin -->", f"<!-- {what}-tables:end -->"
+    if begin not in text or end not in text:
+        sys.exit(f"{readme}: markers {begin} … {end} not found")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    tmp = Path(str(readme) + ".tmp")
+    tmp.write_text(head + begin + "\n\n" + buf.getvalue().strip() + "\n\n" + end + tail)
+    tmp.replace(readme)
 
 
 if __name__ == "__main__":
-    what = sys.argv[1] if len(sys.argv) > 1 else "s3delta"
-    default = f"experiments/results/{what}.jsonl"
-    path = sys.argv[2] if len(sys.argv) > 2 else default
-    {"methods": methods_table, "s3delta": s3delta_table}[what](path)
+    args = sys.argv[1:]
+    readme = None
+    if "--update" in args:
+        i = args.index("--update")
+        readme = args[i + 1]
+        del args[i:i + 2]
+    what = args[0] if args else "s3delta"
+    path = args[1] if len(args) > 1 else f"experiments/results/{what}.jsonl"
+    render = lambda: {"methods": methods_table, "s3delta": s3delta_table}[what](path)
+    if readme:
+        update(readme, what, render)
+    else:
+        render()
