@@ -41,7 +41,8 @@ def main():
     spread = defaultdict(list)  # (budget, method) -> (max α − min α, max p / median p)
     for d in sorted(work.glob("*-search")):
         task, budget, rest = d.name.split("-", 2)
-        method, seed = rest.rsplit("-", 2)[0], int(rest.rsplit("-", 2)[1][1:])
+        method, seed_tag, _ = rest.rsplit("-", 2)  # s3-L-e10, s1, search
+        seed = int(seed_tag[1:])
         f = d / "candidates.json"
         if not f.exists():
             continue
@@ -54,6 +55,9 @@ def main():
         seed = int(rest.rsplit("-s", 1)[1])
         specs = json.loads(f.read_text())["deltas"]
         chosen[(task, budget, "random", seed)] = frozenset((s["method"], p) for s in specs for p in s["target_modules"])
+    if not chosen:
+        raise SystemExit(f"{work}: no search outputs (*-search/candidates.json) or random structures; "
+                         "pass the --work directory of experiments/s3delta.py")
     methods = sorted({k[2] for k in chosen}, key=lambda m: (m == "random", m))
     tasks = sorted({k[0] for k in chosen})
     seeds = sorted({k[3] for k in chosen})

@@ -9,6 +9,7 @@ Scores are printed ×100 (accuracy, Matthews correlation, Pearson). S3Delta cell
 sample standard deviation over seeds, with the number of seeds when it is not 3.
 """
 import json
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -65,9 +66,10 @@ def methods_table(path):
 
 
 def s3delta_table(path):
-    rows = [r for r in load(path) if "error" not in r and "skipped" not in r]
-    skipped = [r for r in load(path) if "skipped" in r]
-    errors = [r for r in load(path) if "error" in r]
+    everything = load(path)
+    rows = [r for r in everything if "error" not in r and "skipped" not in r]
+    skipped = [r for r in everything if "skipped" in r]
+    errors = [r for r in everything if "error" in r]
     tasks = [t for t in TASK_NAMES if any(r["task"] == t for r in rows)]
     budgets = []
     for r in rows:
@@ -77,9 +79,11 @@ def s3delta_table(path):
     methods = ["s3-L", "s3-M", "random", "manual-lora", "manual-bitfit", "manual-lnfit", "manual-adapter"]
     # Search variants (s3-L-2nd, s3-M-e10, ...): extra rows, and a paired comparison with their base.
     variants = sorted({r["method"] for r in rows if r["method"].startswith("s3-") and r["method"] not in methods[:2]})
+    # One score per (task, budget, method, seed); `cell` lists them over seeds, in seed order.
+    score = {(r["task"], r["budget"], r["method"], r["seed"]): 100 * r["score"] for r in rows}
     cell = defaultdict(list)
-    for r in rows:
-        cell[(r["task"], r["budget"], r["method"])].append(100 * r["score"])
+    for (t, b, m, _), v in sorted(score.items(), key=lambda kv: kv[0][3]):
+        cell[(t, b, m)].append(v)
 
     def fmt(v):
         if not v:
@@ -140,7 +144,7 @@ def s3delta_table(path):
             print(f"Search wall time, {label}: median {statistics.median(secs):.0f} s, "
                   f"{statistics.median(ratios):.2f}× one retraining run (median over {len(ratios)} searches; "
                   f"range {min(ratios):.2f}–{max(ratios):.2f}).")
-    variants_table(tasks, budgets, variants, {(r["task"], r["budget"], r["method"], r["seed"]): 100 * r["score"] for r in rows})
+    variants_table(tasks, budgets, variants, score)
     if skipped:
         kinds = sorted({(r['method'], r['budget']) for r in skipped})
         print(f"Not run (the placement does not fit the budget): " + ", ".join(f"{m} at {b}" for m, b in kinds) + ".")
@@ -185,8 +189,12 @@ def update(readme, what, render):
         sys.exit(f"{readme}: markers {begin} … {end} not found")
     head, rest = text.split(begin, 1)
     tail = rest.split(end, 1)[1]
+    # Temp file, fsync, rename: an interrupted update leaves the README as it was.
     tmp = Path(str(readme) + ".tmp")
-    tmp.write_text(head + begin + "\n\n" + buf.getvalue().strip() + "\n\n" + end + tail)
+    with open(tmp, "w") as f:
+        f.write(head + begin + "\n\n" + buf.getvalue().strip() + "\n\n" + end + tail)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(readme)
 
 
@@ -195,6 +203,8 @@ if __name__ == "__main__":
     readme = None
     if "--update" in args:
         i = args.index("--update")
+        if i + 1 >= len(args):
+            sys.exit("--update needs the file to rewrite (e.g. --update README.md)")
         readme = args[i + 1]
         del args[i:i + 2]
     what = args[0] if args else "s3delta"

@@ -49,7 +49,7 @@ impl CompacterConfig {
             None => ((d as f64 / self.reduction_factor).floor() as usize).max(1),
         };
         let n = self.phm_dim;
-        if n == 0 || !d.is_multiple_of(n) || m % n != 0 {
+        if n == 0 || !d.is_multiple_of(n) || !m.is_multiple_of(n) {
             return Err(Error::Delta(format!(
                 "compacter: hidden size {d} and bottleneck {m} must both be multiples of phm_dim {n}"
             )));
