@@ -33,11 +33,11 @@ the largest absolute differences; it fails above 1e-5.
 --counts prints PEFT's trainable parameter counts for each method with PEFT's default settings on
 MiniLM (default target modules query/value).
 
-Run in a throwaway venv (never in CI):
-  python3 -m venv /tmp/venv-torch && /tmp/venv-torch/bin/pip install torch transformers peft safetensors
-  /tmp/venv-torch/bin/python tools/peft_methods_reference.py MODEL_DIR crates/deltatune/tests/fixtures/peft
-  /tmp/venv-torch/bin/python tools/peft_methods_reference.py --check MODEL_DIR crates/deltatune/tests/fixtures/peft
-  /tmp/venv-torch/bin/python tools/peft_methods_reference.py --counts MODEL_DIR
+Run in a throwaway venv (never in CI; /.venv* is git-ignored):
+  python3 -m venv .venv-torch && .venv-torch/bin/pip install torch transformers peft safetensors
+  .venv-torch/bin/python tools/peft_methods_reference.py MODEL_DIR crates/deltatune/tests/fixtures/peft
+  .venv-torch/bin/python tools/peft_methods_reference.py --check MODEL_DIR crates/deltatune/tests/fixtures/peft
+  .venv-torch/bin/python tools/peft_methods_reference.py --counts MODEL_DIR
 where MODEL_DIR is the all-MiniLM-L6-v2 folder (`deltatune setup` puts it in the cache).
 """
 import argparse
