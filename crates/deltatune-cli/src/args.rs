@@ -1,7 +1,39 @@
-//! Command-line flags (clap derive). Values are resolved into library types in `commands/`.
+//! Command-line flags (clap derive). Typed values (delta specs, pooling, schedules, budgets,
+//! dtypes, splits, formats) are parsed here, once, by clap value parsers into library types;
+//! `commands/` maps the parsed flags onto the library's job specs.
 
 use clap::{Args, Parser, Subcommand};
+use deltatune::api::{DeltaSource, ExportFormat, Split};
+use deltatune::data::readers::Format;
+use deltatune::delta::DeltaSpec;
+use deltatune::search::run::Budget;
+use deltatune::train::optim::Decay;
+use deltatune::{DType, Pooling};
+use deltatune_bench::BenchArgs;
 use std::path::PathBuf;
+
+fn delta_source(s: &str) -> deltatune::Result<DeltaSource> {
+    DeltaSource::parse(s)
+}
+
+fn delta_spec(s: &str) -> deltatune::Result<DeltaSpec> {
+    DeltaSpec::parse_cli(s)
+}
+
+fn dtype(s: &str) -> deltatune::Result<DType> {
+    deltatune::api::parse_dtype(s)
+}
+
+/// `label=words,label=words` (e.g. `0= negative,1= positive`).
+fn verbalizer(s: &str) -> deltatune::Result<Vec<(String, String)>> {
+    s.split(',')
+        .map(|item| {
+            item.split_once('=')
+                .map(|(l, w)| (l.to_string(), w.to_string()))
+                .ok_or_else(|| deltatune::Error::arg("--verbalizer", format!("`{item}` is not label=words")))
+        })
+        .collect()
+}
 
 #[derive(Parser, Debug)]
 #[command(name = "deltatune", version, about = "Delta tuning (parameter-efficient fine-tuning) of pre-trained transformers")]
@@ -69,11 +101,11 @@ pub struct TrainLmArgs {
     #[arg(long, requires = "task")]
     pub template: Option<String>,
     /// Label words for --task: `label=words,...` (e.g. `0= negative,1= positive`).
-    #[arg(long, requires = "task")]
-    pub verbalizer: Option<String>,
+    #[arg(long, requires = "task", value_parser = verbalizer)]
+    pub verbalizer: Option<Vec<(String, String)>>,
     /// Deltas to attach (default: `lora:r=8,lora_alpha=16,target=q_proj+v_proj`).
-    #[arg(long = "delta")]
-    pub delta: Vec<String>,
+    #[arg(long = "delta", value_parser = delta_spec)]
+    pub delta: Vec<DeltaSpec>,
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
     #[arg(long, default_value_t = 8)]
@@ -157,8 +189,8 @@ pub struct DeltaArgs {
     /// A delta to attach: a spec such as `lora:r=8,lora_alpha=16,target=query+value,layers=0-2`
     /// (repeatable; see `deltatune inspect --help`), or a directory holding a saved delta of ours
     /// or a PEFT adapter.
-    #[arg(long = "delta")]
-    pub delta: Vec<String>,
+    #[arg(long = "delta", value_parser = delta_source)]
+    pub delta: Vec<DeltaSource>,
     /// A JSON file with delta specs (an object, a list, or {"deltas": [...]}).
     #[arg(long)]
     pub delta_config: Option<PathBuf>,
@@ -220,7 +252,7 @@ pub struct EmbedArgs {
     pub output: Option<PathBuf>,
     /// Pooling over token states: mean or cls.
     #[arg(long, default_value = "mean")]
-    pub pooling: String,
+    pub pooling: Pooling,
     /// L2-normalise the embeddings (what sentence-transformers does for this model).
     #[arg(long)]
     pub normalize: bool,
@@ -242,8 +274,8 @@ pub struct MergeArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Weight dtype of a merged decoder: f32, f16 or bf16 (encoders are written as loaded).
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    #[arg(long, default_value = "f32", value_parser = dtype)]
+    pub dtype: DType,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -261,207 +293,13 @@ pub struct ExportArgs {
     pub name: Option<String>,
     /// Output format.
     #[arg(long, default_value = "peft")]
-    pub format: String,
+    pub format: ExportFormat,
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
     /// `base_model_name_or_path` written into the PEFT config.
     #[arg(long, default_value = "sentence-transformers/all-MiniLM-L6-v2")]
     pub base_model_name: String,
-}
-
-#[derive(Args, Debug)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    pub what: BenchWhat,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum BenchWhat {
-    /// Eval-mode forward throughput (sentences/s) at batch x seq-len, every token real.
-    Forward(BenchForwardArgs),
-    /// Training step time, forward time and peak memory per method, with ratios against the
-    /// PyTorch + PEFT baseline (../shared/baselines/peft_bench.py) run in the same invocation.
-    Train(BenchTrainArgs),
-    /// SST-2 accuracy on the PEFT baseline's protocol, deltatune and PyTorch + PEFT side by side.
-    Accuracy(BenchAccuracyArgs),
-    /// Seconds per epoch of LoRA on the top 1, 2, 3 layers with frozen-prefix caching, against
-    /// PyTorch + PEFT (layers_to_transform) in the same run.
-    Cache(BenchCacheArgs),
-    /// The machine's single-precision peak (FMA microbenchmark) and the fraction of it the
-    /// encoder's matmuls reach.
-    Matmul(BenchMatmulArgs),
-    /// Inference with a merged LoRA against the bare backbone.
-    Merged(BenchForwardArgs),
-    /// The decoder (default: SmolLM2-135M Q4_1 GGUF): greedy tokens/s without and with deltas,
-    /// and LoRA training step time and peak memory at batch x seq-len, each against PyTorch +
-    /// PEFT on the dequantized f32 model (bench/torch_decoder.py) in the same run.
-    Decoder(BenchDecoderArgs),
-}
-
-#[derive(Args, Debug)]
-pub struct BenchDecoderArgs {
-    /// A `.gguf` file (default: the default decoder).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// The delta trained in the step benchmark (the PyTorch side always runs LoRA r 8 on q_proj
-    /// and v_proj).
-    #[arg(long, default_value = "lora:r=8,lora_alpha=16,target=q_proj+v_proj")]
-    pub delta: String,
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
-    #[arg(long, default_value_t = 256)]
-    pub seq_len: usize,
-    #[arg(long, default_value_t = 1)]
-    pub warmup: usize,
-    #[arg(long, default_value_t = 3)]
-    pub steps: usize,
-    /// New tokens per generation run.
-    #[arg(long, default_value_t = 64)]
-    pub tokens: usize,
-    /// Generation runs per variant (median).
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
-    #[arg(long, default_value_t = 2)]
-    pub bench_threads: usize,
-    /// A Python with torch, transformers, gguf and peft for the baseline.
-    #[arg(long, env = "DELTATUNE_TORCH_PYTHON")]
-    pub torch_python: Option<PathBuf>,
-    /// Skip the training-step part.
-    #[arg(long)]
-    pub no_train: bool,
-    /// Skip the generation part.
-    #[arg(long)]
-    pub no_generate: bool,
-    /// Internal: measure our training step in this process and print its JSON.
-    #[arg(long, hide = true)]
-    pub single: bool,
-    /// Also print where our training step's time goes (phases and fused ops).
-    #[arg(long)]
-    pub profile: bool,
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug)]
-pub struct BenchMatmulArgs {
-    /// Rows of the encoder matmuls (batch x sequence length).
-    #[arg(long, default_value_t = 2048)]
-    pub tokens: usize,
-    #[arg(long, default_value_t = 20)]
-    pub iters: usize,
-    #[arg(long, default_value_t = 2)]
-    pub bench_threads: usize,
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug)]
-pub struct BenchCacheArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Top layers to put LoRA on, comma-separated.
-    #[arg(long, default_value = "1,2,3")]
-    pub top_layers: String,
-    #[arg(long, default_value = "../shared/data/glue/sst2")]
-    pub sst2: PathBuf,
-    #[arg(long, default_value_t = 2000)]
-    pub train: usize,
-    #[arg(long, default_value_t = 3)]
-    pub epochs: usize,
-    #[arg(long, default_value_t = 2)]
-    pub bench_threads: usize,
-    #[arg(long, env = "DELTATUNE_TORCH_PYTHON")]
-    pub torch_python: Option<PathBuf>,
-    #[arg(long, default_value = "runs/bench-cache")]
-    pub out: PathBuf,
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug)]
-pub struct BenchAccuracyArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Methods, comma-separated (lora, full, ia3, prefix, prompt).
-    #[arg(long, default_value = "lora,full")]
-    pub methods: String,
-    /// Seeds, comma-separated; each method runs once per seed on each side.
-    #[arg(long, default_value = "42,43,44")]
-    pub seeds: String,
-    /// Directory of SST-2 (train.tsv, dev.tsv).
-    #[arg(long, default_value = "../shared/data/glue/sst2")]
-    pub sst2: PathBuf,
-    #[arg(long, default_value_t = 8000)]
-    pub train_limit: usize,
-    #[arg(long, default_value_t = 2)]
-    pub bench_threads: usize,
-    #[arg(long, env = "DELTATUNE_TORCH_PYTHON")]
-    pub torch_python: Option<PathBuf>,
-    #[arg(long, default_value = "../shared/baselines/peft_bench.py")]
-    pub peft_script: PathBuf,
-    /// Where our runs go.
-    #[arg(long, default_value = "runs/bench-accuracy")]
-    pub out: PathBuf,
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug)]
-pub struct BenchTrainArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Methods, comma-separated (lora, full, ia3, adapter, prefix, prompt).
-    #[arg(long, default_value = "lora,full,ia3,adapter,prefix")]
-    pub methods: String,
-    #[arg(long, default_value_t = 32)]
-    pub batch: usize,
-    #[arg(long, default_value_t = 64)]
-    pub seq_len: usize,
-    #[arg(long, default_value_t = 3)]
-    pub warmup: usize,
-    #[arg(long, default_value_t = 20)]
-    pub steps: usize,
-    #[arg(long, default_value_t = 2)]
-    pub bench_threads: usize,
-    /// A Python with torch, transformers and peft for the baseline.
-    #[arg(long, env = "DELTATUNE_TORCH_PYTHON")]
-    pub torch_python: Option<PathBuf>,
-    /// The baseline script.
-    #[arg(long, default_value = "../shared/baselines/peft_bench.py")]
-    pub peft_script: PathBuf,
-    /// Internal: measure one method in this process and print its JSON.
-    #[arg(long, hide = true)]
-    pub single: bool,
-    /// Also print where a step's time goes: each fused op's forward and backward, and the
-    /// forward / backward / optimizer phases (over --steps extra steps).
-    #[arg(long)]
-    pub profile: bool,
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug)]
-pub struct BenchForwardArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[arg(long, default_value_t = 32)]
-    pub batch: usize,
-    #[arg(long, default_value_t = 64)]
-    pub seq_len: usize,
-    #[arg(long, default_value_t = 3)]
-    pub warmup: usize,
-    #[arg(long, default_value_t = 20)]
-    pub iters: usize,
-    /// A Python with torch + transformers (e.g. a throwaway venv's bin/python) to run the
-    /// PyTorch side in the same run.
-    #[arg(long, env = "DELTATUNE_TORCH_PYTHON")]
-    pub torch_python: Option<PathBuf>,
-    /// Threads for both sides.
-    #[arg(long, default_value_t = 2)]
-    pub bench_threads: usize,
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -493,7 +331,7 @@ pub struct DataArgs {
     pub label_col: String,
     /// File format when the extension does not tell: csv, tsv, jsonl.
     #[arg(long)]
-    pub format: Option<String>,
+    pub format: Option<Format>,
     /// Labels are numbers to regress on (default: class names).
     #[arg(long)]
     pub regression: bool,
@@ -537,7 +375,7 @@ pub struct TrainArgs {
     pub warmup_steps: Option<usize>,
     /// linear, cosine or constant (after warm-up).
     #[arg(long, default_value = "linear")]
-    pub schedule: String,
+    pub schedule: Decay,
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
     /// Decay every tensor (default: not biases and LayerNorm weights).
@@ -568,7 +406,7 @@ pub struct TrainArgs {
     pub checkpoint_every: usize,
     /// mean or cls.
     #[arg(long, default_value = "mean")]
-    pub pooling: String,
+    pub pooling: Pooling,
     /// Compute the layers below the lowest delta once and train from the cached activations
     /// (those layers then run without dropout).
     #[arg(long)]
@@ -609,7 +447,7 @@ pub struct EvalArgs {
     pub data: DataArgs,
     /// dev, test or train.
     #[arg(long, default_value = "dev")]
-    pub split: String,
+    pub split: Split,
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     #[arg(long)]
@@ -652,7 +490,7 @@ pub struct SearchArgs {
     /// Trainable-parameter budget of the deltas: a share of the backbone (`0.0139%`) or a count
     /// (`3157`). The task head is outside the budget.
     #[arg(long)]
-    pub budget: String,
+    pub budget: Budget,
     /// Search space: L (rank-1 LoRA on every attention and FFN linear), M (L + BitFit + LN-fit +
     /// low-rank adapters), or a JSON file of delta specs.
     #[arg(long, default_value = "M")]
@@ -705,7 +543,7 @@ pub struct SearchArgs {
     pub eval_every: Option<usize>,
     /// Pooling over token states for the head: mean or cls.
     #[arg(long, default_value = "mean")]
-    pub pooling: String,
+    pub pooling: Pooling,
     /// Turn the backbone's dropout off during the search.
     #[arg(long)]
     pub no_dropout: bool,

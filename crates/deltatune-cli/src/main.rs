@@ -1,10 +1,12 @@
-//! The `deltatune` command: parse flags, resolve them into library values, call the library, and
-//! turn errors into a message and a non-zero exit code. No tensor logic lives here.
+//! The `deltatune` command: parse flags, map them onto the library's job specs, call the library,
+//! and turn errors into a message and a non-zero exit code. No tensor logic lives here.
 
 mod args;
 mod commands;
 
+use clap::error::ErrorKind;
 use clap::Parser;
+use deltatune::api::Cancel;
 use std::process::ExitCode;
 
 /// Keeps freed tensor buffers in the heap instead of returning them to the OS: training allocates
@@ -20,14 +22,37 @@ fn tune_allocator() {
     }
 }
 
+/// A flag value our parsers refused: print the library's message (which names the flag) and exit 1,
+/// like every other invalid value; anything else clap reports itself (usage errors exit 2).
+fn parse_args() -> Result<args::Cli, ExitCode> {
+    match args::Cli::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(e) if e.kind() == ErrorKind::ValueValidation => {
+            match std::error::Error::source(&e) {
+                Some(inner) => eprintln!("error: {inner}"),
+                None => eprintln!("{e}"),
+            }
+            Err(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            let _ = e.print();
+            Err(ExitCode::from(e.exit_code().clamp(0, 255) as u8))
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tune_allocator();
-    let cli = args::Cli::parse();
+    let cli = match parse_args() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     if let Err(e) = commands::setup_threads(cli.threads) {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
     }
-    match commands::run(cli) {
+    let cancel = Cancel::new();
+    match commands::run(cli, &cancel) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

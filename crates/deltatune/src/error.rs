@@ -78,6 +78,10 @@ pub enum Error {
     #[error("non-finite value: {0}")]
     NonFinite(String),
 
+    /// The caller asked the job to stop (a cancellation flag checked between steps).
+    #[error("cancelled{}", if .0.is_empty() { String::new() } else { format!(": {}", .0) })]
+    Cancelled(String),
+
     #[error("{context}: {source}")]
     Candle { context: String, source: candle_core::Error },
 
@@ -110,3 +114,35 @@ impl<T> ResultExt<T> for std::result::Result<T, candle_core::Error> {
         self.map_err(|source| Error::Candle { context: context(), source })
     }
 }
+
+// Suggestions for misspelt names, used by the messages of every layer.
+
+pub fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j + 1] + 1).min(cur[j] + 1).min(prev[j] + usize::from(ca != *cb)));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// ` (did you mean `x`?)` for the nearest candidate within a small edit distance, else "".
+pub fn suggest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> String {
+    let best = candidates.map(|c| (levenshtein(word, c), c)).min();
+    match best {
+        Some((d, c)) if d <= 2.max(word.len() / 3) => format!(" (did you mean `{c}`?)"),
+        _ => String::new(),
+    }
+}
+
+/// Candidates ranked by edit distance (nearest first), for "nearest valid paths" hints.
+pub fn nearest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>, n: usize) -> Vec<&'a str> {
+    let mut scored: Vec<(usize, &str)> = candidates.map(|c| (levenshtein(word, c), c)).collect();
+    scored.sort();
+    scored.into_iter().map(|(_, c)| c).take(n).collect()
+}
+

@@ -2,8 +2,8 @@
 //! (`num_labels` logits, cross-entropy) or regression (one output, mean squared error). The head
 //! trains with the deltas and is saved with them (`head.weight`, `head.bias`).
 
-use crate::backbone::{ModelOutput, Pooling};
-use crate::delta::init::Stream;
+use crate::core::{ModelOutput, Pooling};
+use crate::core::init::Stream;
 use crate::error::{Error, Result};
 use crate::ops;
 use candle_core::{DType, Device, Tensor, Var, D};

@@ -1,14 +1,27 @@
 //! deltatune: delta tuning (parameter-efficient fine-tuning) of frozen pre-trained transformers.
 //!
-//! The crate is layered bottom-up: [`ops`] (differentiable kernels) → [`backbone`] (frozen models whose
-//! every module is a named [`backbone::Site`]) → [`delta`] (the methods that attach to sites) →
-//! [`attach`] (name patterns → a plan). [`io`] and [`data`] are leaves used by all of them.
+//! The crate is layered; a module imports only from the layers below it (checked by the test
+//! suite, see ARCHITECTURE.md):
+//!
+//! 1. [`error`], [`control`] (progress events, cancellation), [`io`] (file formats and safety),
+//!    [`ops`] (differentiable kernels), [`plot`], [`assets`] — leaves;
+//! 2. [`data`] — tasks, readers, tokenization;
+//! 3. [`core`] — what backbones and deltas share: sites, the forward context, the delta trait;
+//! 4. [`backbone`] (frozen models) and [`delta`] (the methods and their registry), side by side;
+//! 5. [`attach`] — name patterns → a plan → deltas on sites;
+//! 6. [`head`], [`lm`] (decoders with their tokenizer, generation);
+//! 7. [`artifacts`] — every saved file: delta directories, PEFT folders, merged models;
+//! 8. [`train`], then [`search`];
+//! 9. [`api`] — one typed entry point per job, used by the CLI, the server and Python.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod api;
+pub mod artifacts;
 pub mod assets;
 pub mod attach;
 pub mod backbone;
-pub mod bench;
+pub mod control;
+pub mod core;
 pub mod data;
 pub mod delta;
 pub mod error;
@@ -17,11 +30,11 @@ pub mod io;
 pub mod lm;
 pub mod ops;
 pub mod plot;
-pub mod train;
 pub mod search;
-pub mod tuned;
+pub mod train;
 
-pub use backbone::{bert::BertModel, Backbone, ForwardCtx, ModelOutput, Pooling, Site, SiteKind};
+pub use crate::core::{Backbone, ForwardCtx, ModelOutput, Pooling, Site, SiteKind};
+pub use backbone::bert::BertModel;
 pub use data::tokenize::{EncodedBatch, Padding, TextEncoder};
 pub use data::{Example, Label, LabelMap, MetricKind, TaskData, TaskKind, TaskOptions};
 pub use error::{Error, Result};

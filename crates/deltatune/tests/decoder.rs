@@ -258,7 +258,7 @@ mod deltas {
     use super::*;
     use deltatune::attach::{self, AttachOptions};
     use deltatune::delta::DeltaSpec;
-    use deltatune::lm::train::{batch_nll, encode_pair, make_batch, train, LmPair, LmTrainConfig};
+    use deltatune::train::lm::{batch_nll, encode_pair, make_batch, train, LmPair, LmTrainConfig};
 
     /// LoRA, (IA)³ and LN tuning attach by HF names to the quantized decoder; at their identity
     /// initialisation the logits are unchanged.
@@ -304,7 +304,7 @@ mod deltas {
             }
         }
         let cfg = LmTrainConfig { epochs: 4, batch_size: 1, lr: 5e-3, warmup_ratio: 0.0, ..Default::default() };
-        let log = train(&lm.model, &lm.tokenizer, &[pair.clone()], &cfg, &mut |_| {}).unwrap();
+        let log = train(&lm.model, &[], &lm.tokenizer, &[pair.clone()], &cfg, &deltatune::api::Control::silent()).unwrap();
         assert_eq!(log.len(), 4);
         let after = batch_nll(&lm.model, &batch, &ctx).unwrap().to_scalar::<f32>().unwrap();
         assert!(after < before * 0.8, "loss {before} -> {after}");
@@ -317,7 +317,7 @@ mod prompt_learning {
     use super::*;
     use deltatune::attach::{self, AttachOptions};
     use deltatune::delta::DeltaSpec;
-    use deltatune::lm::train::{batch_nll, encode_pair, make_batch, train, LmPair, LmTrainConfig};
+    use deltatune::train::lm::{batch_nll, encode_pair, make_batch, train, LmPair, LmTrainConfig};
 
     /// The fixture's deterministic table: scale * sin(freq * i + phase), in f64 rounded to f32.
     fn table(rows: usize, cols: usize, scale: f64, freq: f64, phase: f64) -> Tensor {
@@ -468,7 +468,7 @@ mod prompt_learning {
             let gs = g.get(&var).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(gs > 0.0, "{spec}: zero gradient");
             let cfg = LmTrainConfig { epochs: 4, batch_size: 1, lr, warmup_ratio: 0.0, ..Default::default() };
-            train(&lm.model, &lm.tokenizer, &[pair.clone()], &cfg, &mut |_| {}).unwrap();
+            train(&lm.model, &[], &lm.tokenizer, &[pair.clone()], &cfg, &deltatune::api::Control::silent()).unwrap();
             let after = batch_nll(&lm.model, &batch, &ctx).unwrap().to_scalar::<f32>().unwrap();
             assert!(after < before * 0.8, "{spec}: loss {before} -> {after}");
         }
@@ -478,7 +478,7 @@ mod prompt_learning {
 /// Chat-formatted training data and packing.
 mod chat_and_packing {
     use super::*;
-    use deltatune::lm::train::{make_row_batch, read_jsonl, training_rows, LmPair, LmTrainConfig, END_OF_TURN};
+    use deltatune::train::lm::{make_row_batch, read_jsonl, training_rows, LmPair, LmTrainConfig, END_OF_TURN};
 
     #[test]
     fn conversations_and_pairs_go_through_the_chat_template() {
@@ -532,7 +532,7 @@ mod chat_and_packing {
         assert_eq!(packed.len(), (tokens + pairs.len()).div_ceil(32));
         assert!(packed[..packed.len() - 1].iter().all(|r| r.ids.len() == 32));
         let eos = lm.tokenizer.eos_ids[0];
-        let targets = |rows: &[deltatune::lm::train::LmRow]| rows.iter().map(|r| r.target.iter().filter(|&&t| t).count()).sum::<usize>();
+        let targets = |rows: &[deltatune::train::lm::LmRow]| rows.iter().map(|r| r.target.iter().filter(|&&t| t).count()).sum::<usize>();
         // Every completion token stays a target, and each separator after a completion is one.
         assert_eq!(targets(&packed), targets(&padded) + pairs.len());
         assert!(packed.iter().flat_map(|r| r.ids.iter().zip(&r.target)).filter(|(&i, _)| i == eos).all(|(_, &t)| t));
@@ -548,8 +548,8 @@ mod interop {
     use super::*;
     use deltatune::attach::{self, AttachOptions};
     use deltatune::delta::DeltaSpec;
-    use deltatune::io::peft;
-    use deltatune::lm::train::{train, LmPair, LmTrainConfig};
+    use deltatune::artifacts::peft;
+    use deltatune::train::lm::{train, LmPair, LmTrainConfig};
 
     /// A LoRA trained on the quantized decoder exports with PEFT's Llama key names and loads back
     /// onto a fresh copy of the model with identical logits.
@@ -560,7 +560,7 @@ mod interop {
         attach::attach(&mut a.model, &[spec.clone()], AttachOptions { seed: 5, tokenizer: None }).unwrap();
         let pair = LmPair { prompt: "2 + 2 =".into(), completion: " 4".into() };
         let cfg = LmTrainConfig { epochs: 2, batch_size: 1, lr: 1e-2, warmup_ratio: 0.0, ..Default::default() };
-        train(&a.model, &a.tokenizer, &[pair], &cfg, &mut |_| {}).unwrap();
+        train(&a.model, &[], &a.tokenizer, &[pair], &cfg, &deltatune::api::Control::silent()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("adapter");
         peft::export(&out, &a.model, &spec, "HuggingFaceTB/SmolLM2-135M-Instruct", &Default::default()).unwrap();
@@ -585,7 +585,7 @@ mod merge {
     use super::*;
     use deltatune::attach::{self, AttachOptions};
     use deltatune::delta::DeltaSpec;
-    use deltatune::lm::train::{train, LmPair, LmTrainConfig};
+    use deltatune::train::lm::{train, LmPair, LmTrainConfig};
 
     /// LoRA + LN tuning trained on the quantized GGUF model, merged into an f32 HF directory: the
     /// directory loads as an ordinary safetensors Llama (our HF loader) with the same tokenizer
@@ -600,7 +600,7 @@ mod merge {
         attach::attach(&mut a.model, &specs, AttachOptions { seed: 9, tokenizer: None }).unwrap();
         let pair = LmPair { prompt: "The sky is".into(), completion: " green today".into() };
         let cfg = LmTrainConfig { epochs: 2, batch_size: 1, lr: 1e-2, warmup_ratio: 0.0, ..Default::default() };
-        train(&a.model, &a.tokenizer, &[pair], &cfg, &mut |_| {}).unwrap();
+        train(&a.model, &[], &a.tokenizer, &[pair], &cfg, &deltatune::api::Control::silent()).unwrap();
         let text = "The sky is blue and the grass";
         let ids = a.tokenizer.encode(text).unwrap();
         let before = logits_of(&a, text);
@@ -626,7 +626,8 @@ mod merge {
 #[test]
 fn delta_for_another_architecture_is_a_clear_error() {
     use deltatune::attach::{self, AttachOptions};
-    use deltatune::delta::{store, DeltaSpec};
+    use deltatune::artifacts::delta_dir as store;
+    use deltatune::delta::DeltaSpec;
     let Some(bert_dir) = crate::common::model_dir() else { return };
     let Some(mut lm) = fresh() else { return };
     let mut bert = deltatune::BertModel::load(&bert_dir, &Device::Cpu).unwrap();
@@ -635,6 +636,6 @@ fn delta_for_another_architecture_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("bert-lora");
     store::save(&out, &bert, &[spec], &Default::default(), &Default::default()).unwrap();
-    let e = deltatune::tuned::load_delta(&out, &mut lm.model, AttachOptions::default()).unwrap_err().to_string();
+    let e = deltatune::artifacts::load_delta(&out, &mut lm.model, AttachOptions::default()).unwrap_err().to_string();
     assert!(e.contains("bert") && e.contains("llama") && e.contains("bert-lora"), "{e}");
 }

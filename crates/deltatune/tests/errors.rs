@@ -110,7 +110,8 @@ fn non_utf8_line() {
 mod deltas {
     use crate::common::*;
     use deltatune::attach::{self, AttachOptions};
-    use deltatune::delta::{store, DeltaSpec};
+    use deltatune::artifacts::delta_dir as store;
+    use deltatune::delta::DeltaSpec;
     use deltatune::BertModel;
 
     fn tiny() -> (tempfile::TempDir, BertModel) {

@@ -7,7 +7,9 @@
 use crate::common::*;
 use candle_core::{DType, Tensor, Var};
 use deltatune::attach::{self, AttachOptions};
-use deltatune::delta::{init::Stream, store, DeltaSpec};
+use deltatune::artifacts::delta_dir as store;
+use deltatune::core::init::Stream;
+use deltatune::delta::DeltaSpec;
 use deltatune::{Backbone, BertModel, EncodedBatch, ForwardCtx, Pooling};
 
 struct Row {

@@ -9,7 +9,7 @@
 use crate::common::*;
 use crate::require_model;
 use candle_core::{DType, Tensor};
-use deltatune::backbone::l2_normalize;
+use deltatune::core::l2_normalize;
 use deltatune::io::TensorFile;
 use deltatune::{Backbone, BertModel, ForwardCtx, Pooling, TextEncoder};
 

@@ -5,7 +5,8 @@
 use crate::common::*;
 use candle_core::{DType, Tensor};
 use deltatune::attach;
-use deltatune::io::{peft, TensorFile};
+use deltatune::artifacts::peft;
+use deltatune::io::TensorFile;
 use deltatune::{Backbone, BertModel, ForwardCtx, Pooling};
 use std::path::Path;
 
@@ -92,7 +93,7 @@ fn prompt_adapter_parity() {
     assert!(d <= 1e-4, "last_hidden_state {d:e}");
     let d = max_diff(&out.pool(Pooling::Mean).unwrap(), g.get("mean_pooled_real_tokens").unwrap());
     assert!(d <= 1e-5, "mean_pooled_real_tokens {d:e}");
-    let all = deltatune::backbone::mean_pool(&out.last_hidden_state, &out.attention_mask).unwrap();
+    let all = deltatune::core::mean_pool(&out.last_hidden_state, &out.attention_mask).unwrap();
     let d = max_diff(&all, g.get("mean_pooled_all_positions").unwrap());
     assert!(d <= 1e-5, "mean_pooled_all_positions {d:e}");
     let mask = out.attention_mask.to_dtype(DType::F32).unwrap();

@@ -5,7 +5,9 @@
 
 use crate::common::*;
 use deltatune::attach::{self, AttachOptions};
-use deltatune::delta::{init::Stream, store, DeltaSpec};
+use deltatune::artifacts::delta_dir as store;
+use deltatune::core::init::Stream;
+use deltatune::delta::DeltaSpec;
 use deltatune::{Backbone, BertModel, ForwardCtx, Pooling};
 use proptest::prelude::*;
 

@@ -9,8 +9,9 @@ use deltatune::delta::spec::parse_config_file;
 use deltatune::head::{Head, HeadConfig, HeadKind};
 use deltatune::search::gates::{GateConfig, Gates};
 use deltatune::search::{output, prepare, search, SearchConfig, Space};
+use deltatune::api::Control;
 use deltatune::train::{Prepared, Scores};
-use deltatune::tuned::TaskModel;
+use deltatune::artifacts::TaskModel;
 use deltatune::{BertModel, ForwardCtx, Pooling};
 
 fn tiny_task(n: usize) -> Prepared {
@@ -78,7 +79,7 @@ fn first_and_second_order_searches_run_and_respect_the_budget() {
         let (train, dev) = (tiny_task(32), tiny_task(8));
         let cfg = SearchConfig { max_steps: Some(6), batch_size: 4, second_order, eval_every: Some(3), ..Default::default() };
         let out = tmp.path().join("out");
-        let r = search(&mut model, &cands, budget, &train, Some(&dev), &accuracy, &cfg, &out, 0, true).unwrap();
+        let r = search(&mut model, &cands, budget, &train, Some(&dev), &accuracy, &cfg, &out, 0, &Control::silent()).unwrap();
         assert_eq!(r.steps, 6);
         assert!(r.selected_params as f64 <= budget && !r.selected.is_empty(), "{:?}", r.selected);
         assert!(r.alphas.iter().any(|a| a.abs() > 1e-6), "α never moved");

@@ -89,7 +89,7 @@ mod frozen_cache {
     use deltatune::delta::DeltaSpec;
     use deltatune::head::{Head, HeadConfig, HeadKind};
     use deltatune::train::{fit, FitOptions, Prepared, Scores, TrainConfig};
-    use deltatune::tuned::TaskModel;
+    use deltatune::artifacts::TaskModel;
     use deltatune::{BertModel, Pooling};
 
     fn data(n: usize) -> Prepared {
@@ -127,7 +127,7 @@ mod frozen_cache {
             ..Default::default()
         };
         let (tr, dv) = (data(24), data(8));
-        fit(&mut model, FitOptions { cfg: &cfg, train: &tr, dev: Some(&dv), scorer: &acc, run_dir: run, resume: false, quiet: true, meta: Default::default(), pad_id: 0 }).unwrap();
+        fit(&mut model, FitOptions { cfg: &cfg, train: &tr, dev: Some(&dv), scorer: &acc, run_dir: run, resume: false, ctl: &deltatune::api::Control::silent(), meta: Default::default(), pad_id: 0 }).unwrap();
         model.params().iter().map(|(_, v)| v.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
     }
 

@@ -9,15 +9,15 @@ pub fn run(a: SetupArgs) -> Result<()> {
     let mut out = serde_json::Map::new();
     out.insert("home".into(), home.display().to_string().into());
     if !a.data_only {
-        let p = assets::ensure(&home, &assets::DEFAULT_MODEL, &mut super::progress)?;
+        let p = assets::ensure(&home, &assets::DEFAULT_MODEL, &mut |m: &str| eprintln!("{m}"))?;
         out.insert("model".into(), p.display().to_string().into());
     }
     if a.decoder {
-        let p = assets::default_decoder(&mut super::progress)?;
+        let p = assets::default_decoder(&mut |m: &str| eprintln!("{m}"))?;
         out.insert("decoder".into(), p.display().to_string().into());
     }
     if !a.model_only {
-        let p = assets::ensure(&home, &assets::DEMO_DATA, &mut super::progress)?;
+        let p = assets::ensure(&home, &assets::DEMO_DATA, &mut |m: &str| eprintln!("{m}"))?;
         out.insert("data".into(), p.display().to_string().into());
     }
     if a.json {

@@ -2,26 +2,18 @@
 
 use crate::args::TrainArgs;
 use anyhow::Result;
-use deltatune::train::optim::{AdamWConfig, Decay, DecayRule};
-use deltatune::train::run::{train_run, RunMode, RunSpec};
+use deltatune::api::{self, Cancel, DeltaSource, RunMode, TrainSpec};
+use deltatune::train::optim::{AdamWConfig, DecayRule};
 use deltatune::train::TrainConfig;
-use deltatune::Pooling;
 
-pub fn run(a: TrainArgs) -> Result<()> {
-    let data = super::data_source(&a.data)?.ok_or_else(|| {
+pub fn run(a: TrainArgs, cancel: &Cancel) -> Result<()> {
+    let data = super::data_source(&a.data).ok_or_else(|| {
         anyhow::anyhow!("invalid --task/--data: name a task (--task sst2, --task bbc-news) or give --data PATH / --train FILE")
     })?;
-    let (specs, dirs) = super::delta_specs(&a.deltas)?;
+    let (specs, dirs) = DeltaSource::split(&super::delta_sources(&a.deltas)?);
     if !dirs.is_empty() {
         anyhow::bail!("invalid --delta: training starts from delta specs (e.g. lora:r=8), not saved deltas");
     }
-    let decay = match a.schedule.as_str() {
-        "linear" => Decay::Linear,
-        "cosine" => Decay::Cosine,
-        "constant" => Decay::Constant,
-        other => anyhow::bail!("invalid --schedule: `{other}` (linear, cosine, constant)"),
-    };
-    let pooling: Pooling = a.pooling.parse()?;
     let train = TrainConfig {
         lr: a.lr,
         epochs: a.epochs,
@@ -30,7 +22,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         grad_accum: a.grad_accum,
         warmup_ratio: a.warmup_ratio,
         warmup_steps: a.warmup_steps,
-        decay,
+        decay: a.schedule,
         adamw: AdamWConfig {
             weight_decay: a.weight_decay,
             decay_rule: if a.decay_all { DecayRule::All } else { DecayRule::NotBiasOrNorm },
@@ -45,15 +37,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
         bucketed: !a.no_bucket,
         dropout: !a.no_dropout,
         checkpoint_every: a.checkpoint_every,
-        pooling,
+        pooling: a.pooling,
         cache_frozen: a.cache_frozen,
         frozen_prefix_dropout: !a.no_frozen_dropout && !a.cache_frozen,
         cache_mb: a.cache_mb,
     };
-    let model = std::path::absolute(super::model_dir(&a.model)?)?;
+    let model = super::with_control(a.quiet, None, |ctl| api::encoder_dir(a.model.model.as_deref(), ctl))?;
+    let model = std::path::absolute(model)?;
     let method = specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join("+");
     let out = a.out.clone().unwrap_or_else(|| format!("runs/{}-{}-s{}", data.label(), method, a.deltas.seed).into());
-    let spec = RunSpec { model, data, data_options: super::task_options(&a.data), deltas: specs.iter().map(|s| s.to_json()).collect(), train };
+    let spec = TrainSpec { model, data, data_options: super::task_options(&a.data), deltas: specs, train };
     let mode = if a.resume {
         RunMode::Resume
     } else if a.overwrite {
@@ -61,7 +54,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     } else {
         RunMode::Fresh
     };
-    let s = train_run(&spec, &out, mode, a.quiet)?;
+    let s = super::with_control(a.quiet, Some(cancel), |ctl| api::train(&spec, &out, mode, ctl))?;
     if a.json {
         println!("{}", serde_json::to_string(&s)?);
     } else {

@@ -2,9 +2,9 @@
 //! listing trainable variables, switching groups on and off, merging.
 
 use super::plan::{plan, Plan};
-use crate::backbone::Backbone;
+use crate::core::{Attached, Backbone, GroupTensors, GroupTrainer};
 use crate::data::tokenize::TextEncoder;
-use crate::delta::{Attached, BuildCtx, DeltaSpec};
+use crate::delta::{BuildCtx, DeltaSpec};
 use crate::error::{Error, Result};
 use candle_core::Var;
 use std::collections::BTreeMap;
@@ -79,18 +79,33 @@ pub fn trainable_vars(model: &dyn Backbone) -> Vec<(String, Var)> {
     delta_vars(model, false)
 }
 
-/// Like [`trainable_vars`]; with `include_inactive`, disabled and merged deltas are listed too
-/// (for saving).
+/// Like [`trainable_vars`]; with `include_inactive`, disabled and merged deltas are listed too.
 pub fn delta_vars(model: &dyn Backbone, include_inactive: bool) -> Vec<(String, Var)> {
+    collect_vars(model, include_inactive, false)
+}
+
+/// Every tensor saved with the deltas: trainable ones (active or not) and buffers (frozen
+/// projections, masks), named like [`delta_vars`].
+pub fn saved_vars(model: &dyn Backbone) -> Vec<(String, Var)> {
+    collect_vars(model, true, true)
+}
+
+fn collect_vars(model: &dyn Backbone, include_inactive: bool, include_buffers: bool) -> Vec<(String, Var)> {
     let mut out = Vec::new();
     let mut shared_seen = std::collections::BTreeSet::new();
     for s in model.sites() {
         for a in s.deltas.iter().filter(|a| include_inactive || a.active()) {
-            for (n, v) in a.delta.params() {
+            let mut own = a.delta.params();
+            let mut shared = a.delta.shared_params();
+            if include_buffers {
+                own.extend(a.delta.buffers());
+                shared.extend(a.delta.shared_buffers());
+            }
+            for (n, v) in own {
                 let full = if s.path().is_empty() { format!("{}.{n}", a.name) } else { format!("{}.{}.{n}", a.name, s.path()) };
                 out.push((full, v));
             }
-            for (n, v) in a.delta.shared_params() {
+            for (n, v) in shared {
                 let full = format!("{}.shared.{n}", a.name);
                 if shared_seen.insert(full.clone()) {
                     out.push((full, v));
@@ -99,6 +114,48 @@ pub fn delta_vars(model: &dyn Backbone, include_inactive: bool) -> Vec<(String, 
         }
     }
     out
+}
+
+/// Every tensor of delta group `name` (active or not, buffers included) as (site path, parameter
+/// name, variable): site-local tensors in forward order, then the group's shared tensors once with
+/// an empty site path. Formats that name tensors their own way (PEFT, llama.cpp) map these pairs.
+pub fn group_vars(model: &dyn Backbone, name: &str) -> Vec<(String, String, Var)> {
+    let t = group_tensors(model, name);
+    t.trainable.into_iter().chain(t.buffers).collect()
+}
+
+/// The tensors of delta group `name`, trainable and buffers apart (shared ones last, with an
+/// empty site path).
+pub fn group_tensors(model: &dyn Backbone, name: &str) -> GroupTensors {
+    let mut g = GroupTensors { name: name.to_string(), ..Default::default() };
+    let (mut shared, mut shared_buf): (BTreeMap<String, Var>, BTreeMap<String, Var>) = Default::default();
+    for s in model.sites() {
+        for a in s.deltas.iter().filter(|a| a.name == name) {
+            g.trainable.extend(a.delta.params().into_iter().map(|(n, v)| (s.path().to_string(), n, v)));
+            g.buffers.extend(a.delta.buffers().into_iter().map(|(n, v)| (s.path().to_string(), n, v)));
+            for (n, v) in a.delta.shared_params() {
+                shared.entry(n).or_insert(v);
+            }
+            for (n, v) in a.delta.shared_buffers() {
+                shared_buf.entry(n).or_insert(v);
+            }
+        }
+    }
+    g.trainable.extend(shared.into_iter().map(|(n, v)| (String::new(), n, v)));
+    g.buffers.extend(shared_buf.into_iter().map(|(n, v)| (String::new(), n, v)));
+    g
+}
+
+/// The group trainers of the attached deltas of `specs` (methods with training-time behaviour of
+/// their own, such as AdaLoRA's rank allocation), in spec order.
+pub fn group_trainers(model: &dyn Backbone, specs: &[DeltaSpec]) -> Result<Vec<Box<dyn GroupTrainer>>> {
+    let mut out = Vec::new();
+    for s in specs {
+        if let Some(t) = s.config.group_trainer(group_tensors(model, &s.name))? {
+            out.push(t);
+        }
+    }
+    Ok(out)
 }
 
 /// Number of trainable scalars in the active deltas.
@@ -174,4 +231,12 @@ pub fn frozen_prefix_layers(model: &dyn Backbone) -> usize {
         }
     }
     k
+}
+
+/// Removes the deltas of `specs` from the model (used to roll back a failed load).
+pub fn detach_named(model: &mut dyn Backbone, specs: &[DeltaSpec]) {
+    let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    for s in model.sites_mut() {
+        s.deltas.retain(|a| !names.contains(&a.name.as_str()));
+    }
 }

@@ -13,5 +13,5 @@ pub mod aliases;
 mod apply;
 mod plan;
 
-pub use apply::{attach, count_trainable, delta_vars, delta_names, frozen_prefix_layers, merge_all, remove_all, set_enabled, trainable_vars, unmerge_all, AttachOptions};
+pub use apply::{attach, count_trainable, delta_vars, delta_names, detach_named, group_tensors, group_trainers, group_vars, saved_vars, frozen_prefix_layers, merge_all, remove_all, set_enabled, trainable_vars, unmerge_all, AttachOptions};
 pub use plan::{dry_run, plan, PatternReport, Plan, PlanEntry};

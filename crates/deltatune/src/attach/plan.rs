@@ -1,10 +1,9 @@
 //! Resolving delta specs against a module tree into an ordered list of (delta, site) pairs.
 
 use super::aliases;
-use crate::backbone::{ModuleTree, SiteKind};
-use crate::delta::spec::nearest;
+use crate::core::{ModuleTree, SiteKind};
 use crate::delta::{DeltaSpec, TargetModules};
-use crate::error::{Error, Result};
+use crate::error::{nearest, Error, Result};
 use regex::Regex;
 use std::collections::BTreeSet;
 

@@ -6,7 +6,7 @@
 //! Shapes: b = batch, t = tokens, v = soft-prompt tokens, h = hidden size, i = intermediate size.
 
 use super::config::{BertConfig, Family, HiddenAct};
-use super::{Backbone, ForwardCtx, ModelOutput, Site, SiteKind};
+use crate::core::{Backbone, ForwardCtx, ModelOutput, Site, SiteKind};
 use crate::data::tokenize::EncodedBatch;
 use crate::error::{Error, Result};
 use crate::io::TensorFile;
@@ -535,9 +535,9 @@ impl Backbone for BertModel {
         &self.device
     }
 
-    fn info(&self) -> crate::delta::BackboneInfo {
+    fn info(&self) -> crate::core::BackboneInfo {
         let c = &self.config;
-        crate::delta::BackboneInfo {
+        crate::core::BackboneInfo {
             hidden_size: c.hidden_size,
             num_layers: c.num_hidden_layers,
             num_heads: c.num_attention_heads,

@@ -11,7 +11,7 @@
 //! Shapes: b = batch, t = new tokens, p = tokens already in the cache, h = hidden size,
 //! nh / nkv = query / key-value heads, d = head size.
 
-use super::{ForwardCtx, ModuleTree, Site, SiteKind};
+use crate::core::{Backbone, ForwardCtx, ModuleTree, Site, SiteKind};
 use crate::error::{Error, Result};
 use crate::io::gguf::{permute_rows, unpermute_rotary_order, GgufFile};
 use crate::io::TensorFile;
@@ -803,72 +803,7 @@ impl LlamaModel {
     }
 }
 
-impl LlamaModel {
-    /// Folds the mergeable deltas (LoRA, (IA)³, LN tuning) into f32 copies of the base weights and
-    /// writes an HF directory: config.json, model.safetensors (`dtype` F32, F16 or BF16),
-    /// tokenizer.json and tokenizer_config.json. Written to a staging directory and renamed into
-    /// place. Returns the number of sites that had deltas merged.
-    pub fn write_merged(&mut self, dir: &Path, dtype: candle_core::DType, tokenizer: &crate::lm::LmTokenizer) -> Result<usize> {
-        use candle_core::DType;
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(Error::arg("--dtype", format!("{dtype:?} (expected f32, f16 or bf16)")));
-        }
-        for s in self.sites_mut() {
-            s.dequantize()?;
-        }
-        let merged = crate::attach::merge_all(self, true)?;
-        let mut tensors = std::collections::BTreeMap::new();
-        for s in self.sites() {
-            for (name, t) in s.params() {
-                tensors.insert(format!("{}.{name}", s.path()), t.to_dtype(dtype)?);
-            }
-        }
-        let c = &self.config;
-        let dtype_name = match dtype {
-            DType::F16 => "float16",
-            DType::BF16 => "bfloat16",
-            _ => "float32",
-        };
-        let mut config = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": c.vocab_size,
-            "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size,
-            "num_hidden_layers": c.num_hidden_layers,
-            "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": c.num_key_value_heads,
-            "head_dim": c.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": c.rms_norm_eps,
-            "rope_theta": c.rope_theta,
-            "max_position_embeddings": c.max_position_embeddings,
-            "tie_word_embeddings": c.tie_word_embeddings,
-            "attention_bias": false,
-            "mlp_bias": false,
-            "torch_dtype": dtype_name,
-        });
-        if let Some(b) = tokenizer.bos_id {
-            config["bos_token_id"] = b.into();
-        }
-        if let Some(e) = tokenizer.eos_ids.first() {
-            config["eos_token_id"] = (*e).into();
-        }
-        let parent = match dir.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let staging = tempfile::Builder::new().prefix(".merge-staging-").tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
-        crate::io::save_tensors(&staging.path().join("model.safetensors"), &tensors, Some([("format".to_string(), "pt".to_string())].into()))?;
-        crate::io::write_json_atomic(&staging.path().join("config.json"), &config)?;
-        tokenizer.save_dir(staging.path())?;
-        crate::io::atomic::replace_dir(&staging.keep(), dir)?;
-        Ok(merged)
-    }
-}
-
-impl super::Backbone for LlamaModel {
+impl Backbone for LlamaModel {
     fn model_type(&self) -> &str {
         "llama"
     }
@@ -885,9 +820,9 @@ impl super::Backbone for LlamaModel {
         &self.device
     }
 
-    fn info(&self) -> crate::delta::BackboneInfo {
+    fn info(&self) -> crate::core::BackboneInfo {
         let c = &self.config;
-        crate::delta::BackboneInfo {
+        crate::core::BackboneInfo {
             hidden_size: c.hidden_size,
             num_layers: c.num_hidden_layers,
             num_heads: c.num_attention_heads,
@@ -911,7 +846,7 @@ impl super::Backbone for LlamaModel {
     }
 
     /// Final hidden states (b, t, h) of a right-padded batch (causal attention, padding keys masked).
-    fn forward(&self, batch: &crate::data::tokenize::EncodedBatch, ctx: &ForwardCtx) -> Result<super::ModelOutput> {
+    fn forward(&self, batch: &crate::data::tokenize::EncodedBatch, ctx: &ForwardCtx) -> Result<crate::core::ModelOutput> {
         let mut collected = Vec::new();
         let (h, mask, nv) = self.forward_until(batch, 0, ctx, &mut collected)?;
         self.forward_layers(h, mask, nv, 0, ctx, collected)
@@ -955,10 +890,10 @@ impl super::Backbone for LlamaModel {
         k: usize,
         ctx: &ForwardCtx,
         mut collected: Vec<Tensor>,
-    ) -> Result<super::ModelOutput> {
+    ) -> Result<crate::core::ModelOutput> {
         let x = self.run_layers(hidden, &mask, k.min(self.layers.len())..self.layers.len(), ctx, &mut collected)?;
         let x = self.norm.forward(&x, ctx)?;
-        Ok(super::ModelOutput { last_hidden_state: x, attention_mask: mask, num_virtual, hidden_states: collected })
+        Ok(crate::core::ModelOutput { last_hidden_state: x, attention_mask: mask, num_virtual, hidden_states: collected })
     }
 
     fn sites(&self) -> Vec<&Site> {

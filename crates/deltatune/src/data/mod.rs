@@ -9,10 +9,12 @@ pub mod batching;
 pub mod lines;
 pub mod readers;
 pub mod rng;
+pub mod sources;
 pub mod task;
 pub mod tokenize;
 
 pub use readers::{
     load_folder, load_task, load_user, read_user_split, task_names, Columns, Format, UserOptions, UserSplit,
 };
+pub use sources::DataSource;
 pub use task::{Example, Label, LabelMap, MetricKind, TaskData, TaskKind, TaskOptions};

@@ -5,9 +5,11 @@
 //! gelu_new, rules N(0, 0.01), factors glorot-uniform gain √2) with the rules shared across layers
 //! as in the paper (OpenDelta does not support sharing). Placement as the sequential adapter.
 
-use super::adapter::{Activation, Adapter, Bottleneck, Proj};
-use super::{BuildCtx, Delta, Method, Targets};
-use crate::backbone::{Site, SiteKind};
+use super::bottleneck::{block_targets, Activation, Adapter, Bottleneck, Proj};
+use super::method::{site_dims, BuildCtx, Family, Method};
+use super::targets::Targets;
+use crate::core::init;
+use crate::core::{BackboneInfo, Delta, Site, SiteKind};
 use crate::error::{Error, Result};
 use candle_core::Var;
 use serde::{Deserialize, Serialize};
@@ -59,15 +61,18 @@ impl CompacterConfig {
 }
 
 impl Method for CompacterConfig {
+    const FAMILY: Family = Family::Addition;
+    const KEY_ALIASES: &'static [(&'static str, &'static str)] = &[("bottleneck", "bottleneck_size"), ("m", "bottleneck_size"), ("act", "non_linearity"), ("activation", "non_linearity")];
+
     fn kinds(&self) -> &'static [SiteKind] {
         &[SiteKind::Linear, SiteKind::AttentionOutput, SiteKind::Output, SiteKind::Attention, SiteKind::Layer, SiteKind::SelfAttention, SiteKind::Mlp]
     }
 
     fn default_targets(&self, model_type: &str) -> Targets {
-        super::adapter::block_targets(model_type, true)
+        block_targets(model_type, true)
     }
 
-    fn validate(&self, info: &super::BackboneInfo) -> Result<()> {
+    fn validate(&self, info: &BackboneInfo) -> Result<()> {
         if self.phm_rank == 0 {
             return Err(Error::Delta("compacter: phm_rank must be at least 1".into()));
         }
@@ -75,7 +80,7 @@ impl Method for CompacterConfig {
     }
 
     fn build(&self, site: &Site, ctx: &mut BuildCtx) -> Result<Box<dyn Delta>> {
-        let (_, d) = super::site_dims(site, &ctx.info)?;
+        let (_, d) = site_dims(site, &ctx.info)?;
         let m = self.bottleneck(d)?;
         let (n, r, path, dev) = (self.phm_dim, self.phm_rank, site.path().to_string(), ctx.device.clone());
         let gain = std::f32::consts::SQRT_2;
@@ -99,7 +104,7 @@ impl Method for CompacterConfig {
                 rule_shared: self.shared_phm_rule,
                 left: Var::from_tensor(&left)?,
                 right: Var::from_tensor(&right)?,
-                b: Var::from_tensor(&super::init::zeros(&[out], &dev)?)?,
+                b: Var::from_tensor(&init::zeros(&[out], &dev)?)?,
             })
         };
         let down = phm(ctx, "adapter_down", d, m)?;

@@ -3,8 +3,9 @@
 //! their HF names (`encoder.layer.5.output.dense.weight`). `full` (alias) targets every module of
 //! the embeddings and the encoder; the pooler stays frozen (it is unused by mean/CLS-state heads).
 
-use super::{BuildCtx, Delta, HookCtx, Method, Targets};
-use crate::backbone::{Site, SiteKind};
+use super::method::{BuildCtx, Family, Method};
+use super::targets::{is_decoder, targets, Targets};
+use crate::core::{Delta, HookCtx, Site, SiteKind};
 use crate::error::Result;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -14,6 +15,9 @@ use serde::{Deserialize, Serialize};
 pub struct FinetuneConfig {}
 
 impl Method for FinetuneConfig {
+    const FAMILY: Family = Family::Specification;
+    const ALIASES: &'static [&'static str] = &["full", "full_finetune"];
+
     fn kinds(&self) -> &'static [SiteKind] {
         &[SiteKind::Linear, SiteKind::LayerNorm, SiteKind::Embedding]
     }
@@ -23,10 +27,10 @@ impl Method for FinetuneConfig {
     }
 
     fn default_targets(&self, model_type: &str) -> Targets {
-        if super::is_decoder(model_type) {
-            super::targets(&["model"])
+        if is_decoder(model_type) {
+            targets(&["model"])
         } else {
-            super::targets(&["embeddings", "encoder"])
+            targets(&["embeddings", "encoder"])
         }
     }
 

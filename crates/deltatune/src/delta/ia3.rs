@@ -5,11 +5,15 @@
 //! so its BERT default `output.dense` marks both `attention.output.dense` and the FFN
 //! `output.dense` as feed-forward; we reproduce that for parity. Mergeable exactly.
 
-use super::{BuildCtx, Delta, HookCtx, Method, TargetModules, Targets};
-use crate::backbone::{Site, SiteKind};
+use super::method::{site_dims, BuildCtx, Family, Method};
+use super::peft_fields::{PeftIn, PeftOut, PEFT_VERSION};
+use super::targets::{is_decoder, targets, TargetModules, Targets};
+use crate::core::init;
+use crate::core::{Delta, HookCtx, Site, SiteKind};
 use crate::error::{Error, Result};
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -32,7 +36,7 @@ impl Ia3Config {
     /// The feed-forward module list in effect on a backbone of `model_type`.
     pub fn feedforward_for(&self, model_type: &str) -> TargetModules {
         self.feedforward_modules.clone().unwrap_or_else(|| {
-            let default = if super::is_decoder(model_type) { "down_proj" } else { "output.dense" };
+            let default = if is_decoder(model_type) { "down_proj" } else { "output.dense" };
             TargetModules::List(vec![default.into()])
         })
     }
@@ -48,25 +52,51 @@ impl Ia3Config {
 }
 
 impl Method for Ia3Config {
+    const FAMILY: Family = Family::Addition;
+    const PEFT_TYPE: Option<&'static str> = Some("IA3");
+
     fn kinds(&self) -> &'static [SiteKind] {
         &[SiteKind::Linear]
     }
 
     fn default_targets(&self, model_type: &str) -> Targets {
         // PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING for bert and llama.
-        if super::is_decoder(model_type) {
-            super::targets(&["k_proj", "v_proj", "down_proj"])
+        if is_decoder(model_type) {
+            targets(&["k_proj", "v_proj", "down_proj"])
         } else {
-            super::targets(&["key", "value", "output.dense"])
+            targets(&["key", "value", "output.dense"])
         }
     }
 
+    fn from_peft(p: &PeftIn) -> Result<(Self, Targets)> {
+        let cfg = Ia3Config { feedforward_modules: p.modules("feedforward_modules")?, init_ia3_weights: true };
+        let mut t = p.targets()?;
+        // PEFT's IA3 has no layer restriction.
+        t.layers_to_transform = None;
+        Ok((cfg, t))
+    }
+
+    fn to_peft(&self, targets: &Targets, p: &PeftOut) -> Result<Value> {
+        if targets.layers_to_transform.is_some() {
+            return Err(Error::Delta("PEFT's IA3 has no layers_to_transform; cannot export a layer-restricted IA3".into()));
+        }
+        let (target_modules, exclude_modules) = p.target_fields(targets, &self.default_targets(p.model_type));
+        Ok(json!({
+            "auto_mapping": null, "base_model_name_or_path": p.base_model,
+            "exclude_modules": exclude_modules, "fan_in_fan_out": false,
+            "feedforward_modules": PeftOut::modules(&self.feedforward_for(p.model_type)), "inference_mode": true,
+            "init_ia3_weights": self.init_ia3_weights, "modules_to_save": p.modules_to_save, "peft_type": "IA3",
+            "peft_version": PEFT_VERSION, "revision": null, "target_modules": target_modules,
+            "task_type": "FEATURE_EXTRACTION"
+        }))
+    }
+
     fn build(&self, site: &Site, ctx: &mut BuildCtx) -> Result<Box<dyn Delta>> {
-        let (inp, out) = super::site_dims(site, &ctx.info)?;
+        let (inp, out) = site_dims(site, &ctx.info)?;
         let feedforward = self.is_feedforward(site.path(), &ctx.model_type)?;
         let shape = if feedforward { vec![1, inp] } else { vec![out, 1] };
         let l = if self.init_ia3_weights {
-            super::init::ones(&shape, &ctx.device)?
+            init::ones(&shape, &ctx.device)?
         } else {
             ctx.stream(site.path(), "ia3_l").normal(&shape, 0.0, 1.0, &ctx.device)?
         };

@@ -3,12 +3,16 @@
 //! PEFT (`tuners/lora/layer.py`, `LoraLayer.reset_lora_parameters`): A ~ kaiming_uniform(a=√5) =
 //! U(±1/√in), B = 0, so a fresh LoRA leaves the model unchanged. Mergeable: `W' = W + s · B A`.
 
-use super::{BackboneInfo, BuildCtx, Delta, HookCtx, Method, Targets};
-use crate::backbone::{Site, SiteKind};
+use super::method::{site_dims, BuildCtx, Family, Method};
+use super::peft_fields::{PeftIn, PeftOut, PEFT_VERSION};
+use super::targets::{is_decoder, targets, Targets};
+use crate::core::init;
+use crate::core::{BackboneInfo, Delta, HookCtx, Site, SiteKind};
 use crate::error::{Error, Result};
 use crate::ops;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
 /// How A and B start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,16 +60,20 @@ impl LoraConfig {
 }
 
 impl Method for LoraConfig {
+    const FAMILY: Family = Family::Reparameterization;
+    const KEY_ALIASES: &'static [(&'static str, &'static str)] = &[("alpha", "lora_alpha"), ("dropout", "lora_dropout"), ("rank", "r")];
+    const PEFT_TYPE: Option<&'static str> = Some("LORA");
+
     fn kinds(&self) -> &'static [SiteKind] {
         &[SiteKind::Linear]
     }
 
     fn default_targets(&self, model_type: &str) -> Targets {
         // PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for bert and llama.
-        if super::is_decoder(model_type) {
-            super::targets(&["q_proj", "v_proj"])
+        if is_decoder(model_type) {
+            targets(&["q_proj", "v_proj"])
         } else {
-            super::targets(&["query", "value"])
+            targets(&["query", "value"])
         }
     }
 
@@ -85,14 +93,52 @@ impl Method for LoraConfig {
         Ok(())
     }
 
+    fn from_peft(p: &PeftIn) -> Result<(Self, Targets)> {
+        p.refuse_true("use_dora", "DoRA")?;
+        p.refuse_true("lora_bias", "a LoRA bias")?;
+        p.refuse_pattern("rank_pattern")?;
+        p.refuse_pattern("alpha_pattern")?;
+        if let Some(b) = p.str("bias").filter(|b| *b != "none") {
+            return Err(p.bad(format!("bias=\"{b}\" is not supported; attach a bitfit delta alongside")));
+        }
+        let cfg = LoraConfig {
+            r: p.usize("r")?,
+            lora_alpha: p.num("lora_alpha")?,
+            lora_dropout: p.num_or("lora_dropout", 0.0) as f32,
+            use_rslora: p.bool_or("use_rslora", false),
+            ..Default::default()
+        };
+        Ok((cfg, p.targets()?))
+    }
+
+    fn to_peft(&self, targets: &Targets, p: &PeftOut) -> Result<Value> {
+        if self.lora_alpha.fract() != 0.0 {
+            return Err(Error::Delta("PEFT stores lora_alpha as an integer in practice; export needs an integer alpha".into()));
+        }
+        let (target_modules, exclude_modules) = p.target_fields(targets, &self.default_targets(p.model_type));
+        Ok(json!({
+            "alora_invocation_tokens": null, "alpha_pattern": {}, "arrow_config": null, "auto_mapping": null,
+            "base_model_name_or_path": p.base_model, "bias": "none", "corda_config": null, "ensure_weight_tying": false,
+            "eva_config": null, "exclude_modules": exclude_modules, "fan_in_fan_out": false,
+            "inference_mode": true, "init_lora_weights": true, "kasa_config": null, "layer_replication": null,
+            "layers_pattern": null, "layers_to_transform": targets.layers_to_transform, "loftq_config": {},
+            "lora_alpha": self.lora_alpha as i64, "lora_bias": false, "lora_dropout": self.lora_dropout as f64, "lora_ga_config": null,
+            "megatron_config": null, "megatron_core": "megatron.core", "modules_to_save": p.modules_to_save,
+            "monteclora_config": null, "peft_type": "LORA", "peft_version": PEFT_VERSION, "qalora_group_size": 16, "r": self.r,
+            "rank_pattern": {}, "revision": null, "target_modules": target_modules,
+            "target_parameters": null, "task_type": "FEATURE_EXTRACTION", "trainable_token_indices": null,
+            "use_bdlora": null, "use_dora": false, "use_qalora": false, "use_rslora": self.use_rslora, "velora_config": null
+        }))
+    }
+
     fn build(&self, site: &Site, ctx: &mut BuildCtx) -> Result<Box<dyn Delta>> {
-        let (inp, out) = super::site_dims(site, &ctx.info)?;
+        let (inp, out) = site_dims(site, &ctx.info)?;
         let (dev, r) = (&ctx.device, self.r);
         let sa = ctx.stream(site.path(), "lora_A");
         let sb = ctx.stream(site.path(), "lora_B");
         let (a, b) = match self.init_lora_weights {
-            LoraInit::Kaiming => (sa.kaiming_uniform(&[r, inp], inp, dev)?, super::init::zeros(&[out, r], dev)?),
-            LoraInit::Gaussian => (sa.normal(&[r, inp], 0.0, 1.0 / r as f32, dev)?, super::init::zeros(&[out, r], dev)?),
+            LoraInit::Kaiming => (sa.kaiming_uniform(&[r, inp], inp, dev)?, init::zeros(&[out, r], dev)?),
+            LoraInit::Gaussian => (sa.normal(&[r, inp], 0.0, 1.0 / r as f32, dev)?, init::zeros(&[out, r], dev)?),
             LoraInit::Random => (sa.kaiming_uniform(&[r, inp], inp, dev)?, sb.kaiming_uniform(&[out, r], r, dev)?),
         };
         Ok(Box::new(Lora { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, scale: self.scaling(), dropout: self.lora_dropout }))

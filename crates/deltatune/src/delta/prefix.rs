@@ -10,8 +10,10 @@
 //! decoder's keys are used as given (no rotary embedding), as with transformers' cache (PEFT
 //! behaviour). Not mergeable.
 
-use super::{BuildCtx, Delta, HookCtx, Method, Targets};
-use crate::backbone::{Site, SiteKind};
+use super::method::{BuildCtx, Family, Method};
+use super::peft_fields::PeftIn;
+use super::targets::{is_decoder, targets, Targets};
+use crate::core::{BackboneInfo, Delta, HookCtx, Site, SiteKind};
 use crate::error::{Error, Result};
 use crate::ops;
 use candle_core::{Tensor, Var};
@@ -34,16 +36,21 @@ impl Default for PrefixConfig {
 }
 
 impl Method for PrefixConfig {
+    const FAMILY: Family = Family::Addition;
+    const ALIASES: &'static [&'static str] = &["prefix_tuning"];
+    const KEY_ALIASES: &'static [(&'static str, &'static str)] = &[("tokens", "num_virtual_tokens"), ("n", "num_virtual_tokens")];
+    const PEFT_TYPE: Option<&'static str> = Some("PREFIX_TUNING");
+
     fn kinds(&self) -> &'static [SiteKind] {
         &[SiteKind::Encoder]
     }
 
     fn default_targets(&self, model_type: &str) -> Targets {
         // The layer stack: BERT's `encoder`, a decoder's `model`.
-        super::targets(&[if super::is_decoder(model_type) { "model" } else { "encoder" }])
+        targets(&[if is_decoder(model_type) { "model" } else { "encoder" }])
     }
 
-    fn validate(&self, _info: &super::BackboneInfo) -> Result<()> {
+    fn validate(&self, _info: &BackboneInfo) -> Result<()> {
         if self.num_virtual_tokens == 0 {
             return Err(Error::Delta("prefix: num_virtual_tokens must be at least 1".into()));
         }
@@ -52,6 +59,20 @@ impl Method for PrefixConfig {
 
     fn gateable(&self) -> bool {
         false
+    }
+
+    fn from_peft(p: &PeftIn) -> Result<(Self, Targets)> {
+        // PEFT's token_dim for prefixes is the key width (grouped-query attention:
+        // num_key_value_heads × head_dim).
+        p.check_dims(p.info.kv_width())?;
+        // PEFT saves the (projected) table only, so it always loads as a plain table.
+        let cfg = PrefixConfig { num_virtual_tokens: p.usize("num_virtual_tokens")?, prefix_projection: false, encoder_hidden_size: None };
+        Ok((cfg, Targets::default()))
+    }
+
+    /// PEFT stores the table without a module path.
+    fn peft_key(&self, _site: &str, param: &str) -> String {
+        param.to_string()
     }
 
     fn build(&self, site: &Site, ctx: &mut BuildCtx) -> Result<Box<dyn Delta>> {

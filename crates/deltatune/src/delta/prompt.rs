@@ -4,8 +4,10 @@
 //! generation they occupy the first cache positions). Parameter `prompt_embeddings` (P, h) as in PEFT's
 //! `PromptEmbedding`. Not mergeable.
 
-use super::{BuildCtx, Delta, HookCtx, Method, Targets};
-use crate::backbone::{Site, SiteKind};
+use super::method::{BuildCtx, Family, Method};
+use super::peft_fields::PeftIn;
+use super::targets::{is_decoder, targets, Targets};
+use crate::core::{BackboneInfo, Delta, HookCtx, Site, SiteKind};
 use crate::error::{Error, Result};
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -43,6 +45,11 @@ impl Default for PromptConfig {
 }
 
 impl Method for PromptConfig {
+    const FAMILY: Family = Family::Addition;
+    const ALIASES: &'static [&'static str] = &["prompt_tuning", "soft_prompt"];
+    const KEY_ALIASES: &'static [(&'static str, &'static str)] = &[("tokens", "num_virtual_tokens"), ("n", "num_virtual_tokens")];
+    const PEFT_TYPE: Option<&'static str> = Some("PROMPT_TUNING");
+
     fn kinds(&self) -> &'static [SiteKind] {
         // BERT's embeddings block or a token-embedding table (a decoder's `model.embed_tokens`,
         // BERT's `embeddings.word_embeddings`): either way the tokens go before the word embeddings.
@@ -51,10 +58,10 @@ impl Method for PromptConfig {
 
     fn default_targets(&self, model_type: &str) -> Targets {
         // BERT's embeddings block; a decoder's token embeddings (its whole embedding stage).
-        super::targets(&[if super::is_decoder(model_type) { "model.embed_tokens" } else { "embeddings" }])
+        targets(&[if is_decoder(model_type) { "model.embed_tokens" } else { "embeddings" }])
     }
 
-    fn validate(&self, _info: &super::BackboneInfo) -> Result<()> {
+    fn validate(&self, _info: &BackboneInfo) -> Result<()> {
         if self.num_virtual_tokens == 0 {
             return Err(Error::Delta("prompt: num_virtual_tokens must be at least 1".into()));
         }
@@ -66,6 +73,17 @@ impl Method for PromptConfig {
 
     fn gateable(&self) -> bool {
         false
+    }
+
+    fn from_peft(p: &PeftIn) -> Result<(Self, Targets)> {
+        p.check_dims(p.info.hidden_size)?;
+        let cfg = PromptConfig { num_virtual_tokens: p.usize("num_virtual_tokens")?, prompt_tuning_init: PromptInit::Random, ..Default::default() };
+        Ok((cfg, Targets::default()))
+    }
+
+    /// PEFT stores the table without a module path.
+    fn peft_key(&self, _site: &str, param: &str) -> String {
+        param.to_string()
     }
 
     fn build(&self, site: &Site, ctx: &mut BuildCtx) -> Result<Box<dyn Delta>> {

@@ -5,35 +5,12 @@
 //! Unknown keys in a JSON file are warned about and kept for rewrite (files from newer versions
 //! still load); an unknown key typed on the command line is an error suggesting the nearest key.
 
-use super::DeltaConfig;
-use crate::error::{Error, Result};
+use super::registry::DeltaConfig;
+use super::targets::{TargetModules, Targets};
+use crate::error::{suggest, Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
-
-/// Module names to attach to, with PEFT's semantics: a list entry matches a module whose full path
-/// equals it or ends with `.` + entry (entries starting with `re:` are full-match regexes); a single
-/// string is a full-match regex over the whole path.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum TargetModules {
-    List(Vec<String>),
-    Regex(String),
-}
-
-/// Where a delta group attaches.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Targets {
-    /// `None`: the method's default targets.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub target_modules: Option<TargetModules>,
-    /// Only modules inside these transformer layers (PEFT's `layers_to_transform`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub layers_to_transform: Option<Vec<usize>>,
-    /// Modules to leave out (same matching rules as `target_modules`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exclude_modules: Option<TargetModules>,
-}
 
 /// One named delta group.
 #[derive(Clone, Debug, PartialEq)]
@@ -48,19 +25,13 @@ pub struct DeltaSpec {
 
 const COMMON_KEYS: &[&str] = &["name", "method", "target_modules", "layers_to_transform", "exclude_modules"];
 
-/// Short forms accepted on the command line, per key.
-fn alias(method: &str, key: &str) -> String {
-    let k = match (method, key) {
-        (_, "target" | "targets") => "target_modules",
-        (_, "layers") => "layers_to_transform",
-        (_, "exclude") => "exclude_modules",
-        ("lora", "alpha") => "lora_alpha",
-        ("lora", "dropout") => "lora_dropout",
-        ("lora", "rank") => "r",
-        ("adapter" | "parallel_adapter" | "compacter" | "low_rank_adapter", "bottleneck" | "m") => "bottleneck_size",
-        ("adapter" | "parallel_adapter" | "compacter" | "low_rank_adapter", "act" | "activation") => "non_linearity",
-        ("prefix" | "prompt", "tokens" | "n") => "num_virtual_tokens",
-        _ => key,
+/// Short forms accepted on the command line: the common ones, then the method's own.
+fn alias(config: &DeltaConfig, key: &str) -> String {
+    let k = match key {
+        "target" | "targets" => "target_modules",
+        "layers" => "layers_to_transform",
+        "exclude" => "exclude_modules",
+        _ => config.key_aliases().iter().find(|(short, _)| *short == key).map(|(_, long)| *long).unwrap_or(key),
     };
     k.to_string()
 }
@@ -175,7 +146,8 @@ impl DeltaSpec {
         let origin = format!("--delta {s}");
         let (method, rest) = s.split_once(':').unwrap_or((s, ""));
         let method = method.trim();
-        let canonical = DeltaConfig::canonical(method).map_err(|e| Error::arg("--delta", e.to_string()))?;
+        let default = DeltaConfig::default_for(method).map_err(|e| Error::arg("--delta", e.to_string()))?;
+        let canonical = default.method();
         // Split on commas; a piece without `=` continues the previous value (`layers=0-2,5`).
         let mut pairs: Vec<(String, String)> = Vec::new();
         for piece in rest.split(',').filter(|p| !p.trim().is_empty()) {
@@ -195,7 +167,7 @@ impl DeltaSpec {
         let mut obj = Map::new();
         obj.insert("method".into(), Value::String(method.to_string()));
         for (k, v) in pairs {
-            let key = alias(canonical, &k);
+            let key = alias(&default, &k);
             let value = match key.as_str() {
                 "target_modules" | "exclude_modules" | "feedforward_modules" => {
                     Value::Array(v.split(['+', ',']).filter(|x| !x.is_empty()).map(|x| Value::String(x.to_string())).collect())
@@ -229,6 +201,21 @@ impl DeltaSpec {
             keys.extend(m.keys().filter(|k| *k != "method").cloned());
         }
         keys
+    }
+}
+
+/// A spec serializes as its flat JSON object ([`DeltaSpec::to_json`]), PEFT's field names.
+impl Serialize for DeltaSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.to_json().serialize(s)
+    }
+}
+
+/// Reads the flat JSON object; unknown keys are kept in `extra` (not warned about here).
+impl<'de> Deserialize<'de> for DeltaSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        DeltaSpec::from_json(&v, "delta").map(|(s, _)| s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -316,35 +303,6 @@ fn infer_value(v: &str) -> Value {
     }
 }
 
-fn levenshtein(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur.push((prev[j + 1] + 1).min(cur[j] + 1).min(prev[j] + usize::from(ca != *cb)));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
-
-/// ` (did you mean `x`?)` for the nearest candidate within a small edit distance, else "".
-pub fn suggest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> String {
-    let best = candidates.map(|c| (levenshtein(word, c), c)).min();
-    match best {
-        Some((d, c)) if d <= 2.max(word.len() / 3) => format!(" (did you mean `{c}`?)"),
-        _ => String::new(),
-    }
-}
-
-/// Candidates ranked by edit distance (nearest first), for "nearest valid paths" hints.
-pub fn nearest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>, n: usize) -> Vec<&'a str> {
-    let mut scored: Vec<(usize, &str)> = candidates.map(|c| (levenshtein(word, c), c)).collect();
-    scored.sort();
-    scored.into_iter().map(|(_, c)| c).take(n).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,6 +350,5 @@ mod tests {
         assert_eq!(parse_layers("3").unwrap(), vec![3]);
         assert!(parse_layers("2-1").is_err());
         assert!(parse_layers("x").is_err());
-        assert_eq!(levenshtein("kitten", "sitting"), 3);
     }
 }

@@ -3,7 +3,6 @@
 
 pub mod atomic;
 pub mod gguf;
-pub mod peft;
 pub mod tensors;
 
 pub use atomic::{write_atomic, write_json_atomic};

@@ -1,9 +1,9 @@
 //! Text generation with a key-value cache: greedy, or temperature / top-k / top-p sampling from a
 //! seeded generator; stop tokens and stop strings; the text streamed to a callback as it grows.
 
-use super::CausalLm;
+use super::causal::CausalLm;
 use crate::backbone::llama::{last_position, KvCache};
-use crate::backbone::ForwardCtx;
+use crate::core::ForwardCtx;
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
 use crate::ops::DropoutKey;

@@ -16,11 +16,12 @@ use crate::data::batching::batch_order;
 use crate::data::rng::{shuffle, SplitMix64};
 use crate::error::{Error, Result};
 use crate::ops::DropoutKey;
-use crate::train::log::{MetricsLog, Progress};
+use crate::control::{Control, Event};
+use crate::train::log::MetricsLog;
 use crate::train::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig, Decay, DecayRule, GradAccumulator};
-use crate::train::{Prepared, Scorer};
-use crate::tuned::TaskModel;
-use crate::{Backbone, ForwardCtx};
+use crate::train::prepared::{Prepared, Scorer};
+use crate::artifacts::TaskModel;
+use crate::core::{Backbone, ForwardCtx};
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -64,6 +65,13 @@ impl Budget {
             Budget::Percent(p) => total as f64 * p / 100.0,
             Budget::Absolute(n) => n as f64,
         }
+    }
+}
+
+impl std::str::FromStr for Budget {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Budget::parse(s)
     }
 }
 
@@ -140,7 +148,7 @@ pub fn search(
     cfg: &SearchConfig,
     out_dir: &Path,
     pad_id: u32,
-    quiet: bool,
+    ctl: &Control,
 ) -> Result<SearchResult> {
     if train.len() < 2 {
         return Err(Error::arg("--train", "the search needs at least two training examples"));
@@ -170,7 +178,7 @@ pub fn search(
     let total = cfg.max_steps.unwrap_or(cfg.epochs.max(1) * steps_per_epoch);
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let mut log = MetricsLog::open(&out_dir.join("search_metrics.jsonl"), Some(0))?;
-    let progress = Progress::new(total, 0, quiet);
+    ctl.emit(Event::Start { what: "search".into(), total, done: 0 });
     let t0 = Instant::now();
     let (mut best_dev, mut best_step, mut best_alpha): (Option<f64>, Option<usize>, Option<Vec<f64>>) = (None, None, None);
     let (wl, al) = (w_half.lengths(), a_half.lengths());
@@ -188,6 +196,10 @@ pub fn search(
         for (wb, ab) in w_order.iter().zip(a_order.iter().cycle()) {
             if step >= total {
                 break;
+            }
+            if let Err(e) = ctl.check(|| format!("search at step {step}/{total}")) {
+                ctl.emit(Event::Finish);
+                return Err(e);
             }
             let key = DropoutKey(cfg.seed).derive("search").derive_n(step as u64);
             let (lr_w, lr_a) = (lr_at(cfg.lr, step, total, 0, Decay::Linear), lr_at(cfg.alpha_lr, step, total, 0, Decay::Linear));
@@ -226,17 +238,18 @@ pub fn search(
                 top: top3.clone(),
                 elapsed_s: t0.elapsed().as_secs_f64(),
             })?;
-            progress.step(step, total, lv, lr_w, 0.0, 0.0);
+            ctl.emit(Event::Step { step, total, loss: lv, lr: lr_w, examples_per_s: 0.0, eta_s: 0.0 });
             if step.is_multiple_of((total / 10).max(1)) || step == total {
-                progress.println(&format!("step {step}/{total}: loss {lv:.4}, budget use {expected:.0}/{budget:.0}, top: {}", top3.join(", ")));
+                ctl.message(format!("step {step}/{total}: loss {lv:.4}, budget use {expected:.0}/{budget:.0}, top: {}", top3.join(", ")));
             }
             let eval_due = dev.is_some() && (cfg.eval_every.is_some_and(|e| step.is_multiple_of(e)) || step == total);
             if let (true, Some(dev)) = (eval_due, dev) {
                 // Supernet score with deterministic gates z = p.
                 let pz = gates.probs()?.detach();
                 let score = supernet_score(model, dev, &pz, cfg.eval_batch_size, pad_id, scorer)?;
-                progress.println(&format!("eval step {step}: supernet dev score {score:.4}"));
-                if best_dev.is_none_or(|b| score > b) {
+                let best = best_dev.is_none_or(|b| score > b);
+                ctl.emit(Event::Eval { step, metric: "supernet dev score".into(), score, loss: f64::NAN, best });
+                if best {
                     best_dev = Some(score);
                     best_step = Some(step);
                     best_alpha = Some(gates.alphas()?);
@@ -245,7 +258,7 @@ pub fn search(
         }
         epoch += 1;
     }
-    progress.finish();
+    ctl.emit(Event::Finish);
     log.flush()?;
     if let Some(a) = &best_alpha {
         gates.alpha.set(&Tensor::from_vec(a.iter().map(|&x| x as f32).collect::<Vec<_>>(), a.len(), &device)?)?;

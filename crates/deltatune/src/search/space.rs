@@ -10,7 +10,7 @@
 //!   norms), and a low-rank adapter after every attention and feed-forward block.
 
 use crate::attach::{self, AttachOptions};
-use crate::backbone::Backbone;
+use crate::core::Backbone;
 use crate::delta::{spec::parse_config_file, DeltaSpec, TargetModules};
 use crate::error::{Error, Result};
 use serde::Serialize;
@@ -131,7 +131,7 @@ impl Space {
             let prefix = format!("{}.", c.spec.name);
             c.params = vars.iter().filter(|(n, _)| n.starts_with(&prefix)).map(|(_, v)| v.elem_count()).sum();
         }
-        crate::delta::store::detach_named(model, &specs);
+        attach::detach_named(model, &specs);
         Ok(out)
     }
 }

@@ -5,11 +5,12 @@
 //! tokens only), and each step runs only layers k.. on them. The result equals an uncached run with
 //! the same no-dropout prefix (tested).
 
-use super::Prepared;
-use crate::backbone::Backbone;
+use super::prepared::Prepared;
+use crate::core::Backbone;
 use crate::data::tokenize::Padding;
 use crate::error::{Error, Result};
-use crate::{EncodedBatch, ForwardCtx};
+use crate::core::ForwardCtx;
+use crate::data::tokenize::EncodedBatch;
 use candle_core::{DType, Device, Tensor};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};

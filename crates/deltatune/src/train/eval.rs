@@ -1,11 +1,11 @@
 //! Evaluation and prediction: batched eval-mode forward passes over a prepared split (longest
 //! first for little padding; results returned in the original order).
 
-use super::{Prepared, Scorer, Scores};
+use super::prepared::{Prepared, Scorer, Scores};
 use crate::error::Result;
 use crate::head::HeadKind;
-use crate::tuned::TaskModel;
-use crate::{Backbone, ForwardCtx};
+use crate::artifacts::TaskModel;
+use crate::core::{Backbone, ForwardCtx};
 use candle_core::{DType, D};
 
 /// Predictions and scores of one pass over a split.

@@ -7,22 +7,27 @@
 //! uninterrupted one.
 
 use super::checkpoint::{self, LoopState};
-use super::log::{MetricsLog, Progress, Record};
+use super::log::{MetricsLog, Record};
 use super::optim::{clip_grad_norm, global_norm, lr_at, AdamW, GradAccumulator};
-use super::{evaluate, Prepared, Scorer, Scores, TrainConfig};
+use super::config::TrainConfig;
+use super::eval::evaluate;
+use super::prepared::{Prepared, Scorer, Scores};
 use crate::data::batching::batch_order;
-use crate::delta::store;
+use crate::artifacts::delta_dir as store;
+use crate::control::{Control, Event};
 use crate::error::{Error, Result};
 use crate::io::TensorFile;
 use crate::ops::DropoutKey;
-use crate::tuned::TaskModel;
-use crate::{Backbone, ForwardCtx};
+use crate::artifacts::TaskModel;
+use crate::core::{Backbone, ForwardCtx};
 use candle_core::Var;
 use serde_json::{Map, Value};
 use std::path::Path;
 use std::time::Instant;
 
 pub struct FitOptions<'a> {
+    /// Where progress goes, and the flag that stops the loop (after a checkpoint) between steps.
+    pub ctl: &'a Control<'a>,
     pub cfg: &'a TrainConfig,
     pub train: &'a Prepared,
     pub dev: Option<&'a Prepared>,
@@ -31,8 +36,6 @@ pub struct FitOptions<'a> {
     pub run_dir: &'a Path,
     /// Continue from `checkpoints/last`.
     pub resume: bool,
-    /// No progress output.
-    pub quiet: bool,
     /// Saved with every delta (task, label map, training config).
     pub meta: Map<String, Value>,
     pub pad_id: u32,
@@ -110,9 +113,9 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
     }
     std::fs::create_dir_all(o.run_dir).map_err(|e| Error::io(o.run_dir, e))?;
     let mut log = MetricsLog::open(&o.run_dir.join("metrics.jsonl"), Some(st.step))?;
-    let progress = Progress::new(total, st.step, o.quiet);
+    let ctl = o.ctl;
     if let Some(s) = resumed_from {
-        progress.println(&format!("resuming at step {s}/{total} (epoch {}, batch {})", st.epoch, st.next_batch));
+        ctl.message(format!("resuming at step {s}/{total} (epoch {}, batch {})", st.epoch, st.next_batch));
     }
     let t0 = Instant::now();
     let (elapsed0, examples0) = (st.elapsed_s, st.examples);
@@ -123,7 +126,7 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
     let cache = if cfg.cache_frozen && k > 0 {
         let t = Instant::now();
         let c = super::cache::FrozenCache::build(&model.backbone, o.train, k, cfg.eval_batch_size, o.pad_id, cfg.cache_mb << 20, o.run_dir)?;
-        progress.println(&format!(
+        ctl.message(format!(
             "cached layers 0-{} for {} examples in {:.1} s ({:.0} MiB in memory, {:.0} MiB on disk)",
             k - 1,
             o.train.len(),
@@ -135,11 +138,12 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
         Some(c)
     } else {
         if cfg.cache_frozen {
-            progress.println("note: a delta sits below the first layer; nothing to cache");
+            ctl.message("note: a delta sits below the first layer; nothing to cache");
         }
         None
     };
     let mut acc = GradAccumulator::default();
+    let mut trainers = crate::attach::group_trainers(&model.backbone, &model.specs)?;
     let mut best_scores: Option<Scores> = None;
     let mut stopped_early = false;
     let mut recent_loss: Vec<f64> = Vec::new();
@@ -148,6 +152,8 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
     };
 
     let mut epoch_train = 0f64; // training seconds in the current epoch (evaluations excluded)
+    ctl.emit(Event::Start { what: "training".into(), total, done: st.step });
+    let result = (|| -> Result<()> {
     'epochs: while st.step < total {
         let order = batch_order(&lengths, cfg.batch_size, cfg.seed, st.epoch as u64, cfg.bucketed);
         while st.next_batch < order.len() {
@@ -182,7 +188,15 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
                     )));
                 }
                 // Weight each micro-batch by its share of examples: accumulation = one big batch.
-                let grads = (loss * (idx.len() as f64 / group_examples as f64))?.backward()?;
+                // Group regularizers (AdaLoRA's orthogonality) count once per step in all.
+                let share = idx.len() as f64 / group_examples as f64;
+                let mut total_loss = (loss * share)?;
+                for t in &trainers {
+                    if let Some(r) = t.regularizer()? {
+                        total_loss = (total_loss + (r * share)?)?;
+                    }
+                }
+                let grads = total_loss.backward()?;
                 acc.add(&params, &grads)?;
                 loss_sum += lv * idx.len() as f64;
             }
@@ -201,6 +215,9 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
             let lr = lr_at(cfg.lr, st.step, total, warmup, cfg.decay);
             opt.step(&grads, lr)?;
             st.step += 1;
+            for t in &mut trainers {
+                t.after_step(st.step, total, &grads)?;
+            }
             st.next_batch = group_end;
             st.examples += group_examples;
             let loss = loss_sum / group_examples as f64;
@@ -209,7 +226,8 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
             let eps = (st.examples - examples0) as f64 / secs.max(1e-9);
             log.write(&Record::Train { step: st.step, epoch: st.epoch, loss, lr, grad_norm: norm, examples_per_s: eps, elapsed_s: elapsed0 + secs })?;
             let steps_done = (st.step - resumed_from.unwrap_or(0)).max(1);
-            progress.step(st.step, total, loss, lr, eps, secs / steps_done as f64 * (total - st.step) as f64);
+            let eta_s = secs / steps_done as f64 * (total - st.step) as f64;
+            ctl.emit(Event::Step { step: st.step, total, loss, lr, examples_per_s: eps, eta_s });
 
             epoch_train += step_t0.elapsed().as_secs_f64();
             let epoch_done = st.next_batch >= order.len();
@@ -226,14 +244,7 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
                 let values: Map<String, Value> = scores.values.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect();
                 log.write(&Record::Eval { step: st.step, epoch: st.epoch, metric: scores.primary.clone(), score, scores: values, loss: ev.loss })?;
                 let improved = st.best_score.is_none_or(|b| score > b);
-                progress.println(&format!(
-                    "eval step {}: {} {:.4} (dev loss {:.4}){}",
-                    st.step,
-                    scores.primary,
-                    score,
-                    ev.loss,
-                    if improved { "  * best" } else { "" }
-                ));
+                ctl.emit(Event::Eval { step: st.step, metric: scores.primary.clone(), score, loss: ev.loss, best: improved });
                 if improved {
                     model.save(&o.run_dir.join("best"), &o.meta)?;
                     st.best_score = Some(score);
@@ -249,13 +260,21 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
                 st.next_batch = 0;
             }
             let stop_early = cfg.patience.is_some_and(|p| st.evals_since_best >= p);
-            if st.step.is_multiple_of(cfg.checkpoint_every) || eval_due || st.step >= total || epoch_done || stop_early {
+            let cancelled = ctl.cancelled();
+            if st.step.is_multiple_of(cfg.checkpoint_every) || eval_due || st.step >= total || epoch_done || stop_early || cancelled {
                 st.elapsed_s = elapsed0 + t0.elapsed().as_secs_f64();
                 save_ckpt(&st, &opt, model)?;
                 log.flush()?;
             }
+            if cancelled {
+                return Err(Error::Cancelled(format!(
+                    "at step {}/{total}; the checkpoint in {} resumes it",
+                    st.step,
+                    checkpoint::last_dir(o.run_dir).display()
+                )));
+            }
             if stop_early {
-                progress.println(&format!("early stop: no improvement in {} evaluations", st.evals_since_best));
+                ctl.message(format!("early stop: no improvement in {} evaluations", st.evals_since_best));
                 stopped_early = true;
                 break 'epochs;
             }
@@ -267,7 +286,10 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
             }
         }
     }
-    progress.finish();
+    Ok(())
+    })();
+    ctl.emit(Event::Finish);
+    result?;
     model.save(&o.run_dir.join("final"), &o.meta)?;
     if o.dev.is_none() {
         model.save(&o.run_dir.join("best"), &o.meta)?;

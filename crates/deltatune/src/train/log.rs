@@ -1,9 +1,8 @@
-//! Run records: one JSON object per line in `metrics.jsonl` (training steps and evaluations), and
-//! progress reporting — an indicatif bar on a terminal, plain lines otherwise.
+//! Run records: one JSON object per line in `metrics.jsonl` (training steps and evaluations).
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 /// One record of `metrics.jsonl`.
@@ -83,58 +82,4 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
         }
     }
     Ok(out)
-}
-
-/// Progress on stderr: a bar on a terminal, a line every `every` steps otherwise.
-pub struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    every: usize,
-    quiet: bool,
-}
-
-impl Progress {
-    pub fn new(total: usize, start: usize, quiet: bool) -> Self {
-        let tty = std::io::stderr().is_terminal();
-        let bar = (tty && !quiet).then(|| {
-            let b = indicatif::ProgressBar::new(total as u64);
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}  ETA {eta}",
-            ) {
-                b.set_style(style);
-            }
-            b.set_position(start as u64);
-            b
-        });
-        Progress { bar, every: (total / 20).clamp(1, 50), quiet }
-    }
-
-    /// Reports a finished training step.
-    pub fn step(&self, step: usize, total: usize, loss: f64, lr: f64, eps: f64, eta_s: f64) {
-        let msg = format!("loss {loss:.4}  lr {lr:.2e}  {eps:.1} ex/s");
-        match &self.bar {
-            Some(b) => {
-                b.set_position(step as u64);
-                b.set_message(msg);
-            }
-            None if !self.quiet && (step.is_multiple_of(self.every) || step == total) => {
-                eprintln!("step {step}/{total}  {msg}  ETA {:.0}s", eta_s.max(0.0));
-            }
-            None => {}
-        }
-    }
-
-    /// A line that must not be overwritten by the bar (evaluations, notes).
-    pub fn println(&self, line: &str) {
-        match &self.bar {
-            Some(b) => b.println(line),
-            None if !self.quiet => eprintln!("{line}"),
-            None => {}
-        }
-    }
-
-    pub fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.finish_and_clear();
-        }
-    }
 }

@@ -1,177 +1,23 @@
-//! Training: optimisation, the resumable loop, checkpoints, evaluation, metrics and logs.
+//! Training: optimisation, the resumable loop, checkpoints, evaluation, metrics and logs, for
+//! encoders (task heads, [`fit`]) and decoders (causal-LM loss, [`lm`]).
 //!
-//! The loop ([`fit`]) works on [`Prepared`] splits (tokenized examples with numeric targets) and a
-//! [`Scorer`] that turns predictions into the task's metrics, so it knows nothing about file
-//! formats; `data` turns tasks into prepared splits.
+//! The loop works on [`prepared::Prepared`] splits (tokenized examples with numeric targets) and a
+//! [`prepared::Scorer`] that turns predictions into the task's metrics, so it knows nothing about
+//! file formats; `data` turns tasks into prepared splits.
 
 pub mod cache;
 pub mod checkpoint;
-mod eval;
-mod fit;
+pub mod config;
+pub mod eval;
+pub mod fit;
+pub mod lm;
 pub mod log;
 pub mod metrics;
 pub mod optim;
-pub mod run;
+pub mod prepared;
 pub mod task;
 
+pub use config::TrainConfig;
 pub use eval::{evaluate, predict, Evaluation};
 pub use fit::{fit, FitOptions, FitResult};
-
-use crate::backbone::Pooling;
-use crate::data::tokenize::{EncodedBatch, Encoding, Padding};
-use crate::error::{Error, Result};
-use crate::head::HeadKind;
-use candle_core::{DType, Device, Tensor};
-use optim::{AdamWConfig, Decay};
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
-
-/// Hyperparameters of a training run. Defaults follow the PEFT baseline protocol where it has one.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct TrainConfig {
-    pub lr: f64,
-    /// Epochs (ignored when `max_steps` is set).
-    pub epochs: usize,
-    /// Optimizer steps; overrides `epochs`.
-    pub max_steps: Option<usize>,
-    /// Examples per micro-batch.
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    pub grad_accum: usize,
-    /// Share of steps spent warming up (used when `warmup_steps` is unset).
-    pub warmup_ratio: f64,
-    pub warmup_steps: Option<usize>,
-    pub decay: Decay,
-    pub adamw: AdamWConfig,
-    /// Clip the global gradient norm (none when unset).
-    pub max_grad_norm: Option<f64>,
-    pub max_length: usize,
-    pub seed: u64,
-    /// Evaluate on dev every N optimizer steps (also at the end of every epoch when unset).
-    pub eval_every: Option<usize>,
-    pub eval_batch_size: usize,
-    /// Stop after this many evaluations without improvement.
-    pub patience: Option<usize>,
-    /// Group examples of similar length into batches.
-    pub bucketed: bool,
-    /// Dropout of the backbone during training (false: none).
-    pub dropout: bool,
-    /// Write `checkpoints/last` every N optimizer steps (and after every evaluation).
-    pub checkpoint_every: usize,
-    pub pooling: Pooling,
-    /// Compute the frozen layers below the lowest delta once and train from the cache
-    /// (implies `frozen_prefix_dropout = false`).
-    pub cache_frozen: bool,
-    /// Dropout in the frozen layers below the lowest delta (false: they run as a fixed feature
-    /// extractor, as with the cache).
-    pub frozen_prefix_dropout: bool,
-    /// Memory cap of the frozen cache in MiB; the rest spills to the run directory.
-    pub cache_mb: usize,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        TrainConfig {
-            lr: 5e-4,
-            epochs: 1,
-            max_steps: None,
-            batch_size: 32,
-            grad_accum: 1,
-            warmup_ratio: 0.06,
-            warmup_steps: None,
-            decay: Decay::Linear,
-            adamw: AdamWConfig::default(),
-            max_grad_norm: Some(1.0),
-            max_length: 128,
-            seed: 42,
-            eval_every: None,
-            eval_batch_size: 64,
-            patience: None,
-            bucketed: true,
-            dropout: true,
-            checkpoint_every: 50,
-            pooling: Pooling::Mean,
-            cache_frozen: false,
-            frozen_prefix_dropout: true,
-            cache_mb: 2048,
-        }
-    }
-}
-
-impl TrainConfig {
-    pub fn validate(&self) -> Result<()> {
-        let bad = |flag: &str, msg: &str| Err(Error::arg(flag, msg.to_string()));
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return bad("--lr", "must be a positive number");
-        }
-        if self.batch_size == 0 {
-            return bad("--batch-size", "must be at least 1");
-        }
-        if self.grad_accum == 0 {
-            return bad("--grad-accum", "must be at least 1");
-        }
-        if self.max_steps == Some(0) || (self.max_steps.is_none() && self.epochs == 0) {
-            return bad("--epochs/--max-steps", "nothing to train (0 steps)");
-        }
-        if !(0.0..1.0).contains(&self.warmup_ratio) {
-            return bad("--warmup-ratio", "must be in [0, 1)");
-        }
-        if self.max_grad_norm.is_some_and(|n| n <= 0.0) {
-            return bad("--max-grad-norm", "must be positive");
-        }
-        if self.eval_every == Some(0) || self.checkpoint_every == 0 {
-            return bad("--eval-every/--checkpoint-every", "must be at least 1");
-        }
-        Ok(())
-    }
-}
-
-/// A tokenized split: encodings and numeric targets (class index or regression value).
-#[derive(Clone, Debug, Default)]
-pub struct Prepared {
-    pub encodings: Vec<Encoding>,
-    pub targets: Vec<f32>,
-}
-
-impl Prepared {
-    pub fn len(&self) -> usize {
-        self.encodings.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.encodings.is_empty()
-    }
-
-    pub fn lengths(&self) -> Vec<usize> {
-        self.encodings.iter().map(|e| e.input_ids.len()).collect()
-    }
-
-    /// The padded batch of examples `idx` and its targets (u32 classes or f32 values).
-    pub fn batch(&self, idx: &[usize], kind: HeadKind, pad_id: u32, device: &Device) -> Result<(EncodedBatch, Tensor)> {
-        let encs: Vec<Encoding> = idx.iter().map(|&i| self.encodings[i].clone()).collect();
-        let batch = EncodedBatch::collate(&encs, Padding::Longest, pad_id, device)?;
-        let t: Vec<f32> = idx.iter().map(|&i| self.targets[i]).collect();
-        let targets = match kind {
-            HeadKind::Classification { .. } => Tensor::from_vec(t.iter().map(|&x| x as u32).collect::<Vec<u32>>(), idx.len(), device)?,
-            HeadKind::Regression => Tensor::from_vec(t, idx.len(), device)?.to_dtype(DType::F32)?,
-        };
-        Ok((batch, targets))
-    }
-}
-
-/// Metric values of one evaluation; `primary` selects the best checkpoint.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Scores {
-    pub primary: String,
-    pub values: BTreeMap<String, f64>,
-}
-
-impl Scores {
-    pub fn primary_value(&self) -> f64 {
-        self.values.get(&self.primary).copied().unwrap_or(f64::NAN)
-    }
-}
-
-/// Computes the task's metrics from predictions (class index or value per example) and gold.
-pub type Scorer<'a> = dyn Fn(&[f32], &[f32]) -> Result<Scores> + 'a;
+pub use prepared::{Prepared, Scorer, Scores};

@@ -143,6 +143,18 @@ pub enum Decay {
     Constant,
 }
 
+impl std::str::FromStr for Decay {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "linear" => Ok(Decay::Linear),
+            "cosine" => Ok(Decay::Cosine),
+            "constant" => Ok(Decay::Constant),
+            other => Err(Error::arg("--schedule", format!("`{other}` (linear, cosine, constant)"))),
+        }
+    }
+}
+
 /// The learning rate of optimizer step `step` (0-based) out of `total`, with `warmup` warm-up
 /// steps — transformers' schedules, which give step 0 a learning rate of 0 when warming up.
 pub fn lr_at(base: f64, step: usize, total: usize, warmup: usize, decay: Decay) -> f64 {

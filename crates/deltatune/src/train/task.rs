@@ -2,7 +2,7 @@
 //! computing the task's metrics (the first one selects checkpoints).
 
 use super::metrics::{compute_all, Predictions};
-use super::{Prepared, Scores};
+use super::prepared::{Prepared, Scores};
 use crate::data::task::{Example, Label, MetricKind, TaskData, TaskKind};
 use crate::data::tokenize::TextEncoder;
 use crate::error::{Error, Result};

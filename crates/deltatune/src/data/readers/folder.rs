@@ -4,7 +4,7 @@
 //! one is held out at random with the task seed.
 
 use super::source::{apply_limits, held_out_count, shuffled, thousands};
-use super::{default_metrics, task_data};
+use super::common::{default_metrics, task_data};
 use crate::data::task::{Example, Label, LabelMap, TaskData, TaskOptions};
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};

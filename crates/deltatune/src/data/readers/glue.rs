@@ -4,7 +4,7 @@
 
 use super::delimited::read_tsv;
 use super::source::{require_examples, split_off, thousands, to_classes, to_reals, Decoding};
-use super::{missing_split, task_data};
+use super::common::{missing_split, task_data};
 use crate::data::task::{Example, LabelMap, MetricKind, TaskData, TaskKind, TaskOptions};
 use crate::error::Result;
 use std::path::Path;

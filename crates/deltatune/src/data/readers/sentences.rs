@@ -6,7 +6,7 @@ use super::source::{
     decode_lines, held_out_count, read_bytes, require_examples, shuffled, split_off, thousands, to_classes, Decoding,
     RawExample,
 };
-use super::task_data;
+use super::common::task_data;
 use crate::data::task::{Example, Label, LabelMap, MetricKind, TaskData, TaskOptions};
 use crate::error::{Error, Result};
 use std::path::Path;

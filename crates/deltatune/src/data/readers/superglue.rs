@@ -5,7 +5,7 @@
 
 use super::jsonl::read_jsonl;
 use super::source::{require_examples, to_classes, Decoding, RawExample};
-use super::{missing_split, task_data};
+use super::common::{missing_split, task_data};
 use crate::data::task::{Example, LabelMap, MetricKind, TaskData, TaskOptions};
 use crate::error::{Error, Result};
 use std::path::Path;

@@ -9,7 +9,7 @@ use super::source::{
     apply_limits, held_out_count, lossy_note, require_examples, split_off, thousands, to_classes, to_reals, Decoding,
     RawExample,
 };
-use super::{default_metrics, task_data};
+use super::common::{default_metrics, task_data};
 use crate::data::task::{Example, LabelMap, TaskData, TaskOptions};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};

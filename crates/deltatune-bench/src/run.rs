@@ -3,15 +3,19 @@
 
 use crate::args::{BenchAccuracyArgs, BenchArgs, BenchCacheArgs, BenchDecoderArgs, BenchForwardArgs, BenchMatmulArgs, BenchTrainArgs, BenchWhat};
 use anyhow::{Context, Result};
-use deltatune::bench::{median, synthetic_batch, time_runs};
+use crate::measure::{median, synthetic_batch, time_runs};
+use crate::methods;
+use crate::args::ModelArgs;
+use deltatune::api::{self, Control, Event, RunMode, TrainSpec};
+use deltatune::delta::DeltaSpec;
 use deltatune::{Backbone, BertModel, Device, ForwardCtx, Pooling};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
 
-const TORCH_FORWARD: &str = include_str!("../../../../bench/torch_forward.py");
-const TORCH_EPOCH: &str = include_str!("../../../../bench/torch_epoch.py");
-const TORCH_DECODER: &str = include_str!("../../../../bench/torch_decoder.py");
+const TORCH_FORWARD: &str = include_str!("../../../bench/torch_forward.py");
+const TORCH_EPOCH: &str = include_str!("../../../bench/torch_epoch.py");
+const TORCH_DECODER: &str = include_str!("../../../bench/torch_decoder.py");
 
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
@@ -44,7 +48,7 @@ pub fn run_python(python: &Path, script: &str, name: &str, args: &[String]) -> R
 }
 
 fn forward(a: BenchForwardArgs) -> Result<()> {
-    let dir = super::model_dir(&a.model)?;
+    let dir = model_dir(&a.model)?;
     let model = BertModel::load(&dir, &Device::Cpu)?;
     let batch = synthetic_batch(a.batch, a.seq_len, 42, &Device::Cpu)?;
     let ctx = ForwardCtx::eval();
@@ -89,11 +93,11 @@ fn forward(a: BenchForwardArgs) -> Result<()> {
 }
 
 fn train(a: BenchTrainArgs) -> Result<()> {
-    let dir = super::model_dir(&a.model)?;
+    let dir = model_dir(&a.model)?;
     let methods: Vec<&str> = a.methods.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
     if a.single {
         let [m] = methods.as_slice() else { anyhow::bail!("--single takes one method") };
-        let r = deltatune::bench::train_step_bench(&dir, m, a.batch, a.seq_len, a.warmup, a.steps, a.profile)?;
+        let r = crate::measure::train_step_bench(&dir, m, a.batch, a.seq_len, a.warmup, a.steps, a.profile)?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
@@ -115,7 +119,7 @@ fn train(a: BenchTrainArgs) -> Result<()> {
         }
         let ours: Value = serde_json::from_slice(out.stdout.split(|&b| b == b'\n').rev().find(|l| l.starts_with(b"{")).unwrap_or(b"{}"))?;
         let theirs = match (&a.torch_python, *m) {
-            (Some(py), "lora" | "full" | "ia3" | "prefix" | "prompt") => {
+            (Some(py), m) if methods::find(m)?.in_peft_baseline => {
                 eprintln!("pytorch+peft: {m} ...");
                 if !a.peft_script.is_file() {
                     anyhow::bail!("invalid --peft-script: {} not found", a.peft_script.display());
@@ -209,15 +213,14 @@ fn train(a: BenchTrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// The baseline's per-method learning rates (peft_bench.py DEFAULT_LR).
-fn baseline_lr(method: &str) -> f64 {
-    match method {
-        "full" => 2e-5,
-        "ia3" => 3e-3,
-        "prefix" => 1e-2,
-        "prompt" => 3e-2,
-        _ => 5e-4,
-    }
+/// The backbone directory (the default model fetched on first use, progress on stderr).
+fn model_dir(m: &ModelArgs) -> Result<std::path::PathBuf> {
+    let say = |e: &Event| {
+        if let Event::Message { text } | Event::Warning { text } = e {
+            eprintln!("{text}");
+        }
+    };
+    Ok(api::encoder_dir(m.model.as_deref(), &Control::new(&say, None))?)
 }
 
 fn mean_std(xs: &[f64]) -> (f64, f64) {
@@ -228,24 +231,23 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
 }
 
 fn accuracy(a: BenchAccuracyArgs) -> Result<()> {
-    use deltatune::data::TaskOptions;
-    use deltatune::delta::DeltaSpec;
+    use deltatune::data::{DataSource, TaskOptions};
     use deltatune::train::optim::{AdamWConfig, Decay, DecayRule};
-    use deltatune::train::run::{train_run, DataSource, RunMode, RunSpec};
     use deltatune::train::TrainConfig;
-    let dir = std::path::absolute(super::model_dir(&a.model)?)?;
+    let dir = std::path::absolute(model_dir(&a.model)?)?;
     let data_root = std::path::absolute(a.sst2.parent().and_then(|p| p.parent()).context("--sst2 must be <root>/glue/sst2")?)?;
     let seeds: Vec<u64> = a.seeds.split(',').map(|s| s.trim().parse()).collect::<std::result::Result<_, _>>().context("invalid --seeds")?;
     let mut rows = Vec::new();
     for m in a.methods.split(',').map(str::trim) {
-        let spec = deltatune::bench::bench_method_spec(m)?;
+        let method = methods::find(m)?;
+        let spec = method.specs()?;
         let (mut ours, mut theirs, mut our_s, mut their_s) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for &seed in &seeds {
             // Same protocol as peft_bench.py --mode accuracy: first N training lines, 1 epoch, batch 32,
             // max length 64 with dynamic padding, plain shuffled batches, AdamW(wd 0.01) on every
             // tensor, 6% linear warm-up then linear decay, no clipping, dropout on, mean pooling.
             let train = TrainConfig {
-                lr: baseline_lr(m),
+                lr: method.lr,
                 epochs: 1,
                 batch_size: 32,
                 warmup_ratio: 0.06,
@@ -259,15 +261,15 @@ fn accuracy(a: BenchAccuracyArgs) -> Result<()> {
                 checkpoint_every: 1_000_000,
                 ..Default::default()
             };
-            let run = RunSpec {
+            let run = TrainSpec {
                 model: dir.clone(),
                 data: DataSource::Task { name: "sst2".into(), root: data_root.clone() },
                 data_options: TaskOptions { max_train: Some(a.train_limit), ..Default::default() },
-                deltas: spec.iter().map(DeltaSpec::to_json).collect(),
+                deltas: spec.clone(),
                 train,
             };
             eprintln!("deltatune {m} seed {seed} ...");
-            let s = train_run(&run, &a.out.join(format!("{m}-s{seed}")), RunMode::Overwrite, true)?;
+            let s = api::train(&run, &a.out.join(format!("{m}-s{seed}")), RunMode::Overwrite, &Control::silent())?;
             ours.push(s.score);
             our_s.push(s.seconds);
             if let Some(py) = &a.torch_python {
@@ -313,18 +315,17 @@ fn accuracy(a: BenchAccuracyArgs) -> Result<()> {
 }
 
 fn cache(a: BenchCacheArgs) -> Result<()> {
-    use deltatune::data::TaskOptions;
+    use deltatune::data::{DataSource, TaskOptions};
     use deltatune::train::log::{read_records, Record};
     use deltatune::train::optim::{AdamWConfig, DecayRule};
-    use deltatune::train::run::{train_run, DataSource, RunMode, RunSpec};
     use deltatune::train::TrainConfig;
-    let dir = std::path::absolute(super::model_dir(&a.model)?)?;
+    let dir = std::path::absolute(model_dir(&a.model)?)?;
     let root = std::path::absolute(a.sst2.parent().and_then(|p| p.parent()).context("--sst2 must be <root>/glue/sst2")?)?;
     let mut rows = Vec::new();
     for k in a.top_layers.split(',').map(|s| s.trim().parse::<usize>()).collect::<std::result::Result<Vec<_>, _>>().context("invalid --top-layers")? {
         let first = 6usize.saturating_sub(k);
         let layers: Vec<String> = (first..6).map(|l| l.to_string()).collect();
-        let delta = json!({"method": "lora", "name": "lora", "r": 8, "lora_alpha": 16, "target_modules": ["query", "value"], "layers_to_transform": layers.iter().map(|l| l.parse::<usize>().unwrap_or(0)).collect::<Vec<_>>()});
+        let delta = DeltaSpec::parse_cli(&format!("lora:r=8,lora_alpha=16,target=query+value,layers={}", layers.join(",")))?;
         let mut ours = Vec::new();
         for cached in [false, true] {
             let train = TrainConfig {
@@ -340,7 +341,7 @@ fn cache(a: BenchCacheArgs) -> Result<()> {
                 frozen_prefix_dropout: !cached,
                 ..Default::default()
             };
-            let spec = RunSpec {
+            let spec = TrainSpec {
                 model: dir.clone(),
                 data: DataSource::Task { name: "sst2".into(), root: root.clone() },
                 data_options: TaskOptions { max_train: Some(a.train), max_dev: Some(64), ..Default::default() },
@@ -349,7 +350,7 @@ fn cache(a: BenchCacheArgs) -> Result<()> {
             };
             let run_dir = a.out.join(format!("top{k}-{}", if cached { "cached" } else { "plain" }));
             eprintln!("deltatune: LoRA on the top {k} layer(s), {} ...", if cached { "cached" } else { "no cache" });
-            train_run(&spec, &run_dir, RunMode::Overwrite, true)?;
+            api::train(&spec, &run_dir, RunMode::Overwrite, &Control::silent())?;
             let secs: Vec<f64> = read_records(&run_dir.join("metrics.jsonl"))?
                 .into_iter()
                 .filter_map(|r| match r {
@@ -393,8 +394,8 @@ fn cache(a: BenchCacheArgs) -> Result<()> {
 }
 
 fn matmul(a: BenchMatmulArgs) -> Result<()> {
-    let peak = deltatune::bench::fma_peak(a.bench_threads);
-    let (encoder, square) = deltatune::bench::matmul_throughput(a.tokens, 384, 1536, a.iters)?;
+    let peak = crate::measure::fma_peak(a.bench_threads);
+    let (encoder, square) = crate::measure::matmul_throughput(a.tokens, 384, 1536, a.iters)?;
     let out = json!({"threads": a.bench_threads, "fma_peak_gflops": peak, "encoder_matmul_gflops": encoder, "square_matmul_gflops": square,
                      "encoder_fraction_of_peak": encoder / peak, "square_fraction_of_peak": square / peak});
     if a.json {
@@ -409,8 +410,7 @@ fn matmul(a: BenchMatmulArgs) -> Result<()> {
 
 fn merged(a: BenchForwardArgs) -> Result<()> {
     use deltatune::attach::{self, AttachOptions};
-    use deltatune::delta::DeltaSpec;
-    let dir = super::model_dir(&a.model)?;
+    let dir = model_dir(&a.model)?;
     let batch = synthetic_batch(a.batch, a.seq_len, 42, &Device::Cpu)?;
     let ctx = ForwardCtx::eval();
     let bare = BertModel::load(&dir, &Device::Cpu)?;
@@ -451,21 +451,13 @@ fn merged(a: BenchForwardArgs) -> Result<()> {
     Ok(())
 }
 
-/// Generation variants of `bench decoder`: a label and the delta spec (none for the bare model).
-const DECODER_VARIANTS: &[(&str, Option<&str>)] = &[
-    ("none", None),
-    ("lora", Some("lora:r=8,lora_alpha=16,target=q_proj+v_proj")),
-    ("ia3", Some("ia3")),
-    ("prefix", Some("prefix:num_virtual_tokens=10")),
-];
-
 fn decoder(a: BenchDecoderArgs) -> Result<()> {
     let path = match &a.model {
         Some(p) => p.clone(),
-        None => deltatune::assets::default_decoder(&mut super::progress)?,
+        None => deltatune::assets::default_decoder(&mut |m: &str| eprintln!("{m}"))?,
     };
     if a.single {
-        let r = deltatune::bench::decoder_step_bench(&path, &a.delta, a.batch, a.seq_len, a.warmup, a.steps, a.profile)?;
+        let r = crate::measure::decoder_step_bench(&path, &a.delta, a.batch, a.seq_len, a.warmup, a.steps, a.profile)?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
@@ -484,9 +476,9 @@ fn decoder(a: BenchDecoderArgs) -> Result<()> {
         let mut lm = deltatune::lm::CausalLm::load(&path, &Device::Cpu).with_context(|| format!("loading {}", path.display()))?;
         let prompt = "The history of the city begins";
         let mut rows = serde_json::Map::new();
-        for (label, spec) in DECODER_VARIANTS {
+        for (label, spec) in methods::DECODER_VARIANTS {
             eprintln!("deltatune: generate, delta {label} ...");
-            let (tps, prefill) = deltatune::bench::decoder_generate_bench(&mut lm, *spec, prompt, a.tokens, a.runs)?;
+            let (tps, prefill) = crate::measure::decoder_generate_bench(&mut lm, *spec, prompt, a.tokens, a.runs)?;
             rows.insert(label.to_string(), json!({"tokens_per_second": tps, "prefill_ms": prefill}));
         }
         let base = rows["none"]["tokens_per_second"].as_f64().unwrap_or(f64::NAN);
@@ -530,7 +522,7 @@ fn decoder(a: BenchDecoderArgs) -> Result<()> {
     let f = |v: &Value| v.as_f64().map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
     if let Some(g) = out.get("generate") {
         println!("greedy generation, {} new tokens, median of {} (tokens/s, decode phase):", a.tokens, a.runs);
-        for (label, _) in DECODER_VARIANTS {
+        for (label, _) in methods::DECODER_VARIANTS {
             let r = &g["deltatune"][*label];
             let torch = g.get("pytorch").map(|p| format!("  pytorch f32 {}", f(&p[*label]))).unwrap_or_default();
             println!("  {label:<7} deltatune {:>7}  ({:.2}x of none){torch}", f(&r["tokens_per_second"]), r["ratio_to_none"].as_f64().unwrap_or(f64::NAN));

@@ -1,9 +1,9 @@
-//! Benchmark building blocks: the synthetic batch of the standard protocol and timing helpers.
-//! (The side-by-side runs with PyTorch live in the CLI's `bench` command.)
+//! Benchmark building blocks: the synthetic batch of the standard protocol, timing helpers, and
+//! the measured step of one method (run in its own process by [`crate::run`]).
 
-use crate::data::tokenize::EncodedBatch;
-use crate::error::Result;
-use crate::ops::DropoutKey;
+use deltatune::data::tokenize::EncodedBatch;
+use deltatune::error::Result;
+use deltatune::ops::DropoutKey;
 use candle_core::{Device, Tensor};
 use std::time::Instant;
 
@@ -115,23 +115,6 @@ pub struct StepProfile {
     pub ops: Vec<(String, String, f64, f64)>,
 }
 
-/// The delta specs of the standard benchmark methods (same configs as the PEFT baseline).
-pub fn bench_method_spec(method: &str) -> Result<Vec<crate::delta::DeltaSpec>> {
-    use crate::delta::DeltaSpec;
-    let s = match method {
-        "lora" => vec!["lora:r=8,lora_alpha=16,target=query+value"],
-        "full" => vec!["full"],
-        "ia3" => vec!["ia3"],
-        "adapter" => vec!["adapter"],
-        "prefix" => vec!["prefix:num_virtual_tokens=10"],
-        "prompt" => vec!["prompt:num_virtual_tokens=10"],
-        other => {
-            return Err(crate::error::Error::arg("--method", format!("`{other}` (expected lora, full, ia3, adapter, prefix, prompt)")));
-        }
-    };
-    s.into_iter().map(DeltaSpec::parse_cli).collect()
-}
-
 /// Times training steps (zero grad + forward + loss + backward + AdamW) and eval forwards of one
 /// method on a synthetic batch, as the PEFT baseline's `--mode bench` does.
 pub fn train_step_bench(
@@ -143,13 +126,13 @@ pub fn train_step_bench(
     steps: usize,
     profile: bool,
 ) -> Result<TrainBench> {
-    use crate::head::{Head, HeadConfig, HeadKind};
-    use crate::train::optim::{AdamW, AdamWConfig, DecayRule, GradAccumulator};
-    use crate::tuned::TaskModel;
-    use crate::{attach, Backbone, ForwardCtx, Pooling};
+    use deltatune::head::{Head, HeadConfig, HeadKind};
+    use deltatune::train::optim::{AdamW, AdamWConfig, DecayRule, GradAccumulator};
+    use deltatune::artifacts::TaskModel;
+    use deltatune::{attach, Backbone, ForwardCtx, Pooling};
     let dev = Device::Cpu;
-    let mut backbone = crate::BertModel::load(model_dir, &dev)?;
-    let specs = bench_method_spec(method)?;
+    let mut backbone = deltatune::BertModel::load(model_dir, &dev)?;
+    let specs = crate::methods::find(method).and_then(|m| m.specs()).map_err(|e| deltatune::Error::arg("--methods", e.to_string()))?;
     attach::attach(&mut backbone, &specs, attach::AttachOptions { seed: 42, tokenizer: None })?;
     let head = Head::new(HeadConfig { kind: HeadKind::Classification { num_labels: 2 }, pooling: Pooling::Mean, hidden_size: backbone.hidden_size() }, 42, &dev)?;
     let model = TaskModel { backbone, head, specs };
@@ -187,8 +170,8 @@ pub fn train_step_bench(
         losses.push(lv);
     }
     let profile = if profile {
-        crate::ops::profile::take();
-        crate::ops::profile::set_enabled(true);
+        deltatune::ops::profile::take();
+        deltatune::ops::profile::set_enabled(true);
         let (mut f, mut bw, mut o) = (0f64, 0f64, 0f64);
         for i in 0..steps {
             let t0 = Instant::now();
@@ -208,10 +191,10 @@ pub fn train_step_bench(
             bw += (t2 - t1).as_secs_f64();
             o += (t3 - t2).as_secs_f64();
         }
-        crate::ops::profile::set_enabled(false);
+        deltatune::ops::profile::set_enabled(false);
         let n = steps.max(1) as f64;
         let mut ops: Vec<(String, String, f64, f64)> =
-            crate::ops::profile::take().into_iter().map(|e| (e.op, e.phase, e.seconds * 1e3 / n, e.calls as f64 / n)).collect();
+            deltatune::ops::profile::take().into_iter().map(|e| (e.op, e.phase, e.seconds * 1e3 / n, e.calls as f64 / n)).collect();
         ops.sort_by(|a, b| b.2.total_cmp(&a.2));
         Some(StepProfile { steps, forward_ms: f * 1e3 / n, backward_ms: bw * 1e3 / n, optimizer_ms: o * 1e3 / n, ops })
     } else {
@@ -333,7 +316,7 @@ pub fn matmul_throughput(tokens: usize, hidden: usize, inter: usize, iters: usiz
     let flops: f64 = shapes.iter().map(|(a, w)| 2.0 * a.dim(0).unwrap_or(0) as f64 * w.dim(1).unwrap_or(0) as f64 * w.dim(0).unwrap_or(0) as f64).sum();
     let ms = time_runs(2, iters, || {
         for (a, w) in &shapes {
-            crate::ops::linear(a, w, None)?;
+            deltatune::ops::linear(a, w, None)?;
         }
         Ok(())
     })?;
@@ -341,7 +324,7 @@ pub fn matmul_throughput(tokens: usize, hidden: usize, inter: usize, iters: usiz
     let n = 1536;
     let (a, b) = (rnd(n, n, "a")?, rnd(n, n, "b")?);
     let ms = time_runs(1, iters.max(3) / 2, || {
-        crate::ops::linear(&a, &b, None)?;
+        deltatune::ops::linear(&a, &b, None)?;
         Ok(())
     })?;
     let square = 2.0 * (n * n * n) as f64 / (median(&ms) / 1e3) / 1e9;
@@ -370,13 +353,13 @@ pub struct DecoderTrainBench {
 }
 
 /// Token ids uniform in [256, vocab) for `batch` rows of `seq_len`, every one a target.
-pub fn synthetic_lm_rows(batch: usize, seq_len: usize, vocab: usize, seed: u64) -> Vec<crate::lm::train::LmRow> {
+pub fn synthetic_lm_rows(batch: usize, seq_len: usize, vocab: usize, seed: u64) -> Vec<deltatune::train::lm::LmRow> {
     let key = DropoutKey(seed).derive("synthetic-lm");
     (0..batch)
         .map(|r| {
             let ids: Vec<u32> =
                 (0..seq_len).map(|p| 256 + (key.uniform((r * seq_len + p) as u64) * (vocab - 256) as f32) as u32).collect();
-            crate::lm::train::LmRow { target: vec![true; ids.len()], ids }
+            deltatune::train::lm::LmRow { target: vec![true; ids.len()], ids }
         })
         .collect()
 }
@@ -393,12 +376,12 @@ pub fn decoder_step_bench(
     steps: usize,
     profile: bool,
 ) -> Result<DecoderTrainBench> {
-    use crate::lm::train::{batch_nll, make_row_batch};
-    use crate::train::optim::{AdamW, AdamWConfig};
-    use crate::{attach, ForwardCtx};
+    use deltatune::train::lm::{batch_nll, make_row_batch};
+    use deltatune::train::optim::{AdamW, AdamWConfig};
+    use deltatune::{attach, ForwardCtx};
     let dev = Device::Cpu;
-    let mut lm = crate::lm::CausalLm::load(path, &dev)?;
-    let specs = vec![crate::delta::DeltaSpec::parse_cli(spec)?];
+    let mut lm = deltatune::lm::CausalLm::load(path, &dev)?;
+    let specs = vec![deltatune::delta::DeltaSpec::parse_cli(spec)?];
     attach::attach(&mut lm.model, &specs, attach::AttachOptions { seed: 42, tokenizer: None })?;
     let params = attach::trainable_vars(&lm.model);
     let rows = synthetic_lm_rows(batch, seq_len, lm.model.config.vocab_size, 42);
@@ -408,8 +391,8 @@ pub fn decoder_step_bench(
     let (mut bwd_s, mut opt_s) = (0f64, 0f64);
     for i in 0..warmup + steps {
         if profile && i == warmup {
-            crate::ops::profile::take();
-            crate::ops::profile::set_enabled(true);
+            deltatune::ops::profile::take();
+            deltatune::ops::profile::set_enabled(true);
         }
         let t0 = Instant::now();
         let ctx = ForwardCtx::train(DropoutKey(42).derive_n(i as u64));
@@ -431,10 +414,10 @@ pub fn decoder_step_bench(
         }
     }
     let profile = profile.then(|| {
-        crate::ops::profile::set_enabled(false);
+        deltatune::ops::profile::set_enabled(false);
         let n = steps.max(1) as f64;
         let mut ops: Vec<(String, String, f64, f64)> =
-            crate::ops::profile::take().into_iter().map(|e| (e.op, e.phase, e.seconds * 1e3 / n, e.calls as f64 / n)).collect();
+            deltatune::ops::profile::take().into_iter().map(|e| (e.op, e.phase, e.seconds * 1e3 / n, e.calls as f64 / n)).collect();
         ops.sort_by(|a, b| b.2.total_cmp(&a.2));
         StepProfile { steps, forward_ms: fwd_ms.iter().sum::<f64>() / n, backward_ms: bwd_s * 1e3 / n, optimizer_ms: opt_s * 1e3 / n, ops }
     });
@@ -461,17 +444,17 @@ pub fn decoder_step_bench(
 /// values: the compute is the same as a trained one's): median tokens/s of the decode phase over
 /// `runs` runs of exactly `tokens` new tokens, and the median prefill milliseconds. Every delta
 /// is detached afterwards.
-pub fn decoder_generate_bench(lm: &mut crate::lm::CausalLm, spec: Option<&str>, prompt: &str, tokens: usize, runs: usize) -> Result<(f64, f64)> {
-    use crate::attach;
+pub fn decoder_generate_bench(lm: &mut deltatune::lm::CausalLm, spec: Option<&str>, prompt: &str, tokens: usize, runs: usize) -> Result<(f64, f64)> {
+    use deltatune::attach;
     if let Some(s) = spec {
-        let specs = vec![crate::delta::DeltaSpec::parse_cli(s)?];
+        let specs = vec![deltatune::delta::DeltaSpec::parse_cli(s)?];
         attach::attach(&mut lm.model, &specs, attach::AttachOptions { seed: 42, tokenizer: None })?;
     }
     let ids = lm.tokenizer.encode(prompt)?;
-    let opts = crate::lm::GenerateOptions { max_new_tokens: tokens, ignore_eos: true, ..Default::default() };
+    let opts = deltatune::lm::GenerateOptions { max_new_tokens: tokens, ignore_eos: true, ..Default::default() };
     let (mut tps, mut prefill) = (Vec::new(), Vec::new());
     for _ in 0..runs.max(1) {
-        let g = crate::lm::generate(lm, &ids, &opts, &mut |_| {})?;
+        let g = deltatune::lm::generate(lm, &ids, &opts, &mut |_| {})?;
         tps.push(g.tokens_per_second);
         prefill.push(g.prefill_seconds * 1e3);
     }

@@ -4,14 +4,16 @@
 //! perplexity; and classification as text-to-text with a verbalizer (the label whose words the
 //! model finds most likely after the prompt).
 
-use super::LmTokenizer;
+use crate::lm::LmTokenizer;
 use crate::attach;
+use crate::control::{Control, Event};
 use crate::backbone::llama::LlamaModel;
-use crate::backbone::ForwardCtx;
+use crate::core::ForwardCtx;
 use crate::data::task::{Example, TaskData};
+use crate::delta::DeltaSpec;
 use crate::error::{Error, Result};
 use crate::ops::{self, DropoutKey};
-use crate::train::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig, Decay};
+use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig, Decay};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use std::path::Path;
@@ -309,15 +311,17 @@ pub struct LmStep {
     pub grad_norm: f64,
 }
 
-/// Trains the deltas attached to `model` on `pairs`; returns every step's record. The order of
+/// Trains the deltas attached to `model` (`specs`: the attached groups) on `pairs`; returns every step's record. The order of
 /// examples in each epoch is a seeded shuffle.
-pub fn train(model: &LlamaModel, tok: &LmTokenizer, pairs: &[LmPair], cfg: &LmTrainConfig, on_step: &mut dyn FnMut(&LmStep)) -> Result<Vec<LmStep>> {
+pub fn train(model: &LlamaModel, specs: &[DeltaSpec], tok: &LmTokenizer, pairs: &[LmPair], cfg: &LmTrainConfig, ctl: &Control) -> Result<Vec<LmStep>> {
     let rows = training_rows(tok, pairs, cfg)?;
-    train_rows(model, tok.pad_id.unwrap_or(0), &rows, cfg, on_step)
+    train_rows(model, specs, tok.pad_id.unwrap_or(0), &rows, cfg, ctl)
 }
 
 /// Trains on prepared rows ([`training_rows`]), `ceil(rows / batch_size)` steps per epoch.
-pub fn train_rows(model: &LlamaModel, pad: u32, encoded: &[LmRow], cfg: &LmTrainConfig, on_step: &mut dyn FnMut(&LmStep)) -> Result<Vec<LmStep>> {
+/// Progress goes to `ctl` as step events; a cancellation stops before the next step. `specs`
+/// are the attached groups whose methods have training-time behaviour of their own.
+pub fn train_rows(model: &LlamaModel, specs: &[DeltaSpec], pad: u32, encoded: &[LmRow], cfg: &LmTrainConfig, ctl: &Control) -> Result<Vec<LmStep>> {
     let params = attach::trainable_vars(model);
     if params.is_empty() {
         return Err(Error::arg("--delta", "no trainable delta is attached"));
@@ -330,8 +334,12 @@ pub fn train_rows(model: &LlamaModel, pad: u32, encoded: &[LmRow], cfg: &LmTrain
     let warmup = (total as f64 * cfg.warmup_ratio).ceil() as usize;
     let mut opt = AdamW::new(params.clone(), AdamWConfig { weight_decay: cfg.weight_decay, ..Default::default() })?;
     let root = DropoutKey(cfg.seed).derive("lm-train");
+    let mut trainers = attach::group_trainers(model, specs)?;
     let mut log = Vec::with_capacity(total);
     let mut step = 0;
+    ctl.emit(Event::Start { what: "training".into(), total, done: 0 });
+    let t0 = std::time::Instant::now();
+    let result = (|| -> Result<()> {
     for epoch in 0..cfg.epochs {
         let mut order: Vec<usize> = (0..encoded.len()).collect();
         let key = root.derive_n(epoch as u64);
@@ -341,6 +349,7 @@ pub fn train_rows(model: &LlamaModel, pad: u32, encoded: &[LmRow], cfg: &LmTrain
             order.swap(i, j.min(i));
         }
         for chunk in order.chunks(cfg.batch_size) {
+            ctl.check(|| format!("training at step {step}/{total}"))?;
             let rows: Vec<LmRow> = chunk.iter().map(|&i| encoded[i].clone()).collect();
             let batch = make_row_batch(&rows, pad, model.device())?;
             if batch.num_targets == 0 {
@@ -353,7 +362,13 @@ pub fn train_rows(model: &LlamaModel, pad: u32, encoded: &[LmRow], cfg: &LmTrain
             if !value.is_finite() {
                 return Err(Error::NonFinite(format!("loss at step {step} (epoch {epoch})")));
             }
-            let grads = loss.backward()?;
+            let mut total_loss = loss.clone();
+            for t in &trainers {
+                if let Some(r) = t.regularizer()? {
+                    total_loss = (total_loss + r)?;
+                }
+            }
+            let grads = total_loss.backward()?;
             let mut g = std::collections::BTreeMap::new();
             for (name, var) in &params {
                 if let Some(t) = grads.get(var) {
@@ -366,13 +381,21 @@ pub fn train_rows(model: &LlamaModel, pad: u32, encoded: &[LmRow], cfg: &LmTrain
             };
             let lr = lr_at(cfg.lr, step, total, warmup, Decay::Linear);
             opt.step(&g, lr)?;
+            for t in &mut trainers {
+                t.after_step(step + 1, total, &g)?;
+            }
             let rec = LmStep { step, epoch, loss: value, lr, grad_norm: norm };
-            on_step(&rec);
             log.push(rec);
             step += 1;
+            let secs = t0.elapsed().as_secs_f64();
+            let examples_per_s = (step * cfg.batch_size) as f64 / secs.max(1e-9);
+            ctl.emit(Event::Step { step, total, loss: value, lr, examples_per_s, eta_s: secs / step as f64 * (total - step) as f64 });
         }
     }
-    Ok(log)
+    Ok(())
+    })();
+    ctl.emit(Event::Finish);
+    result.map(|()| log)
 }
 
 /// Perplexity of the completions of `pairs` (exp of the mean token NLL).

@@ -1,73 +1,34 @@
-//! A training run end to end: where the data comes from, the run directory and its guard rails,
-//! model + deltas + head, the loop, and the summary. `run.json` records the resolved run; a
-//! `--resume` must match it.
+//! The encoder training job: where the data comes from, the run directory and its guard rails,
+//! model + deltas + head, the loop, and the summary. `run.json` records the resolved
+//! [`TrainSpec`]; a resume must match it.
 
-use super::task::{head_kind, prepare_split, scorer};
-use super::{fit, FitOptions, TrainConfig};
+use crate::control::Control;
+use crate::artifacts::TaskModel;
 use crate::attach::{self, AttachOptions};
-use crate::data::readers::{load_folder, load_task, load_user, Columns, Format, UserOptions};
-use crate::data::task::{TaskData, TaskOptions};
+use crate::backbone::bert::BertModel;
+use crate::core::Backbone;
+use crate::data::sources::DataSource;
+use crate::data::task::TaskOptions;
 use crate::data::tokenize::TextEncoder;
 use crate::delta::DeltaSpec;
 use crate::error::{Error, Result};
 use crate::head::{Head, HeadConfig};
-use crate::tuned::TaskModel;
-use crate::{Backbone, BertModel, Device};
+use crate::train::config::TrainConfig;
+use crate::train::fit::{fit, FitOptions};
+use crate::train::task::{head_kind, prepare_split, scorer};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Map};
 use std::path::{Path, PathBuf};
-
-/// Where a run's examples come from.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "source", rename_all = "snake_case")]
-pub enum DataSource {
-    /// A named benchmark task under a data root (e.g. `../shared/data`).
-    Task { name: String, root: PathBuf },
-    /// The BBC News demo set, fetched into the asset cache.
-    Demo,
-    /// One folder per class, one file per example.
-    Folder { path: PathBuf },
-    /// User CSV / TSV / JSONL files.
-    User { train: PathBuf, dev: Option<PathBuf>, columns: Columns, format: Option<Format>, regression: bool },
-}
-
-impl DataSource {
-    pub fn load(&self, opts: &TaskOptions, progress: &mut dyn FnMut(&str)) -> Result<TaskData> {
-        match self {
-            DataSource::Task { name, root } => load_task(name, root, opts),
-            DataSource::Demo => {
-                let dir = crate::assets::demo_data(progress)?;
-                let mut t = load_folder(&dir, opts)?;
-                t.name = "bbc-news".into();
-                Ok(t)
-            }
-            DataSource::Folder { path } => load_folder(path, opts),
-            DataSource::User { train, dev, columns, format, regression } => {
-                let uo = UserOptions { split: opts.clone(), format: *format, header: None, regression: *regression, labels: None };
-                load_user(train, dev.as_deref(), columns, &uo)
-            }
-        }
-    }
-
-    /// A short name for run directories and summaries.
-    pub fn label(&self) -> String {
-        let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into());
-        match self {
-            DataSource::Task { name, .. } => name.clone(),
-            DataSource::Demo => "bbc-news".into(),
-            DataSource::Folder { path } => stem(path),
-            DataSource::User { train, .. } => stem(train),
-        }
-    }
-}
 
 /// The resolved description of a run (written to `run.json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RunSpec {
+pub struct TrainSpec {
+    /// The backbone directory (absolute).
     pub model: PathBuf,
     pub data: DataSource,
     pub data_options: TaskOptions,
-    pub deltas: Vec<Value>,
+    pub deltas: Vec<DeltaSpec>,
     pub train: TrainConfig,
 }
 
@@ -81,7 +42,7 @@ pub enum RunMode {
 
 /// The result of a run (also `summary.json`, and `--json` output).
 #[derive(Clone, Debug, Serialize)]
-pub struct RunSummary {
+pub struct TrainResult {
     pub task: String,
     pub method: String,
     pub metric: String,
@@ -106,7 +67,7 @@ pub struct RunSummary {
 const RUN_FILE: &str = "run.json";
 
 /// Checks (and with `Overwrite`, clears) the run directory.
-fn prepare_dir(dir: &Path, spec: &RunSpec, mode: RunMode) -> Result<()> {
+fn prepare_dir(dir: &Path, spec: &TrainSpec, mode: RunMode) -> Result<()> {
     let run_file = dir.join(RUN_FILE);
     let occupied = dir.is_dir() && std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.next().is_some();
     match (run_file.is_file(), occupied, mode) {
@@ -114,7 +75,7 @@ fn prepare_dir(dir: &Path, spec: &RunSpec, mode: RunMode) -> Result<()> {
             Err(Error::arg("--resume", format!("{} holds no run to resume", dir.display())))
         }
         (true, _, RunMode::Resume) => {
-            let stored: RunSpec = serde_json::from_value(crate::io::read_json(&run_file)?)
+            let stored: TrainSpec = serde_json::from_value(crate::io::read_json(&run_file)?)
                 .map_err(|e| Error::Json { file: run_file.clone(), msg: e.to_string() })?;
             if &stored != spec {
                 let a = serde_json::to_value(&stored).unwrap_or_default();
@@ -144,37 +105,27 @@ fn prepare_dir(dir: &Path, spec: &RunSpec, mode: RunMode) -> Result<()> {
 }
 
 /// Runs training as described by `spec` in `run_dir`.
-pub fn train_run(spec: &RunSpec, run_dir: &Path, mode: RunMode, quiet: bool) -> Result<RunSummary> {
+pub fn train(spec: &TrainSpec, run_dir: &Path, mode: RunMode, ctl: &Control) -> Result<TrainResult> {
     spec.train.validate()?;
     spec.data_options.validate()?;
-    let specs: Vec<DeltaSpec> = spec
-        .deltas
-        .iter()
-        .enumerate()
-        .map(|(i, v)| DeltaSpec::from_json(v, &format!("delta {i}")).map(|(s, _)| s))
-        .collect::<Result<_>>()?;
+    let specs = &spec.deltas;
     if specs.is_empty() {
         return Err(Error::arg("--delta", "give at least one delta (e.g. --delta lora), or --delta full for full fine-tuning"));
     }
     prepare_dir(run_dir, spec, mode)?;
-    let say = |m: &str| {
-        if !quiet {
-            eprintln!("{m}");
-        }
-    };
-    let task = spec.data.load(&spec.data_options, &mut |m| say(m))?;
+    let task = spec.data.load(&spec.data_options, &mut ctl.messages())?;
     for n in &task.notes {
-        say(&format!("note: {n}"));
+        ctl.message(format!("note: {n}"));
     }
     let backbone = BertModel::load(&spec.model, &Device::Cpu)?;
     let enc = TextEncoder::from_file(&backbone.files.tokenizer, spec.train.max_length)?;
     let train = prepare_split(&task.train, &enc)?;
     let dev = prepare_split(&task.dev, &enc)?;
     let mut backbone = backbone;
-    attach::attach(&mut backbone, &specs, AttachOptions { seed: spec.train.seed, tokenizer: Some(&enc) })?;
+    attach::attach(&mut backbone, specs, AttachOptions { seed: spec.train.seed, tokenizer: Some(&enc) })?;
     let head_cfg = HeadConfig { kind: head_kind(task.kind), pooling: spec.train.pooling, hidden_size: backbone.hidden_size() };
     let head = Head::new(head_cfg, spec.train.seed, backbone.device())?;
-    let mut model = TaskModel { backbone, head, specs: specs.clone() };
+    let mut model = TaskModel { backbone, head, specs: specs.to_vec() };
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
     if mode != RunMode::Resume {
         crate::io::write_json_atomic(&run_dir.join(RUN_FILE), spec)?;
@@ -183,7 +134,7 @@ pub fn train_run(spec: &RunSpec, run_dir: &Path, mode: RunMode, quiet: bool) -> 
     let delta_params = tree.trainable_params;
     let head_params = model.head.params().iter().map(|(_, v)| v.elem_count()).sum::<usize>();
     let method = specs.iter().map(|s| s.config.method()).collect::<Vec<_>>().join("+");
-    say(&format!(
+    ctl.message(format!(
         "{} ({} train / {} dev): {method}, {} trainable parameters ({:.4}% of {}) + {} head",
         task.name,
         train.len(),
@@ -210,14 +161,14 @@ pub fn train_run(spec: &RunSpec, run_dir: &Path, mode: RunMode, quiet: bool) -> 
             scorer: &sc,
             run_dir,
             resume: mode == RunMode::Resume,
-            quiet,
+            ctl,
             meta,
             pad_id: enc.pad_id(),
         },
     )?;
     let scores = result.best_scores.clone().map(|s| s.values).unwrap_or_default();
     let metric = task.metrics.first().map(|m| m.name().to_string()).unwrap_or_default();
-    let summary = RunSummary {
+    let summary = TrainResult {
         task: task.name.clone(),
         method,
         score: result.best_score.unwrap_or(f64::NAN),

@@ -3,7 +3,7 @@
 //! (`encoder.layer.0-5`) and identical sibling leaves (`query,key,value`) the way OpenDelta's
 //! visualisation does.
 
-use super::{Site, SiteKind};
+use super::site::{Site, SiteKind};
 use serde::Serialize;
 use std::collections::BTreeMap;
 

@@ -4,9 +4,9 @@
 //! tensors such as `head.weight`). A file is about 4 bytes per trainable parameter plus a small
 //! header. The directory is written in a staging directory and renamed into place.
 
-use super::spec::DeltaSpec;
 use crate::attach::{self, AttachOptions};
-use crate::backbone::Backbone;
+use crate::core::Backbone;
+use crate::delta::DeltaSpec;
 use crate::error::{Error, Result};
 use crate::io::{save_tensors, TensorFile};
 use candle_core::Tensor;
@@ -64,7 +64,7 @@ pub fn save(
 ) -> Result<()> {
     let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
     let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
-    for (name, var) in attach::delta_vars(model, true) {
+    for (name, var) in attach::saved_vars(model) {
         let group = name.split('.').next().unwrap_or_default();
         if names.contains(&group) {
             tensors.insert(format!("deltas.{name}"), var.as_tensor().clone());
@@ -164,7 +164,7 @@ pub fn load(dir: &Path, model: &mut dyn Backbone, opts: AttachOptions) -> Result
     match result {
         Ok(extra_tensors) => Ok(Loaded { specs, extra_tensors, meta, warnings }),
         Err(e) => {
-            detach_named(model, &specs);
+            attach::detach_named(model, &specs);
             Err(e)
         }
     }
@@ -175,7 +175,7 @@ pub fn load(dir: &Path, model: &mut dyn Backbone, opts: AttachOptions) -> Result
 pub(crate) fn fill(model: &dyn Backbone, specs: &[DeltaSpec], file: &TensorFile) -> Result<BTreeMap<String, Tensor>> {
     let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
     let mut used = std::collections::BTreeSet::new();
-    for (name, var) in attach::delta_vars(model, true) {
+    for (name, var) in attach::saved_vars(model) {
         let group = name.split('.').next().unwrap_or_default();
         if !names.contains(&group) {
             continue;
@@ -199,12 +199,4 @@ pub(crate) fn fill(model: &dyn Backbone, specs: &[DeltaSpec], file: &TensorFile)
         extra.insert(k.to_string(), file.get(k)?.clone());
     }
     Ok(extra)
-}
-
-/// Removes the deltas of `specs` from the model (used to roll back a failed load).
-pub(crate) fn detach_named(model: &mut dyn Backbone, specs: &[DeltaSpec]) {
-    let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-    for s in model.sites_mut() {
-        s.deltas.retain(|a| !names.contains(&a.name.as_str()));
-    }
 }

@@ -1,0 +1,74 @@
+//! The export job: a saved delta written in PEFT's adapter format.
+
+use super::common::encoder_dir;
+use crate::artifacts::load::load_delta;
+use crate::artifacts::peft;
+use crate::attach::AttachOptions;
+use crate::backbone::bert::BertModel;
+use crate::control::Control;
+use crate::error::{Error, Result};
+use candle_core::Device;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Formats a delta can be exported to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportFormat {
+    /// PEFT's adapter folder (adapter_config.json + adapter_model.safetensors).
+    Peft,
+}
+
+impl std::str::FromStr for ExportFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "peft" => Ok(ExportFormat::Peft),
+            other => Err(Error::arg("--format", format!("`{other}` (supported: peft)"))),
+        }
+    }
+}
+
+/// `deltatune export`.
+#[derive(Clone, Debug)]
+pub struct ExportSpec {
+    pub model: Option<PathBuf>,
+    /// A saved delta directory.
+    pub delta: PathBuf,
+    /// Which delta group to export when the directory holds several.
+    pub name: Option<String>,
+    pub format: ExportFormat,
+    pub out: PathBuf,
+    /// `base_model_name_or_path` in the PEFT config.
+    pub base_model_name: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ExportResult {
+    pub name: String,
+    pub method: String,
+    pub out: PathBuf,
+}
+
+pub fn export(spec: &ExportSpec, ctl: &Control) -> Result<ExportResult> {
+    let mut model = BertModel::load(&encoder_dir(spec.model.as_deref(), ctl)?, &Device::Cpu)?;
+    let loaded = load_delta(&spec.delta, &mut model, AttachOptions::default())?;
+    let delta = match &spec.name {
+        Some(n) => loaded.specs.iter().find(|s| &s.name == n).ok_or_else(|| {
+            let names: Vec<&str> = loaded.specs.iter().map(|s| s.name.as_str()).collect();
+            Error::arg("--name", format!("no delta `{n}` in {} (has: {})", spec.delta.display(), names.join(", ")))
+        })?,
+        None => match loaded.specs.as_slice() {
+            [one] => one,
+            many => return Err(Error::arg("--name", format!("{} holds {} deltas; choose one with --name", spec.delta.display(), many.len()))),
+        },
+    };
+    // A task head saved with the delta goes along as PEFT's `classifier` module.
+    let head: BTreeMap<_, _> =
+        loaded.extra_tensors.iter().filter_map(|(k, t)| k.strip_prefix("head.").map(|r| (format!("classifier.{r}"), t.clone()))).collect();
+    match spec.format {
+        ExportFormat::Peft => peft::export(&spec.out, &model, delta, &spec.base_model_name, &head)?,
+    }
+    Ok(ExportResult { name: delta.name.clone(), method: delta.config.method().to_string(), out: spec.out.clone() })
+}

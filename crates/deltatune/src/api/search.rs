@@ -1,0 +1,161 @@
+//! The structure-search job (S3Delta): candidates from a space, gates trained under a parameter
+//! budget, and the chosen structure written as a delta config `train` retrains.
+
+use super::common::encoder_dir;
+use crate::artifacts::TaskModel;
+use crate::backbone::bert::BertModel;
+use crate::control::Control;
+use crate::core::{Backbone, Pooling};
+use crate::data::sources::DataSource;
+use crate::data::task::TaskOptions;
+use crate::data::tokenize::TextEncoder;
+use crate::delta::DeltaSpec;
+use crate::error::{Error, Result};
+use crate::head::{Head, HeadConfig};
+use crate::search::output;
+use crate::search::run::{prepare, search as run_search, Budget, SearchConfig, SearchResult};
+use crate::search::space::Space;
+use crate::train::task::{head_kind, prepare_split, scorer};
+use candle_core::Device;
+use serde::Serialize;
+use serde_json::json;
+use std::path::PathBuf;
+
+/// `deltatune search`.
+#[derive(Clone, Debug)]
+pub struct SearchSpec {
+    pub model: Option<PathBuf>,
+    pub data: DataSource,
+    pub data_options: TaskOptions,
+    pub max_length: usize,
+    pub budget: Budget,
+    pub space: Space,
+    pub pooling: Pooling,
+    pub config: SearchConfig,
+    /// Holds structure.json, the candidate tables, search.json and the heatmap.
+    pub out: PathBuf,
+    /// Replace a previous search in `out`.
+    pub overwrite: bool,
+    /// Only list the candidates (candidates.json) and their sizes.
+    pub candidates_only: bool,
+}
+
+/// What the search found (also `search.json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct SearchOutcome {
+    pub task: String,
+    pub space: String,
+    pub candidates: usize,
+    pub space_params: usize,
+    /// The budget in parameters and as a share of the backbone.
+    pub budget: f64,
+    pub budget_percent: f64,
+    pub backbone_params: usize,
+    pub selected: usize,
+    pub selected_params: usize,
+    pub supernet_dev: Option<f64>,
+    pub best_step: Option<usize>,
+    pub steps: usize,
+    pub seconds: f64,
+    pub config: SearchConfig,
+    pub second_order: bool,
+    /// The chosen structure (empty with `candidates_only`).
+    #[serde(skip)]
+    pub structure: Vec<DeltaSpec>,
+    #[serde(skip)]
+    pub out: PathBuf,
+}
+
+pub fn search(spec: &SearchSpec, ctl: &Control) -> Result<SearchOutcome> {
+    if spec.out.join("search.json").exists() && !spec.overwrite {
+        return Err(Error::arg("--out", format!("{} holds a previous search; pass --overwrite to replace it", spec.out.display())));
+    }
+    let task = spec.data.load(&spec.data_options, &mut ctl.messages())?;
+    let mut backbone = BertModel::load(&encoder_dir(spec.model.as_deref(), ctl)?, &Device::Cpu)?;
+    let enc = TextEncoder::from_file(&backbone.files.tokenizer, spec.max_length)?;
+    let train = prepare_split(&task.train, &enc)?;
+    let dev = prepare_split(&task.dev, &enc)?;
+    let cands = spec.space.candidates(&mut backbone)?;
+    let total = backbone.num_params();
+    let budget = spec.budget.params(total);
+    let space_total: usize = cands.iter().map(|c| c.params).sum();
+    let mut outcome = SearchOutcome {
+        task: task.name.clone(),
+        space: spec.space.name.clone(),
+        candidates: cands.len(),
+        space_params: space_total,
+        budget,
+        budget_percent: 100.0 * budget / total as f64,
+        backbone_params: total,
+        selected: 0,
+        selected_params: 0,
+        supernet_dev: None,
+        best_step: None,
+        steps: 0,
+        seconds: 0.0,
+        config: spec.config.clone(),
+        second_order: spec.config.second_order,
+        structure: Vec::new(),
+        out: spec.out.clone(),
+    };
+    if spec.candidates_only {
+        std::fs::create_dir_all(&spec.out).map_err(|e| Error::io(&spec.out, e))?;
+        let rows: Vec<_> = cands
+            .iter()
+            .map(|c| json!({"id": c.id, "method": c.method, "path": c.path, "layer": c.layer, "position": c.position, "params": c.params}))
+            .collect();
+        crate::io::atomic::write_json_atomic(&spec.out.join("candidates.json"), &rows)?;
+        return Ok(outcome);
+    }
+    // The budget is checked here, once, against what the space can hold.
+    let cheapest = cands.iter().map(|c| c.params).min().unwrap_or(0);
+    if budget < cheapest as f64 {
+        return Err(Error::arg(
+            "--budget",
+            format!(
+                "{budget:.0} parameters ({:.5}% of {total}) is smaller than the cheapest candidate of space {} ({cheapest} parameters)",
+                100.0 * budget / total as f64,
+                spec.space.name
+            ),
+        ));
+    }
+    ctl.message(format!(
+        "space {}: {} candidates, {} parameters in all; budget {budget:.0} ({:.5}% of the backbone's {total}; the head is outside the budget)",
+        spec.space.name,
+        cands.len(),
+        space_total,
+        100.0 * budget / total as f64
+    ));
+    let head = Head::new(HeadConfig { kind: head_kind(task.kind), pooling: spec.pooling, hidden_size: backbone.hidden_size() }, spec.config.seed, backbone.device())?;
+    let mut model = TaskModel { backbone, head, specs: Vec::new() };
+    std::fs::create_dir_all(&spec.out).map_err(|e| Error::io(&spec.out, e))?;
+    let result = if budget >= space_total as f64 {
+        ctl.warn(format!(
+            "the budget ({budget:.0}) is at least what the whole space can use ({space_total}); every candidate is selected and no search is run"
+        ));
+        SearchResult {
+            budget,
+            steps: 0,
+            seconds: 0.0,
+            alphas: vec![0.0; cands.len()],
+            probs: vec![1.0; cands.len()],
+            selected: (0..cands.len()).collect(),
+            selected_params: space_total,
+            best_dev: None,
+            best_step: None,
+        }
+    } else {
+        prepare(&mut model, &cands, spec.config.seed)?;
+        let sc = scorer(&task);
+        run_search(&mut model, &cands, budget, &train, Some(&dev), &sc, &spec.config, &spec.out, enc.pad_id(), ctl)?
+    };
+    outcome.selected = result.selected.len();
+    outcome.selected_params = result.selected_params;
+    outcome.supernet_dev = result.best_dev;
+    outcome.best_step = result.best_step;
+    outcome.steps = result.steps;
+    outcome.seconds = result.seconds;
+    let summary = serde_json::to_value(&outcome).map_err(|e| Error::Delta(e.to_string()))?;
+    outcome.structure = output::write(&spec.out, &cands, &result, summary)?;
+    Ok(outcome)
+}

@@ -1,0 +1,27 @@
+//! Loading a saved delta whatever its format: deltatune's own directory or a PEFT adapter folder.
+
+use super::delta_dir::{self, Loaded};
+use super::peft;
+use crate::attach::AttachOptions;
+use crate::core::Backbone;
+use crate::error::{Error, Result};
+use std::path::Path;
+
+/// Attaches a saved delta — deltatune's format or a PEFT adapter folder — to `model`.
+pub fn load_delta(dir: &Path, model: &mut dyn Backbone, opts: AttachOptions) -> Result<Loaded> {
+    if delta_dir::is_delta_dir(dir) {
+        delta_dir::load(dir, model, opts)
+    } else if peft::is_peft_dir(dir) {
+        peft::load(dir, model, None)
+    } else if !dir.exists() {
+        Err(Error::NotFound { path: dir.to_path_buf(), what: "delta directory".into() })
+    } else {
+        Err(Error::Delta(format!(
+            "{}: neither a deltatune delta ({}) nor a PEFT adapter ({})",
+            dir.display(),
+            delta_dir::CONFIG_FILE,
+            peft::CONFIG_FILE
+        )))
+    }
+}
+

@@ -1,0 +1,337 @@
+//! Sites: the named modules of a backbone. A site's dotted path is its checkpoint key prefix
+//! (`encoder.layer.3.attention.self.query`); it owns the module's frozen base tensors and the deltas
+//! attached to it, and runs their hooks during the forward pass. Backbone tensors are plain
+//! `Tensor`s (never variables), so no gradient is computed for them unless a delta replaces them
+//! with trainable copies.
+
+use super::delta::{Attached, HookCtx};
+use super::forward::ForwardCtx;
+use crate::error::{Error, Result};
+use crate::ops::{hash_str, DropoutKey};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, IndexOp, Tensor};
+use std::sync::Arc;
+
+/// What a module is; decides which deltas may attach and which hooks run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SiteKind {
+    /// The whole backbone (root, empty path).
+    Model,
+    /// Word + position + token-type embeddings with their layer norm.
+    Embeddings,
+    /// One embedding table.
+    Embedding,
+    LayerNorm,
+    /// Root-mean-square normalisation (decoders): weight only.
+    RmsNorm,
+    Linear,
+    /// The stack of layers.
+    Encoder,
+    /// A numbered list of modules (`encoder.layer`).
+    ModuleList,
+    /// One transformer layer.
+    Layer,
+    /// Self-attention plus its output projection and layer norm.
+    Attention,
+    /// The query/key/value projections and the attention itself.
+    SelfAttention,
+    /// Attention output projection + dropout + residual + layer norm.
+    AttentionOutput,
+    /// Feed-forward input projection and activation.
+    Intermediate,
+    /// Feed-forward output projection + dropout + residual + layer norm.
+    Output,
+    Pooler,
+    /// A decoder's gated feed-forward block (`gate_proj`, `up_proj`, `down_proj`).
+    Mlp,
+}
+
+impl SiteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SiteKind::Model => "model",
+            SiteKind::Embeddings => "embeddings",
+            SiteKind::Embedding => "embedding",
+            SiteKind::LayerNorm => "layer_norm",
+            SiteKind::RmsNorm => "rms_norm",
+            SiteKind::Linear => "linear",
+            SiteKind::Encoder => "encoder",
+            SiteKind::ModuleList => "module_list",
+            SiteKind::Layer => "layer",
+            SiteKind::Attention => "attention",
+            SiteKind::SelfAttention => "self_attention",
+            SiteKind::AttentionOutput => "attention_output",
+            SiteKind::Intermediate => "intermediate",
+            SiteKind::Output => "output",
+            SiteKind::Pooler => "pooler",
+            SiteKind::Mlp => "mlp",
+        }
+    }
+}
+
+/// One module of a backbone: its path, kind, frozen tensors and attached deltas.
+#[derive(Debug)]
+pub struct Site {
+    path: String,
+    kind: SiteKind,
+    /// Transformer layer index for sites inside `encoder.layer.N`.
+    layer: Option<usize>,
+    hash: u64,
+    /// Base tensors by their HF name relative to the path (`weight`, `bias`).
+    params: Vec<(String, Tensor)>,
+    /// Base tensors kept quantized (GGUF blocks), by name; never trained, dequantized on use.
+    quantized: Vec<(String, Arc<QTensor>)>,
+    /// Originals of `params` while merged deltas are folded in.
+    unmerged: Option<Vec<(String, Tensor)>>,
+    pub deltas: Vec<Attached>,
+}
+
+impl Site {
+    pub fn new(path: impl Into<String>, kind: SiteKind, layer: Option<usize>) -> Self {
+        let path = path.into();
+        Site {
+            hash: hash_str(&path),
+            path,
+            kind,
+            layer,
+            params: Vec::new(),
+            quantized: Vec::new(),
+            unmerged: None,
+            deltas: Vec::new(),
+        }
+    }
+
+    pub fn with_param(mut self, name: &str, t: Tensor) -> Self {
+        self.params.push((name.to_string(), t));
+        self
+    }
+
+    /// Adds a base tensor that stays quantized in memory.
+    pub fn with_quantized(mut self, name: &str, t: Arc<QTensor>) -> Self {
+        self.quantized.push((name.to_string(), t));
+        self
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The quantized base tensor `name`, if this site keeps one.
+    pub fn quantized(&self, name: &str) -> Option<&Arc<QTensor>> {
+        self.quantized.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+
+    /// The quantized base tensors of this site.
+    pub fn quantized_params(&self) -> &[(String, Arc<QTensor>)] {
+        &self.quantized
+    }
+
+    /// The shape of base tensor `name`, whether it is held in f32 or quantized.
+    pub fn param_dims(&self, name: &str) -> Option<Vec<usize>> {
+        self.param(name).map(|t| t.dims().to_vec()).or_else(|| self.quantized(name).map(|q| q.shape().dims().to_vec()))
+    }
+
+    pub fn kind(&self) -> SiteKind {
+        self.kind
+    }
+
+    pub fn layer(&self) -> Option<usize> {
+        self.layer
+    }
+
+    /// The site's own base tensors (not its children's).
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    pub fn param(&self, name: &str) -> Option<&Tensor> {
+        self.params.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+
+    /// Number of base scalars held by this site itself.
+    pub fn num_params(&self) -> usize {
+        self.params.iter().map(|(_, t)| t.elem_count()).sum::<usize>()
+            + self.quantized.iter().map(|(_, q)| q.shape().elem_count()).sum::<usize>()
+    }
+
+    /// Replaces the base tensor `name` (same shape required).
+    pub fn set_param(&mut self, name: &str, value: Tensor) -> Result<()> {
+        let path = self.path.clone();
+        let slot = self
+            .params
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| Error::Delta(format!("{path} has no parameter `{name}`")))?;
+        if slot.1.dims() != value.dims() {
+            return Err(Error::ShapeMismatch {
+                file: path.into(),
+                key: name.into(),
+                expected: slot.1.dims().to_vec(),
+                got: value.dims().to_vec(),
+            });
+        }
+        slot.1 = value;
+        Ok(())
+    }
+
+    /// Replaces every quantized base tensor by its f32 dequantization (before merging deltas into
+    /// it or writing it out). Returns how many were converted.
+    pub fn dequantize(&mut self) -> Result<usize> {
+        let q = std::mem::take(&mut self.quantized);
+        let n = q.len();
+        for (name, t) in q {
+            let dev = self.params.first().map(|(_, p)| p.device().clone()).unwrap_or(Device::Cpu);
+            self.params.push((name, t.dequantize(&dev)?));
+        }
+        Ok(n)
+    }
+
+    /// Whether any merged delta is folded into the base tensors.
+    pub fn is_merged(&self) -> bool {
+        self.unmerged.is_some()
+    }
+
+    /// Folds every active, mergeable delta into the base tensors. Returns how many were merged.
+    /// Non-finite merged values are an error and leave the site unchanged.
+    pub fn merge(&mut self) -> Result<usize> {
+        let original = self.params.clone();
+        let mut current = self.params.clone();
+        let mut merged_idx = Vec::new();
+        for (i, a) in self.deltas.iter().enumerate() {
+            if !a.active() {
+                continue;
+            }
+            if let Some(new) = a.delta.merged(&current)? {
+                for (name, t) in new {
+                    let finite = t.flatten_all()?.abs()?.max(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                    if !finite.is_finite() {
+                        return Err(Error::NonFinite(format!("merging {} into {}.{name}", a.name, self.path)));
+                    }
+                    match current.iter_mut().find(|(n, _)| *n == name) {
+                        Some(slot) => slot.1 = t,
+                        None => current.push((name, t)),
+                    }
+                }
+                merged_idx.push(i);
+            }
+        }
+        if merged_idx.is_empty() {
+            return Ok(0);
+        }
+        if self.unmerged.is_none() {
+            self.unmerged = Some(original);
+        }
+        self.params = current;
+        for i in &merged_idx {
+            self.deltas[*i].merged = true;
+        }
+        Ok(merged_idx.len())
+    }
+
+    /// Restores the base tensors saved by [`Site::merge`] exactly and re-activates the deltas.
+    pub fn unmerge(&mut self) {
+        if let Some(orig) = self.unmerged.take() {
+            self.params = orig;
+        }
+        for a in &mut self.deltas {
+            a.merged = false;
+        }
+    }
+
+    /// Forgets the unmerged originals: merged deltas become part of the base (for export).
+    pub fn bake(&mut self) {
+        self.unmerged = None;
+        self.deltas.retain(|a| !a.merged);
+    }
+
+    fn hook_ctx(&self, i: usize, a: &Attached, ctx: &ForwardCtx) -> Result<HookCtx> {
+        let gate = match (a.gate, ctx.gates) {
+            (Some(g), Some(gates)) => Some(gates.i(g)?),
+            _ => None,
+        };
+        Ok(HookCtx { train: ctx.train, gate, key: ctx.key.derive_n(self.hash).derive_n(i as u64 + 1) })
+    }
+
+    fn active(&self) -> impl Iterator<Item = (usize, &Attached)> {
+        self.deltas.iter().enumerate().filter(|(_, a)| a.active())
+    }
+
+    /// Whether any delta would run at this site.
+    pub fn has_active(&self) -> bool {
+        self.active().next().is_some()
+    }
+
+    /// Runs the `pre` hooks.
+    pub fn pre(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (i, a) in self.active() {
+            if let Some(nx) = a.delta.pre(&x, &self.hook_ctx(i, a, ctx)?)? {
+                x = nx;
+            }
+        }
+        Ok(x)
+    }
+
+    /// Runs the `post` hooks on output `y` of input `x`.
+    pub fn post(&self, x: &Tensor, y: Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let mut y = y;
+        for (i, a) in self.active() {
+            if let Some(ny) = a.delta.post(x, &y, &self.hook_ctx(i, a, ctx)?)? {
+                y = ny;
+            }
+        }
+        Ok(y)
+    }
+
+    /// The effective value of parameter `name`: the base tensor with `reparam` hooks applied.
+    pub fn resolve(&self, name: &str, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
+        let mut value = self.param(name).cloned();
+        for (i, a) in self.active() {
+            if let Some(v) = a.delta.reparam(name, value.as_ref(), &self.hook_ctx(i, a, ctx)?)? {
+                value = Some(v);
+            }
+        }
+        Ok(value)
+    }
+
+    /// Like [`Site::resolve`] for a parameter the site must have.
+    pub fn require(&self, name: &str, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.resolve(name, ctx)?
+            .ok_or_else(|| Error::Delta(format!("{}: parameter `{name}` is missing", self.path)))
+    }
+
+    /// Soft prompt tokens from this site's deltas, concatenated, (b, n, h).
+    pub fn prompts(&self, batch: usize, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
+        let mut parts = Vec::new();
+        for (i, a) in self.active() {
+            if let Some(p) = a.delta.prompt(batch, &self.hook_ctx(i, a, ctx)?)? {
+                parts.push(p);
+            }
+        }
+        Ok(if parts.is_empty() { None } else { Some(Tensor::cat(&parts, 1)?) })
+    }
+
+    /// Prefix keys/values for `layer` from this site's deltas, concatenated along time.
+    pub fn prefixes(&self, layer: usize, batch: usize, ctx: &ForwardCtx) -> Result<Option<(Tensor, Tensor)>> {
+        let (mut ks, mut vs) = (Vec::new(), Vec::new());
+        for (i, a) in self.active() {
+            if let Some((k, v)) = a.delta.prefix(layer, batch, &self.hook_ctx(i, a, ctx)?)? {
+                ks.push(k);
+                vs.push(v);
+            }
+        }
+        Ok(if ks.is_empty() { None } else { Some((Tensor::cat(&ks, 1)?, Tensor::cat(&vs, 1)?)) })
+    }
+
+    /// Virtual tokens added by the active deltas of this site.
+    pub fn num_virtual_tokens(&self) -> usize {
+        self.active().map(|(_, a)| a.delta.num_virtual_tokens()).sum()
+    }
+
+    /// Dropout key for a dropout inside this site's own computation.
+    pub fn dropout_key(&self, ctx: &ForwardCtx, tag: u64) -> DropoutKey {
+        ctx.key.derive_n(self.hash).derive_n(tag.wrapping_add(0x1000))
+    }
+}
+
