@@ -3,7 +3,7 @@
 
   python3 experiments/tables.py methods [experiments/results/methods.jsonl]
   python3 experiments/tables.py s3delta [experiments/results/s3delta.jsonl]
-  python3 experiments/tables.py s3delta --update README.md   # rewrite the README's tables in place
+  python3 experiments/tables.py s3delta --update docs/search.md   # rewrite the tables of docs/search.md in place
 
 Scores are printed ×100 (accuracy, Matthews correlation, Pearson). S3Delta cells are the mean and
 sample standard deviation over seeds, with the number of seeds when it is not 3.
@@ -204,7 +204,7 @@ if __name__ == "__main__":
     if "--update" in args:
         i = args.index("--update")
         if i + 1 >= len(args):
-            sys.exit("--update needs the file to rewrite (e.g. --update README.md)")
+            sys.exit("--update needs the file to rewrite (e.g. --update docs/search.md)")
         readme = args[i + 1]
         del args[i:i + 2]
     what = args[0] if args else "s3delta"
