@@ -133,6 +133,9 @@ pub struct TrainLmArgs {
     /// Where to save the trained deltas and metrics.jsonl.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace the output if it exists and is not empty.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Skip scoring the untuned model.
     #[arg(long)]
     pub no_baseline: bool,
@@ -250,6 +253,9 @@ pub struct EmbedArgs {
     /// Output file (default: standard output).
     #[arg(long, short)]
     pub output: Option<PathBuf>,
+    /// Replace the output if it exists and is not empty.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Pooling over token states: mean or cls.
     #[arg(long, default_value = "mean")]
     pub pooling: Pooling,
@@ -273,6 +279,9 @@ pub struct MergeArgs {
     /// Output directory (a plain HF model directory).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace the output if it exists and is not empty.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Weight dtype of a merged decoder: f32, f16 or bf16 (encoders are written as loaded).
     #[arg(long, default_value = "f32", value_parser = dtype)]
     pub dtype: DType,
@@ -297,6 +306,9 @@ pub struct ExportArgs {
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace the output if it exists and is not empty.
+    #[arg(long)]
+    pub overwrite: bool,
     /// `base_model_name_or_path` written into the PEFT config.
     #[arg(long, default_value = "sentence-transformers/all-MiniLM-L6-v2")]
     pub base_model_name: String,
@@ -471,6 +483,9 @@ pub struct PredictArgs {
     /// Output JSONL (default: standard output).
     #[arg(long, short)]
     pub output: Option<PathBuf>,
+    /// Replace the output if it exists and is not empty.
+    #[arg(long)]
+    pub overwrite: bool,
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
 }

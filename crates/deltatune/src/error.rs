@@ -8,8 +8,11 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    /// A file operation failed: what was being done (`reading`, `writing`, …), on which path,
+    /// and the system's reason. The reason is part of the message, not a separate cause, so a
+    /// chain prints it once.
+    #[error("{op}{}{}: {err}", if op.is_empty() { "" } else { " " }, path.display())]
+    Io { path: PathBuf, op: &'static str, err: std::io::Error },
 
     #[error("{}: {what} not found", path.display())]
     NotFound { path: PathBuf, what: String },
@@ -82,16 +85,21 @@ pub enum Error {
     #[error("cancelled{}", if .0.is_empty() { String::new() } else { format!(": {}", .0) })]
     Cancelled(String),
 
-    #[error("{context}: {source}")]
-    Candle { context: String, source: candle_core::Error },
+    #[error("{context}: {err}")]
+    Candle { context: String, err: candle_core::Error },
 
     #[error(transparent)]
     CandleRaw(#[from] candle_core::Error),
 }
 
 impl Error {
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+    /// An I/O error on `path`; prefer [`Error::io_op`], which also says what was being done.
+    pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
+        Error::Io { path: path.into(), op: "", err }
+    }
+    /// An I/O error while doing `op` (`reading`, `creating`, …) on `path`.
+    pub fn io_op(path: impl Into<PathBuf>, op: &'static str, err: std::io::Error) -> Self {
+        Error::Io { path: path.into(), op, err }
     }
     pub fn arg(flag: impl Into<String>, msg: impl Into<String>) -> Self {
         Error::InvalidArg { flag: flag.into(), msg: msg.into() }
@@ -111,7 +119,7 @@ pub trait ResultExt<T> {
 
 impl<T> ResultExt<T> for std::result::Result<T, candle_core::Error> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| Error::Candle { context: context(), source })
+        self.map_err(|err| Error::Candle { context: context(), err })
     }
 }
 
@@ -146,3 +154,54 @@ pub fn nearest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>, n: usi
     scored.into_iter().map(|(_, c)| c).take(n).collect()
 }
 
+
+/// Range checks of user-given numbers; each error names the flag or field at fault.
+pub mod check {
+    use super::{Error, Result};
+
+    /// A finite number above zero.
+    pub fn positive(flag: &str, v: f64) -> Result<()> {
+        if v.is_finite() && v > 0.0 {
+            Ok(())
+        } else {
+            Err(Error::arg(flag, format!("{v} (expected a positive number)")))
+        }
+    }
+
+    /// A finite number, zero or above.
+    pub fn non_negative(flag: &str, v: f64) -> Result<()> {
+        if v.is_finite() && v >= 0.0 {
+            Ok(())
+        } else {
+            Err(Error::arg(flag, format!("{v} (expected a number ≥ 0)")))
+        }
+    }
+
+    /// A finite number in [lo, hi) (or [lo, hi] with `closed`).
+    pub fn in_range(flag: &str, v: f64, lo: f64, hi: f64, closed: bool) -> Result<()> {
+        let ok = v.is_finite() && v >= lo && (v < hi || (closed && v == hi));
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::arg(flag, format!("{v} (expected a value in [{lo}, {hi}{})", if closed { "]" } else { ")" })))
+        }
+    }
+
+    /// A count of at least `min`.
+    pub fn at_least(flag: &str, v: usize, min: usize) -> Result<()> {
+        if v >= min {
+            Ok(())
+        } else {
+            Err(Error::arg(flag, format!("{v} (must be at least {min})")))
+        }
+    }
+
+    /// A count of at most `max` (`why` says where the limit comes from).
+    pub fn at_most(flag: &str, v: usize, max: usize, why: &str) -> Result<()> {
+        if v <= max {
+            Ok(())
+        } else {
+            Err(Error::arg(flag, format!("{v} exceeds {max} ({why})")))
+        }
+    }
+}

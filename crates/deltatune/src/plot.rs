@@ -62,8 +62,8 @@ fn ensure_font() -> Result<()> {
     .map_err(Error::Asset)
 }
 
-fn draw_err<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> Error + '_ {
-    move |e| Error::Asset(format!("{}: drawing failed: {e:?}", path.display()))
+fn draw_err<E: std::fmt::Display>(path: &Path) -> impl Fn(E) -> Error + '_ {
+    move |e| Error::Asset(format!("writing {}: {e}", path.display()))
 }
 
 /// One line of a chart.
@@ -133,14 +133,14 @@ where
 pub fn line_charts(path: &Path, panels: &[Panel], width: u32) -> Result<()> {
     ensure_font()?;
     let height = 360 * panels.len().max(1) as u32;
-    let tmp = path.with_extension(format!("tmp.{}", path.extension().and_then(|e| e.to_str()).unwrap_or("png")));
+    let tmp = crate::io::atomic::temp_path(path)?;
     let is_svg = path.extension().is_some_and(|e| e == "svg");
-    if is_svg {
-        draw_panels(SVGBackend::new(&tmp, (width, height)).into_drawing_area(), panels, path)?;
+    let drawn = if is_svg {
+        draw_panels(SVGBackend::new(&tmp, (width, height)).into_drawing_area(), panels, path)
     } else {
-        draw_panels(BitMapBackend::new(&tmp, (width, height)).into_drawing_area(), panels, path)?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        draw_panels(BitMapBackend::new(&tmp, (width, height)).into_drawing_area(), panels, path)
+    };
+    crate::io::atomic::finish_temp(&tmp, path, drawn)
 }
 
 /// A cell of a heatmap.
@@ -155,14 +155,14 @@ pub struct Cell {
 pub fn heatmap(path: &Path, title: &str, rows: &[String], cols: &[String], cells: &[Cell]) -> Result<()> {
     ensure_font()?;
     let (w, h) = (220 + 90 * cols.len() as u32, 140 + 40 * rows.len() as u32);
-    let tmp = path.with_extension(format!("tmp.{}", path.extension().and_then(|e| e.to_str()).unwrap_or("png")));
+    let tmp = crate::io::atomic::temp_path(path)?;
     let is_svg = path.extension().is_some_and(|e| e == "svg");
-    if is_svg {
-        draw_heatmap(SVGBackend::new(&tmp, (w, h)).into_drawing_area(), title, rows, cols, cells, path)?;
+    let drawn = if is_svg {
+        draw_heatmap(SVGBackend::new(&tmp, (w, h)).into_drawing_area(), title, rows, cols, cells, path)
     } else {
-        draw_heatmap(BitMapBackend::new(&tmp, (w, h)).into_drawing_area(), title, rows, cols, cells, path)?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        draw_heatmap(BitMapBackend::new(&tmp, (w, h)).into_drawing_area(), title, rows, cols, cells, path)
+    };
+    crate::io::atomic::finish_temp(&tmp, path, drawn)
 }
 
 fn draw_heatmap<DB: DrawingBackend>(

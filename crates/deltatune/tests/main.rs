@@ -6,6 +6,7 @@ mod common;
 mod data;
 mod decoder;
 mod errors;
+mod fuzz;
 mod layers;
 mod parity;
 mod methods;

@@ -127,7 +127,7 @@ mod frozen_cache {
             ..Default::default()
         };
         let (tr, dv) = (data(24), data(8));
-        fit(&mut model, FitOptions { cfg: &cfg, train: &tr, dev: Some(&dv), scorer: &acc, run_dir: run, resume: false, ctl: &deltatune::api::Control::silent(), meta: Default::default(), pad_id: 0 }).unwrap();
+        fit(&mut model, FitOptions { cfg: &cfg, train: &tr, dev: Some(&dv), scorer: &acc, run_dir: run, final_dir: run, resume: false, ctl: &deltatune::api::Control::silent(), meta: Default::default(), pad_id: 0 }).unwrap();
         model.params().iter().map(|(_, v)| v.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
     }
 

@@ -4,11 +4,17 @@ use crate::args::EmbedArgs;
 use anyhow::{Context, Result};
 use deltatune::api::{self, EmbedSpec};
 use deltatune::data::lines::read_lines;
+use deltatune::io::atomic::check_output;
 use std::io::Write;
 
 pub fn run(a: EmbedArgs) -> Result<()> {
     if a.batch_size == 0 {
         anyhow::bail!("invalid --batch-size: must be at least 1");
+    }
+    if let Some(out) = &a.output {
+        let mut inputs: Vec<(&str, &std::path::Path)> = a.input.iter().map(|p| ("--input", p.as_path())).collect();
+        inputs.extend(a.model.model.iter().map(|p| ("--model", p.as_path())));
+        check_output(out, "--output", a.overwrite, &inputs)?;
     }
     // Read (and validate) the input before the model, so bad input fails fast.
     let texts = read_lines(a.input.as_deref())?;
@@ -36,7 +42,7 @@ pub fn run(a: EmbedArgs) -> Result<()> {
             Ok(())
         })
     })?;
-    stdout.flush()?;
+    stdout.flush().context("writing to standard output")?;
     if let Some(p) = &a.output {
         deltatune::io::write_atomic(p, &buffer).with_context(|| format!("writing {}", p.display()))?;
     }

@@ -11,6 +11,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
         name: a.name.clone(),
         format: a.format,
         out: a.out.clone(),
+        overwrite: a.overwrite,
         base_model_name: a.base_model_name.clone(),
     };
     let r = super::with_control(false, None, |ctl| api::export(&spec, ctl))?;

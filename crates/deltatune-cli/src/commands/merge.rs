@@ -1,7 +1,7 @@
 //! `deltatune merge`: fold mergeable deltas into the base weights and write a plain HF model.
 
 use crate::args::MergeArgs;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use deltatune::api::{self, MergeSpec};
 
 pub fn run(a: MergeArgs) -> Result<()> {
@@ -10,9 +10,10 @@ pub fn run(a: MergeArgs) -> Result<()> {
         deltas: super::delta_sources(&a.deltas)?,
         seed: a.deltas.seed,
         out: a.out.clone(),
+        overwrite: a.overwrite,
         dtype: a.dtype,
     };
-    let r = super::with_control(false, None, |ctl| api::merge(&spec, ctl)).with_context(|| format!("merging into {}", a.out.display()))?;
+    let r = super::with_control(false, None, |ctl| api::merge(&spec, ctl))?;
     let dtype = format!("{:?}", a.dtype).to_lowercase();
     match (a.json, r.decoder) {
         (true, false) => println!("{}", serde_json::json!({"out": r.out, "deltas": r.deltas, "merged_sites": r.merged_sites, "max_abs_diff": r.max_abs_diff})),

@@ -4,9 +4,13 @@ use crate::args::PredictArgs;
 use anyhow::{Context, Result};
 use deltatune::api::{self, PredictSpec};
 use deltatune::data::readers::{read_texts, Format};
+use deltatune::io::atomic::check_output;
 use std::io::Write;
 
 pub fn run(a: PredictArgs) -> Result<()> {
+    if let Some(out) = &a.output {
+        check_output(out, "--output", a.overwrite, &[("--input", &a.input), ("--delta", &a.delta)])?;
+    }
     // Read the input first: bad input fails before any model work.
     let texts: Vec<(String, Option<String>)> = match Format::from_path(&a.input) {
         Ok(format) => {
@@ -28,7 +32,7 @@ pub fn run(a: PredictArgs) -> Result<()> {
     }
     match &a.output {
         Some(p) => deltatune::io::write_atomic(p, &out).with_context(|| format!("writing {}", p.display()))?,
-        None => std::io::stdout().lock().write_all(&out)?,
+        None => std::io::stdout().lock().write_all(&out).context("writing to standard output")?,
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! `deltatune train`: deltas + head on a real task, resumable, with progress and a summary.
 
 use crate::args::TrainArgs;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use deltatune::api::{self, Cancel, DeltaSource, RunMode, TrainSpec};
 use deltatune::train::optim::{AdamWConfig, DecayRule};
 use deltatune::train::TrainConfig;
@@ -13,6 +13,9 @@ pub fn run(a: TrainArgs, cancel: &Cancel) -> Result<()> {
     let (specs, dirs) = DeltaSource::split(&super::delta_sources(&a.deltas)?);
     if !dirs.is_empty() {
         anyhow::bail!("invalid --delta: training starts from delta specs (e.g. lora:r=8), not saved deltas");
+    }
+    if !(a.max_grad_norm.is_finite() && a.max_grad_norm >= 0.0) {
+        anyhow::bail!("invalid --max-grad-norm: {} (expected a positive number, or 0 for no clipping)", a.max_grad_norm);
     }
     let train = TrainConfig {
         lr: a.lr,
@@ -43,7 +46,7 @@ pub fn run(a: TrainArgs, cancel: &Cancel) -> Result<()> {
         cache_mb: a.cache_mb,
     };
     let model = super::with_control(a.quiet, None, |ctl| api::encoder_dir(a.model.model.as_deref(), ctl))?;
-    let model = std::path::absolute(model)?;
+    let model = std::path::absolute(&model).with_context(|| format!("resolving --model {}", model.display()))?;
     let method = specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join("+");
     let out = a.out.clone().unwrap_or_else(|| format!("runs/{}-{}-s{}", data.label(), method, a.deltas.seed).into());
     let spec = TrainSpec { model, data, data_options: super::task_options(&a.data), deltas: specs, train };

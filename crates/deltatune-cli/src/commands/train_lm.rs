@@ -29,6 +29,7 @@ pub fn run(a: TrainLmArgs, cancel: &Cancel) -> Result<()> {
         },
         baseline: !a.no_baseline,
         out: a.out.clone(),
+        overwrite: a.overwrite,
     };
     let r = super::with_control(a.json, Some(cancel), |ctl| api::train_lm(&spec, ctl))?;
     if a.json {

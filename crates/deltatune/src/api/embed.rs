@@ -47,6 +47,7 @@ pub fn embed(spec: &EmbedSpec, ctl: &Control, sink: &mut dyn FnMut(Vec<Vec<f32>>
     if spec.batch_size == 0 {
         return Err(Error::arg("--batch-size", "must be at least 1"));
     }
+    crate::error::check::at_least("--max-length", spec.max_length, 2)?;
     let (model, _) = encoder_with_deltas(spec.model.as_deref(), &spec.deltas, spec.seed, ctl)?;
     let enc = TextEncoder::from_file(&model.files.tokenizer, spec.max_length)?;
     embed_with(&model, &enc, &spec.texts, spec.pooling, spec.normalize, spec.batch_size, sink)

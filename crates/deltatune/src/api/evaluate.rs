@@ -6,7 +6,7 @@ use crate::artifacts::TaskModel;
 use crate::backbone::bert::BertModel;
 use crate::control::Control;
 use crate::data::sources::DataSource;
-use crate::data::task::{LabelMap, TaskOptions};
+use crate::data::task::{LabelMap, TaskData, TaskOptions};
 use crate::data::tokenize::TextEncoder;
 use crate::error::{Error, Result};
 use crate::head::HeadKind;
@@ -103,6 +103,7 @@ pub fn evaluate(spec: &EvalSpec, ctl: &Control) -> Result<EvalResult> {
         }
     };
     let task = source.load(&opts, &mut ctl.messages())?;
+    check_labels(&model, &meta, &task, &spec.delta)?;
     let examples = match spec.split {
         Split::Dev => &task.dev,
         Split::Train => &task.train,
@@ -122,6 +123,44 @@ pub fn evaluate(spec: &EvalSpec, ctl: &Control) -> Result<EvalResult> {
         scores: scores.values.clone(),
         loss: ev.loss,
     })
+}
+
+/// Refuses data whose task type or label set differs from what the delta's head was trained on:
+/// scores computed through a head for other labels would be meaningless.
+fn check_labels(model: &TaskModel, meta: &Map<String, Value>, task: &TaskData, delta: &Path) -> Result<()> {
+    let trained_on = meta.get("task").and_then(|t| t["name"].as_str()).unwrap_or("its training data").to_string();
+    let saved: Option<LabelMap> = meta.get("task").and_then(|t| serde_json::from_value(t["labels"].clone()).ok());
+    let list = |m: &LabelMap| m.names().join(", ");
+    match (model.head.config.kind, &task.labels) {
+        (HeadKind::Regression, None) => Ok(()),
+        (HeadKind::Regression, Some(l)) => Err(Error::Delta(format!(
+            "{}: the delta's head predicts a number (regression, trained on {trained_on}) but {} is a classification task with labels [{}]",
+            delta.display(),
+            task.name,
+            list(l)
+        ))),
+        (HeadKind::Classification { num_labels }, None) => Err(Error::Delta(format!(
+            "{}: the delta's head predicts {num_labels} classes (trained on {trained_on}) but {} is a regression task",
+            delta.display(),
+            task.name
+        ))),
+        (HeadKind::Classification { num_labels }, Some(l)) => {
+            let same = match &saved {
+                Some(s) => s.names() == l.names(),
+                None => num_labels == l.len(),
+            };
+            if same {
+                return Ok(());
+            }
+            let head = saved.as_ref().map(list).unwrap_or_else(|| format!("{num_labels} unnamed classes"));
+            Err(Error::Delta(format!(
+                "{}: the delta's head predicts labels [{head}] (trained on {trained_on}) but {} has labels [{}]; evaluate it on data with the same labels",
+                delta.display(),
+                task.name,
+                list(l)
+            )))
+        }
+    }
 }
 
 /// `deltatune predict`.

@@ -7,6 +7,7 @@ use crate::attach::AttachOptions;
 use crate::backbone::bert::BertModel;
 use crate::control::Control;
 use crate::error::{Error, Result};
+use crate::io::atomic::check_output;
 use candle_core::Device;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -40,6 +41,8 @@ pub struct ExportSpec {
     pub name: Option<String>,
     pub format: ExportFormat,
     pub out: PathBuf,
+    /// Replace an existing non-empty `out`.
+    pub overwrite: bool,
     /// `base_model_name_or_path` in the PEFT config.
     pub base_model_name: String,
 }
@@ -52,7 +55,9 @@ pub struct ExportResult {
 }
 
 pub fn export(spec: &ExportSpec, ctl: &Control) -> Result<ExportResult> {
-    let mut model = BertModel::load(&encoder_dir(spec.model.as_deref(), ctl)?, &Device::Cpu)?;
+    let model_dir = encoder_dir(spec.model.as_deref(), ctl)?;
+    check_output(&spec.out, "--out", spec.overwrite, &[("--delta", &spec.delta), ("--model", &model_dir)])?;
+    let mut model = BertModel::load(&model_dir, &Device::Cpu)?;
     let loaded = load_delta(&spec.delta, &mut model, AttachOptions::default())?;
     let delta = match &spec.name {
         Some(n) => loaded.specs.iter().find(|s| &s.name == n).ok_or_else(|| {

@@ -39,6 +39,10 @@ pub fn check_options(o: &GenerateOptions) -> Result<()> {
     if !(o.temperature >= 0.0 && o.temperature.is_finite()) {
         return Err(Error::arg("--temperature", format!("{} (expected 0 for greedy or a positive number)", o.temperature)));
     }
+    crate::error::check::at_least("--max-new-tokens", o.max_new_tokens, 1)?;
+    if o.stop_strings.iter().any(String::is_empty) {
+        return Err(Error::arg("--stop", "an empty stop string would stop before the first token"));
+    }
     Ok(())
 }
 

@@ -11,6 +11,7 @@ use crate::control::Control;
 use crate::core::{Backbone, ForwardCtx, Pooling};
 use crate::data::tokenize::{Padding, TextEncoder};
 use crate::error::{Error, Result};
+use crate::io::atomic::check_output;
 use crate::lm::causal::CausalLm;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -38,6 +39,8 @@ pub struct MergeSpec {
     /// Seed of new (untrained) deltas.
     pub seed: u64,
     pub out: PathBuf,
+    /// Replace an existing non-empty `out`.
+    pub overwrite: bool,
     /// Weight type of a merged decoder (f32, f16 or bf16); encoders are written in f32.
     pub dtype: DType,
 }
@@ -57,6 +60,13 @@ pub fn merge(spec: &MergeSpec, ctl: &Control) -> Result<MergeResult> {
     if spec.deltas.is_empty() {
         return Err(Error::arg("--delta", "give at least one delta to merge"));
     }
+    let model_dir = match &spec.model {
+        Some(p) => p.clone(),
+        None => super::common::encoder_dir(None, ctl)?,
+    };
+    let (_, dirs) = DeltaSource::split(&spec.deltas);
+    let inputs: Vec<(&str, &std::path::Path)> = std::iter::once(("--model", model_dir.as_path())).chain(dirs.iter().map(|d| ("--delta", d.as_path()))).collect();
+    check_output(&spec.out, "--out", spec.overwrite, &inputs)?;
     if let Some(p) = spec.model.as_deref().filter(|p| is_decoder_path(p)) {
         return merge_decoder(spec, p.to_path_buf(), ctl);
     }

@@ -11,6 +11,7 @@ use crate::data::task::TaskOptions;
 use crate::data::tokenize::TextEncoder;
 use crate::delta::DeltaSpec;
 use crate::error::{Error, Result};
+use crate::io::atomic::{check_output, StagedDir};
 use crate::head::{Head, HeadConfig};
 use crate::search::output;
 use crate::search::run::{prepare, search as run_search, Budget, SearchConfig, SearchResult};
@@ -67,11 +68,12 @@ pub struct SearchOutcome {
 }
 
 pub fn search(spec: &SearchSpec, ctl: &Control) -> Result<SearchOutcome> {
-    if spec.out.join("search.json").exists() && !spec.overwrite {
-        return Err(Error::arg("--out", format!("{} holds a previous search; pass --overwrite to replace it", spec.out.display())));
-    }
+    spec.config.validate()?;
+    let model_dir = encoder_dir(spec.model.as_deref(), ctl)?;
+    let inputs: Vec<(&str, &std::path::Path)> = std::iter::once(("--model", model_dir.as_path())).chain(spec.data.paths().into_iter().map(|p| ("--data", p))).collect();
+    check_output(&spec.out, "--out", spec.overwrite, &inputs)?;
     let task = spec.data.load(&spec.data_options, &mut ctl.messages())?;
-    let mut backbone = BertModel::load(&encoder_dir(spec.model.as_deref(), ctl)?, &Device::Cpu)?;
+    let mut backbone = BertModel::load(&model_dir, &Device::Cpu)?;
     let enc = TextEncoder::from_file(&backbone.files.tokenizer, spec.max_length)?;
     let train = prepare_split(&task.train, &enc)?;
     let dev = prepare_split(&task.dev, &enc)?;
@@ -99,12 +101,13 @@ pub fn search(spec: &SearchSpec, ctl: &Control) -> Result<SearchOutcome> {
         out: spec.out.clone(),
     };
     if spec.candidates_only {
-        std::fs::create_dir_all(&spec.out).map_err(|e| Error::io(&spec.out, e))?;
+        let staging = StagedDir::new(&spec.out)?;
         let rows: Vec<_> = cands
             .iter()
             .map(|c| json!({"id": c.id, "method": c.method, "path": c.path, "layer": c.layer, "position": c.position, "params": c.params}))
             .collect();
-        crate::io::atomic::write_json_atomic(&spec.out.join("candidates.json"), &rows)?;
+        crate::io::atomic::write_json_atomic(&staging.path().join("candidates.json"), &rows)?;
+        staging.commit(spec.overwrite)?;
         return Ok(outcome);
     }
     // The budget is checked here, once, against what the space can hold.
@@ -128,7 +131,8 @@ pub fn search(spec: &SearchSpec, ctl: &Control) -> Result<SearchOutcome> {
     ));
     let head = Head::new(HeadConfig { kind: head_kind(task.kind), pooling: spec.pooling, hidden_size: backbone.hidden_size() }, spec.config.seed, backbone.device())?;
     let mut model = TaskModel { backbone, head, specs: Vec::new() };
-    std::fs::create_dir_all(&spec.out).map_err(|e| Error::io(&spec.out, e))?;
+    // Everything is written into a staging directory moved into place at the end.
+    let staging = StagedDir::new(&spec.out)?;
     let result = if budget >= space_total as f64 {
         ctl.warn(format!(
             "the budget ({budget:.0}) is at least what the whole space can use ({space_total}); every candidate is selected and no search is run"
@@ -147,7 +151,7 @@ pub fn search(spec: &SearchSpec, ctl: &Control) -> Result<SearchOutcome> {
     } else {
         prepare(&mut model, &cands, spec.config.seed)?;
         let sc = scorer(&task);
-        run_search(&mut model, &cands, budget, &train, Some(&dev), &sc, &spec.config, &spec.out, enc.pad_id(), ctl)?
+        run_search(&mut model, &cands, budget, &train, Some(&dev), &sc, &spec.config, staging.path(), enc.pad_id(), ctl)?
     };
     outcome.selected = result.selected.len();
     outcome.selected_params = result.selected_params;
@@ -156,6 +160,7 @@ pub fn search(spec: &SearchSpec, ctl: &Control) -> Result<SearchOutcome> {
     outcome.steps = result.steps;
     outcome.seconds = result.seconds;
     let summary = serde_json::to_value(&outcome).map_err(|e| Error::Delta(e.to_string()))?;
-    outcome.structure = output::write(&spec.out, &cands, &result, summary)?;
+    outcome.structure = output::write(staging.path(), &cands, &result, summary)?;
+    staging.commit(spec.overwrite)?;
     Ok(outcome)
 }

@@ -13,6 +13,7 @@ use crate::data::tokenize::TextEncoder;
 use crate::delta::DeltaSpec;
 use crate::error::{Error, Result};
 use crate::head::{Head, HeadConfig};
+use crate::io::atomic::{check_not_input, occupied, DirLock, StagedDir};
 use crate::train::config::TrainConfig;
 use crate::train::fit::{fit, FitOptions};
 use crate::train::task::{head_kind, prepare_split, scorer};
@@ -66,11 +67,12 @@ pub struct TrainResult {
 
 const RUN_FILE: &str = "run.json";
 
-/// Checks (and with `Overwrite`, clears) the run directory.
-fn prepare_dir(dir: &Path, spec: &TrainSpec, mode: RunMode) -> Result<()> {
+/// Checks the run directory against the mode before any work: a fresh run needs an absent or
+/// empty directory, a resume needs a run started with the same settings, an overwrite leaves the
+/// old run in place until the new one completes (see [`train`]).
+fn check_dir(dir: &Path, spec: &TrainSpec, mode: RunMode) -> Result<()> {
     let run_file = dir.join(RUN_FILE);
-    let occupied = dir.is_dir() && std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.next().is_some();
-    match (run_file.is_file(), occupied, mode) {
+    match (run_file.is_file(), occupied(dir), mode) {
         (_, false, RunMode::Resume) | (false, true, RunMode::Resume) => {
             Err(Error::arg("--resume", format!("{} holds no run to resume", dir.display())))
         }
@@ -80,28 +82,61 @@ fn prepare_dir(dir: &Path, spec: &TrainSpec, mode: RunMode) -> Result<()> {
             if &stored != spec {
                 let a = serde_json::to_value(&stored).unwrap_or_default();
                 let b = serde_json::to_value(spec).unwrap_or_default();
-                let diff: Vec<String> = a
-                    .as_object()
-                    .map(|o| o.keys().filter(|k| a.get(*k) != b.get(*k)).cloned().collect())
-                    .unwrap_or_default();
+                let mut diff = Vec::new();
+                json_diff("", &a, &b, &mut diff);
                 return Err(Error::arg(
                     "--resume",
-                    format!("the run in {} was started with different settings ({}); rerun the original command with --resume", dir.display(), diff.join(", ")),
+                    format!(
+                        "the run in {} was started with different settings: {}; rerun the original command with --resume, or use another --out",
+                        dir.display(),
+                        diff.join("; ")
+                    ),
                 ));
             }
             Ok(())
         }
-        (true, _, RunMode::Overwrite) => std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e)),
+        (_, _, RunMode::Overwrite) => Ok(()),
         (true, _, RunMode::Fresh) => Err(Error::arg(
             "--out",
             format!("{} holds another run; pass --resume to continue it or --overwrite to replace it", dir.display()),
         )),
-        (false, true, _) => Err(Error::arg(
+        (false, true, RunMode::Fresh) => Err(Error::arg(
             "--out",
-            format!("{} is a non-empty directory that is not a deltatune run; choose another --out", dir.display()),
+            format!("{} is a non-empty directory that is not a deltatune run; choose another --out (or --overwrite to replace it)", dir.display()),
         )),
         (false, false, _) => Ok(()),
     }
+}
+
+/// `path: stored → given` for every leaf where two JSON values differ (at most a few).
+fn json_diff(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    if out.len() >= 6 || a == b {
+        return;
+    }
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                json_diff(&p, x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null), out);
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (u, v)) in x.iter().zip(y).enumerate() {
+                json_diff(&format!("{path}[{i}]"), u, v, out);
+            }
+        }
+        _ => out.push(format!("{path}: {a} in the run, {b} now")),
+    }
+}
+
+/// Where a run is written: in place (fresh or resumed, so that a kill leaves something
+/// `--resume` continues), or — replacing an existing run — in a staging directory swapped in
+/// when the new run completes, so a failure leaves the old run untouched.
+enum Place {
+    InPlace { _lock: DirLock },
+    Staged { staging: StagedDir, _lock: DirLock },
 }
 
 /// Runs training as described by `spec` in `run_dir`.
@@ -112,7 +147,9 @@ pub fn train(spec: &TrainSpec, run_dir: &Path, mode: RunMode, ctl: &Control) -> 
     if specs.is_empty() {
         return Err(Error::arg("--delta", "give at least one delta (e.g. --delta lora), or --delta full for full fine-tuning"));
     }
-    prepare_dir(run_dir, spec, mode)?;
+    let inputs: Vec<(&str, &Path)> = std::iter::once(("--model", spec.model.as_path())).chain(spec.data.paths().into_iter().map(|p| ("--data", p))).collect();
+    check_not_input(run_dir, "--out", &inputs)?;
+    check_dir(run_dir, spec, mode)?;
     let task = spec.data.load(&spec.data_options, &mut ctl.messages())?;
     for n in &task.notes {
         ctl.message(format!("note: {n}"));
@@ -126,9 +163,56 @@ pub fn train(spec: &TrainSpec, run_dir: &Path, mode: RunMode, ctl: &Control) -> 
     let head_cfg = HeadConfig { kind: head_kind(task.kind), pooling: spec.train.pooling, hidden_size: backbone.hidden_size() };
     let head = Head::new(head_cfg, spec.train.seed, backbone.device())?;
     let mut model = TaskModel { backbone, head, specs: specs.to_vec() };
-    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    let tree = model.backbone.tree();
+    if tree.trainable_params == 0 {
+        return Err(Error::arg("--delta", "the deltas have no trainable parameters (are they all disabled or merged?)"));
+    }
+    // Everything that can fail on bad input has been checked; now the run directory.
+    let place = if mode == RunMode::Overwrite && occupied(run_dir) {
+        let lock = DirLock::acquire(run_dir, "--out")?;
+        Place::Staged { staging: StagedDir::new(run_dir)?, _lock: lock }
+    } else {
+        std::fs::create_dir_all(run_dir).map_err(|e| Error::io_op(run_dir, "creating", e))?;
+        Place::InPlace { _lock: DirLock::acquire(run_dir, "--out")? }
+    };
+    let work_dir = match &place {
+        Place::InPlace { .. } => run_dir,
+        Place::Staged { staging, .. } => staging.path(),
+    };
+    let created = mode != RunMode::Resume;
+    let summary = match run_in(spec, &task, &mut model, work_dir, run_dir, mode, (&train, &dev), &enc, ctl) {
+        Ok(s) => s,
+        Err(e) => {
+            // A fresh run that failed before its first checkpoint leaves nothing to resume:
+            // remove what it wrote rather than leave a directory that blocks the next attempt.
+            if created && matches!(place, Place::InPlace { .. }) && !crate::train::checkpoint::last_dir(run_dir).join("state.json").is_file() {
+                let _ = std::fs::remove_dir_all(run_dir); // best effort; the error is what matters
+            }
+            return Err(e);
+        }
+    };
+    if let Place::Staged { staging, .. } = place {
+        staging.commit(true)?;
+    }
+    Ok(summary)
+}
+
+/// The run itself, in `work_dir` (the run directory, or a staging directory replacing `run_dir`).
+#[allow(clippy::too_many_arguments)]
+fn run_in(
+    spec: &TrainSpec,
+    task: &crate::data::task::TaskData,
+    model: &mut TaskModel,
+    work_dir: &Path,
+    run_dir: &Path,
+    mode: RunMode,
+    (train, dev): (&crate::train::prepared::Prepared, &crate::train::prepared::Prepared),
+    enc: &TextEncoder,
+    ctl: &Control,
+) -> Result<TrainResult> {
+    let specs = &spec.deltas;
     if mode != RunMode::Resume {
-        crate::io::write_json_atomic(&run_dir.join(RUN_FILE), spec)?;
+        crate::io::write_json_atomic(&work_dir.join(RUN_FILE), spec)?;
     }
     let tree = model.backbone.tree();
     let delta_params = tree.trainable_params;
@@ -151,15 +235,16 @@ pub fn train(spec: &TrainSpec, run_dir: &Path, mode: RunMode, ctl: &Control) -> 
     );
     meta.insert("data".into(), serde_json::to_value(&spec.data).unwrap_or_default());
     meta.insert("data_options".into(), serde_json::to_value(&spec.data_options).unwrap_or_default());
-    let sc = scorer(&task);
+    let sc = scorer(task);
     let result = fit(
-        &mut model,
+        model,
         FitOptions {
             cfg: &spec.train,
-            train: &train,
-            dev: Some(&dev),
+            train,
+            dev: Some(dev),
             scorer: &sc,
-            run_dir,
+            run_dir: work_dir,
+            final_dir: run_dir,
             resume: mode == RunMode::Resume,
             ctl,
             meta,
@@ -187,6 +272,6 @@ pub fn train(spec: &TrainSpec, run_dir: &Path, mode: RunMode, ctl: &Control) -> 
         run_dir: run_dir.to_path_buf(),
         notes: task.notes.clone(),
     };
-    crate::io::write_json_atomic(&run_dir.join("summary.json"), &summary)?;
+    crate::io::write_json_atomic(&work_dir.join("summary.json"), &summary)?;
     Ok(summary)
 }

@@ -10,6 +10,7 @@ use crate::data::readers::load_task;
 use crate::data::task::{Example, TaskOptions};
 use crate::delta::DeltaSpec;
 use crate::error::{Error, Result};
+use crate::io::atomic::{check_output, StagedDir};
 use crate::lm::causal::CausalLm;
 use crate::train::lm::{self as lmt, LmPair, LmTrainConfig, Verbalizer};
 use candle_core::Device;
@@ -45,6 +46,8 @@ pub struct TrainLmSpec {
     pub baseline: bool,
     /// Where to save the trained deltas and `metrics.jsonl`.
     pub out: Option<PathBuf>,
+    /// Replace an existing non-empty `out`.
+    pub overwrite: bool,
 }
 
 /// What a decoder training run did (also saved with the deltas).
@@ -71,7 +74,24 @@ enum Eval {
 }
 
 pub fn train_lm(spec: &TrainLmSpec, ctl: &Control) -> Result<TrainLmResult> {
+    spec.config.validate()?;
     let path = decoder_path(spec.model.as_deref(), ctl)?;
+    if let Some(out) = &spec.out {
+        let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--model", path.as_path())];
+        match &spec.data {
+            LmData::Task { root, .. } => inputs.push(("--data-dir", root.as_path())),
+            LmData::Pairs { train, dev } => {
+                inputs.push(("--train", train.as_path()));
+                inputs.extend(dev.as_deref().map(|d| ("--dev", d)));
+            }
+        }
+        check_output(out, "--out", spec.overwrite, &inputs)?;
+    }
+    if let LmData::Task { template: Some(t), .. } = &spec.data {
+        if !t.contains("{text}") {
+            return Err(Error::arg("--template", format!("`{t}` has no {{text}} placeholder, so every prompt would be the same")));
+        }
+    }
     let mut lm = CausalLm::load(&path, &Device::Cpu)?;
     let specs: Vec<DeltaSpec> = if spec.deltas.is_empty() { vec![DeltaSpec::parse_cli("lora:r=8,lora_alpha=16,target=q_proj+v_proj")?] } else { spec.deltas.clone() };
     let (pairs, eval, what) = match &spec.data {
@@ -158,15 +178,19 @@ pub fn train_lm(spec: &TrainLmSpec, ctl: &Control) -> Result<TrainLmResult> {
         config: spec.config.clone(),
     };
     if let Some(out) = &spec.out {
+        // The delta and its metrics are written side by side in one staging directory, moved
+        // into place together.
+        let staging = StagedDir::new(out)?;
         let mut meta = serde_json::Map::new();
         meta.insert("train_lm".into(), serde_json::to_value(&result).map_err(|e| Error::Delta(e.to_string()))?);
-        delta_dir::save(out, &lm.model, &specs, &Default::default(), &meta)?;
+        delta_dir::write_into(staging.path(), &lm.model, &specs, &Default::default(), &meta)?;
         let mut lines = String::new();
         for s in &log {
             lines.push_str(&serde_json::to_string(s).map_err(|e| Error::Delta(e.to_string()))?);
             lines.push('\n');
         }
-        crate::io::atomic::write_atomic(&out.join("metrics.jsonl"), lines.as_bytes())?;
+        crate::io::atomic::write_atomic(&staging.path().join("metrics.jsonl"), lines.as_bytes())?;
+        staging.commit(spec.overwrite)?;
     }
     Ok(result)
 }

@@ -8,6 +8,7 @@ use crate::attach::{self, AttachOptions};
 use crate::core::Backbone;
 use crate::delta::DeltaSpec;
 use crate::error::{Error, Result};
+use crate::io::atomic::{write_json_atomic, StagedDir};
 use crate::io::{save_tensors, TensorFile};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -54,8 +55,23 @@ pub struct Loaded {
     pub warnings: Vec<String>,
 }
 
-/// Saves the deltas named in `specs` (with their current values) into directory `dir`.
+/// Saves the deltas named in `specs` (with their current values) into directory `dir`, built
+/// beside it and swapped into place (an existing `dir` is replaced: callers apply the output
+/// policy, [`crate::io::atomic::check_output`], before any work).
 pub fn save(
+    dir: &Path,
+    model: &dyn Backbone,
+    specs: &[DeltaSpec],
+    extra_tensors: &BTreeMap<String, Tensor>,
+    meta: &Map<String, Value>,
+) -> Result<()> {
+    let staging = StagedDir::new(dir)?;
+    write_into(staging.path(), model, specs, extra_tensors, meta)?;
+    staging.commit(true)
+}
+
+/// Writes the delta's two files into the existing directory `dir` (a caller's staging directory).
+pub fn write_into(
     dir: &Path,
     model: &dyn Backbone,
     specs: &[DeltaSpec],
@@ -84,16 +100,9 @@ pub fn save(
     for (k, v) in meta {
         config.entry(k.clone()).or_insert_with(|| v.clone());
     }
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let staging = tempfile::Builder::new().prefix(".delta-staging-").tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
     let meta_st = [("format".to_string(), "pt".to_string()), ("deltatune".to_string(), VERSION.to_string())].into();
-    save_tensors(&staging.path().join(WEIGHTS_FILE), &tensors, Some(meta_st))?;
-    crate::io::write_json_atomic(&staging.path().join(CONFIG_FILE), &Value::Object(config))?;
-    crate::io::atomic::replace_dir(&staging.keep(), dir)
+    save_tensors(&dir.join(WEIGHTS_FILE), &tensors, Some(meta_st))?;
+    write_json_atomic(&dir.join(CONFIG_FILE), &Value::Object(config))
 }
 
 /// Whether `dir` holds a deltatune delta.

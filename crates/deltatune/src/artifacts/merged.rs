@@ -8,11 +8,12 @@ use crate::backbone::bert::ModelDir;
 use crate::backbone::llama::LlamaModel;
 use crate::core::Backbone;
 use crate::error::{Error, Result};
+use crate::io::atomic::StagedDir;
 use crate::io::save_tensors;
 use crate::lm::LmTokenizer;
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Every base tensor of the model under its HF name (merged deltas included).
 pub fn base_tensors(model: &dyn Backbone) -> BTreeMap<String, Tensor> {
@@ -30,33 +31,35 @@ pub fn base_tensors(model: &dyn Backbone) -> BTreeMap<String, Tensor> {
 /// `out`: `model.safetensors` with the merged weights plus copies of the source directory's
 /// other files (config, tokenizer). Fails, writing nothing, if a delta cannot be merged.
 pub fn write_merged(model: &mut dyn Backbone, source: &ModelDir, out: &Path) -> Result<usize> {
-    let n = attach::merge_all(model, true)?;
-    let tensors = base_tensors(model);
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let staging = tempfile::Builder::new().prefix(".merged-staging-").tempdir_in(parent).map_err(|e| Error::io(parent, e))?;
-    copy_tree(&source.dir, staging.path(), &source.weights)?;
-    let meta = [("format".to_string(), "pt".to_string())].into();
-    save_tensors(&staging.path().join("model.safetensors"), &tensors, Some(meta))?;
-    crate::io::atomic::replace_dir(&staging.keep(), out)?;
+    let n = attach::merge_all(model, true);
+    let written = n.and_then(|n| {
+        let tensors = base_tensors(model);
+        let staging = StagedDir::new(out)?;
+        copy_tree(&source.dir, staging.path(), &source.weights)?;
+        let meta = [("format".to_string(), "pt".to_string())].into();
+        save_tensors(&staging.path().join("model.safetensors"), &tensors, Some(meta))?;
+        staging.commit(true)?;
+        Ok(n)
+    });
+    // The model in memory is left as it was, written or not.
     attach::unmerge_all(model);
-    Ok(n)
+    written
 }
 
 /// Copies the files of `src` into `dst` (recursively), except `skip`.
 fn copy_tree(src: &Path, dst: &Path, skip: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
-        let entry = entry.map_err(|e| Error::io(src, e))?;
+    for entry in std::fs::read_dir(src).map_err(|e| Error::io_op(src, "reading", e))? {
+        let entry = entry.map_err(|e| Error::io_op(src, "reading", e))?;
         let p = entry.path();
         if p == skip || entry.file_name().to_string_lossy().starts_with('.') {
             continue;
         }
         let target = dst.join(entry.file_name());
         if p.is_dir() {
-            std::fs::create_dir_all(&target).map_err(|e| Error::io(&target, e))?;
+            std::fs::create_dir_all(&target).map_err(|e| Error::io_op(&target, "creating", e))?;
             copy_tree(&p, &target, skip)?;
         } else {
-            std::fs::copy(&p, &target).map_err(|e| Error::io(&target, e))?;
+            std::fs::copy(&p, &target).map_err(|e| Error::io_op(&target, "copying the model file to", e))?;
         }
     }
     Ok(())
@@ -111,15 +114,10 @@ pub fn write_merged_decoder(model: &mut LlamaModel, dir: &Path, dtype: DType, to
     if let Some(e) = tokenizer.eos_ids.first() {
         config["eos_token_id"] = (*e).into();
     }
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let staging = tempfile::Builder::new().prefix(".merge-staging-").tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
-    crate::io::save_tensors(&staging.path().join("model.safetensors"), &tensors, Some([("format".to_string(), "pt".to_string())].into()))?;
+    let staging = StagedDir::new(dir)?;
+    save_tensors(&staging.path().join("model.safetensors"), &tensors, Some([("format".to_string(), "pt".to_string())].into()))?;
     crate::io::write_json_atomic(&staging.path().join("config.json"), &config)?;
     tokenizer.save_dir(staging.path())?;
-    crate::io::atomic::replace_dir(&staging.keep(), dir)?;
+    staging.commit(true)?;
     Ok(merged)
 }

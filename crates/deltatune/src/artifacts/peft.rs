@@ -13,6 +13,7 @@ use crate::core::Backbone;
 use crate::delta::peft_fields::{PeftIn, PeftOut};
 use crate::delta::{DeltaConfig, DeltaSpec};
 use crate::error::{Error, Result};
+use crate::io::atomic::StagedDir;
 use crate::io::{read_json, save_tensors, TensorFile};
 use candle_core::Tensor;
 use serde_json::{json, Map, Value};
@@ -120,15 +121,13 @@ pub fn export(dir: &Path, model: &dyn Backbone, spec: &DeltaSpec, base_model: &s
     for (k, t) in extra_tensors {
         tensors.insert(format!("base_model.model.{k}"), t.clone());
     }
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let staging = tempfile::Builder::new().prefix(".peft-staging-").tempdir_in(parent).map_err(|e| Error::io(parent, e))?;
+    let staging = StagedDir::new(dir)?;
     let meta = [("format".to_string(), "pt".to_string())].into();
     save_tensors(&staging.path().join(WEIGHTS_FILE), &tensors, Some(meta))?;
     // PEFT writes its config with sorted keys and an indent of 2.
     let text = serde_json::to_string_pretty(&sort_keys(config)).map_err(|e| Error::Delta(e.to_string()))?;
     crate::io::write_atomic(&staging.path().join(CONFIG_FILE), text.as_bytes())?;
-    crate::io::atomic::replace_dir(&staging.keep(), dir)
+    staging.commit(true)
 }
 
 fn sort_keys(v: Value) -> Value {

@@ -44,6 +44,7 @@ pub fn attach(model: &mut dyn Backbone, specs: &[DeltaSpec], opts: AttachOptions
         s.config.validate(&info).map_err(|e| Error::Delta(format!("delta `{}`: {e}", s.name)))?;
     }
     let plan = plan(&model.tree(), specs)?;
+    check_memory(model, specs, &plan)?;
     let word_embeddings = model.word_embeddings().ok();
     let mut built: Vec<(String, Attached)> = Vec::with_capacity(plan.entries.len());
     for (si, spec) in specs.iter().enumerate() {
@@ -70,6 +71,43 @@ pub fn attach(model: &mut dyn Backbone, specs: &[DeltaSpec], opts: AttachOptions
         }
     }
     Ok(plan)
+}
+
+/// Bytes of physical memory, if the system says.
+fn machine_memory() -> Option<u128> {
+    // SAFETY: sysconf only reads system configuration values.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    (pages > 0 && size > 0).then(|| pages as u128 * size as u128)
+}
+
+/// Refuses a plan whose deltas could not fit in memory (weights, gradients and two optimizer
+/// moments in f32), before anything is allocated: a size typo such as `r=100000000000` is an error
+/// naming the delta, not an aborted process.
+fn check_memory(model: &dyn Backbone, specs: &[DeltaSpec], plan: &Plan) -> Result<()> {
+    let Some(limit) = machine_memory() else { return Ok(()) };
+    let info = model.info();
+    for (si, spec) in specs.iter().enumerate() {
+        let paths = plan.paths_of(si);
+        let mut params: u128 = 0;
+        for path in &paths {
+            let Some(site) = model.site(path) else { continue };
+            let (inp, out) = crate::delta::method::site_dims(site, &info).unwrap_or((info.hidden_size, info.hidden_size));
+            params = params.saturating_add(spec.config.param_estimate(inp, out, &info).unwrap_or(0));
+        }
+        let bytes = params.saturating_mul(16);
+        if bytes > limit {
+            let cfg = serde_json::to_string(&spec.config).unwrap_or_default();
+            return Err(Error::Delta(format!(
+                "delta `{}` would allocate about {:.1} GB ({} trainable values on {} modules, with gradients and optimizer state) but the machine has {:.1} GB; check its size settings: {cfg}",
+                spec.name,
+                bytes as f64 / 1e9,
+                params,
+                paths.len(),
+                limit as f64 / 1e9
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Every trainable variable of the attached deltas, named `<delta>.<site path>.<param>` (shared

@@ -39,6 +39,16 @@ impl DataSource {
         }
     }
 
+    /// The files and folders this source reads (for the rule that an input is never an output).
+    pub fn paths(&self) -> Vec<&Path> {
+        match self {
+            DataSource::Task { root, .. } => vec![root.as_path()],
+            DataSource::Demo => Vec::new(),
+            DataSource::Folder { path } => vec![path.as_path()],
+            DataSource::User { train, dev, .. } => std::iter::once(train.as_path()).chain(dev.as_deref()).collect(),
+        }
+    }
+
     /// A short name for run directories and summaries.
     pub fn label(&self) -> String {
         let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into());

@@ -217,13 +217,13 @@ impl Default for TaskOptions {
 impl TaskOptions {
     pub fn validate(&self) -> Result<()> {
         if !(self.dev_fraction > 0.0 && self.dev_fraction < 1.0) {
-            return Err(Error::arg("dev fraction", format!("{} is not in (0, 1)", self.dev_fraction)));
+            return Err(Error::arg("--dev-fraction", format!("{} is not in (0, 1)", self.dev_fraction)));
         }
         if self.max_train == Some(0) {
-            return Err(Error::arg("max train", "must be at least 1"));
+            return Err(Error::arg("--max-train", "must be at least 1"));
         }
         if self.max_dev == Some(0) {
-            return Err(Error::arg("max dev", "must be at least 1"));
+            return Err(Error::arg("--max-dev", "must be at least 1"));
         }
         Ok(())
     }
@@ -275,7 +275,7 @@ mod tests {
     fn options_validate() {
         assert!(TaskOptions::default().validate().is_ok());
         let bad = TaskOptions { dev_fraction: 1.0, ..Default::default() };
-        assert_eq!(bad.validate().unwrap_err().to_string(), "invalid dev fraction: 1 is not in (0, 1)");
+        assert_eq!(bad.validate().unwrap_err().to_string(), "invalid --dev-fraction: 1 is not in (0, 1)");
         let bad = TaskOptions { max_train: Some(0), ..Default::default() };
         assert!(bad.validate().is_err());
     }

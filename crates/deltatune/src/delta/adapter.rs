@@ -81,6 +81,11 @@ impl Method for AdapterConfig {
         bottleneck_size(self.bottleneck_size, self.reduction_factor, info.hidden_size).map(|_| ())
     }
 
+    fn param_estimate(&self, inp: usize, out: usize, info: &BackboneInfo) -> Option<u128> {
+        let m = self.bottleneck_size.unwrap_or(info.hidden_size) as u128;
+        Some(m * (inp.max(info.hidden_size) as u128 + out.max(info.hidden_size) as u128 + 1) + out.max(info.hidden_size) as u128)
+    }
+
     fn build(&self, site: &Site, ctx: &mut BuildCtx) -> Result<Box<dyn Delta>> {
         let (_, d) = dims_at(site, ctx)?;
         let m = bottleneck_size(self.bottleneck_size, self.reduction_factor, d)?;

@@ -79,6 +79,11 @@ impl Method for CompacterConfig {
         self.bottleneck(info.hidden_size).map(|_| ())
     }
 
+    fn param_estimate(&self, inp: usize, out: usize, info: &BackboneInfo) -> Option<u128> {
+        let m = self.bottleneck_size.unwrap_or(info.hidden_size) as u128;
+        Some(m * (inp.max(info.hidden_size) as u128 + out.max(info.hidden_size) as u128 + 1) + out.max(info.hidden_size) as u128)
+    }
+
     fn build(&self, site: &Site, ctx: &mut BuildCtx) -> Result<Box<dyn Delta>> {
         let (_, d) = site_dims(site, &ctx.info)?;
         let m = self.bottleneck(d)?;

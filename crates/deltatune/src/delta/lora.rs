@@ -84,8 +84,8 @@ impl Method for LoraConfig {
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(Error::Delta(format!("lora: lora_dropout {} is not in [0, 1)", self.lora_dropout)));
         }
-        if !self.lora_alpha.is_finite() {
-            return Err(Error::Delta("lora: lora_alpha must be finite".into()));
+        if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+            return Err(Error::Delta(format!("lora: lora_alpha must be a positive number, got {}", self.lora_alpha)));
         }
         if self.fan_in_fan_out {
             return Err(Error::Delta("lora: fan_in_fan_out=true applies to Conv1D layers only; BERT uses Linear (set it to false)".into()));
@@ -129,6 +129,10 @@ impl Method for LoraConfig {
             "target_parameters": null, "task_type": "FEATURE_EXTRACTION", "trainable_token_indices": null,
             "use_bdlora": null, "use_dora": false, "use_qalora": false, "use_rslora": self.use_rslora, "velora_config": null
         }))
+    }
+
+    fn param_estimate(&self, inp: usize, out: usize, _info: &BackboneInfo) -> Option<u128> {
+        Some(self.r as u128 * (inp as u128 + out as u128))
     }
 
     fn build(&self, site: &Site, ctx: &mut BuildCtx) -> Result<Box<dyn Delta>> {

@@ -70,6 +70,13 @@ pub trait Method: Clone + std::fmt::Debug + Default + PartialEq + Serialize + De
     fn validate(&self, _info: &BackboneInfo) -> Result<()> {
         Ok(())
     }
+    /// Trainable scalars the delta would allocate at a site with input and output sizes `inp` and
+    /// `out` (an upper bound is fine), for methods whose size settings are free numbers; `None` when
+    /// the delta is bounded by the site's own size. [`crate::core`] callers check the sum against the
+    /// machine's memory before anything is allocated.
+    fn param_estimate(&self, _inp: usize, _out: usize, _info: &BackboneInfo) -> Option<u128> {
+        None
+    }
     /// Builds the delta for one site.
     fn build(&self, site: &Site, ctx: &mut BuildCtx) -> Result<Box<dyn Delta>>;
     /// Whether a structure-search gate can scale this method's contribution.

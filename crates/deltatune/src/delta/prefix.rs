@@ -75,6 +75,13 @@ impl Method for PrefixConfig {
         param.to_string()
     }
 
+    fn param_estimate(&self, _inp: usize, _out: usize, info: &BackboneInfo) -> Option<u128> {
+        let (n, kv, h) = (self.num_virtual_tokens as u128, info.kv_width() as u128, info.hidden_size as u128);
+        let table = n * info.num_layers as u128 * 2 * kv;
+        let mlp = self.encoder_hidden_size.unwrap_or(info.kv_width()) as u128 * (h + 1 + info.num_layers as u128 * 2 * kv);
+        Some(table + if self.prefix_projection { n * h + mlp } else { 0 })
+    }
+
     fn build(&self, site: &Site, ctx: &mut BuildCtx) -> Result<Box<dyn Delta>> {
         let (p, h, l, dev) = (self.num_virtual_tokens, ctx.info.kv_width(), ctx.info.num_layers, ctx.device.clone());
         let path = site.path();

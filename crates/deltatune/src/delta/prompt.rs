@@ -86,6 +86,10 @@ impl Method for PromptConfig {
         param.to_string()
     }
 
+    fn param_estimate(&self, _inp: usize, _out: usize, info: &BackboneInfo) -> Option<u128> {
+        Some(self.num_virtual_tokens as u128 * info.hidden_size as u128)
+    }
+
     fn build(&self, site: &Site, ctx: &mut BuildCtx) -> Result<Box<dyn Delta>> {
         let (p, h, dev) = (self.num_virtual_tokens, ctx.info.hidden_size, ctx.device.clone());
         let s = ctx.stream(site.path(), "prompt_embeddings");

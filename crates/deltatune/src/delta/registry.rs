@@ -83,6 +83,11 @@ macro_rules! registry {
                 match self { $(DeltaConfig::$variant(m) => m.validate(info),)* }
             }
 
+            /// Trainable scalars at a site of sizes `inp` → `out`, when the method's sizes are free numbers.
+            pub fn param_estimate(&self, inp: usize, out: usize, info: &BackboneInfo) -> Option<u128> {
+                match self { $(DeltaConfig::$variant(m) => m.param_estimate(inp, out, info),)* }
+            }
+
             pub fn gateable(&self) -> bool {
                 match self { $(DeltaConfig::$variant(m) => m.gateable(),)* }
             }

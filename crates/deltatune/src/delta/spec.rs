@@ -250,6 +250,9 @@ fn parse_targets(v: Option<&Value>, origin: &str, key: &str) -> Result<Option<Ta
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(TargetModules::Regex(s.clone()))),
+        Some(Value::Array(a)) if a.is_empty() && key != "exclude_modules" => {
+            Err(Error::Delta(format!("{origin}: `{key}` is empty; name at least one module (or leave it out for the method's defaults)")))
+        }
         Some(Value::Array(a)) => Ok(Some(TargetModules::List(
             a.iter()
                 .map(|x| {

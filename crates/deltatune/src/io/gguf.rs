@@ -50,6 +50,8 @@ impl GgufFile {
             }
             use std::io::Seek;
             reader.seek(std::io::SeekFrom::Start(0)).map_err(|e| Error::io(path, e))?;
+            super::gguf_check::check_header(path, &mut reader, file_len)?;
+            reader.seek(std::io::SeekFrom::Start(0)).map_err(|e| Error::io(path, e))?;
         }
         let content = Content::read(&mut reader).map_err(|e| {
             let msg = e.to_string();
@@ -69,8 +71,8 @@ impl GgufFile {
             if elems % block != 0 {
                 return Err(gerr(format!("tensor `{name}`: {elems} elements are not a whole number of {block}-element blocks")));
             }
-            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
-            let end = content.tensor_data_offset + info.offset + bytes;
+            let bytes = (elems / block) as u64 * info.ggml_dtype.type_size() as u64;
+            let end = content.tensor_data_offset.saturating_add(info.offset).saturating_add(bytes);
             if end > file_len {
                 return Err(gerr(format!(
                     "truncated: tensor `{name}` needs bytes up to {end}, the file has {file_len} (download it again)"

@@ -3,6 +3,7 @@
 
 pub mod atomic;
 pub mod gguf;
+pub mod gguf_check;
 pub mod tensors;
 
 pub use atomic::{write_atomic, write_json_atomic};

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 pub struct TensorFile {
     pub path: PathBuf,
     tensors: BTreeMap<String, Tensor>,
+    /// Float tensors holding NaN or infinity; refused when asked for as numbers.
+    non_finite: std::collections::BTreeSet<String>,
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -39,7 +41,7 @@ impl TensorFile {
             std::io::ErrorKind::NotFound => {
                 Error::NotFound { path: path.to_path_buf(), what: "safetensors file".into() }
             }
-            _ => Error::io(path, e),
+            _ => Error::io_op(path, "reading", e),
         })?;
         Self::from_bytes(path, &bytes, device)
     }
@@ -56,8 +58,12 @@ impl TensorFile {
         let metadata: BTreeMap<String, String> =
             header.metadata().clone().unwrap_or_default().into_iter().collect();
         let mut tensors = BTreeMap::new();
+        let mut non_finite = std::collections::BTreeSet::new();
         for (name, view) in st.tensors() {
             let Some(dtype) = convert_dtype(view.dtype()) else { continue };
+            if !all_finite(view.dtype(), view.data()) {
+                non_finite.insert(name.clone());
+            }
             let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)
                 .map_err(|e| Error::Safetensors {
                     file: path.to_path_buf(),
@@ -65,7 +71,7 @@ impl TensorFile {
                 })?;
             tensors.insert(name, t);
         }
-        Ok(Self { path: path.to_path_buf(), tensors, metadata })
+        Ok(Self { path: path.to_path_buf(), tensors, non_finite, metadata })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -84,15 +90,34 @@ impl TensorFile {
         self.tensors.is_empty()
     }
 
-    /// The tensor `name`, or an error naming the file and the tensor.
+    /// The tensor `name`, or an error naming the file and the tensor (also for NaN or infinite
+    /// values).
     pub fn get(&self, name: &str) -> Result<&Tensor> {
+        if self.non_finite.contains(name) {
+            return Err(self.non_finite_error(name));
+        }
         self.tensors
             .get(name)
             .ok_or_else(|| Error::MissingTensor { file: self.path.clone(), key: name.to_string() })
     }
 
-    /// The tensor `name` as f32 with exactly `shape`.
+    /// Refuses a file holding any non-finite float, naming the first such tensor.
+    pub fn check_finite(&self) -> Result<()> {
+        match self.non_finite.iter().next() {
+            Some(name) => Err(self.non_finite_error(name)),
+            None => Ok(()),
+        }
+    }
+
+    fn non_finite_error(&self, name: &str) -> Error {
+        Error::NonFinite(format!("{}: tensor `{name}` holds NaN or infinite values; the file cannot be used", self.path.display()))
+    }
+
+    /// The tensor `name` as f32 with exactly `shape`; NaN or infinite values are refused.
     pub fn get_f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if self.non_finite.contains(name) {
+            return Err(self.non_finite_error(name));
+        }
         let t = self.get(name)?;
         if t.dims() != shape {
             return Err(Error::ShapeMismatch {
@@ -117,6 +142,18 @@ impl TensorFile {
     /// Removes and returns all tensors (for callers that take ownership).
     pub fn into_map(self) -> BTreeMap<String, Tensor> {
         self.tensors
+    }
+}
+
+/// Whether every value of a little-endian float buffer is finite (integer dtypes always are).
+/// Checks the exponent bits directly: all ones means infinity or NaN.
+fn all_finite(dtype: StDtype, data: &[u8]) -> bool {
+    match dtype {
+        StDtype::F32 => data.chunks_exact(4).all(|c| (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) >> 23) & 0xff != 0xff),
+        StDtype::F64 => data.chunks_exact(8).all(|c| (u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) >> 52) & 0x7ff != 0x7ff),
+        StDtype::F16 => data.chunks_exact(2).all(|c| (u16::from_le_bytes([c[0], c[1]]) >> 10) & 0x1f != 0x1f),
+        StDtype::BF16 => data.chunks_exact(2).all(|c| (u16::from_le_bytes([c[0], c[1]]) >> 7) & 0xff != 0xff),
+        _ => true,
     }
 }
 

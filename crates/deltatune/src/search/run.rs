@@ -14,7 +14,7 @@ use super::space::Candidate;
 use crate::attach::{self, AttachOptions};
 use crate::data::batching::batch_order;
 use crate::data::rng::{shuffle, SplitMix64};
-use crate::error::{Error, Result};
+use crate::error::{check, Error, Result};
 use crate::ops::DropoutKey;
 use crate::control::{Control, Event};
 use crate::train::log::MetricsLog;
@@ -40,21 +40,23 @@ pub enum Budget {
 impl Budget {
     /// `0.01%` or `3157`.
     pub fn parse(s: &str) -> Result<Self> {
-        let bad = || Error::arg("--budget", format!("`{s}` is neither a percentage like 0.0139% nor a parameter count"));
-        match s.trim().strip_suffix('%') {
+        let t = s.trim();
+        match t.strip_suffix('%') {
             Some(p) => {
-                let v: f64 = p.trim().parse().map_err(|_| bad())?;
+                let v: f64 = p.trim().parse().map_err(|_| Error::arg("--budget", format!("`{s}`: `{p}` before the % sign is not a number")))?;
                 if !(v > 0.0 && v < 100.0) {
-                    return Err(bad());
+                    return Err(Error::arg("--budget", format!("`{s}`: a share of the backbone must be above 0% and below 100%")));
                 }
                 Ok(Budget::Percent(v))
             }
             None => {
-                let v: usize = s.trim().replace('_', "").parse().map_err(|_| bad())?;
-                if v == 0 {
-                    return Err(bad());
+                let v: i128 = t.replace('_', "").parse().map_err(|_| {
+                    Error::arg("--budget", format!("`{s}` is neither a percentage like 0.0139% nor a whole number of parameters like 3157"))
+                })?;
+                if v <= 0 {
+                    return Err(Error::arg("--budget", format!("`{s}`: a parameter budget must be at least 1")));
                 }
-                Ok(Budget::Absolute(v))
+                Ok(Budget::Absolute(usize::try_from(v).unwrap_or(usize::MAX)))
             }
         }
     }
@@ -114,6 +116,27 @@ impl Default for SearchConfig {
     }
 }
 
+impl SearchConfig {
+    /// Checks every setting against its range; errors name the flag.
+    pub fn validate(&self) -> Result<()> {
+        check::positive("--lr", self.lr)?;
+        check::positive("--alpha-lr", self.alpha_lr)?;
+        check::positive("--beta", self.gates.beta)?;
+        check::positive("--tau", self.gates.tau)?;
+        match self.max_steps {
+            Some(n) => check::at_least("--max-steps", n, 1)?,
+            None => check::at_least("--epochs", self.epochs, 1)?,
+        }
+        check::at_least("--batch-size", self.batch_size, 1)?;
+        check::at_least("--eval-batch-size", self.eval_batch_size, 1)?;
+        check::positive("max_grad_norm", self.max_grad_norm)?;
+        if let Some(e) = self.eval_every {
+            check::at_least("--eval-every", e, 1)?;
+        }
+        Ok(())
+    }
+}
+
 /// What a search produces.
 #[derive(Clone, Debug, Serialize)]
 pub struct SearchResult {
@@ -150,6 +173,7 @@ pub fn search(
     pad_id: u32,
     ctl: &Control,
 ) -> Result<SearchResult> {
+    cfg.validate()?;
     if train.len() < 2 {
         return Err(Error::arg("--train", "the search needs at least two training examples"));
     }
@@ -218,7 +242,12 @@ pub fn search(
             let l = loss_of(model, &w_half, wb, &z, key.derive("drop-weight"))?;
             let lv = l.to_scalar::<f32>()? as f64;
             if !lv.is_finite() {
-                return Err(Error::NonFinite(format!("search loss is {lv} at step {}; lower --lr", step + 1)));
+                return Err(Error::NonFinite(format!(
+                    "search loss is {lv} at step {}; lower --lr (now {}) or --alpha-lr (now {})",
+                    step + 1,
+                    cfg.lr,
+                    cfg.alpha_lr
+                )));
             }
             let mut g = grads_of(&params, &l.backward()?)?;
             clip_grad_norm(&mut g, cfg.max_grad_norm)?;

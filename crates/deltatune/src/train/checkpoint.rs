@@ -6,6 +6,7 @@
 //! directory and renamed over the previous one: a kill at any moment leaves a complete checkpoint.
 
 use crate::error::{Error, Result};
+use crate::io::atomic::StagedDir;
 use crate::io::{save_tensors, TensorFile};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -45,13 +46,11 @@ pub fn save(
     optimizer: &BTreeMap<String, Tensor>,
     save_delta: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    let parent = run_dir.join("checkpoints");
-    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let staging = tempfile::Builder::new().prefix(".ckpt-staging-").tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
+    let staging = StagedDir::new(&last_dir(run_dir))?;
     save_delta(&staging.path().join("delta"))?;
     save_tensors(&staging.path().join("optimizer.safetensors"), optimizer, None)?;
     crate::io::write_json_atomic(&staging.path().join("state.json"), state)?;
-    crate::io::atomic::replace_dir(&staging.keep(), &last_dir(run_dir))
+    staging.commit(true)
 }
 
 /// Reads the loop state and optimizer moments of the last checkpoint, if there is one.
@@ -63,6 +62,8 @@ pub fn load(run_dir: &Path, device: &Device) -> Result<Option<(LoopState, BTreeM
     }
     let v = crate::io::read_json(&state_path)?;
     let state: LoopState = serde_json::from_value(v).map_err(|e| Error::Json { file: state_path.clone(), msg: e.to_string() })?;
-    let opt = TensorFile::load(&dir.join("optimizer.safetensors"), device)?.into_map();
+    let file = TensorFile::load(&dir.join("optimizer.safetensors"), device)?;
+    file.check_finite()?;
+    let opt = file.into_map();
     Ok(Some((state, opt, dir.join("delta"))))
 }

@@ -2,7 +2,7 @@
 
 use super::optim::{AdamWConfig, Decay};
 use crate::core::Pooling;
-use crate::error::{Error, Result};
+use crate::error::{check, Result};
 use serde::{Deserialize, Serialize};
 
 /// Hyperparameters of a training run. Defaults follow the PEFT baseline protocol where it has one.
@@ -79,30 +79,30 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Checks every setting against its range; errors name the flag.
     pub fn validate(&self) -> Result<()> {
-        let bad = |flag: &str, msg: &str| Err(Error::arg(flag, msg.to_string()));
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return bad("--lr", "must be a positive number");
+        check::positive("--lr", self.lr)?;
+        check::at_least("--batch-size", self.batch_size, 1)?;
+        check::at_least("--grad-accum", self.grad_accum, 1)?;
+        match self.max_steps {
+            Some(n) => check::at_least("--max-steps", n, 1)?,
+            None => check::at_least("--epochs", self.epochs, 1)?,
         }
-        if self.batch_size == 0 {
-            return bad("--batch-size", "must be at least 1");
+        check::in_range("--warmup-ratio", self.warmup_ratio, 0.0, 1.0, false)?;
+        if let Some(n) = self.max_grad_norm {
+            check::positive("--max-grad-norm", n)?;
         }
-        if self.grad_accum == 0 {
-            return bad("--grad-accum", "must be at least 1");
+        check::non_negative("--weight-decay", self.adamw.weight_decay)?;
+        if let Some(e) = self.eval_every {
+            check::at_least("--eval-every", e, 1)?;
         }
-        if self.max_steps == Some(0) || (self.max_steps.is_none() && self.epochs == 0) {
-            return bad("--epochs/--max-steps", "nothing to train (0 steps)");
+        check::at_least("--eval-batch-size", self.eval_batch_size, 1)?;
+        check::at_least("--checkpoint-every", self.checkpoint_every, 1)?;
+        if let Some(p) = self.patience {
+            check::at_least("--patience", p, 1)?;
         }
-        if !(0.0..1.0).contains(&self.warmup_ratio) {
-            return bad("--warmup-ratio", "must be in [0, 1)");
-        }
-        if self.max_grad_norm.is_some_and(|n| n <= 0.0) {
-            return bad("--max-grad-norm", "must be positive");
-        }
-        if self.eval_every == Some(0) || self.checkpoint_every == 0 {
-            return bad("--eval-every/--checkpoint-every", "must be at least 1");
-        }
+        check::at_least("--max-length", self.max_length, 2)?;
+        check::at_least("--cache-mb", self.cache_mb, 1)?;
         Ok(())
     }
 }
-

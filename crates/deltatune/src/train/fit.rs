@@ -34,6 +34,9 @@ pub struct FitOptions<'a> {
     pub scorer: &'a Scorer<'a>,
     /// Holds `metrics.jsonl`, `checkpoints/last`, `best/` and `final/`.
     pub run_dir: &'a Path,
+    /// Where the run ends up: `run_dir` itself, or the destination a staged run (one replacing
+    /// an older run) is moved to when it completes. Only for messages.
+    pub final_dir: &'a Path,
     /// Continue from `checkpoints/last`.
     pub resume: bool,
     /// Saved with every delta (task, label map, training config).
@@ -63,6 +66,21 @@ fn restore(params: &[(String, Var)], dir: &Path, device: &candle_core::Device) -
         var.set(&file.get_f32(&key, var.dims())?)?;
     }
     Ok(())
+}
+
+/// What a stopped run leaves behind, for error messages.
+fn resume_hint(run_dir: &Path, final_dir: &Path) -> String {
+    if run_dir == final_dir {
+        format!("the last good checkpoint is in {} (`--resume` continues from it)", checkpoint::last_dir(run_dir).display())
+    } else {
+        format!("nothing of this run is kept; the previous run in {} is unchanged", final_dir.display())
+    }
+}
+
+/// Whether every value of `t` is finite (`t - t` is zero exactly where `t` is finite).
+fn finite(t: &candle_core::Tensor) -> Result<bool> {
+    let s = (t - t)?.sum_all()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+    Ok(s == 0.0)
 }
 
 /// Trains `model` (its deltas and head) as configured.
@@ -111,7 +129,7 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
         resumed_from = Some(state.step);
         st = state;
     }
-    std::fs::create_dir_all(o.run_dir).map_err(|e| Error::io(o.run_dir, e))?;
+    std::fs::create_dir_all(o.run_dir).map_err(|e| Error::io_op(o.run_dir, "creating", e))?;
     let mut log = MetricsLog::open(&o.run_dir.join("metrics.jsonl"), Some(st.step))?;
     let ctl = o.ctl;
     if let Some(s) = resumed_from {
@@ -148,8 +166,24 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
     let mut stopped_early = false;
     let mut recent_loss: Vec<f64> = Vec::new();
     let save_ckpt = |st: &LoopState, opt: &AdamW, model: &TaskModel| -> Result<()> {
-        checkpoint::save(o.run_dir, st, &opt.state().0, |d| model.save(d, &o.meta))
+        let (moments, _) = opt.state();
+        // A checkpoint is only ever the last *good* state: refuse to write non-finite values.
+        for (name, t) in moments.iter().chain(params.iter().map(|(n, v)| (n, v.as_tensor()))) {
+            if !finite(t)? {
+                return Err(Error::NonFinite(format!(
+                    "`{name}` is no longer finite at step {} (try a lower --lr, now {}); {}",
+                    st.step,
+                    cfg.lr,
+                    resume_hint(o.run_dir, o.final_dir)
+                )));
+            }
+        }
+        checkpoint::save(o.run_dir, st, &moments, |d| model.save(d, &o.meta))
     };
+    // A checkpoint before the first step: a kill at any moment leaves something to resume.
+    if resumed_from.is_none() {
+        save_ckpt(&st, &opt, model)?;
+    }
 
     let mut epoch_train = 0f64; // training seconds in the current epoch (evaluations excluded)
     ctl.emit(Event::Start { what: "training".into(), total, done: st.step });
@@ -180,11 +214,11 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
                 let lv = loss.to_scalar::<f32>()? as f64;
                 if !lv.is_finite() {
                     return Err(Error::NonFinite(format!(
-                        "training loss is {lv} at step {} (epoch {}, batch {mb}); stopped — the last good checkpoint is in {}; \
-                         try a lower --lr or --max-grad-norm",
+                        "training loss is {lv} at step {} (epoch {}, batch {mb}); stopped — try a lower --lr (now {}) or --max-grad-norm; {}",
                         st.step + 1,
                         st.epoch,
-                        checkpoint::last_dir(o.run_dir).display()
+                        cfg.lr,
+                        resume_hint(o.run_dir, o.final_dir)
                     )));
                 }
                 // Weight each micro-batch by its share of examples: accumulation = one big batch.
@@ -207,9 +241,10 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
             };
             if !norm.is_finite() {
                 return Err(Error::NonFinite(format!(
-                    "gradient norm is {norm} at step {}; stopped — the last good checkpoint is in {}",
+                    "gradient norm is {norm} at step {}; stopped — try a lower --lr (now {}); {}",
                     st.step + 1,
-                    checkpoint::last_dir(o.run_dir).display()
+                    cfg.lr,
+                    resume_hint(o.run_dir, o.final_dir)
                 )));
             }
             let lr = lr_at(cfg.lr, st.step, total, warmup, cfg.decay);
@@ -267,11 +302,7 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
                 log.flush()?;
             }
             if cancelled {
-                return Err(Error::Cancelled(format!(
-                    "at step {}/{total}; the checkpoint in {} resumes it",
-                    st.step,
-                    checkpoint::last_dir(o.run_dir).display()
-                )));
+                return Err(Error::Cancelled(format!("at step {}/{total}; {}", st.step, resume_hint(o.run_dir, o.final_dir))));
             }
             if stop_early {
                 ctl.message(format!("early stop: no improvement in {} evaluations", st.evals_since_best));

@@ -11,7 +11,7 @@ use crate::backbone::llama::LlamaModel;
 use crate::core::ForwardCtx;
 use crate::data::task::{Example, TaskData};
 use crate::delta::DeltaSpec;
-use crate::error::{Error, Result};
+use crate::error::{check, Error, Result};
 use crate::ops::{self, DropoutKey};
 use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig, Decay};
 use candle_core::{DType, Device, Tensor};
@@ -294,6 +294,22 @@ impl Default for LmTrainConfig {
     }
 }
 
+impl LmTrainConfig {
+    /// Checks every setting against its range; errors name the flag.
+    pub fn validate(&self) -> Result<()> {
+        check::positive("--lr", self.lr)?;
+        check::at_least("--epochs", self.epochs, 1)?;
+        check::at_least("--batch-size", self.batch_size, 1)?;
+        check::at_least("--max-length", self.max_length, 2)?;
+        check::in_range("--warmup-ratio", self.warmup_ratio, 0.0, 1.0, false)?;
+        check::non_negative("--weight-decay", self.weight_decay)?;
+        if let Some(n) = self.max_grad_norm {
+            check::positive("--max-grad-norm", n)?;
+        }
+        Ok(())
+    }
+}
+
 /// The rows [`train_rows`] trains on: each pair encoded (truncated to `max_length`), packed when
 /// the config says so (separated by the tokenizer's end-of-sequence token).
 pub fn training_rows(tok: &LmTokenizer, pairs: &[LmPair], cfg: &LmTrainConfig) -> Result<Vec<LmRow>> {
@@ -322,12 +338,10 @@ pub fn train(model: &LlamaModel, specs: &[DeltaSpec], tok: &LmTokenizer, pairs: 
 /// Progress goes to `ctl` as step events; a cancellation stops before the next step. `specs`
 /// are the attached groups whose methods have training-time behaviour of their own.
 pub fn train_rows(model: &LlamaModel, specs: &[DeltaSpec], pad: u32, encoded: &[LmRow], cfg: &LmTrainConfig, ctl: &Control) -> Result<Vec<LmStep>> {
+    cfg.validate()?;
     let params = attach::trainable_vars(model);
     if params.is_empty() {
         return Err(Error::arg("--delta", "no trainable delta is attached"));
-    }
-    if cfg.batch_size == 0 || cfg.epochs == 0 {
-        return Err(Error::arg("--batch-size", "batch size and epochs must be at least 1"));
     }
     let steps_per_epoch = encoded.len().div_ceil(cfg.batch_size);
     let total = steps_per_epoch * cfg.epochs;
@@ -360,7 +374,11 @@ pub fn train_rows(model: &LlamaModel, specs: &[DeltaSpec], pad: u32, encoded: &[
             let loss = (nll / batch.num_targets as f64)?;
             let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
-                return Err(Error::NonFinite(format!("loss at step {step} (epoch {epoch})")));
+                return Err(Error::NonFinite(format!(
+                    "training loss is {value} at step {} (epoch {epoch}); stopped before changing the deltas further — try a lower --lr (now {})",
+                    step + 1,
+                    cfg.lr
+                )));
             }
             let mut total_loss = loss.clone();
             for t in &trainers {

@@ -50,7 +50,7 @@ impl std::str::FromStr for Format {
             "csv" => Ok(Format::Csv),
             "tsv" => Ok(Format::Tsv),
             "jsonl" => Ok(Format::Jsonl),
-            _ => Err(Error::arg("format", format!("unknown format `{s}`; expected csv, tsv or jsonl"))),
+            _ => Err(Error::arg("--format", format!("unknown format `{s}`; expected csv, tsv or jsonl"))),
         }
     }
 }
