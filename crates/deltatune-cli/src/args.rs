@@ -427,7 +427,7 @@ pub struct TrainArgs {
     /// without caching.
     #[arg(long)]
     pub no_frozen_dropout: bool,
-    /// Memory cap of the frozen cache in MiB (the rest spills to the run directory).
+    /// Memory cap of the frozen cache in MiB (the rest spills to the run directory; 0 keeps it all on disk).
     #[arg(long, default_value_t = 2048)]
     pub cache_mb: usize,
     /// Run directory (default: runs/<task>-<method>-s<seed>).

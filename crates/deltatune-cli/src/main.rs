@@ -4,7 +4,7 @@
 mod args;
 mod commands;
 
-use clap::error::ErrorKind;
+use clap::error::{ContextKind, ErrorKind};
 use clap::Parser;
 use deltatune::api::Cancel;
 use std::process::ExitCode;
@@ -28,9 +28,15 @@ fn parse_args() -> Result<args::Cli, ExitCode> {
     match args::Cli::try_parse() {
         Ok(cli) => Ok(cli),
         Err(e) if e.kind() == ErrorKind::ValueValidation => {
-            match std::error::Error::source(&e) {
-                Some(inner) => eprintln!("error: {inner}"),
-                None => eprintln!("{e}"),
+            let arg = e.get(ContextKind::InvalidArg).map(|a| a.to_string());
+            match (std::error::Error::source(&e), arg) {
+                // Our parsers name the flag themselves; a plain number parser does not.
+                (Some(inner), Some(arg)) if !inner.to_string().contains(arg.split(' ').next().unwrap_or_default()) => {
+                    let value = e.get(ContextKind::InvalidValue).map(|v| v.to_string()).unwrap_or_default();
+                    eprintln!("error: invalid value '{value}' for '{arg}': {inner}")
+                }
+                (Some(inner), _) => eprintln!("error: {inner}"),
+                (None, _) => eprintln!("{e}"),
             }
             Err(ExitCode::FAILURE)
         }

@@ -362,7 +362,7 @@ fn bad_input_suite() {
         ("--checkpoint-every", "0", "--checkpoint-every"),
         ("--patience", "0", "--patience"),
         ("--max-length", "1", "--max-length"),
-        ("--cache-mb", "0", "--cache-mb"),
+        ("--cache-mb=-1", "", "--cache-mb"),
         ("--pooling", "max", "--pooling"),
         ("--schedule", "wavy", "--schedule"),
         ("--dev-fraction", "1.5", "--dev-fraction"),

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 /// Layers, bottom first; a module may import modules of lower layers only.
 const LAYERS: &[&[&str]] = &[
     &["error"],
-    &["io", "ops", "plot", "control"],
-    &["assets"],
+    &["io", "ops", "control"],
+    &["assets", "plot"],
     &["data"],
     &["core"],
     &["backbone", "delta"],

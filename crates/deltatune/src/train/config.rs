@@ -102,7 +102,6 @@ impl TrainConfig {
             check::at_least("--patience", p, 1)?;
         }
         check::at_least("--max-length", self.max_length, 2)?;
-        check::at_least("--cache-mb", self.cache_mb, 1)?;
         Ok(())
     }
 }
