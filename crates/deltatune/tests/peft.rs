@@ -372,3 +372,26 @@ fn dora_and_vera_bad_values() {
         assert!(attach::delta_names(&m).is_empty(), "{name} {key}: a failed load left a delta attached");
     }
 }
+
+/// DoRA's dropout path (training only): the dropped input feeds both the LoRA branch and a
+/// recomputed base output, as in PEFT; it is deterministic per key, differs from eval, and its
+/// gradients reach A, B and the magnitude.
+#[test]
+fn dora_dropout_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = write_tiny_model(tmp.path(), |_| {});
+    let mut model = BertModel::load(&dir, &cpu()).unwrap();
+    let spec = DeltaSpec::parse_cli("dora:r=2,lora_dropout=0.5,init_lora_weights=random").unwrap();
+    attach::attach(&mut model, &[spec], Default::default()).unwrap();
+    let batch = tiny_batch();
+    let key = deltatune::ops::DropoutKey(4);
+    let run = |ctx: &ForwardCtx| model.forward(&batch, ctx).unwrap().pool(Pooling::Mean).unwrap();
+    let (t1, t2, e) = (run(&ForwardCtx::train(key)), run(&ForwardCtx::train(key)), run(&ForwardCtx::eval()));
+    assert_eq!(max_diff(&t1, &t2), 0.0);
+    assert!(max_diff(&t1, &e) > 1e-4);
+    let grads = t1.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    for (n, v) in attach::trainable_vars(&model) {
+        let g = grads.get(&v).unwrap_or_else(|| panic!("no gradient for {n}"));
+        assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{n}");
+    }
+}
