@@ -5,7 +5,8 @@
 //! 1. Write `delta/<method>.rs`: a config struct with PEFT's field names (`#[serde(default)]`,
 //!    a `Default` impl with PEFT's defaults), an `impl Method` (family, aliases, site kinds,
 //!    default targets per architecture, validation, `build` with the initialisation, and
-//!    `from_peft`/`to_peft`/`peft_key` when PEFT has the method), and the delta it builds
+//!    `from_peft`/`to_peft`/`peft_key` when PEFT has the method; `SWITCHES` where PEFT spells a
+//!    method as an option of another, as LoRA's `use_dora` is DoRA), and the delta it builds
 //!    (`impl Delta`: the forward hooks, `merged` where the maths allows). Copy `lora.rs`.
 //! 2. Declare the file in `delta/mod.rs` and add one line to the `registry!` list below:
 //!    `"config_name" => Variant(file::Config),`.
@@ -151,8 +152,8 @@ macro_rules! registry {
 registry! {
     "lora" => Lora(lora::LoraConfig),
     "dora" => Dora(dora::DoraConfig),
-    "ia3" => Ia3(ia3::Ia3Config),
     "vera" => Vera(vera::VeraConfig),
+    "ia3" => Ia3(ia3::Ia3Config),
     "adapter" => Adapter(adapter::AdapterConfig),
     "parallel_adapter" => ParallelAdapter(parallel_adapter::ParallelAdapterConfig),
     "compacter" => Compacter(compacter::CompacterConfig),
