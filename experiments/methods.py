@@ -25,6 +25,8 @@ TASKS = ["sst2", "rte", "cola", "stsb"]
 # (name, --delta spec, learning rate)
 METHODS = [
     ("lora", "lora:r=8,lora_alpha=16", "1e-3"),
+    ("dora", "dora:r=8,lora_alpha=16", "1e-3"),
+    ("vera", "vera:r=256", "1e-2"),
     ("ia3", "ia3", "3e-3"),
     ("adapter", "adapter", "1e-3"),
     ("houlsby", "houlsby", "1e-3"),

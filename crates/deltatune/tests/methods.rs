@@ -25,7 +25,11 @@ struct Row {
 const ROWS: &[Row] = &[
     Row { tiny: "lora:r=2,lora_alpha=5", real: "lora", identity: true, mergeable: true },
     Row { tiny: "lora:r=3,lora_alpha=2,use_rslora=true,target=query+key+value+dense,layers=1,name=lora_all", real: "lora:r=8,lora_alpha=16,target=query+value", identity: true, mergeable: true },
+    Row { tiny: "dora:r=2,lora_alpha=5", real: "dora", identity: true, mergeable: true },
+    Row { tiny: "lora:use_dora=true,r=3,init_lora_weights=random,lora_dropout=0.1,target=query+key+value+dense,layers=1,name=dora_all", real: "dora:r=8,lora_alpha=16", identity: false, mergeable: true },
     Row { tiny: "ia3", real: "ia3", identity: true, mergeable: true },
+    Row { tiny: "vera:r=4,d_initial=0.5", real: "vera", identity: true, mergeable: true },
+    Row { tiny: "vera:r=3,target=query+intermediate.dense+output.dense,save_projection=false,vera_dropout=0.1,name=vera_all", real: "vera:r=16,target=query+intermediate.dense,projection_prng_key=3", identity: true, mergeable: true },
     Row { tiny: "adapter:init_weights=mam_adapter,bottleneck_size=3", real: "adapter", identity: false, mergeable: false },
     Row { tiny: "houlsby:bottleneck_size=3,init_weights=mam_adapter", real: "houlsby:init_weights=mam_adapter", identity: true, mergeable: false },
     Row { tiny: "parallel_adapter", real: "parallel_adapter", identity: true, mergeable: false },
@@ -112,10 +116,12 @@ fn run_row(dir: &std::path::Path, spec: &str, row: &Row, batch: &EncodedBatch, t
     }
     let trained = pooled(&model, batch);
     assert_eq!(max_diff(&pooled(&fresh_model, batch), &trained), 0.0, "{ctx} outputs differ after load");
-    // Size: 4 bytes per parameter plus a small header.
+    // Size: 4 bytes per saved value (trainable tensors and buffers) plus a small header.
     let bytes = std::fs::metadata(saved.join(store::WEIGHTS_FILE)).unwrap().len() as usize;
-    let params = attach::count_trainable(&model);
-    assert!(bytes >= 4 * params && bytes < 4 * params + 200 * va.len() + 512, "{ctx} {bytes} bytes for {params} params");
+    let all = attach::saved_vars(&model);
+    let params: usize = all.iter().map(|(_, v)| v.elem_count()).sum();
+    assert!(params >= attach::count_trainable(&model), "{ctx} saved fewer values than it trains");
+    assert!(bytes >= 4 * params && bytes < 4 * params + 200 * all.len() + 512, "{ctx} {bytes} bytes for {params} values");
     // Merge == unmerged; unmerge restores exactly.
     if row.mergeable {
         attach::merge_all(&mut model, true).unwrap();
@@ -165,7 +171,9 @@ fn default_parameter_counts_on_minilm() {
     let dir = crate::require_model!();
     let cases: &[(&str, usize)] = &[
         ("lora", 73_728),
+        ("dora", 73_728 + 12 * 384),
         ("ia3", 16_128),
+        ("vera", 12 * (384 + 256)),
         ("adapter", 6 * (2 * 384 * 24 + 24 + 384)),
         ("houlsby", 12 * (2 * 384 * 24 + 24 + 384)),
         ("parallel_adapter", 6 * (2 * 384 * 192 + 192 + 384)),

@@ -6,6 +6,7 @@ use crate::common::*;
 use candle_core::{DType, Tensor};
 use deltatune::attach;
 use deltatune::artifacts::peft;
+use deltatune::delta::DeltaSpec;
 use deltatune::io::TensorFile;
 use deltatune::{Backbone, BertModel, ForwardCtx, Pooling};
 use std::path::Path;
@@ -129,5 +130,268 @@ fn lora_and_ia3_export_match_peft_files() {
         let mut again = BertModel::load(&dir, &cpu()).unwrap();
         peft::load(&out, &mut again, None).unwrap();
         let _ = Tensor::zeros(1, DType::F32, &cpu());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// DoRA and VeRA against the PEFT fixtures of tests/fixtures/peft (PEFT 0.21.2 save_pretrained
+// folders plus PEFT's unmerged and merged outputs; see the README there).
+// ---------------------------------------------------------------------------------------------
+
+const FIXTURE_BASE: &str = "sentence-transformers/all-MiniLM-L6-v2";
+
+struct Fixture {
+    dir: std::path::PathBuf,
+    src: std::path::PathBuf,
+    model: BertModel,
+    expected: TensorFile,
+    batch: deltatune::EncodedBatch,
+}
+
+fn load_fixture(name: &str) -> Option<Fixture> {
+    let dir = model_dir()?;
+    let src = fixture(&format!("peft/{name}"));
+    let mut model = BertModel::load(&dir, &cpu()).unwrap();
+    peft::load(&src, &mut model, None).unwrap();
+    let expected = TensorFile::load(&src.join("expected.safetensors"), &cpu()).unwrap();
+    let batch = batch_from(expected.get("input_ids").unwrap(), None, expected.get("attention_mask").unwrap());
+    Some(Fixture { dir, src, model, expected, batch })
+}
+
+fn sorted_targets(mut cfg: serde_json::Value) -> serde_json::Value {
+    if let Some(list) = cfg["target_modules"].as_array_mut() {
+        list.sort_by(|a, b| a.as_str().cmp(&b.as_str()));
+    }
+    cfg
+}
+
+/// Unmerged and merged parity with PEFT on real tokens, merged weight rows, export → PEFT's own
+/// files, re-import. Returns (unmerged, merged, merged rows) max abs differences.
+fn fixture_roundtrip(name: &str, method: &str, modules: usize, trainable: usize) -> Option<(f32, f32, f32)> {
+    let mut f = load_fixture(name)?;
+    let lengths = f.batch.lengths.clone();
+    assert_eq!(f.batch.lengths, vec![8, 5, 4]);
+    let q = f.model.sites().iter().find(|s| !s.deltas.is_empty()).map(|s| s.deltas[0].delta.method()).unwrap();
+    assert_eq!(q, method, "{name}: imported as {q}");
+    assert_eq!(attach::count_trainable(&f.model), trainable, "{name}: trainable count");
+    let out = f.model.forward(&f.batch, &ForwardCtx::eval()).unwrap().last_hidden_state;
+    let d_out = max_diff_valid(&out, f.expected.get("last_hidden_state").unwrap(), &lengths);
+    assert!(d_out <= 1e-4, "{name}: last_hidden_state differs from PEFT by {d_out:e}");
+    let base = BertModel::load(&f.dir, &cpu()).unwrap().forward(&f.batch, &ForwardCtx::eval()).unwrap().last_hidden_state;
+    assert!(max_diff_valid(&base, &out, &lengths) > 0.03, "{name}: the adapter is a no-op");
+
+    // Export reproduces PEFT's files: every config field, keys, shapes, values, metadata.
+    let tmp = tempfile::tempdir().unwrap();
+    let exported = tmp.path().join("export");
+    let loaded_spec = peft::spec_from_config(&f.src.join("adapter_config.json"), &f.model).unwrap();
+    peft::export(&exported, &f.model, &loaded_spec, FIXTURE_BASE, &Default::default()).unwrap();
+    // Every field equal; `target_modules` is a set in PEFT (written in string-hash order), ours
+    // is sorted, so it compares as a set.
+    assert_eq!(sorted_targets(read_config(&exported)), sorted_targets(read_config(&f.src)), "{name}: adapter_config.json differs");
+    let a = TensorFile::load(&exported.join("adapter_model.safetensors"), &cpu()).unwrap();
+    let b = TensorFile::load(&f.src.join("adapter_model.safetensors"), &cpu()).unwrap();
+    assert_eq!(a.names().collect::<Vec<_>>(), b.names().collect::<Vec<_>>(), "{name}: keys differ");
+    for k in b.names() {
+        assert_eq!(max_diff(a.get(k).unwrap(), b.get(k).unwrap()), 0.0, "{name}: {k}");
+    }
+    assert_eq!(a.metadata, b.metadata, "{name}: metadata");
+    // Re-import gives identical outputs.
+    let mut again = BertModel::load(&f.dir, &cpu()).unwrap();
+    peft::load(&exported, &mut again, None).unwrap();
+    let out2 = again.forward(&f.batch, &ForwardCtx::eval()).unwrap().last_hidden_state;
+    assert_eq!(max_diff(&out, &out2), 0.0, "{name}: re-imported export differs");
+
+    // merge_and_unload: the merged weight rows and outputs.
+    assert_eq!(attach::merge_all(&mut f.model, true).unwrap(), modules);
+    let row_key = f.expected.names().find(|k| k.starts_with("merged.") && k.ends_with(".weight_rows")).unwrap().to_string();
+    let module = row_key.trim_start_matches("merged.").trim_end_matches(".weight_rows");
+    let rows = f.expected.get("merged_row_index").unwrap().to_dtype(DType::U32).unwrap();
+    let w = f.model.site(module).unwrap().param("weight").unwrap().index_select(&rows, 0).unwrap();
+    let d_rows = max_diff(&w, f.expected.get(&row_key).unwrap());
+    assert!(d_rows <= 1e-5, "{name}: merged rows of {module} differ by {d_rows:e}");
+    let merged = f.model.forward(&f.batch, &ForwardCtx::eval()).unwrap().last_hidden_state;
+    let d_merged = max_diff_valid(&merged, f.expected.get("merged_last_hidden_state").unwrap(), &lengths);
+    assert!(d_merged <= 1e-4, "{name}: merged output differs from PEFT by {d_merged:e}");
+    attach::unmerge_all(&mut f.model);
+    let back = f.model.forward(&f.batch, &ForwardCtx::eval()).unwrap().last_hidden_state;
+    assert_eq!(max_diff(&back, &out), 0.0, "{name}: unmerge is not exact");
+    eprintln!("{name}: max abs diff vs PEFT {d_out:.2e} unmerged, {d_merged:.2e} merged, {d_rows:.2e} merged weight rows");
+    Some((d_out, d_merged, d_rows))
+}
+
+#[test]
+fn dora_fixture_parity_merge_export() {
+    fixture_roundtrip("dora", "dora", 4, 7_680);
+}
+
+#[test]
+fn vera_fixture_parity_merge_export() {
+    fixture_roundtrip("vera", "vera", 2, 1_926);
+}
+
+/// A LoRA config with `use_dora` is DoRA, in specs as in PEFT configs.
+#[test]
+fn use_dora_selects_dora() {
+    use deltatune::delta::DeltaConfig;
+    let a = DeltaSpec::parse_cli("lora:use_dora=true,r=4,alpha=8").unwrap();
+    let b = DeltaSpec::parse_cli("dora:r=4,lora_alpha=8").unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a.name, "dora");
+    assert!(matches!(a.config, DeltaConfig::Dora(_)));
+    let plain = DeltaSpec::parse_cli("lora:use_dora=false,r=4").unwrap();
+    assert!(matches!(plain.config, DeltaConfig::Lora(_)));
+    let (j, w) = DeltaSpec::from_json(&serde_json::json!({"method": "lora", "use_dora": true, "r": 2, "name": "d"}), "test").unwrap();
+    assert!(w.is_empty(), "{w:?}");
+    assert!(matches!(j.config, DeltaConfig::Dora(_)) && j.name == "d");
+    let e = DeltaSpec::parse_cli("lora:use_dora=3").unwrap_err().to_string();
+    assert!(e.contains("use_dora"), "{e}");
+    // The DoRA spec round-trips through its JSON form.
+    let (again, _) = DeltaSpec::from_json(&b.to_json(), "test").unwrap();
+    assert_eq!(again, b);
+}
+
+/// A fresh VeRA draws PEFT's projections bit for bit (torch's generator seeded with
+/// projection_prng_key), and an adapter saved without them (save_projection=false) loads.
+#[test]
+fn vera_projections_match_peft_and_regenerate() {
+    let Some(mut f) = load_fixture("vera") else { return };
+    let saved = TensorFile::load(&f.src.join("adapter_model.safetensors"), &cpu()).unwrap();
+    let mut fresh = BertModel::load(&f.dir, &cpu()).unwrap();
+    let spec = DeltaSpec::parse_cli("vera:r=3,projection_prng_key=7,d_initial=0.2,target=query+intermediate.dense,layers=2").unwrap();
+    attach::attach(&mut fresh, &[spec], Default::default()).unwrap();
+    let buffers: Vec<_> = attach::group_vars(&fresh, "vera").into_iter().filter(|(s, _, _)| s.is_empty()).collect();
+    assert_eq!(buffers.len(), 2);
+    for (_, n, v) in &buffers {
+        assert_eq!(max_diff(v.as_tensor(), saved.get(&format!("base_model.{n}")).unwrap()), 0.0, "{n} differs from PEFT's");
+    }
+    // The fresh delta is the identity (λ_b = 0) with λ_d = d_initial.
+    let base = BertModel::load(&f.dir, &cpu()).unwrap().forward(&f.batch, &ForwardCtx::eval()).unwrap().last_hidden_state;
+    let out = fresh.forward(&f.batch, &ForwardCtx::eval()).unwrap().last_hidden_state;
+    assert_eq!(max_diff(&out, &base), 0.0);
+    // save_projection=false: PEFT saves only the λ vectors; the projections come from the key.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("noproj");
+    std::fs::create_dir(&dir).unwrap();
+    let mut cfg = read_config(&f.src);
+    cfg["save_projection"] = serde_json::json!(false);
+    std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let kept: std::collections::BTreeMap<String, Tensor> =
+        saved.names().filter(|k| !k.starts_with("base_model.vera_")).map(|k| (k.to_string(), saved.get(k).unwrap().clone())).collect();
+    deltatune::io::save_tensors(&dir.join("adapter_model.safetensors"), &kept, None).unwrap();
+    let mut m = BertModel::load(&f.dir, &cpu()).unwrap();
+    peft::load(&dir, &mut m, None).unwrap();
+    let want = f.model.forward(&f.batch, &ForwardCtx::eval()).unwrap().last_hidden_state;
+    assert_eq!(max_diff(&m.forward(&f.batch, &ForwardCtx::eval()).unwrap().last_hidden_state, &want), 0.0);
+    // Its export writes no projections either, like PEFT.
+    let out_dir = tmp.path().join("noproj_export");
+    let spec = peft::spec_from_config(&dir.join("adapter_config.json"), &m).unwrap();
+    peft::export(&out_dir, &m, &spec, FIXTURE_BASE, &Default::default()).unwrap();
+    let e = TensorFile::load(&out_dir.join("adapter_model.safetensors"), &cpu()).unwrap();
+    assert_eq!(e.names().collect::<Vec<_>>(), kept.keys().map(|k| k.as_str()).collect::<Vec<_>>());
+    let _ = &mut f;
+}
+
+/// A few AdamW steps from the PEFT adapters lower a classification loss; gradients reach only
+/// the method's trainable tensors (not VeRA's shared projections, not the backbone).
+#[test]
+fn dora_and_vera_train_from_peft_adapters() {
+    use deltatune::head::{Head, HeadConfig, HeadKind};
+    use deltatune::train::optim::{AdamW, AdamWConfig};
+    for name in ["dora", "vera"] {
+        let Some(f) = load_fixture(name) else { return };
+        let vars = attach::trainable_vars(&f.model);
+        let all = attach::saved_vars(&f.model);
+        let head = Head::new(HeadConfig { kind: HeadKind::Classification { num_labels: 2 }, pooling: Pooling::Mean, hidden_size: 384 }, 3, &cpu()).unwrap();
+        let labels = Tensor::new(&[1u32, 0, 1], &cpu()).unwrap();
+        let key = deltatune::ops::DropoutKey(9);
+        let loss_of = |train: bool| {
+            let ctx = if train { ForwardCtx::train(key) } else { ForwardCtx::eval() };
+            let out = f.model.forward(&f.batch, &ctx).unwrap();
+            head.loss(&head.forward(&out).unwrap(), &labels).unwrap()
+        };
+        let l0 = loss_of(false).to_scalar::<f32>().unwrap();
+        let mut opt = AdamW::new(vars.clone(), AdamWConfig::default()).unwrap();
+        for _ in 0..5 {
+            let loss = loss_of(true);
+            let grads = loss.backward().unwrap();
+            for (n, v) in &all {
+                let has = grads.get(v).is_some();
+                assert_eq!(has, vars.iter().any(|(m, _)| m == n), "{name}: gradient presence of {n}");
+            }
+            let map = vars.iter().map(|(n, v)| (n.clone(), grads.get(v).unwrap().clone())).collect();
+            opt.step(&map, 1e-2).unwrap();
+        }
+        let l1 = loss_of(false).to_scalar::<f32>().unwrap();
+        eprintln!("{name}: loss {l0:.4} -> {l1:.4} after 5 AdamW steps");
+        assert!(l1 < l0, "{name}: training did not lower the loss: {l0} -> {l1}");
+    }
+}
+
+/// Bad values are errors naming the field (spec, and PEFT config).
+#[test]
+fn dora_and_vera_bad_values() {
+    let Some(dir) = model_dir() else { return };
+    let mut model = BertModel::load(&dir, &cpu()).unwrap();
+    for (spec, field) in [
+        ("dora:r=0", "r must be"),
+        ("dora:lora_dropout=1.5", "lora_dropout"),
+        ("dora:lora_alpha=-1", "lora_alpha"),
+        ("dora:fan_in_fan_out=true", "fan_in_fan_out"),
+        ("vera:r=0", "r must be"),
+        ("vera:vera_dropout=1", "vera_dropout"),
+        ("vera:fan_in_fan_out=true", "fan_in_fan_out"),
+    ] {
+        let s = DeltaSpec::parse_cli(spec).unwrap();
+        let e = attach::attach(&mut model, &[s], Default::default()).unwrap_err().to_string();
+        assert!(e.contains(field), "{spec}: {e}");
+    }
+    let e = DeltaSpec::parse_cli("vera:projection_prng_key=-3").unwrap_err().to_string();
+    assert!(e.contains("projection_prng_key"), "{e}");
+    let e = DeltaSpec::parse_cli("vera:d_inital=0.2").unwrap_err().to_string();
+    assert!(e.contains("did you mean `d_initial`"), "{e}");
+    // PEFT configs: each edit names its field and the file.
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, key, value, needle) in [
+        ("vera", "projection_prng_key", serde_json::json!(-1), "projection_prng_key"),
+        ("vera", "bias", serde_json::json!("all"), "bias"),
+        ("vera", "r", serde_json::json!(0), "r must be"),
+        ("vera", "d_initial", serde_json::json!("big"), "d_initial"),
+        ("dora", "r", serde_json::json!(0), "r must be"),
+        ("dora", "use_dora", serde_json::json!("yes"), "use_dora"),
+    ] {
+        let src = fixture(&format!("peft/{name}"));
+        let d = tmp.path().join(format!("{name}-{key}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(src.join("adapter_model.safetensors"), d.join("adapter_model.safetensors")).unwrap();
+        let mut cfg = read_config(&src);
+        cfg[key] = value;
+        std::fs::write(d.join("adapter_config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+        let mut m = BertModel::load(&dir, &cpu()).unwrap();
+        let e = peft::load(&d, &mut m, None).unwrap_err().to_string();
+        assert!(e.contains(needle), "{name} {key}: {e}");
+        assert!(attach::delta_names(&m).is_empty(), "{name} {key}: a failed load left a delta attached");
+    }
+}
+
+/// DoRA's dropout path (training only): the dropped input feeds both the LoRA branch and a
+/// recomputed base output, as in PEFT; it is deterministic per key, differs from eval, and its
+/// gradients reach A, B and the magnitude.
+#[test]
+fn dora_dropout_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = write_tiny_model(tmp.path(), |_| {});
+    let mut model = BertModel::load(&dir, &cpu()).unwrap();
+    let spec = DeltaSpec::parse_cli("dora:r=2,lora_dropout=0.5,init_lora_weights=random").unwrap();
+    attach::attach(&mut model, &[spec], Default::default()).unwrap();
+    let batch = tiny_batch();
+    let key = deltatune::ops::DropoutKey(4);
+    let run = |ctx: &ForwardCtx| model.forward(&batch, ctx).unwrap().pool(Pooling::Mean).unwrap();
+    let (t1, t2, e) = (run(&ForwardCtx::train(key)), run(&ForwardCtx::train(key)), run(&ForwardCtx::eval()));
+    assert_eq!(max_diff(&t1, &t2), 0.0);
+    assert!(max_diff(&t1, &e) > 1e-4);
+    let grads = t1.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    for (n, v) in attach::trainable_vars(&model) {
+        let g = grads.get(&v).unwrap_or_else(|| panic!("no gradient for {n}"));
+        assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{n}");
     }
 }

@@ -82,7 +82,8 @@ fn fill(model: &dyn Backbone, spec: &DeltaSpec, file: &TensorFile) -> Result<BTr
     let mut used = BTreeSet::new();
     for (site, param, var) in attach::group_vars(model, &spec.name) {
         let key = spec.config.peft_key(&site, &param);
-        let original = by_key.get(&key).ok_or_else(|| Error::MissingTensor { file: file.path.clone(), key: format!("base_model.model.{key}") })?;
+        let prefix = if site.is_empty() { "base_model." } else { "base_model.model." };
+        let original = by_key.get(&key).ok_or_else(|| Error::MissingTensor { file: file.path.clone(), key: format!("{prefix}{key}") })?;
         let t = file.get_f32(original, var.dims())?;
         var.set(&t.to_device(var.device())?)?;
         used.insert(original.clone());
@@ -116,7 +117,10 @@ pub fn export(dir: &Path, model: &dyn Backbone, spec: &DeltaSpec, base_model: &s
     let config = spec.config.to_peft(&spec.targets, &out).map_err(|e| Error::Delta(format!("exporting `{}` to PEFT: {e}", spec.name)))?;
     let mut tensors = BTreeMap::new();
     for (site, param, var) in attach::group_vars(model, &spec.name) {
-        tensors.insert(format!("base_model.model.{}", spec.config.peft_key(&site, &param)), var.as_tensor().clone());
+        // Site tensors live under the wrapped model; tensors shared by the group (VeRA's
+        // projections) belong to PEFT's tuner model itself: `base_model.vera_A`.
+        let prefix = if site.is_empty() { "base_model." } else { "base_model.model." };
+        tensors.insert(format!("{prefix}{}", spec.config.peft_key(&site, &param)), var.as_tensor().clone());
     }
     for (k, t) in extra_tensors {
         tensors.insert(format!("base_model.model.{k}"), t.clone());

@@ -48,6 +48,11 @@ pub fn attach(model: &mut dyn Backbone, specs: &[DeltaSpec], opts: AttachOptions
     let word_embeddings = model.word_embeddings().ok();
     let mut built: Vec<(String, Attached)> = Vec::with_capacity(plan.entries.len());
     for (si, spec) in specs.iter().enumerate() {
+        let group_dims = plan
+            .paths_of(si)
+            .iter()
+            .filter_map(|p| model.site(p).and_then(|s| crate::delta::method::site_dims(s, &info).ok()))
+            .collect();
         let mut ctx = BuildCtx {
             seed: opts.seed,
             model_type: model.model_type().to_string(),
@@ -57,6 +62,7 @@ pub fn attach(model: &mut dyn Backbone, specs: &[DeltaSpec], opts: AttachOptions
             word_embeddings: word_embeddings.clone(),
             tokenizer: opts.tokenizer,
             shared: BTreeMap::new(),
+            group_dims,
         };
         for path in plan.paths_of(si) {
             let site = model.site(path).ok_or_else(|| Error::Delta(format!("no module `{path}`")))?;

@@ -63,6 +63,8 @@ impl Method for LoraConfig {
     const FAMILY: Family = Family::Reparameterization;
     const KEY_ALIASES: &'static [(&'static str, &'static str)] = &[("alpha", "lora_alpha"), ("dropout", "lora_dropout"), ("rank", "r")];
     const PEFT_TYPE: Option<&'static str> = Some("LORA");
+    // PEFT spells DoRA as a LoRA option.
+    const SWITCHES: &'static [(&'static str, &'static str)] = &[("use_dora", "dora")];
 
     fn kinds(&self) -> &'static [SiteKind] {
         &[SiteKind::Linear]
@@ -94,7 +96,6 @@ impl Method for LoraConfig {
     }
 
     fn from_peft(p: &PeftIn) -> Result<(Self, Targets)> {
-        p.refuse_true("use_dora", "DoRA")?;
         p.refuse_true("lora_bias", "a LoRA bias")?;
         p.refuse_pattern("rank_pattern")?;
         p.refuse_pattern("alpha_pattern")?;

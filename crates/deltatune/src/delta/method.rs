@@ -51,6 +51,10 @@ pub trait Method: Clone + std::fmt::Debug + Default + PartialEq + Serialize + De
     const KEY_ALIASES: &'static [(&'static str, &'static str)] = &[];
     /// PEFT's `peft_type` for this method, if PEFT has it.
     const PEFT_TYPE: Option<&'static str> = None;
+    /// Boolean keys that, set to true, select another method (by config name) instead of this
+    /// one, in specs and in PEFT configs alike: LoRA's `use_dora` selects `dora`, as PEFT spells
+    /// DoRA. Set to false they are accepted and dropped.
+    const SWITCHES: &'static [(&'static str, &'static str)] = &[];
 
     /// The defaults selected by `alias` (one of [`Method::ALIASES`]).
     fn for_alias(_alias: &str) -> Self {
@@ -122,6 +126,9 @@ pub struct BuildCtx<'a> {
     pub tokenizer: Option<&'a TextEncoder>,
     /// Tensors shared across the sites of the group, by name.
     pub shared: BTreeMap<String, Var>,
+    /// Input and output sizes ([`site_dims`]) of every site the group attaches to, in plan order
+    /// (VeRA sizes its shared projections by the largest).
+    pub group_dims: Vec<(usize, usize)>,
 }
 
 impl BuildCtx<'_> {

@@ -5,7 +5,8 @@
 //! 1. Write `delta/<method>.rs`: a config struct with PEFT's field names (`#[serde(default)]`,
 //!    a `Default` impl with PEFT's defaults), an `impl Method` (family, aliases, site kinds,
 //!    default targets per architecture, validation, `build` with the initialisation, and
-//!    `from_peft`/`to_peft`/`peft_key` when PEFT has the method), and the delta it builds
+//!    `from_peft`/`to_peft`/`peft_key` when PEFT has the method; `SWITCHES` where PEFT spells a
+//!    method as an option of another, as LoRA's `use_dora` is DoRA), and the delta it builds
 //!    (`impl Delta`: the forward hooks, `merged` where the maths allows). Copy `lora.rs`.
 //! 2. Declare the file in `delta/mod.rs` and add one line to the `registry!` list below:
 //!    `"config_name" => Variant(file::Config),`.
@@ -18,7 +19,7 @@
 use super::method::{BuildCtx, Family, Method};
 use super::peft_fields::{PeftIn, PeftOut};
 use super::targets::Targets;
-use super::{adapter, bitfit, compacter, finetune, ia3, ln_tuning, lora, low_rank_adapter, parallel_adapter, prefix, prompt};
+use super::{adapter, bitfit, compacter, dora, finetune, ia3, ln_tuning, lora, low_rank_adapter, parallel_adapter, prefix, prompt, vera};
 use crate::core::{BackboneInfo, Delta, GroupTensors, GroupTrainer, Site, SiteKind};
 use crate::error::{suggest, Error, Result};
 use serde::{Deserialize, Serialize};
@@ -61,6 +62,11 @@ macro_rules! registry {
             /// Short command-line forms of this method's keys.
             pub fn key_aliases(&self) -> &'static [(&'static str, &'static str)] {
                 match self { $(DeltaConfig::$variant(_) => <$cfg as Method>::KEY_ALIASES,)* }
+            }
+
+            /// Boolean keys selecting another method when true (`use_dora` → `dora`).
+            pub fn switches(&self) -> &'static [(&'static str, &'static str)] {
+                match self { $(DeltaConfig::$variant(_) => <$cfg as Method>::SWITCHES,)* }
             }
 
             pub fn family(&self) -> Family {
@@ -109,12 +115,25 @@ macro_rules! registry {
 
             /// The config of a PEFT adapter_config.json, by its `peft_type`.
             pub fn from_peft(peft_type: &str, p: &PeftIn) -> Result<(Self, Targets)> {
+                // The first method of that type reads it, unless one of its switches selects
+                // another (a LORA config with `use_dora: true` is DoRA).
                 $(if <$cfg as Method>::PEFT_TYPE == Some(peft_type) {
+                    if let Some(other) = switched(<$cfg as Method>::SWITCHES, p)? {
+                        return Self::from_peft_as(other, p);
+                    }
                     let (c, t) = <$cfg as Method>::from_peft(p)?;
                     return Ok((DeltaConfig::$variant(c), t));
                 })*
                 let known: Vec<&str> = METHODS.iter().filter_map(|m| m.peft_type).collect();
                 Err(p.bad(format!("peft_type `{peft_type}` is not supported ({})", known.join(", "))))
+            }
+
+            fn from_peft_as(method: &str, p: &PeftIn) -> Result<(Self, Targets)> {
+                $(if method == $name {
+                    let (c, t) = <$cfg as Method>::from_peft(p)?;
+                    return Ok((DeltaConfig::$variant(c), t));
+                })*
+                Err(unknown_method(method))
             }
 
             /// PEFT's adapter_config.json fields for this config.
@@ -132,6 +151,8 @@ macro_rules! registry {
 
 registry! {
     "lora" => Lora(lora::LoraConfig),
+    "dora" => Dora(dora::DoraConfig),
+    "vera" => Vera(vera::VeraConfig),
     "ia3" => Ia3(ia3::Ia3Config),
     "adapter" => Adapter(adapter::AdapterConfig),
     "parallel_adapter" => ParallelAdapter(parallel_adapter::ParallelAdapterConfig),
@@ -142,6 +163,19 @@ registry! {
     "bitfit" => BitFit(bitfit::BitFitConfig),
     "ln_tuning" => LnTuning(ln_tuning::LnTuningConfig),
     "finetune" => Finetune(finetune::FinetuneConfig),
+}
+
+/// The method a PEFT config's switch selects (`use_dora: true`), if any; a switch that is not a
+/// boolean is an error naming it.
+fn switched(switches: &[(&str, &'static str)], p: &PeftIn) -> Result<Option<&'static str>> {
+    for (key, other) in switches {
+        match p.obj.get(*key) {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+            Some(Value::Bool(true)) => return Ok(Some(other)),
+            Some(v) => return Err(p.bad(format!("`{key}` must be true or false, got {v}"))),
+        }
+    }
+    Ok(None)
 }
 
 /// A registered method, for listings and lookups.

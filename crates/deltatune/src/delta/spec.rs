@@ -87,6 +87,22 @@ impl DeltaSpec {
 
     fn from_object(method: &str, obj: &Map<String, Value>, origin: &str) -> Result<(Self, Vec<String>)> {
         let default = DeltaConfig::default_for(method)?;
+        // A switch (`lora` with `use_dora=true`) selects another method; false is the method itself.
+        for (key, other) in default.switches() {
+            match obj.get(*key) {
+                None => {}
+                Some(Value::Bool(on)) => {
+                    let mut rest = obj.clone();
+                    rest.remove(*key);
+                    let target = if *on { *other } else { method };
+                    if *on {
+                        rest.insert("method".into(), Value::String(target.into()));
+                    }
+                    return Self::from_object(target, &rest, origin);
+                }
+                Some(v) => return Err(Error::Delta(format!("{origin}: `{key}` must be true or false, got {v}"))),
+            }
+        }
         let canonical = default.method();
         let known: Vec<String> = match serde_json::to_value(&default) {
             Ok(Value::Object(m)) => m.keys().cloned().collect(),
