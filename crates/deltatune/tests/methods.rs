@@ -38,6 +38,11 @@ const ROWS: &[Row] = &[
     Row { tiny: "ln_tuning", real: "ln_tuning", identity: true, mergeable: true },
     Row { tiny: "finetune:target=encoder.layer.1", real: "finetune:target=encoder.layer.5", identity: true, mergeable: true },
     Row { tiny: "full", real: "full", identity: true, mergeable: true },
+    Row { tiny: "loha:r=2,alpha=4,target=query+value+intermediate.dense", real: "loha", identity: true, mergeable: true },
+    Row { tiny: "lokr:r=1,alpha=2,decompose_both=true,target=query+value+intermediate.dense", real: "lokr", identity: true, mergeable: true },
+    Row { tiny: "lokr:r=2,init_weights=lycoris", real: "lokr:r=4,decompose_both=true,init_weights=lycoris", identity: true, mergeable: true },
+    Row { tiny: "oft:oft_block_size=4,target=query+value+dense", real: "oft", identity: true, mergeable: true },
+    Row { tiny: "oft:r=4,oft_block_size=0,use_cayley_neumann=false,block_share=true", real: "oft:oft_block_size=16,use_cayley_neumann=false", identity: true, mergeable: true },
 ];
 
 fn pooled(model: &dyn Backbone, batch: &EncodedBatch) -> Tensor {
@@ -176,6 +181,10 @@ fn default_parameter_counts_on_minilm() {
         ("bitfit", 25_344),
         ("ln_tuning", 13 * 768),
         ("full", 22_713_216 - 147_840),
+        // PEFT's --counts on the same model: 12 modules (query, value × 6 layers) each.
+        ("loha", 12 * 2 * 8 * (384 + 384)),
+        ("lokr", 12 * (16 * 16 + 8 * (24 + 24))),
+        ("oft", 12 * (384 / 32) * (32 * 31 / 2)),
     ];
     let mut model = BertModel::load(&dir, &cpu()).unwrap();
     for (spec, expected) in cases {

@@ -18,7 +18,7 @@
 use super::method::{BuildCtx, Family, Method};
 use super::peft_fields::{PeftIn, PeftOut};
 use super::targets::Targets;
-use super::{adapter, bitfit, compacter, finetune, ia3, ln_tuning, lora, low_rank_adapter, parallel_adapter, prefix, prompt};
+use super::{adapter, bitfit, compacter, finetune, ia3, ln_tuning, loha, lokr, lora, low_rank_adapter, oft, parallel_adapter, prefix, prompt};
 use crate::core::{BackboneInfo, Delta, GroupTensors, GroupTrainer, Site, SiteKind};
 use crate::error::{suggest, Error, Result};
 use serde::{Deserialize, Serialize};
@@ -142,6 +142,9 @@ registry! {
     "bitfit" => BitFit(bitfit::BitFitConfig),
     "ln_tuning" => LnTuning(ln_tuning::LnTuningConfig),
     "finetune" => Finetune(finetune::FinetuneConfig),
+    "loha" => Loha(loha::LohaConfig),
+    "lokr" => Lokr(lokr::LokrConfig),
+    "oft" => Oft(oft::OftConfig),
 }
 
 /// A registered method, for listings and lookups.
