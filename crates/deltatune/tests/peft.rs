@@ -253,7 +253,7 @@ fn lycoris_and_oft_bad_values_name_the_field() {
         ("lokr:decompose_factor=0", &["lokr", "decompose_factor"]),
         ("lokr:module_dropout=-0.1", &["lokr", "module_dropout"]),
         ("lokr:init_weights=pissa", &["invalid lokr config"]),
-        ("oft:oft_block_size=3", &["oft_block_size 3", "input width 8", "encoder.layer.0.attention.self.query", "PEFT would silently use 4"]),
+        ("oft:oft_block_size=3", &["oft_block_size 3", "input width 8", "encoder.layer.0.attention.self.query", "PEFT would silently use 2"]),
         ("oft:r=3,oft_block_size=0", &["r 3", "encoder.layer.0.attention.self.query"]),
         ("oft:r=2,oft_block_size=4", &["either r (2) or oft_block_size (4)"]),
         ("oft:oft_block_size=0", &["one of r and oft_block_size"]),

@@ -255,7 +255,7 @@ pub struct Oft {
 fn inverse_of_identity_plus(a: &Tensor) -> Result<Tensor> {
     let (n, b, _) = a.dims3()?;
     let eye = Tensor::eye(b, a.dtype(), a.device())?;
-    let mut m = Tensor::cat(&[&a.broadcast_add(&eye)?, &eye.unsqueeze(0)?.broadcast_as((n, b, b))?], 2)?;
+    let mut m = Tensor::cat(&[&a.broadcast_add(&eye)?, &eye.unsqueeze(0)?.broadcast_as((n, b, b))?.contiguous()?], 2)?;
     for k in 0..b {
         let row = m.narrow(1, k, 1)?; // (n, 1, 2b)
         let pivot = row.narrow(2, k, 1)?; // (n, 1, 1)
