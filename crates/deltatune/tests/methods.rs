@@ -41,7 +41,7 @@ const ROWS: &[Row] = &[
     Row { tiny: "loha:r=2,alpha=4,target=query+value+intermediate.dense", real: "loha", identity: true, mergeable: true },
     Row { tiny: "lokr:r=1,alpha=2,decompose_both=true,target=query+value+intermediate.dense", real: "lokr", identity: true, mergeable: true },
     Row { tiny: "lokr:r=2,init_weights=lycoris", real: "lokr:r=4,decompose_both=true,init_weights=lycoris", identity: true, mergeable: true },
-    Row { tiny: "oft:oft_block_size=4,target=query+value+dense", real: "oft", identity: true, mergeable: true },
+    Row { tiny: "oft:oft_block_size=4,target=query+value+output.dense", real: "oft", identity: true, mergeable: true },
     Row { tiny: "oft:r=4,oft_block_size=0,use_cayley_neumann=false,block_share=true", real: "oft:oft_block_size=16,use_cayley_neumann=false", identity: true, mergeable: true },
 ];
 
