@@ -39,6 +39,11 @@ METHODS = [
     ("ln_tuning", "ln_tuning", "3e-3"),
     ("finetune-top", "finetune:target=encoder.layer.5", "1e-4"),
     ("full", "full", "5e-5"),
+    # LyCORIS / PEFT methods at PEFT's defaults on query/value; rates as for LoRA-family methods
+    # (LoKr has ~10x fewer parameters than LoRA at the defaults, so a larger rate).
+    ("loha", "loha", "1e-3"),
+    ("lokr", "lokr", "3e-3"),
+    ("oft", "oft", "1e-3"),
 ]
 
 

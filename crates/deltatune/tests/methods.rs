@@ -42,6 +42,11 @@ const ROWS: &[Row] = &[
     Row { tiny: "ln_tuning", real: "ln_tuning", identity: true, mergeable: true },
     Row { tiny: "finetune:target=encoder.layer.1", real: "finetune:target=encoder.layer.5", identity: true, mergeable: true },
     Row { tiny: "full", real: "full", identity: true, mergeable: true },
+    Row { tiny: "loha:r=2,alpha=4,target=query+value+intermediate.dense", real: "loha", identity: true, mergeable: true },
+    Row { tiny: "lokr:r=1,alpha=2,decompose_both=true,target=query+value+intermediate.dense", real: "lokr", identity: true, mergeable: true },
+    Row { tiny: "lokr:r=2,init_weights=lycoris", real: "lokr:r=4,decompose_both=true,init_weights=lycoris", identity: true, mergeable: true },
+    Row { tiny: "oft:oft_block_size=4,target=query+value+output.dense", real: "oft", identity: true, mergeable: true },
+    Row { tiny: "oft:r=4,oft_block_size=0,use_cayley_neumann=false,block_share=true", real: "oft:oft_block_size=16,use_cayley_neumann=false", identity: true, mergeable: true },
 ];
 
 fn pooled(model: &dyn Backbone, batch: &EncodedBatch) -> Tensor {
@@ -184,6 +189,10 @@ fn default_parameter_counts_on_minilm() {
         ("bitfit", 25_344),
         ("ln_tuning", 13 * 768),
         ("full", 22_713_216 - 147_840),
+        // PEFT's --counts on the same model: 12 modules (query, value × 6 layers) each.
+        ("loha", 12 * 2 * 8 * (384 + 384)),
+        ("lokr", 12 * (16 * 16 + 8 * (24 + 24))),
+        ("oft", 12 * (384 / 32) * (32 * 31 / 2)),
     ];
     let mut model = BertModel::load(&dir, &cpu()).unwrap();
     for (spec, expected) in cases {
@@ -221,4 +230,52 @@ fn combination_of_methods() {
     attach::set_enabled(&mut again, "par_ffn", false).unwrap();
     assert!(max_diff(&pooled(&model, &batch), &pooled(&again, &batch)) > 1e-4);
     let _ = DType::F32;
+}
+
+/// LoHa, LoKr and OFT train: a few plain gradient steps in training mode (rank and module dropout
+/// on where the method has them) lower a fixed regression loss, and only the method's tensors
+/// receive gradients.
+#[test]
+fn lycoris_and_oft_short_training_lowers_the_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = write_tiny_model(tmp.path(), |_| {});
+    let batch = tiny_batch();
+    for spec in [
+        "loha:r=2,alpha=4,rank_dropout=0.2,module_dropout=0.1",
+        "lokr:r=1,decompose_both=true,rank_dropout=0.2,rank_dropout_scale=true,target=query+value+intermediate.dense",
+        "oft:oft_block_size=4",
+        "oft:oft_block_size=2,use_cayley_neumann=false,block_share=true",
+    ] {
+        let mut model = BertModel::load(&dir, &cpu()).unwrap();
+        let s = DeltaSpec::parse_cli(spec).unwrap();
+        attach::attach(&mut model, std::slice::from_ref(&s), AttachOptions { seed: 5, tokenizer: None }).unwrap();
+        let vars = attach::trainable_vars(&model);
+        let target = Stream::new(2, &["target"]).normal(pooled(&model, &batch).dims(), 0.0, 1.0, &cpu()).unwrap();
+        let eval_loss = |m: &BertModel| pooled(m, &batch).sub(&target).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        let before = eval_loss(&model);
+        let mut seen = std::collections::BTreeSet::new();
+        for step in 0..20u64 {
+            let ctx = ForwardCtx::train(deltatune::ops::DropoutKey(step));
+            let out = model.forward(&batch, &ctx).unwrap().pool(Pooling::Mean).unwrap();
+            let l = out.sub(&target).unwrap().sqr().unwrap().mean_all().unwrap();
+            let grads = l.backward().unwrap();
+            for (name, t) in base_tensors(&model) {
+                assert!(grads.get(&t).is_none(), "[{spec}] backbone tensor {name} received a gradient");
+            }
+            for (name, v) in &vars {
+                // Module dropout may skip a whole site for a step: no gradient there then.
+                match grads.get(v) {
+                    Some(g) => {
+                        v.set(&v.as_tensor().sub(&(g * 0.3).unwrap()).unwrap()).unwrap();
+                        seen.insert(name.clone());
+                    }
+                    None => assert!(spec.contains("module_dropout"), "[{spec}] no gradient for {name}"),
+                }
+            }
+        }
+        assert_eq!(seen.len(), vars.len(), "[{spec}] some tensors never received a gradient");
+        let after = eval_loss(&model);
+        eprintln!("[{spec}] loss {before} -> {after}");
+        assert!(after < 0.999 * before, "[{spec}] training did not lower the loss: {before} -> {after}");
+    }
 }

@@ -19,7 +19,7 @@
 use super::method::{BuildCtx, Family, Method};
 use super::peft_fields::{PeftIn, PeftOut};
 use super::targets::Targets;
-use super::{adapter, bitfit, compacter, dora, finetune, ia3, ln_tuning, lora, low_rank_adapter, parallel_adapter, prefix, prompt, vera};
+use super::{adapter, bitfit, compacter, dora, finetune, ia3, ln_tuning, loha, lokr, lora, low_rank_adapter, oft, parallel_adapter, prefix, prompt, vera};
 use crate::core::{BackboneInfo, Delta, GroupTensors, GroupTrainer, Site, SiteKind};
 use crate::error::{suggest, Error, Result};
 use serde::{Deserialize, Serialize};
@@ -163,6 +163,9 @@ registry! {
     "bitfit" => BitFit(bitfit::BitFitConfig),
     "ln_tuning" => LnTuning(ln_tuning::LnTuningConfig),
     "finetune" => Finetune(finetune::FinetuneConfig),
+    "loha" => Loha(loha::LohaConfig),
+    "lokr" => Lokr(lokr::LokrConfig),
+    "oft" => Oft(oft::OftConfig),
 }
 
 /// The method a PEFT config's switch selects (`use_dora: true`), if any; a switch that is not a
