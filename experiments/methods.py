@@ -37,6 +37,8 @@ METHODS = [
     ("ln_tuning", "ln_tuning", "3e-3"),
     ("finetune-top", "finetune:target=encoder.layer.5", "1e-4"),
     ("full", "full", "5e-5"),
+    # total_step is filled in by `deltatune train` from epochs x steps per epoch.
+    ("adalora", "adalora:init_r=12,target_r=8,lora_alpha=16", "1e-3"),
 ]
 
 

@@ -24,6 +24,8 @@ pub const METHODS: &[BenchMethod] = &[
     BenchMethod { name: "adapter", specs: &["adapter"], lr: 5e-4, in_peft_baseline: false },
     BenchMethod { name: "prefix", specs: &["prefix:num_virtual_tokens=10"], lr: 1e-2, in_peft_baseline: true },
     BenchMethod { name: "prompt", specs: &["prompt:num_virtual_tokens=10"], lr: 3e-2, in_peft_baseline: true },
+    // The rank allocator runs over the benchmark's own run length (total_step from the run).
+    BenchMethod { name: "adalora", specs: &["adalora:init_r=12,target_r=8,lora_alpha=16"], lr: 1e-3, in_peft_baseline: false },
 ];
 
 /// Generation variants of `bench decoder`: a label and the delta spec (none for the bare model).

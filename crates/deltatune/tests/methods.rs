@@ -38,6 +38,7 @@ const ROWS: &[Row] = &[
     Row { tiny: "ln_tuning", real: "ln_tuning", identity: true, mergeable: true },
     Row { tiny: "finetune:target=encoder.layer.1", real: "finetune:target=encoder.layer.5", identity: true, mergeable: true },
     Row { tiny: "full", real: "full", identity: true, mergeable: true },
+    Row { tiny: "adalora:init_r=3,target_r=2,lora_alpha=4,total_step=10", real: "adalora", identity: true, mergeable: true },
 ];
 
 fn pooled(model: &dyn Backbone, batch: &EncodedBatch) -> Tensor {
@@ -176,6 +177,7 @@ fn default_parameter_counts_on_minilm() {
         ("bitfit", 25_344),
         ("ln_tuning", 13 * 768),
         ("full", 22_713_216 - 147_840),
+        ("adalora", 12 * (12 * 384 + 12 + 384 * 12)),
     ];
     let mut model = BertModel::load(&dir, &cpu()).unwrap();
     for (spec, expected) in cases {

@@ -14,6 +14,7 @@ pub mod registry;
 pub mod spec;
 pub mod targets;
 
+pub mod adalora;
 pub mod adapter;
 pub mod bitfit;
 pub mod compacter;
@@ -26,6 +27,7 @@ pub mod parallel_adapter;
 pub mod prefix;
 pub mod prompt;
 
+pub use adalora::AdaLoraConfig;
 pub use adapter::{AdapterConfig, Placement};
 pub use bitfit::BitFitConfig;
 pub use bottleneck::{Activation, AdapterInit};

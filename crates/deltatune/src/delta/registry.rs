@@ -18,10 +18,11 @@
 use super::method::{BuildCtx, Family, Method};
 use super::peft_fields::{PeftIn, PeftOut};
 use super::targets::Targets;
-use super::{adapter, bitfit, compacter, finetune, ia3, ln_tuning, lora, low_rank_adapter, parallel_adapter, prefix, prompt};
+use super::{adalora, adapter, bitfit, compacter, finetune, ia3, ln_tuning, lora, low_rank_adapter, parallel_adapter, prefix, prompt};
 use crate::core::{BackboneInfo, Delta, GroupTensors, GroupTrainer, Site, SiteKind};
 use crate::error::{suggest, Error, Result};
 use serde::{Deserialize, Serialize};
+use candle_core::Tensor;
 use serde_json::Value;
 
 macro_rules! registry {
@@ -102,6 +103,26 @@ macro_rules! registry {
                 match self { $(DeltaConfig::$variant(m) => m.group_trainer(tensors),)* }
             }
 
+            /// Fills in run-length settings ([`Method::set_run_length`]).
+            pub fn set_run_length(&mut self, total_steps: usize) -> Result<()> {
+                match self { $(DeltaConfig::$variant(m) => m.set_run_length(total_steps),)* }
+            }
+
+            /// PEFT's stored shape of a tensor ([`Method::peft_shape`]).
+            pub fn peft_shape(&self, site: &str, param: &str, dims: &[usize]) -> Option<Vec<usize>> {
+                match self { $(DeltaConfig::$variant(m) => m.peft_shape(site, param, dims),)* }
+            }
+
+            /// Our value of a PEFT-stored tensor ([`Method::from_peft_tensor`]).
+            pub fn from_peft_tensor(&self, site: &str, param: &str, t: Tensor) -> Result<Tensor> {
+                match self { $(DeltaConfig::$variant(m) => m.from_peft_tensor(site, param, t),)* }
+            }
+
+            /// A group's tensors and config as PEFT stores them ([`Method::to_peft_tensors`]).
+            pub fn to_peft_tensors(&self, tensors: &mut Vec<(String, String, Tensor)>, config: &mut Value) -> Result<()> {
+                match self { $(DeltaConfig::$variant(m) => m.to_peft_tensors(tensors, config),)* }
+            }
+
             /// PEFT's `peft_type`, if PEFT has this method.
             pub fn peft_type(&self) -> Option<&'static str> {
                 match self { $(DeltaConfig::$variant(_) => <$cfg as Method>::PEFT_TYPE,)* }
@@ -142,6 +163,7 @@ registry! {
     "bitfit" => BitFit(bitfit::BitFitConfig),
     "ln_tuning" => LnTuning(ln_tuning::LnTuningConfig),
     "finetune" => Finetune(finetune::FinetuneConfig),
+    "adalora" => AdaLora(adalora::AdaLoraConfig),
 }
 
 /// A registered method, for listings and lookups.
