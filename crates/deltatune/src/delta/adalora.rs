@@ -197,8 +197,10 @@ impl Method for AdaLoraConfig {
     }
 
     fn set_run_length(&mut self, total_steps: usize) -> Result<()> {
-        let total = *self.total_step.get_or_insert(total_steps);
-        self.check_schedule(total)
+        let total = self.total_step.unwrap_or(total_steps);
+        self.check_schedule(total)?;
+        self.total_step = Some(total);
+        Ok(())
     }
 
     fn from_peft(p: &PeftIn) -> Result<(Self, Targets)> {
