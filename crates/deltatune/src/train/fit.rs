@@ -133,6 +133,10 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
             return Err(Error::arg("--resume", format!("the run was started with seed {}, not {}", state.seed, cfg.seed)));
         }
         restore(&params, &delta_dir, &device)?;
+        // Buffers saved with the deltas (AdaLoRA's rank pattern) come back too.
+        let trained: std::collections::BTreeSet<&String> = params.iter().map(|(n, _)| n).collect();
+        let buffers: Vec<(String, Var)> = crate::attach::saved_vars(&model.backbone).into_iter().filter(|(n, _)| !trained.contains(n)).collect();
+        restore(&buffers, &delta_dir, &device)?;
         opt.load_state(&moments, state.step as u64, &checkpoint::last_dir(o.run_dir).join("optimizer.safetensors").display().to_string())?;
         resumed_from = Some(state.step);
         st = state;
