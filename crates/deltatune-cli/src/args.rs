@@ -67,7 +67,7 @@ pub enum Command {
     /// Merge deltas (LoRA, IA3, BitFit, LayerNorm tuning, fine-tuning) into the base weights and
     /// write a plain HF model directory.
     Merge(MergeArgs),
-    /// Export a delta to PEFT's adapter format (LoRA, IA3).
+    /// Export a delta to PEFT's adapter format (LoRA, IA3, AdaLoRA).
     Export(ExportArgs),
     /// Benchmarks, side by side with PyTorch when --torch-python is given.
     Bench(BenchArgs),
