@@ -44,6 +44,8 @@ METHODS = [
     ("loha", "loha", "1e-3"),
     ("lokr", "lokr", "3e-3"),
     ("oft", "oft", "1e-3"),
+    # total_step is filled in by `deltatune train` from epochs x steps per epoch.
+    ("adalora", "adalora:init_r=12,target_r=8,lora_alpha=16", "1e-3"),
 ]
 
 

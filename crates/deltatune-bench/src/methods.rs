@@ -30,6 +30,8 @@ pub const METHODS: &[BenchMethod] = &[
     BenchMethod { name: "loha", specs: &["loha"], lr: 1e-3, in_peft_baseline: false },
     BenchMethod { name: "lokr", specs: &["lokr"], lr: 3e-3, in_peft_baseline: false },
     BenchMethod { name: "oft", specs: &["oft"], lr: 1e-3, in_peft_baseline: false },
+    // The rank allocator runs over the benchmark's own run length (total_step from the run).
+    BenchMethod { name: "adalora", specs: &["adalora:init_r=12,target_r=8,lora_alpha=16"], lr: 1e-3, in_peft_baseline: false },
 ];
 
 /// Generation variants of `bench decoder`: a label and the delta spec (none for the bare model).

@@ -67,7 +67,7 @@ pub enum Command {
     /// Merge deltas (LoRA, IA3, BitFit, LayerNorm tuning, fine-tuning) into the base weights and
     /// write a plain HF model directory.
     Merge(MergeArgs),
-    /// Export a delta to PEFT's adapter format (LoRA, DoRA, VeRA, IA3).
+    /// Export a delta to PEFT's adapter format (LoRA, DoRA, VeRA, AdaLoRA, LoHa, LoKr, OFT, IA3).
     Export(ExportArgs),
     /// Benchmarks, side by side with PyTorch when --torch-python is given.
     Bench(BenchArgs),

@@ -2,6 +2,7 @@
 //! `parity` (PyTorch golden fixtures), `errors` (bad input gives clear errors),
 //! `data` (task readers on the shared benchmark data and on bad user files).
 
+mod adalora;
 mod common;
 mod data;
 mod decoder;

@@ -47,6 +47,7 @@ const ROWS: &[Row] = &[
     Row { tiny: "lokr:r=2,init_weights=lycoris", real: "lokr:r=4,decompose_both=true,init_weights=lycoris", identity: true, mergeable: true },
     Row { tiny: "oft:oft_block_size=4,target=query+value+output.dense", real: "oft", identity: true, mergeable: true },
     Row { tiny: "oft:r=4,oft_block_size=0,use_cayley_neumann=false,block_share=true", real: "oft:oft_block_size=16,use_cayley_neumann=false", identity: true, mergeable: true },
+    Row { tiny: "adalora:init_r=3,target_r=2,lora_alpha=4,total_step=10", real: "adalora", identity: true, mergeable: true },
 ];
 
 fn pooled(model: &dyn Backbone, batch: &EncodedBatch) -> Tensor {
@@ -193,6 +194,7 @@ fn default_parameter_counts_on_minilm() {
         ("loha", 12 * 2 * 8 * (384 + 384)),
         ("lokr", 12 * (16 * 16 + 8 * (24 + 24))),
         ("oft", 12 * (384 / 32) * (32 * 31 / 2)),
+        ("adalora", 12 * (12 * 384 + 12 + 384 * 12)),
     ];
     let mut model = BertModel::load(&dir, &cpu()).unwrap();
     for (spec, expected) in cases {

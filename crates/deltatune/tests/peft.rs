@@ -565,3 +565,57 @@ fn oft_import_refuses_coft_and_old_format() {
         assert!(e.contains(needle) && e.contains("adapter_config.json"), "{e}");
     }
 }
+
+/// AdaLoRA against PEFT's own folder after 6 allocation steps (tests/fixtures/peft/adalora):
+/// rank-trimmed tensors load (expanded back to init_r), the scale stays lora_alpha / (init_r +
+/// 1e-5), outputs and merge match PEFT, and the export reproduces PEFT's files.
+#[test]
+fn adalora_fixture_parity_merge_export() {
+    let Some(dir) = model_dir() else { return };
+    let src = fixture("peft/adalora");
+    let exp = TensorFile::load(&src.join("expected.safetensors"), &cpu()).unwrap();
+    let batch = batch_from(exp.get("input_ids").unwrap(), None, exp.get("attention_mask").unwrap());
+    let mut model = BertModel::load(&dir, &cpu()).unwrap();
+    let loaded = peft::load(&src, &mut model, None).unwrap();
+    // Trainable tensors keep init_r = 4 ranks per module (PEFT's count before trimming).
+    assert_eq!(attach::count_trainable(&model), 4 * 4 * (384 + 1 + 384));
+    let deltatune::delta::DeltaConfig::AdaLora(cfg) = &loaded.specs[0].config else { panic!("not adalora") };
+    let ranknum = exp.get("ranknum").unwrap().to_vec1::<f32>().unwrap()[0];
+    assert_eq!(ranknum as usize, cfg.init_r);
+    assert!((cfg.scale() - 6.0 / (ranknum as f64 + 1e-5)).abs() < 1e-12);
+    let out = model.forward(&batch, &ForwardCtx::eval()).unwrap();
+    let d = max_diff_valid(&out.last_hidden_state, exp.get("last_hidden_state").unwrap(), &batch.lengths);
+    eprintln!("adalora: unmerged max abs diff vs PEFT (real tokens) {d:.2e}");
+    assert!(d <= 1e-4, "adalora last_hidden_state: {d:e}");
+    let base = BertModel::load(&dir, &cpu()).unwrap().forward(&batch, &ForwardCtx::eval()).unwrap();
+    assert!(max_diff_valid(&base.last_hidden_state, &out.last_hidden_state, &batch.lengths) > 0.01);
+    // Export before merging: PEFT's keys (trimmed), shapes, values, config fields (rank_pattern
+    // included); then re-import computes the same.
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("export");
+    peft::export(&dst, &model, &loaded.specs[0], "sentence-transformers/all-MiniLM-L6-v2", &Default::default()).unwrap();
+    assert_eq!(read_config(&dst), read_config(&src), "adapter_config.json differs");
+    let a = TensorFile::load(&dst.join("adapter_model.safetensors"), &cpu()).unwrap();
+    let b = TensorFile::load(&src.join("adapter_model.safetensors"), &cpu()).unwrap();
+    assert_eq!(a.names().collect::<Vec<_>>(), b.names().collect::<Vec<_>>(), "keys differ");
+    for k in b.names() {
+        assert_eq!(a.get(k).unwrap().dims(), b.get(k).unwrap().dims(), "{k}");
+        assert_eq!(max_diff(a.get(k).unwrap(), b.get(k).unwrap()), 0.0, "{k}");
+    }
+    assert_eq!(a.metadata, b.metadata);
+    let mut again = BertModel::load(&dir, &cpu()).unwrap();
+    peft::load(&dst, &mut again, None).unwrap();
+    let out2 = again.forward(&batch, &ForwardCtx::eval()).unwrap();
+    assert_eq!(max_diff(&out2.last_hidden_state, &out.last_hidden_state), 0.0, "re-import differs");
+    // Merge: weight rows and outputs as PEFT's merge_and_unload.
+    assert_eq!(attach::merge_all(&mut model, true).unwrap(), 4);
+    let rows = exp.get("merged_row_index").unwrap().to_dtype(DType::U32).unwrap();
+    let path = "encoder.layer.0.attention.self.query";
+    let w = model.site(path).unwrap().param("weight").unwrap().index_select(&rows, 0).unwrap();
+    let dw = max_diff(&w, exp.get(&format!("merged.{path}.weight_rows")).unwrap());
+    let merged = model.forward(&batch, &ForwardCtx::eval()).unwrap();
+    let dm = max_diff_valid(&merged.last_hidden_state, exp.get("merged_last_hidden_state").unwrap(), &batch.lengths);
+    eprintln!("adalora: merged weight rows diff {dw:.2e}, merged output diff {dm:.2e}");
+    assert!(dw <= 1e-6, "merged rows {dw:e}");
+    assert!(dm <= 1e-4, "merged output {dm:e}");
+}

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::head::{Head, HeadConfig};
 use crate::io::atomic::{check_not_input, occupied, DirLock, StagedDir};
 use crate::train::config::TrainConfig;
-use crate::train::fit::{fit, FitOptions};
+use crate::train::fit::{fit, total_steps, FitOptions};
 use crate::train::task::{head_kind, prepare_split, scorer};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
@@ -143,8 +143,7 @@ enum Place {
 pub fn train(spec: &TrainSpec, run_dir: &Path, mode: RunMode, ctl: &Control) -> Result<TrainResult> {
     spec.train.validate()?;
     spec.data_options.validate()?;
-    let specs = &spec.deltas;
-    if specs.is_empty() {
+    if spec.deltas.is_empty() {
         return Err(Error::arg("--delta", "give at least one delta (e.g. --delta lora), or --delta full for full fine-tuning"));
     }
     let inputs: Vec<(&str, &Path)> = std::iter::once(("--model", spec.model.as_path())).chain(spec.data.paths().into_iter().map(|p| ("--data", p))).collect();
@@ -158,6 +157,14 @@ pub fn train(spec: &TrainSpec, run_dir: &Path, mode: RunMode, ctl: &Control) -> 
     let enc = TextEncoder::from_file(&backbone.files.tokenizer, spec.train.max_length)?;
     let train = prepare_split(&task.train, &enc)?;
     let dev = prepare_split(&task.dev, &enc)?;
+    // Settings that follow the run's length (AdaLoRA's total_step) are filled in here, so that
+    // the saved deltas carry them (run.json keeps the specs as given: a resume derives the same).
+    let mut specs = spec.deltas.clone();
+    let total = total_steps(&spec.train, train.len());
+    for d in &mut specs {
+        d.config.set_run_length(total).map_err(|e| Error::arg("--delta", format!("`{}`: {e}", d.name)))?;
+    }
+    let specs = &specs;
     let mut backbone = backbone;
     attach::attach(&mut backbone, specs, AttachOptions { seed: spec.train.seed, tokenizer: Some(&enc) })?;
     let head_cfg = HeadConfig { kind: head_kind(task.kind), pooling: spec.train.pooling, hidden_size: backbone.hidden_size() };
@@ -270,7 +277,7 @@ fn run_in(
         stopped_early: result.stopped_early,
         resumed_from: result.resumed_from,
         run_dir: run_dir.to_path_buf(),
-        notes: task.notes.clone(),
+        notes: task.notes.iter().chain(&result.reports).cloned().collect(),
     };
     crate::io::write_json_atomic(&work_dir.join("summary.json"), &summary)?;
     Ok(summary)

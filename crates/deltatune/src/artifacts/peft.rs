@@ -81,10 +81,12 @@ fn fill(model: &dyn Backbone, spec: &DeltaSpec, file: &TensorFile) -> Result<BTr
     }
     let mut used = BTreeSet::new();
     for (site, param, var) in attach::group_vars(model, &spec.name) {
+        // Tensors PEFT does not store keep their built value; stored ones may be reshaped (AdaLoRA's rank trimming).
+        let Some(shape) = spec.config.peft_shape(&site, &param, var.dims()) else { continue };
         let key = spec.config.peft_key(&site, &param);
         let prefix = if site.is_empty() { "base_model." } else { "base_model.model." };
         let original = by_key.get(&key).ok_or_else(|| Error::MissingTensor { file: file.path.clone(), key: format!("{prefix}{key}") })?;
-        let t = file.get_f32(original, var.dims())?;
+        let t = spec.config.from_peft_tensor(&site, &param, file.get_f32(original, &shape)?)?;
         var.set(&t.to_device(var.device())?)?;
         used.insert(original.clone());
     }
@@ -114,13 +116,16 @@ pub fn export(dir: &Path, model: &dyn Backbone, spec: &DeltaSpec, base_model: &s
     if spec.config.peft_type().is_none() {
         return Err(Error::Delta(format!("PEFT has no format for `{}` ({})", spec.name, spec.config.method())));
     }
-    let config = spec.config.to_peft(&spec.targets, &out).map_err(|e| Error::Delta(format!("exporting `{}` to PEFT: {e}", spec.name)))?;
+    let mut config = spec.config.to_peft(&spec.targets, &out).map_err(|e| Error::Delta(format!("exporting `{}` to PEFT: {e}", spec.name)))?;
+    let mut group: Vec<(String, String, Tensor)> =
+        attach::group_vars(model, &spec.name).into_iter().map(|(site, param, var)| (site, param, var.as_tensor().clone())).collect();
+    spec.config.to_peft_tensors(&mut group, &mut config).map_err(|e| Error::Delta(format!("exporting `{}` to PEFT: {e}", spec.name)))?;
     let mut tensors = BTreeMap::new();
-    for (site, param, var) in attach::group_vars(model, &spec.name) {
+    for (site, param, t) in group {
         // Site tensors live under the wrapped model; tensors shared by the group (VeRA's
         // projections) belong to PEFT's tuner model itself: `base_model.vera_A`.
         let prefix = if site.is_empty() { "base_model." } else { "base_model.model." };
-        tensors.insert(format!("{prefix}{}", spec.config.peft_key(&site, &param)), var.as_tensor().clone());
+        tensors.insert(format!("{prefix}{}", spec.config.peft_key(&site, &param)), t);
     }
     for (k, t) in extra_tensors {
         tensors.insert(format!("base_model.model.{k}"), t.clone());

@@ -168,6 +168,12 @@ pub trait GroupTrainer: Send {
     fn after_step(&mut self, _step: usize, _total: usize, _grads: &std::collections::BTreeMap<String, Tensor>) -> Result<()> {
         Ok(())
     }
+
+    /// A line on what the trainer did (AdaLoRA: the kept ranks and trainable budget), reported
+    /// when training ends.
+    fn report(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The tensors of one delta group, as a [`GroupTrainer`] receives them: (site path, parameter

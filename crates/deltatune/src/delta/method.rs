@@ -92,6 +92,26 @@ pub trait Method: Clone + std::fmt::Debug + Default + PartialEq + Serialize + De
     fn group_trainer(&self, _tensors: GroupTensors) -> Result<Option<Box<dyn GroupTrainer>>> {
         Ok(None)
     }
+    /// Fills in settings that depend on the run's length (AdaLoRA's `total_step`) before training
+    /// `total_steps` optimizer steps, and checks them.
+    fn set_run_length(&mut self, _total_steps: usize) -> Result<()> {
+        Ok(())
+    }
+    /// The shape PEFT stores tensor `param` at `site` with, given ours (`dims`); `None` for our
+    /// tensors PEFT does not store (they keep their built value on import). AdaLoRA's saved
+    /// tensors are trimmed to the kept ranks.
+    fn peft_shape(&self, _site: &str, _param: &str, dims: &[usize]) -> Option<Vec<usize>> {
+        Some(dims.to_vec())
+    }
+    /// Our value of tensor `param` at `site` from PEFT's stored one (of [`Method::peft_shape`]).
+    fn from_peft_tensor(&self, _site: &str, _param: &str, t: Tensor) -> Result<Tensor> {
+        Ok(t)
+    }
+    /// Adjusts a group's tensors (site, param, value) and the adapter_config.json fields for PEFT's
+    /// files (AdaLoRA: trims to the kept ranks, writes `rank_pattern`, drops its mask buffers).
+    fn to_peft_tensors(&self, _tensors: &mut Vec<(String, String, Tensor)>, _config: &mut Value) -> Result<()> {
+        Ok(())
+    }
     /// Reads PEFT's adapter_config.json (for methods with a [`Method::PEFT_TYPE`]).
     fn from_peft(p: &PeftIn) -> Result<(Self, Targets)> {
         Err(p.bad("this adapter type cannot be read"))

@@ -15,6 +15,7 @@ pub mod registry;
 pub mod spec;
 pub mod targets;
 
+pub mod adalora;
 pub mod adapter;
 pub mod bitfit;
 pub mod compacter;
@@ -32,6 +33,7 @@ pub mod prefix;
 pub mod prompt;
 pub mod vera;
 
+pub use adalora::AdaLoraConfig;
 pub use adapter::{AdapterConfig, Placement};
 pub use bitfit::BitFitConfig;
 pub use bottleneck::{Activation, AdapterInit};

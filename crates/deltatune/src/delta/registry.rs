@@ -19,10 +19,11 @@
 use super::method::{BuildCtx, Family, Method};
 use super::peft_fields::{PeftIn, PeftOut};
 use super::targets::Targets;
-use super::{adapter, bitfit, compacter, dora, finetune, ia3, ln_tuning, loha, lokr, lora, low_rank_adapter, oft, parallel_adapter, prefix, prompt, vera};
+use super::{adalora, adapter, bitfit, compacter, dora, finetune, ia3, ln_tuning, loha, lokr, lora, low_rank_adapter, oft, parallel_adapter, prefix, prompt, vera};
 use crate::core::{BackboneInfo, Delta, GroupTensors, GroupTrainer, Site, SiteKind};
 use crate::error::{suggest, Error, Result};
 use serde::{Deserialize, Serialize};
+use candle_core::Tensor;
 use serde_json::Value;
 
 macro_rules! registry {
@@ -108,6 +109,26 @@ macro_rules! registry {
                 match self { $(DeltaConfig::$variant(m) => m.group_trainer(tensors),)* }
             }
 
+            /// Fills in run-length settings ([`Method::set_run_length`]).
+            pub fn set_run_length(&mut self, total_steps: usize) -> Result<()> {
+                match self { $(DeltaConfig::$variant(m) => m.set_run_length(total_steps),)* }
+            }
+
+            /// PEFT's stored shape of a tensor ([`Method::peft_shape`]).
+            pub fn peft_shape(&self, site: &str, param: &str, dims: &[usize]) -> Option<Vec<usize>> {
+                match self { $(DeltaConfig::$variant(m) => m.peft_shape(site, param, dims),)* }
+            }
+
+            /// Our value of a PEFT-stored tensor ([`Method::from_peft_tensor`]).
+            pub fn from_peft_tensor(&self, site: &str, param: &str, t: Tensor) -> Result<Tensor> {
+                match self { $(DeltaConfig::$variant(m) => m.from_peft_tensor(site, param, t),)* }
+            }
+
+            /// A group's tensors and config as PEFT stores them ([`Method::to_peft_tensors`]).
+            pub fn to_peft_tensors(&self, tensors: &mut Vec<(String, String, Tensor)>, config: &mut Value) -> Result<()> {
+                match self { $(DeltaConfig::$variant(m) => m.to_peft_tensors(tensors, config),)* }
+            }
+
             /// PEFT's `peft_type`, if PEFT has this method.
             pub fn peft_type(&self) -> Option<&'static str> {
                 match self { $(DeltaConfig::$variant(_) => <$cfg as Method>::PEFT_TYPE,)* }
@@ -166,6 +187,7 @@ registry! {
     "loha" => Loha(loha::LohaConfig),
     "lokr" => Lokr(lokr::LokrConfig),
     "oft" => Oft(oft::OftConfig),
+    "adalora" => AdaLora(adalora::AdaLoraConfig),
 }
 
 /// The method a PEFT config's switch selects (`use_dora: true`), if any; a switch that is not a

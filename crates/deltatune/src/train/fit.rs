@@ -56,6 +56,8 @@ pub struct FitResult {
     pub stopped_early: bool,
     pub resumed_from: Option<usize>,
     pub final_train_loss: Option<f64>,
+    /// What the group trainers did (AdaLoRA's kept ranks and trainable budget).
+    pub reports: Vec<String>,
 }
 
 /// Copies the saved values of a delta directory (with head) into `params`.
@@ -83,6 +85,14 @@ fn finite(t: &candle_core::Tensor) -> Result<bool> {
     Ok(s == 0.0)
 }
 
+/// Optimizer steps of a run over `examples` training examples: `--max-steps`, else epochs ×
+/// steps per epoch (batches of `batch_size`, `grad_accum` of them per step).
+pub fn total_steps(cfg: &TrainConfig, examples: usize) -> usize {
+    let micro_per_epoch = examples.div_ceil(cfg.batch_size);
+    let steps_per_epoch = micro_per_epoch.div_ceil(cfg.grad_accum);
+    cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch)
+}
+
 /// Trains `model` (its deltas and head) as configured.
 pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
     let cfg = o.cfg;
@@ -101,9 +111,7 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
     let params = model.params();
     let mut opt = AdamW::new(params.clone(), cfg.adamw.clone())?;
     let lengths = o.train.lengths();
-    let micro_per_epoch = o.train.len().div_ceil(cfg.batch_size);
-    let steps_per_epoch = micro_per_epoch.div_ceil(cfg.grad_accum);
-    let total = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
+    let total = total_steps(cfg, o.train.len());
     let warmup = cfg.warmup_steps.unwrap_or((cfg.warmup_ratio * total as f64).ceil() as usize);
     let mut st = LoopState {
         step: 0,
@@ -125,6 +133,10 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
             return Err(Error::arg("--resume", format!("the run was started with seed {}, not {}", state.seed, cfg.seed)));
         }
         restore(&params, &delta_dir, &device)?;
+        // Buffers saved with the deltas (AdaLoRA's rank pattern) come back too.
+        let trained: std::collections::BTreeSet<&String> = params.iter().map(|(n, _)| n).collect();
+        let buffers: Vec<(String, Var)> = crate::attach::saved_vars(&model.backbone).into_iter().filter(|(n, _)| !trained.contains(n)).collect();
+        restore(&buffers, &delta_dir, &device)?;
         opt.load_state(&moments, state.step as u64, &checkpoint::last_dir(o.run_dir).join("optimizer.safetensors").display().to_string())?;
         resumed_from = Some(state.step);
         st = state;
@@ -321,6 +333,10 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
     })();
     ctl.emit(Event::Finish);
     result?;
+    let reports: Vec<String> = trainers.iter().filter_map(|t| t.report()).collect();
+    for r in &reports {
+        ctl.message(r.clone());
+    }
     model.save(&o.run_dir.join("final"), &o.meta)?;
     if o.dev.is_none() {
         model.save(&o.run_dir.join("best"), &o.meta)?;
@@ -345,6 +361,7 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
         best_scores,
         stopped_early,
         resumed_from,
+        reports,
         final_train_loss: (!recent_loss.is_empty()).then(|| recent_loss[tail..].iter().sum::<f64>() / (recent_loss.len() - tail) as f64),
     })
 }
