@@ -1,0 +1,338 @@
+//! Multi-head scaled dot-product attention, bidirectional (encoders, with dropout on the
+//! probabilities) and causal (decoders, with cached keys): one composition, one fused op.
+
+use super::cpu::{
+    dot_lanes, err, exp_f32, fused_ok, gemm, grad_for, max_lanes, slice, sum_lanes, with_data, Fwd, Gemm, Grads3, Mat, Out,
+    SyncPtr,
+};
+use super::dropout::{dropout_composed, masked};
+use super::profile::timer;
+use super::rng::DropoutKey;
+use crate::error::Result;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// Multi-head scaled dot-product attention.
+///
+/// # Shapes
+/// `q`: (b, tq, h); `k`, `v`: (b, tk, h) with heads laid out contiguously along `h`
+/// (`h = heads * d`); `key_bias`: (b, tk) additive mask (0 for keys to attend, a large negative
+/// number for padding). Returns (b, tq, h).
+/// `probs_dropout` applies dropout to the attention probabilities (training only).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_bias: &Tensor,
+    heads: usize,
+    probs_dropout: Option<(f32, DropoutKey)>,
+) -> Result<Tensor> {
+    Mode { heads, dropout: probs_dropout, causal: false }.run(q, k, v, key_bias)
+}
+
+/// Causal multi-head attention (decoders): like [`attention`], with query i (of the last tq
+/// positions of tk) attending keys 0..=tk − tq + i only.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_bias: &Tensor, heads: usize) -> Result<Tensor> {
+    Mode { heads, dropout: None, causal: true }.run(q, k, v, key_bias)
+}
+
+/// Reference implementation of [`attention`] from candle ops.
+pub fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_bias: &Tensor,
+    heads: usize,
+    probs_dropout: Option<(f32, DropoutKey)>,
+) -> Result<Tensor> {
+    Mode { heads, dropout: probs_dropout, causal: false }.composed(q, k, v, key_bias)
+}
+
+/// Reference implementation of [`causal_attention`] from candle ops.
+pub fn causal_attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, key_bias: &Tensor, heads: usize) -> Result<Tensor> {
+    Mode { heads, dropout: None, causal: true }.composed(q, k, v, key_bias)
+}
+
+/// Softmax over the last dimension from differentiable ops (max-subtracted for stability).
+pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Additive attention bias from a 0/1 mask: 0 where `mask` is 1, `f32::MIN` where it is 0
+/// (what transformers uses, so fully-masked rows behave the same).
+pub fn mask_to_bias(mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(DType::F32)?;
+    Ok(((m - 1.0)? * -(f32::MIN as f64))?)
+}
+
+/// What distinguishes the attention variants.
+#[derive(Clone, Copy)]
+struct Mode {
+    heads: usize,
+    /// Dropout on the probabilities (rate, key); none or a rate of 0 for none.
+    dropout: Option<(f32, DropoutKey)>,
+    /// Query i sees keys 0..=past + i only (`past` = tk − tq cached keys).
+    causal: bool,
+}
+
+impl Mode {
+    fn run(self, q: &Tensor, k: &Tensor, v: &Tensor, key_bias: &Tensor) -> Result<Tensor> {
+        if fused_ok(q) {
+            return self.fused(q, k, v, key_bias);
+        }
+        self.composed(q, k, v, key_bias)
+    }
+
+    /// `softmax(q k^T / sqrt(d) + bias [+ causal mask]) v` per head, from candle ops.
+    fn composed(self, q: &Tensor, k: &Tensor, v: &Tensor, key_bias: &Tensor) -> Result<Tensor> {
+        let (b, tq, h) = q.dims3()?;
+        let tk = k.dim(1)?;
+        let heads = self.heads;
+        let d = h / heads;
+        let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()?) // (b, heads, t, d)
+        };
+        let (qh, kh, vh) = (split(q, tq)?, split(k, tk)?, split(v, tk)?);
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (qh.matmul(&kh.t()?)? * scale)?; // (b, heads, tq, tk)
+        let mut scores = scores.broadcast_add(&key_bias.reshape((b, 1, 1, tk))?)?;
+        if self.causal {
+            let past = tk - tq;
+            let causal: Vec<f32> =
+                (0..tq).flat_map(|i| (0..tk).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+            scores = scores.broadcast_add(&Tensor::from_vec(causal, (1, 1, tq, tk), q.device())?)?;
+        }
+        let probs = softmax_composed(&scores)?;
+        let probs = match self.dropout {
+            Some((p, key)) if p > 0.0 => dropout_composed(&probs, p, key)?,
+            _ => probs,
+        };
+        let ctx = probs.matmul(&vh)?; // (b, heads, tq, d)
+        Ok(ctx.transpose(1, 2)?.reshape((b, tq, h))?)
+    }
+
+    fn fused(self, q: &Tensor, k: &Tensor, v: &Tensor, key_bias: &Tensor) -> Result<Tensor> {
+        let op = Attention {
+            mode: Mode { dropout: self.dropout.filter(|(p, _)| *p > 0.0), ..self },
+            key_bias: key_bias.to_dtype(DType::F32)?.contiguous()?,
+        };
+        Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The fused op: softmax(q k^T / sqrt(d) + bias) v, heads interleaved along h. The probabilities
+// are recomputed in backward instead of stored (memory over a few % of FLOPs).
+
+struct Attention {
+    mode: Mode,
+    key_bias: Tensor, // (b, tk)
+}
+
+/// Sizes of one call; a head's block of q (or k, v) starts at `q_at` (`kv_at`) with row stride h.
+struct AttnDims {
+    b: usize,
+    tq: usize,
+    tk: usize,
+    h: usize,
+    d: usize,
+}
+
+impl AttnDims {
+    fn q_at(&self, bi: usize, hi: usize) -> usize {
+        bi * self.tq * self.h + hi * self.d
+    }
+    fn kv_at(&self, bi: usize, hi: usize) -> usize {
+        bi * self.tk * self.h + hi * self.d
+    }
+}
+
+impl Attention {
+    /// Softmax probabilities for one (batch, head) into `p` (tq × tk).
+    fn probs(&self, dm: &AttnDims, q: &[f32], k: &[f32], bias: &[f32], bi: usize, hi: usize, p: &mut [f32]) {
+        let AttnDims { tq, tk, h, d, .. } = *dm;
+        let scale = 1.0 / (d as f32).sqrt();
+        let (qo, ko) = (dm.q_at(bi, hi), dm.kv_at(bi, hi));
+        gemm(Out::rm(p, tk), [tq, tk, d], Mat::rm(&q[qo..], h), Mat::rm_t(&k[ko..], h), Gemm::SERIAL.scaled(scale));
+        let brow = &bias[bi * tk..(bi + 1) * tk];
+        let past = tk.saturating_sub(tq);
+        for (qi, row) in p.chunks_mut(tk).enumerate() {
+            // Causal rows stop at their own position; later keys get probability 0.
+            let row = if self.mode.causal {
+                let (seen, later) = row.split_at_mut((past + qi + 1).min(tk));
+                later.fill(0.0);
+                seen
+            } else {
+                row
+            };
+            for (v, &bb) in row.iter_mut().zip(brow) {
+                *v += bb;
+            }
+            let max = max_lanes(row);
+            for v in row.iter_mut() {
+                *v = exp_f32(*v - max);
+            }
+            let inv = 1.0 / sum_lanes(row);
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
+    }
+
+    /// Dropout on one (batch, head)'s probabilities (or their gradient), if any.
+    fn mask_probs(&self, dm: &AttnDims, bi: usize, hi: usize, p: &mut [f32]) {
+        if let Some((rate, key)) = self.mode.dropout {
+            let base = ((bi * self.mode.heads + hi) * dm.tq * dm.tk) as u64;
+            for (i, v) in p.iter_mut().enumerate() {
+                *v = masked(key, rate, base + i as u64, *v);
+            }
+        }
+    }
+
+    fn dims(&self, q: &Shape, k: &Shape) -> candle_core::Result<AttnDims> {
+        let (b, tq, h) = q.dims3()?;
+        let (bk, tk, hk) = k.dims3()?;
+        let heads = self.mode.heads;
+        if bk != b || hk != h || h % heads != 0 {
+            return Err(err(format!("attention: q {q:?} and k {k:?} do not match ({heads} heads)")));
+        }
+        Ok(AttnDims { b, tq, tk, h, d: h / heads })
+    }
+
+    /// Runs `f(batch, head)` for every (batch, head) in parallel, each with its own scratch.
+    fn per_head<S: Send>(
+        &self,
+        dm: &AttnDims,
+        scratch: impl Fn() -> S + Sync + Send,
+        f: impl Fn(&mut S, usize, usize) + Sync + Send,
+    ) {
+        let heads = self.mode.heads;
+        (0..dm.b * heads).into_par_iter().for_each_init(scratch, |s, bh| f(s, bh / heads, bh % heads));
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Fwd {
+        let _prof = timer("attention", "fwd");
+        let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let dm = self.dims(l1.shape(), l2.shape())?;
+        if l3.shape() != l2.shape() {
+            return Err(err("attention: k and v shapes differ"));
+        }
+        let AttnDims { tq, tk, h, d, .. } = dm;
+        let mut out = vec![0f32; dm.b * tq * h];
+        let out_ptr = SyncPtr::of(&mut out);
+        with_data([&self.key_bias], |[bias]| {
+            if bias.len() != dm.b * tk {
+                return Err(err("attention: key bias shape does not match keys"));
+            }
+            self.per_head(
+                &dm,
+                || vec![0f32; tq * tk],
+                |p, bi, hi| {
+                    self.probs(&dm, q, k, bias, bi, hi, p);
+                    self.mask_probs(&dm, bi, hi, p);
+                    // Each (batch, head) writes its own d columns of its own rows: disjoint.
+                    let o = out_ptr.out(dm.q_at(bi, hi), h);
+                    gemm(o, [tq, d, tk], Mat::rm(p, tk), Mat::rm(&v[dm.kv_at(bi, hi)..], h), Gemm::SERIAL);
+                },
+            );
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Grads3 {
+        let _prof = timer("attention", "bwd");
+        let grad = grad.contiguous()?;
+        let dm = self.dims(q.shape(), k.shape())?;
+        let AttnDims { tq, tk, h, d, .. } = dm;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut dq = vec![0f32; dm.b * tq * h];
+        let mut dk = vec![0f32; dm.b * tk * h];
+        let mut dv = vec![0f32; dm.b * tk * h];
+        let (pq, pk, pv) = (SyncPtr::of(&mut dq), SyncPtr::of(&mut dk), SyncPtr::of(&mut dv));
+        with_data([q, k, v, &grad, &self.key_bias], |[qs, ks, vs, gs, bias]| {
+            let scratch = || (vec![0f32; tq * tk], vec![0f32; tq * tk]);
+            self.per_head(&dm, scratch, |(p, dp), bi, hi| {
+                let (qo, ko) = (dm.q_at(bi, hi), dm.kv_at(bi, hi));
+                self.probs(&dm, qs, ks, bias, bi, hi, p);
+                // dP' = dO V^T  (tq × tk)
+                gemm(Out::rm(dp, tk), [tq, tk, d], Mat::rm(&gs[qo..], h), Mat::rm_t(&vs[ko..], h), Gemm::SERIAL);
+                // dV = P'^T dO  (tk × d), P' = dropped probabilities.
+                let mut pd = p.clone();
+                self.mask_probs(&dm, bi, hi, &mut pd);
+                gemm(pv.out(ko, h), [tk, d, tq], Mat::rm_t(&pd, tk), Mat::rm(&gs[qo..], h), Gemm::SERIAL);
+                // dP = mask(dP'); dS = P ⊙ (dP − rowsum(dP ⊙ P)).
+                self.mask_probs(&dm, bi, hi, dp);
+                for (dpr, pr) in dp.chunks_mut(tk).zip(p.chunks(tk)) {
+                    let dot = dot_lanes(dpr, pr);
+                    for (a, &b) in dpr.iter_mut().zip(pr) {
+                        *a = b * (*a - dot);
+                    }
+                }
+                // dQ = dS K * scale (tq × d); dK = dS^T Q * scale (tk × d).
+                gemm(pq.out(qo, h), [tq, d, tk], Mat::rm(dp, tk), Mat::rm(&ks[ko..], h), Gemm::SERIAL.scaled(scale));
+                gemm(pk.out(ko, h), [tk, d, tq], Mat::rm_t(dp, tk), Mat::rm(&qs[qo..], h), Gemm::SERIAL.scaled(scale));
+            });
+            Ok(())
+        })?;
+        Ok((grad_for(q, dq)?, grad_for(k, dk)?, grad_for(v, dv)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::cpu::testing::{grad_diff, grads, max_diff, rand, var};
+    use candle_core::Device;
+
+    /// Attention through the fused op and through the composition agree, forward and backward,
+    /// for queries (b, tq), keys (b, tk) and a padding mask; returns the fused output.
+    fn check(mode: Mode, (b, tq, tk): (usize, usize, usize), seed: u64, masked_keys: &[usize]) -> Tensor {
+        let (heads, d) = (mode.heads, 4);
+        let q = var(&[b, tq, heads * d], seed, 1.0);
+        let k = var(&[b, tk, heads * d], seed + 1, 1.0);
+        let v = var(&[b, tk, heads * d], seed + 2, 1.0);
+        let mut mask = vec![1f32; b * tk];
+        for &i in masked_keys {
+            mask[i] = 0.0;
+        }
+        let bias = mask_to_bias(&Tensor::from_vec(mask, (b, tk), &Device::Cpu).unwrap()).unwrap();
+        let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let y1 = mode.fused(qt, kt, vt, &bias).unwrap();
+        let y2 = mode.composed(qt, kt, vt, &bias).unwrap();
+        assert!(max_diff(&y1, &y2) < 1e-5, "fwd {}", max_diff(&y1, &y2));
+        let up = rand(&[b, tq, heads * d], seed + 3);
+        let (g1, g2) = (grads(&y1, &up), grads(&y2, &up));
+        for t in [&q, &k, &v] {
+            let diff = grad_diff(&g1, &g2, t);
+            assert!(diff < 1e-5, "grad diff {diff}");
+        }
+        y1
+    }
+
+    #[test]
+    fn causal_attention_matches_composition() {
+        // tq < tk: the queries follow 3 cached positions.
+        let (b, tq, tk) = (2, 6, 9);
+        let causal = Mode { heads: 3, dropout: None, causal: true };
+        let y1 = check(causal, (b, tq, tk), 21, &[tk + 1]);
+        // Not the non-causal result.
+        let y3 = check(Mode { causal: false, ..causal }, (b, tq, tk), 21, &[tk + 1]);
+        assert!(max_diff(&y1, &y3) > 1e-2);
+    }
+
+    #[test]
+    fn attention_matches_composition() {
+        for (dropout, tk) in [(None, 9), (Some((0.2f32, DropoutKey(5))), 12)] {
+            check(Mode { heads: 3, dropout, causal: false }, (2, 9, tk), 11, &[tk - 1, tk - 2]);
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! Linear layers with frozen weights: `x W^T + b`, fused with GELU, and with quantized `W`.
+//!
+//! candle's `matmul` backward also computes the (discarded) gradient of a frozen weight; the fused
+//! op computes only the input gradient `dy W`, calling `gemm` on the row-major data directly.
+
+use super::activation::{gelu, gelu_composed, gelu_grad_into, gelu_into};
+use super::cpu::{err, fused_ok, gemm, rows_cols, slice, tensor_from, with_data, Fwd, Gemm, Mat, Out};
+use super::profile::timer;
+use crate::error::Result;
+use candle_core::quantized::QTensor;
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// `x W^T + b` for `x` of shape (..., in), `w` (out, in), `b` (out).
+///
+/// When `w` and `b` are frozen (not derived from a `Var`), the fused kernel computes only the input
+/// gradient in backward; candle's matmul would also compute the (discarded) weight gradient.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if frozen(w, b) && fused_ok(x) {
+        return frozen_linear(x, w, b, false);
+    }
+    linear_composed(x, w, b)
+}
+
+/// `gelu(x W^T + b)` (exact GELU). With frozen `w`, `b` this is one fused op whose backward
+/// applies the GELU gradient on the way into the input-gradient matmul.
+pub fn linear_gelu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if frozen(w, b) && fused_ok(x) {
+        return frozen_linear(x, w, b, true);
+    }
+    gelu(&linear(x, w, b)?)
+}
+
+/// `x W^T` with a frozen quantized `W` (out, in). Gradients flow to `x` only.
+///
+/// With `exact`, or for more than a few rows, `W` is dequantized into a transient f32 matrix and
+/// multiplied in f32 (the same numbers an f32 reference multiplies); for a few rows (token-by-token
+/// generation) the quantized dot-product kernels run directly on the blocks, which also quantize
+/// the activations to 8 bits. The backward pass always dequantizes.
+pub fn qlinear(x: &Tensor, w: &Arc<QTensor>, exact: bool) -> Result<Tensor> {
+    let (_, in_dim) = w.shape().dims2()?;
+    let features = x.dim(D::Minus1)?;
+    if features != in_dim {
+        return Err(crate::error::Error::Delta(format!(
+            "quantized linear: input has {features} features, weight expects {in_dim}"
+        )));
+    }
+    Ok(x.contiguous()?.apply_op1(QLinear { w: w.clone(), exact })?)
+}
+
+/// Reference implementation of [`linear`] from candle ops.
+pub fn linear_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (in_dim, rows) = match dims.split_last() {
+        Some((last, lead)) => (*last, lead.iter().product::<usize>()),
+        None => return Err(candle_core::Error::Msg("linear: scalar input".into()).into()),
+    };
+    let out_dim = w.dim(0)?;
+    let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = dims;
+    if let Some(last) = out_dims.last_mut() {
+        *last = out_dim;
+    }
+    Ok(y.reshape(out_dims)?)
+}
+
+/// Reference implementation of [`linear_gelu`] from candle ops.
+pub fn linear_gelu_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    gelu_composed(&linear_composed(x, w, b)?)
+}
+
+/// Whether neither the weight nor the bias takes part in the graph.
+fn frozen(w: &Tensor, b: Option<&Tensor>) -> bool {
+    !w.track_op() && b.is_none_or(|b| !b.track_op())
+}
+
+// ------------------------------------------------------------------------------------------------
+// The fused op: y = x W^T + b with W, b constants; backward only dx = dy W.
+
+struct FrozenLinear {
+    w: Tensor,
+    b: Option<Tensor>,
+    /// Exact GELU applied to the output (`gelu(x W^T + b)` in one op). The pre-activation is kept
+    /// here for the backward pass, so the graph holds one node, not two, and the GELU gradient is
+    /// applied on the way into the input-gradient matmul.
+    gelu: bool,
+    pre: Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        if self.gelu {
+            "frozen-linear-gelu"
+        } else {
+            "frozen-linear"
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Fwd {
+        let _prof = timer("frozen-linear", "fwd");
+        let x = slice(s, l)?;
+        let (rows, in_dim) = rows_cols(l.shape());
+        let (out_dim, w_in) = self.w.dims2()?;
+        if w_in != in_dim {
+            return Err(err(format!("linear: input has {in_dim} features, weight expects {w_in}")));
+        }
+        let mut y = vec![0f32; rows * out_dim];
+        if let Some(b) = &self.b {
+            with_data([b], |[bs]| {
+                if bs.len() != out_dim {
+                    return Err(err("linear: bias length differs from weight rows"));
+                }
+                y.par_chunks_mut(out_dim.max(1)).for_each(|row| row.copy_from_slice(bs));
+                Ok(())
+            })?;
+        }
+        with_data([&self.w], |[ws]| {
+            let how = Gemm::PARALLEL.accumulate(self.b.is_some());
+            gemm(Out::rm(&mut y, out_dim), [rows, out_dim, in_dim], Mat::rm(x, in_dim), Mat::rm_t(ws, in_dim), how);
+            Ok(())
+        })?;
+        let mut dims = l.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out_dim;
+        }
+        if self.gelu {
+            let _prof = timer("gelu-erf", "fwd");
+            let mut a = vec![0f32; y.len()];
+            gelu_into(&mut a, &y);
+            *self.pre.lock().map_err(|_| err("linear-gelu: poisoned lock"))? = Some(y);
+            return Ok((CpuStorage::F32(a), Shape::from(dims)));
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let grad = if self.gelu {
+            let _prof = timer("gelu-erf", "bwd");
+            let pre = self.pre.lock().map_err(|_| err("linear-gelu: poisoned lock"))?;
+            let h = pre.as_ref().ok_or_else(|| err("linear-gelu: backward without forward"))?;
+            let mut dh = vec![0f32; h.len()];
+            with_data([&grad], |[gs]| {
+                gelu_grad_into(&mut dh, h, gs);
+                Ok(())
+            })?;
+            tensor_from(dh, grad.shape())?
+        } else {
+            grad
+        };
+        let _prof = timer("frozen-linear", "bwd");
+        let (out_dim, in_dim) = self.w.dims2()?;
+        let (rows, _) = rows_cols(grad.shape());
+        let mut dx = vec![0f32; rows * in_dim];
+        with_data([&grad, &self.w], |[gs, ws]| {
+            let dims = [rows, in_dim, out_dim];
+            gemm(Out::rm(&mut dx, in_dim), dims, Mat::rm(gs, out_dim), Mat::rm(ws, in_dim), Gemm::PARALLEL);
+            Ok(())
+        })?;
+        Ok(Some(tensor_from(dx, arg.shape())?))
+    }
+}
+
+/// `[gelu](x W^T + b)` with frozen `w`, `b` as one op.
+fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
+    let op = FrozenLinear { w: w.contiguous()?, b: b.map(|b| b.contiguous()).transpose()?, gelu, pre: Mutex::new(None) };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Frozen quantized linear: y = x W^T with W in GGUF blocks; backward dx = dy W (dequantized).
+
+/// At most this many rows use the quantized dot-product kernels (unless exact).
+const QUANT_DOT_ROWS: usize = 8;
+
+struct QLinear {
+    w: Arc<QTensor>,
+    exact: bool,
+}
+
+impl QLinear {
+    /// The weight as a transient f32 frozen linear.
+    fn dense(&self) -> candle_core::Result<FrozenLinear> {
+        Ok(FrozenLinear { w: self.w.dequantize(&Device::Cpu)?, b: None, gelu: false, pre: Default::default() })
+    }
+}
+
+impl CustomOp1 for QLinear {
+    fn name(&self) -> &'static str {
+        "quantized-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Fwd {
+        let _prof = timer("quantized-linear", "fwd");
+        let (rows, _) = rows_cols(l.shape());
+        if !self.exact && rows <= QUANT_DOT_ROWS {
+            return CustomOp1::cpu_fwd(self.w.as_ref(), s, l);
+        }
+        self.dense()?.cpu_fwd(s, l)
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _prof = timer("quantized-linear", "bwd");
+        self.dense()?.bwd(arg, res, grad)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::cpu::testing::{grad_diff, grads, max_diff, rand, var};
+
+    #[test]
+    fn frozen_linear_matches_composition() {
+        let x = var(&[3, 5, 16], 1, 1.0);
+        let w = rand(&[8, 16], 2);
+        let b = rand(&[8], 3);
+        let y1 = frozen_linear(x.as_tensor(), &w, Some(&b), false).unwrap();
+        let y2 = linear_composed(x.as_tensor(), &w, Some(&b)).unwrap();
+        assert!(max_diff(&y1, &y2) < 1e-5);
+        let g = rand(&[3, 5, 8], 4);
+        assert!(grad_diff(&grads(&y1, &g), &grads(&y2, &g), &x) < 1e-5);
+    }
+
+    #[test]
+    fn frozen_linear_gelu_matches_composition() {
+        let x = var(&[3, 5, 16], 11, 2.0);
+        let w = rand(&[40, 16], 12);
+        let b = rand(&[40], 13);
+        let y1 = frozen_linear(x.as_tensor(), &w, Some(&b), true).unwrap();
+        let y2 = linear_gelu_composed(x.as_tensor(), &w, Some(&b)).unwrap();
+        assert!(max_diff(&y1, &y2) < 1e-5, "forward differs by {}", max_diff(&y1, &y2));
+        let g = rand(&[3, 5, 40], 14);
+        // Backward twice through the same graph: the kept pre-activation must survive the first.
+        for _ in 0..2 {
+            let d = grad_diff(&grads(&y1, &g), &grads(&y2, &g), &x);
+            assert!(d < 1e-5, "input gradient differs by {d}");
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Normalisations over the last dimension: layer norm (gradients for x, gamma and beta) and RMS
+//! norm (gradients for x and the weight).
+
+use super::cpu::{
+    column_sums, dot_lanes, err, fused_ok, grad_for, row_op, rows2_into, rows_cols, rows_into, slice, sum_lanes, with_data, Fwd,
+    Grads3, RowKernel, LANES,
+};
+use super::profile::timer;
+use crate::error::Result;
+use candle_core::{CpuStorage, CustomOp3, Layout, Tensor, D};
+
+/// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) * gamma + beta`.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_ok(x) {
+        return layer_norm_fused(x, gamma, beta, eps);
+    }
+    layer_norm_composed(x, gamma, beta, eps)
+}
+
+/// Reference implementation of [`layer_norm`] from differentiable candle ops.
+pub fn layer_norm_composed(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xhat = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(xhat.broadcast_mul(gamma)?.broadcast_add(beta)?)
+}
+
+/// RMS normalisation over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`. Fused on
+/// CPU (gradients for `x` and a trainable weight).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_ok(x) {
+        return row_op(x, weight, RmsNorm { eps: eps as f32 });
+    }
+    rms_norm_composed(x, weight, eps)
+}
+
+/// Reference implementation of [`rms_norm`] from differentiable ops.
+pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    Ok(y.broadcast_mul(weight)?)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Layer norm.
+
+fn layer_norm_fused(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let op = LayerNorm { eps: eps as f32 };
+    Ok(x.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?)
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+/// Mean and 1/std of one row (two-pass, in f32 with lane-wise sums).
+#[inline]
+fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = sum_lanes(row) / n;
+    let mut acc = [0f32; LANES];
+    let mut it = row.chunks_exact(LANES);
+    for c in &mut it {
+        for j in 0..LANES {
+            acc[j] += (c[j] - mean) * (c[j] - mean);
+        }
+    }
+    let var = (it.remainder().iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() + acc.iter().sum::<f32>()) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl LayerNorm {
+    /// One row's input gradient: `rstd (dy γ − mean(dy γ) − x̂ mean(dy γ x̂))`.
+    fn backward_row(&self, dxr: &mut [f32], xr: &[f32], gs: &[f32], dyr: &[f32]) {
+        let h = xr.len();
+        let (mean, rstd) = row_stats(xr, self.eps);
+        let (mut a1, mut a2) = ([0f32; LANES], [0f32; LANES]);
+        let (mut s1, mut s2) = (0f32, 0f32);
+        let body = h - h % LANES;
+        for c in (0..body).step_by(LANES) {
+            for j in 0..LANES {
+                let i = c + j;
+                let gg = dyr[i] * gs[i];
+                a1[j] += gg;
+                a2[j] += gg * (xr[i] - mean) * rstd;
+            }
+        }
+        for i in body..h {
+            let gg = dyr[i] * gs[i];
+            s1 += gg;
+            s2 += gg * (xr[i] - mean) * rstd;
+        }
+        s1 += a1.iter().sum::<f32>();
+        s2 += a2.iter().sum::<f32>();
+        let (s1, s2) = (s1 / h as f32, s2 / h as f32);
+        for i in 0..h {
+            let xhat = (xr[i] - mean) * rstd;
+            dxr[i] = rstd * (dyr[i] * gs[i] - s1 - xhat * s2);
+        }
+    }
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Fwd {
+        let _prof = timer("layer-norm", "fwd");
+        let (x, g, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (_, h) = rows_cols(l1.shape());
+        if g.len() != h || b.len() != h {
+            return Err(err(format!("layer norm: gamma/beta have {} / {} elements, rows have {h}", g.len(), b.len())));
+        }
+        let mut y = vec![0f32; x.len()];
+        rows_into(&mut y, x, h, |_, yr, xr| {
+            let (mean, rstd) = row_stats(xr, self.eps);
+            for i in 0..h {
+                yr[i] = (xr[i] - mean) * rstd * g[i] + b[i];
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor, _res: &Tensor, grad: &Tensor) -> Grads3 {
+        let _prof = timer("layer-norm", "bwd");
+        let grad = grad.contiguous()?;
+        let h = gamma.elem_count();
+        let mut dx = if x.track_op() { vec![0f32; x.elem_count()] } else { Vec::new() };
+        let mut dgb = Vec::new();
+        with_data([x, gamma, &grad], |[xs, gs, dys]| {
+            if x.track_op() {
+                rows2_into(&mut dx, xs, dys, h, |dxr, xr, dyr| self.backward_row(dxr, xr, gs, dyr));
+            }
+            if gamma.track_op() || beta.track_op() {
+                // dγ in the first h sums, dβ in the next h.
+                dgb = column_sums(xs, dys, h, 2 * h, |xr, dyr, p| {
+                    let (mean, rstd) = row_stats(xr, self.eps);
+                    let (pg, pb) = p.split_at_mut(h);
+                    for i in 0..h {
+                        pg[i] += dyr[i] * (xr[i] - mean) * rstd;
+                        pb[i] += dyr[i];
+                    }
+                });
+            }
+            Ok(())
+        })?;
+        dgb.resize(2 * h, 0.0);
+        let db = dgb.split_off(h);
+        Ok((grad_for(x, dx)?, grad_for(gamma, dgb)?, grad_for(beta, db)?))
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// RMS norm.
+
+struct RmsNorm {
+    eps: f32,
+}
+
+/// 1 / sqrt(mean(x²) + eps) of one row.
+#[inline]
+fn rms_scale(row: &[f32], eps: f32) -> f32 {
+    let ss: f32 = row.chunks(LANES * 4).map(|c| dot_lanes(c, c)).sum();
+    1.0 / (ss / row.len() as f32 + eps).sqrt()
+}
+
+impl RowKernel for RmsNorm {
+    const NAME: &'static str = "rms-norm";
+
+    fn forward(&self, y: &mut [f32], x: &[f32], w: &[f32]) {
+        let r = rms_scale(x, self.eps);
+        for i in 0..y.len() {
+            y[i] = x[i] * r * w[i];
+        }
+    }
+
+    /// dx_j = r (g_j w_j − x_j r² mean_i(g_i w_i x_i)).
+    fn backward_x(&self, dx: &mut [f32], x: &[f32], w: &[f32], g: &[f32]) {
+        let h = dx.len();
+        let r = rms_scale(x, self.eps);
+        let mut dot = 0f32;
+        for i in 0..h {
+            dot += g[i] * w[i] * x[i];
+        }
+        let c = r * r * dot / h as f32;
+        for i in 0..h {
+            dx[i] = r * (g[i] * w[i] - x[i] * c);
+        }
+    }
+
+    /// dw_i = Σ_rows g_i x_i r.
+    fn backward_w(&self, dw: &mut [f32], x: &[f32], g: &[f32]) {
+        let r = rms_scale(x, self.eps);
+        for i in 0..dw.len() {
+            dw[i] += g[i] * x[i] * r;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::cpu::testing::{grad_diff, grads, max_diff, rand, var};
+
+    #[test]
+    fn layer_norm_matches_composition() {
+        let x = var(&[4, 7, 32], 5, 3.0);
+        let g = var(&[32], 6, 1.0);
+        let b = var(&[32], 7, 1.0);
+        let y1 = layer_norm_fused(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-12).unwrap();
+        let y2 = layer_norm_composed(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-12).unwrap();
+        assert!(max_diff(&y1, &y2) < 1e-5);
+        let up = rand(&[4, 7, 32], 8);
+        let (g1, g2) = (grads(&y1, &up), grads(&y2, &up));
+        for v in [&x, &g, &b] {
+            let d = grad_diff(&g1, &g2, v);
+            assert!(d < 1e-4, "grad diff {d}");
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_composition() {
+        let (b, t, n, d) = (2, 5, 3, 8);
+        let x = var(&[b, t, n * d], 41, 3.0);
+        let w = var(&[n * d], 42, 1.0);
+        let y1 = row_op(x.as_tensor(), w.as_tensor(), RmsNorm { eps: 1e-5 }).unwrap();
+        let y2 = rms_norm_composed(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+        assert!(max_diff(&y1, &y2) < 1e-5, "rms fwd {}", max_diff(&y1, &y2));
+        let up = rand(&[b, t, n * d], 43);
+        let (g1, g2) = (grads(&y1, &up), grads(&y2, &up));
+        for v in [&x, &w] {
+            assert!(grad_diff(&g1, &g2, v) < 1e-4, "rms grad");
+        }
+    }
+}
