@@ -25,6 +25,11 @@ def _fmt_time(s: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
+def _num(x: Any, spec: str = ".4f") -> str:
+    """A number for display; non-finite values arrive as None (JSON null)."""
+    return "nan" if x is None else format(x, spec)
+
+
 class Reporter:
     """Renders events; pass the instance to the native job as ``on_event``."""
 
@@ -61,7 +66,7 @@ class Reporter:
                 self.callback(ev)
         elif kind == "eval":
             mark = " (best)" if ev.get("best") else ""
-            self._line(f"step {ev['step']}: dev {ev['metric']} {ev['score']:.4f}, loss {ev['loss']:.4f}{mark}")
+            self._line(f"step {ev['step']}: dev {ev['metric']} {_num(ev.get('score'))}, loss {_num(ev.get('loss'))}{mark}")
             if self.callback is not None:
                 self.callback(ev)
         elif kind == "finish":
@@ -90,7 +95,7 @@ class Reporter:
         elapsed = time.monotonic() - self.start_time if self.start_time else 0.0
         post = ""
         if "loss" in ev:
-            post = f", loss={ev['loss']:.4f}, lr={ev['lr']:.2e}, {ev.get('examples_per_s', 0):.1f} ex/s"
+            post = f", loss={_num(ev.get('loss'))}, lr={_num(ev.get('lr'), '.2e')}, {_num(ev.get('examples_per_s'), '.1f')} ex/s"
         eta = ev.get("eta_s", 0.0) or 0.0
         self.stream.write(f"\r{self.desc}: {frac * 100:3.0f}%|{bar}| {n}/{self.total} [{_fmt_time(elapsed)}<{_fmt_time(eta)}{post}]")
         self.stream.flush()
