@@ -2,14 +2,16 @@
 # The project's one test command (README, CI): the Rust tests, then the Python package built
 # into a fresh virtual environment and its pytest suite.
 #
-# The wheel is built with cargo's dev profile into the same target directory as `cargo test`, so
-# it reuses the compiled dependencies (`pip install .` without these settings builds a release
-# wheel). Set DELTATUNE_SKIP_RUST=1 to run only the Python part.
+# `cargo test` compiles the Python module too (feature `python` of deltatune-py), so that the
+# features of shared dependencies (syn's, via PyO3's macros) are those of the wheel build; the wheel
+# is then built with cargo's dev profile into the same target directory and reuses every compiled
+# dependency but PyO3's (`pip install .` without these settings builds a release wheel).
+# Set DELTATUNE_SKIP_RUST=1 to run only the Python part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ -z "${DELTATUNE_SKIP_RUST:-}" ]; then
-    cargo test --workspace
+    cargo test --workspace --features deltatune-py/python
 fi
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
