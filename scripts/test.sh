@@ -26,4 +26,4 @@ if [ -x "$CARGO_TARGET_DIR/debug/deltatune" ]; then
     export DELTATUNE_CLI="$CARGO_TARGET_DIR/debug/deltatune"
 fi
 cd crates/deltatune-py/tests
-"$venv/bin/python" -m pytest -q -p no:cacheprovider .
+"$venv/bin/python" -m pytest -q -rs -p no:cacheprovider .
