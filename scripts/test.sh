@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The project's one test command (README, CI): the Rust tests, then the Python package built
+# into a fresh virtual environment and its pytest suite.
+#
+# `cargo test` compiles the Python module too (feature `python` of deltatune-py), so that the
+# features of shared dependencies (syn's, via PyO3's macros) are those of the wheel build; the wheel
+# is then built with cargo's dev profile into the same target directory and reuses every compiled
+# dependency but PyO3's (`pip install .` without these settings builds a release wheel).
+# Set DELTATUNE_SKIP_RUST=1 to run only the Python part.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${DELTATUNE_SKIP_RUST:-}" ]; then
+    cargo test --workspace --features deltatune-py/python
+fi
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+python="${PYTHON:-python3}"
+venv="$CARGO_TARGET_DIR/python-test-venv"
+"$python" -m venv --clear "$venv"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+MATURIN_PEP517_ARGS="--profile dev" \
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check ".[test]"
+# The CLI built by `cargo test` above, for the tests that compare with it (skipped without it).
+if [ -x "$CARGO_TARGET_DIR/debug/deltatune" ]; then
+    export DELTATUNE_CLI="$CARGO_TARGET_DIR/debug/deltatune"
+fi
+cd crates/deltatune-py/tests
+"$venv/bin/python" -m pytest -q -rs -p no:cacheprovider .
