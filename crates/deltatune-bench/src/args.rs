@@ -39,6 +39,46 @@ pub enum BenchWhat {
     /// and LoRA training step time and peak memory at batch x seq-len, each against PyTorch +
     /// PEFT on the dequantized f32 model (bench/torch_decoder.py) in the same run.
     Decoder(BenchDecoderArgs),
+    /// `deltatune serve` under load on loopback (our own load generator, bounded in requests and
+    /// time): decoder tokens/s, latency and time to first token by concurrent clients and by the
+    /// number of LoRA deltas the load is spread over; encoder requests/s over 1 and 16 deltas.
+    Serve(BenchServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchServeArgs {
+    /// A decoder (`.gguf`) for the generation part (default: the default decoder).
+    #[arg(long)]
+    pub decoder: Option<PathBuf>,
+    /// An encoder directory for the embeddings part (default: the default model).
+    #[arg(long)]
+    pub encoder: Option<PathBuf>,
+    /// Concurrent clients for the decoder runs.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+    pub clients: Vec<usize>,
+    /// Numbers of LoRA deltas the 8-client load is spread over.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    pub deltas: Vec<usize>,
+    /// Requests each client sends per run.
+    #[arg(long, default_value_t = 3)]
+    pub requests: usize,
+    /// max_tokens per generation.
+    #[arg(long, default_value_t = 32)]
+    pub tokens: usize,
+    /// Concurrent clients for the encoder runs.
+    #[arg(long, default_value_t = 32)]
+    pub encoder_clients: usize,
+    /// Stop a run after this many seconds (whatever finished counts).
+    #[arg(long, default_value_t = 120.0)]
+    pub max_seconds: f64,
+    #[arg(long, default_value_t = 2)]
+    pub bench_threads: usize,
+    /// Skip the decoder part.
+    #[arg(long)]
+    pub no_decoder: bool,
+    /// Skip the encoder part.
+    #[arg(long)]
+    pub no_encoder: bool,
 }
 
 #[derive(Args, Debug)]

@@ -8,6 +8,7 @@ pub mod args;
 pub mod measure;
 pub mod methods;
 pub mod run;
+pub mod serve;
 
 pub use args::BenchArgs;
 pub use run::run;

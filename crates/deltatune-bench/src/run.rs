@@ -26,6 +26,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchWhat::Matmul(t) => matmul(t),
         BenchWhat::Merged(t) => merged(t),
         BenchWhat::Decoder(t) => decoder(t),
+        BenchWhat::Serve(t) => crate::serve::run(t),
     }
 }
 

@@ -76,6 +76,67 @@ pub enum Command {
     /// Train deltas on a decoder LM (causal-LM loss on completions): a classification task as
     /// text-to-text with a verbalizer, or JSONL prompt/completion pairs.
     TrainLm(TrainLmArgs),
+    /// Serve one backbone and many deltas over HTTP (OpenAI-compatible; mixed-delta batching).
+    Serve(ServeArgs),
+}
+
+/// `NAME=PATH` for `--delta` of `serve`.
+fn named_delta(s: &str) -> deltatune::Result<(String, PathBuf)> {
+    let (n, p) = s.split_once('=').ok_or_else(|| deltatune::Error::arg("--delta", format!("`{s}` is not NAME=PATH")))?;
+    if n.is_empty() || p.is_empty() {
+        return Err(deltatune::Error::arg("--delta", format!("`{s}` is not NAME=PATH")));
+    }
+    Ok((n.to_string(), PathBuf::from(p)))
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Backbone: an encoder directory, or a decoder (GGUF file or HF directory). Default: the
+    /// default encoder, or the default decoder with --decoder.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Serve the default decoder (SmolLM2) when --model is not given.
+    #[arg(long)]
+    pub decoder: bool,
+    /// A saved delta (ours or a PEFT adapter folder) served as NAME; repeatable.
+    #[arg(long = "delta", value_name = "NAME=PATH", value_parser = named_delta)]
+    pub delta: Vec<(String, PathBuf)>,
+    /// Serve every subfolder (named after it); admin loads are confined to this folder.
+    #[arg(long)]
+    pub delta_dir: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: std::net::IpAddr,
+    /// Port (0 picks a free one and prints it).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Bearer token required on every route but /health and the page.
+    #[arg(long, env = "DELTATUNE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Enable POST /admin/deltas and DELETE /admin/deltas/{name}.
+    #[arg(long)]
+    pub allow_admin: bool,
+    /// Requests that may wait; beyond, 429 with Retry-After.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub queue_size: u64,
+    /// Rows in one batched pass.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub max_batch: u64,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Longest encoder input in tokens.
+    #[arg(long, default_value_t = 256)]
+    pub max_input_tokens: usize,
+    /// Per-request time limit in seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout: f64,
+    /// Dequantize the decoder's frozen weights for every matmul (slower, bit-for-bit with f32).
+    #[arg(long)]
+    pub exact: bool,
 }
 
 #[derive(Args, Debug)]

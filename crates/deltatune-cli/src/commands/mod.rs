@@ -11,6 +11,7 @@ mod plot;
 mod predict;
 pub mod progress;
 mod search;
+mod serve;
 mod setup;
 mod train;
 mod train_lm;
@@ -39,6 +40,7 @@ pub fn run(cli: Cli, cancel: &Cancel) -> Result<()> {
         Command::Bench(a) => deltatune_bench::run(a),
         Command::Generate(a) => generate::run(a),
         Command::TrainLm(a) => train_lm::run(a, cancel),
+        Command::Serve(a) => serve::run(a),
     }
 }
 

@@ -145,10 +145,31 @@ pub fn read_config(dir: &Path) -> Result<(BackboneRef, Vec<DeltaSpec>, Map<Strin
 /// Attaches the deltas saved in `dir` to `model` and loads their values. Refuses a delta trained on
 /// a different backbone. On error the model is left as it was.
 pub fn load(dir: &Path, model: &mut dyn Backbone, opts: AttachOptions) -> Result<Loaded> {
+    load_renamed(dir, model, opts, None)
+}
+
+/// Like [`load`], with the delta groups renamed after `name` (one group: `name`; several:
+/// `name-<group>`), so that several saved deltas whose groups share a name (`lora`) can sit on one
+/// model. The returned specs carry the new names.
+pub fn load_as(dir: &Path, model: &mut dyn Backbone, opts: AttachOptions, name: &str) -> Result<Loaded> {
+    load_renamed(dir, model, opts, Some(name))
+}
+
+fn load_renamed(dir: &Path, model: &mut dyn Backbone, opts: AttachOptions, rename: Option<&str>) -> Result<Loaded> {
     if !dir.is_dir() {
         return Err(Error::NotFound { path: dir.to_path_buf(), what: "delta directory".into() });
     }
-    let (backbone, specs, meta, warnings) = read_config(dir)?;
+    let (backbone, mut specs, meta, warnings) = read_config(dir)?;
+    // New group name -> the name its tensors are saved under.
+    let mut saved_as = BTreeMap::new();
+    if let Some(base) = rename {
+        let several = specs.len() > 1;
+        for s in &mut specs {
+            let new = if several { format!("{base}-{}", s.name) } else { base.to_string() };
+            saved_as.insert(new.clone(), s.name.clone());
+            s.name = new;
+        }
+    }
     let here = BackboneRef::of(model);
     if backbone.fingerprint != here.fingerprint {
         return Err(Error::Delta(format!(
@@ -169,7 +190,7 @@ pub fn load(dir: &Path, model: &mut dyn Backbone, opts: AttachOptions) -> Result
     }
     let file = TensorFile::load(&dir.join(WEIGHTS_FILE), model.device())?;
     attach::attach(model, &specs, opts)?;
-    let result = fill(model, &specs, &file);
+    let result = fill(model, &specs, &file, &saved_as);
     match result {
         Ok(extra_tensors) => Ok(Loaded { specs, extra_tensors, meta, warnings }),
         Err(e) => {
@@ -180,8 +201,8 @@ pub fn load(dir: &Path, model: &mut dyn Backbone, opts: AttachOptions) -> Result
 }
 
 /// Copies tensors `deltas.<name>` of `file` into the attached deltas of `specs`; returns the
-/// non-delta tensors.
-pub(crate) fn fill(model: &dyn Backbone, specs: &[DeltaSpec], file: &TensorFile) -> Result<BTreeMap<String, Tensor>> {
+/// non-delta tensors. `saved_as` maps a renamed group to the name its tensors carry in the file.
+pub(crate) fn fill(model: &dyn Backbone, specs: &[DeltaSpec], file: &TensorFile, saved_as: &BTreeMap<String, String>) -> Result<BTreeMap<String, Tensor>> {
     let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
     let mut used = std::collections::BTreeSet::new();
     for (name, var) in attach::saved_vars(model) {
@@ -189,7 +210,10 @@ pub(crate) fn fill(model: &dyn Backbone, specs: &[DeltaSpec], file: &TensorFile)
         if !names.contains(&group) {
             continue;
         }
-        let key = format!("deltas.{name}");
+        let key = match saved_as.get(group) {
+            Some(old) => format!("deltas.{old}{}", &name[group.len()..]),
+            None => format!("deltas.{name}"),
+        };
         let t = file.get_f32(&key, var.dims())?;
         var.set(&t.to_device(var.device())?)?;
         used.insert(key);

@@ -25,3 +25,15 @@ pub fn load_delta(dir: &Path, model: &mut dyn Backbone, opts: AttachOptions) -> 
     }
 }
 
+
+/// Like [`load_delta`], with the delta's groups renamed after `name` (see
+/// [`delta_dir::load_as`]; a PEFT adapter becomes one group `name`).
+pub fn load_delta_as(dir: &Path, model: &mut dyn Backbone, opts: AttachOptions, name: &str) -> Result<Loaded> {
+    if delta_dir::is_delta_dir(dir) {
+        delta_dir::load_as(dir, model, opts, name)
+    } else if peft::is_peft_dir(dir) {
+        peft::load(dir, model, Some(name))
+    } else {
+        load_delta(dir, model, opts)
+    }
+}

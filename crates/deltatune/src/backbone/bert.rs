@@ -567,7 +567,7 @@ impl Backbone for BertModel {
     }
 
     fn forward_until(&self, batch: &EncodedBatch, k: usize, ctx: &ForwardCtx, collected: &mut Vec<Tensor>) -> Result<(Tensor, Tensor, usize)> {
-        let past = self.encoder.site.num_virtual_tokens();
+        let past = self.encoder.site.num_virtual_tokens_in(ctx);
         let (mut h, mask) = self.embeddings.forward(batch, past, ctx)?;
         let num_virtual = mask.dim(1)? - batch.seq_len();
         if ctx.output_hidden_states {

@@ -315,6 +315,55 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// One decoding step for independent sequences (continuous batching): `x` (b, 1, h) holds
+    /// one new position per row; row `i` sits at position `ropes[i]`'s and attends to its own
+    /// cache `caches[i][layer]`. Projections and deltas run on the whole batch, rotary positions
+    /// and attention per row.
+    fn forward_rows(
+        &self,
+        x: &Tensor,
+        ropes: &[(Tensor, Tensor)],
+        caches: &mut [&mut KvCache],
+        layer: usize,
+        ctx: &ForwardCtx,
+        exact: bool,
+    ) -> Result<Tensor> {
+        let x = self.site.pre(x, ctx)?;
+        let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let q = self.q_proj.forward(&x, ctx, exact)?;
+        let k = self.k_proj.forward(&x, ctx, exact)?;
+        let v = self.v_proj.forward(&x, ctx, exact)?;
+        let rep = nh / nkv;
+        let mut outs = Vec::with_capacity(caches.len());
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let rope = &ropes[i];
+            let rot = |y: Tensor, n: usize| -> Result<Tensor> { Ok(ops::rope(&y.reshape((1, 1, n, d))?, &rope.0, &rope.1)?.reshape((1, 1, n * d))?) };
+            let qi = rot(q.narrow(0, i, 1)?, nh)?;
+            let ki = rot(k.narrow(0, i, 1)?, nkv)?;
+            let vi = v.narrow(0, i, 1)?;
+            let slot = &mut cache.layers[layer];
+            let (ki, vi) = match slot.take() {
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &ki], 1)?, Tensor::cat(&[&pv, &vi], 1)?),
+                None => (ki, vi),
+            };
+            *slot = Some((ki.clone(), vi.clone()));
+            let total = ki.dim(1)?;
+            let expand = |y: &Tensor| -> Result<Tensor> {
+                if rep == 1 {
+                    return Ok(y.clone());
+                }
+                Ok(y.reshape((1, total, nkv, 1, d))?.expand((1, total, nkv, rep, d))?.reshape((1, total, nh * d))?)
+            };
+            let bias = Tensor::zeros((1, total), candle_core::DType::F32, x.device())?;
+            outs.push(ops::causal_attention(&qi, &expand(&ki)?, &expand(&vi)?, &bias, nh)?);
+        }
+        let out = Tensor::cat(&outs, 0)?;
+        let y = self.o_proj.forward(&out, ctx, exact)?;
+        self.site.post(&x, y, ctx)
+    }
+}
+
 impl Mlp {
     fn forward(&self, x: &Tensor, ctx: &ForwardCtx, exact: bool) -> Result<Tensor> {
         let x = self.site.pre(x, ctx)?;
@@ -588,6 +637,11 @@ impl LlamaModel {
         self.model.num_virtual_tokens() + self.embed_tokens.num_virtual_tokens()
     }
 
+    /// Positions the deltas running in the forward of `ctx` add in front of the tokens.
+    pub fn num_virtual_tokens_in(&self, ctx: &ForwardCtx) -> usize {
+        self.model.num_virtual_tokens_in(ctx) + self.embed_tokens.num_virtual_tokens_in(ctx)
+    }
+
     /// Token embeddings (b, t) u32 → (b, t, h).
     fn embed(&self, ids: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let s = &self.embed_tokens;
@@ -670,6 +724,45 @@ impl LlamaModel {
         self.norm.forward(&x, ctx)
     }
 
+    /// One decoding step for `ids.len()` independent sequences (continuous batching): row `i`
+    /// feeds token `ids[i]` after the positions already in `caches[i]` (each filled by a
+    /// [`LlamaModel::forward`] prefill of that sequence alone, so prefixes and soft prompts are in
+    /// it). Rows may be at different lengths; with a [`crate::core::RowRoute`] in `ctx` each row
+    /// runs its own deltas (row-local ones only). Returns the final hidden states (b, h); row `i`
+    /// equals what a one-row forward of that sequence gives.
+    pub fn decode_rows(&self, ids: &[u32], caches: &mut [&mut KvCache], ctx: &ForwardCtx) -> Result<Tensor> {
+        let b = ids.len();
+        if b == 0 || caches.len() != b {
+            return Err(Error::Delta(format!("decode_rows: {b} tokens for {} caches", caches.len())));
+        }
+        if let Some(r) = ctx.route {
+            r.check(b)?;
+        }
+        let mut ropes = Vec::with_capacity(b);
+        for c in caches.iter() {
+            if c.layers.len() != self.layers.len() || c.is_empty() {
+                return Err(Error::Delta("decode_rows: every sequence must be prefilled first".into()));
+            }
+            let past = c.len();
+            if past + 1 > self.config.max_position_embeddings {
+                return Err(Error::arg("max_tokens", format!("{} positions exceed the model's context of {}", past + 1, self.config.max_position_embeddings)));
+            }
+            ropes.push(rotary(past, 1, self.config.head_dim, self.config.rope_theta, &self.device)?);
+        }
+        let ids = Tensor::new(ids, &self.device)?.unsqueeze(1)?;
+        let x = self.embed(&ids, ctx)?;
+        let x = self.root.pre(&x, ctx)?;
+        let mut x = self.model.pre(&x, ctx)?;
+        for (n, l) in self.layers.iter().enumerate() {
+            let h0 = l.site.pre(&x, ctx)?;
+            let a = l.self_attn.forward_rows(&l.input_layernorm.forward(&h0, ctx)?, &ropes, caches, n, ctx, self.exact)?;
+            let h = (&h0 + a)?;
+            let m = l.mlp.forward(&l.post_attention_layernorm.forward(&h, ctx)?, ctx, self.exact)?;
+            x = l.site.post(&h0, (h + m)?, ctx)?;
+        }
+        Ok(self.norm.forward(&x, ctx)?.squeeze(1)?)
+    }
+
     /// Layers `range` over a whole sequence `x` (b, t, h) without a cache: positions start after
     /// the prefix, and each layer's prefix keys and values come first. `mask` (b, t) covers `x`.
     fn run_layers(
@@ -684,7 +777,7 @@ impl LlamaModel {
             return Ok(x);
         }
         let (b, t, _) = x.dims3()?;
-        let past = self.model.num_virtual_tokens();
+        let past = self.model.num_virtual_tokens_in(ctx);
         if past + t > self.config.max_position_embeddings {
             return Err(Error::arg(
                 "--max-length",

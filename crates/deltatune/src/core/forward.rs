@@ -16,21 +16,73 @@ pub struct ForwardCtx<'a> {
     pub gates: Option<&'a Tensor>,
     /// Collect every layer's hidden states in [`ModelOutput::hidden_states`].
     pub output_hidden_states: bool,
+    /// Mixed-delta batches: which delta groups run on which rows. `None` runs every active delta
+    /// on every row (the single-model behaviour).
+    pub route: Option<&'a RowRoute>,
+}
+
+/// Which delta groups apply to which rows of a batch (serving several deltas in one pass). Each
+/// group covers a contiguous range of rows; a group not listed applies to no row. Row-local hooks
+/// (`pre`, `post`) run on their rows only; hooks that change the whole computation (`reparam`,
+/// soft prompts, prefixes) are allowed only for a group that covers every row.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RowRoute {
+    /// Rows in the batch.
+    pub batch: usize,
+    /// (group name, first row, number of rows).
+    pub groups: Vec<(String, usize, usize)>,
+}
+
+impl RowRoute {
+    /// A route for `batch` rows with no delta on any row (the bare backbone).
+    pub fn new(batch: usize) -> Self {
+        RowRoute { batch, groups: Vec::new() }
+    }
+
+    /// Applies group `name` to rows `start..start + len`.
+    pub fn with(mut self, name: impl Into<String>, start: usize, len: usize) -> Self {
+        self.groups.push((name.into(), start, len));
+        self
+    }
+
+    /// The rows of group `name`, if it applies to any.
+    pub fn rows_of(&self, name: &str) -> Option<(usize, usize)> {
+        self.groups.iter().find(|(n, _, _)| n == name).map(|(_, s, l)| (*s, *l))
+    }
+
+    /// Checks that every range lies inside the batch.
+    pub fn check(&self, batch: usize) -> Result<()> {
+        if batch != self.batch {
+            return Err(Error::Delta(format!("row route is for {} rows but the batch has {batch}", self.batch)));
+        }
+        for (n, s, l) in &self.groups {
+            if *l == 0 || s + l > batch {
+                return Err(Error::Delta(format!("row route: group `{n}` covers rows {s}..{} of a batch of {batch}", s + l)));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl<'a> ForwardCtx<'a> {
     /// Evaluation mode: no dropout, no gates.
     pub fn eval() -> Self {
-        ForwardCtx { train: false, key: DropoutKey(0), gates: None, output_hidden_states: false }
+        ForwardCtx { train: false, key: DropoutKey(0), gates: None, output_hidden_states: false, route: None }
     }
 
     /// Training mode with dropout drawn from `key`.
     pub fn train(key: DropoutKey) -> Self {
-        ForwardCtx { train: true, key, gates: None, output_hidden_states: false }
+        ForwardCtx { train: true, key, gates: None, output_hidden_states: false, route: None }
     }
 
     pub fn with_gates(mut self, gates: &'a Tensor) -> Self {
         self.gates = Some(gates);
+        self
+    }
+
+    /// Runs each delta group on its rows only (see [`RowRoute`]).
+    pub fn with_route(mut self, route: &'a RowRoute) -> Self {
+        self.route = Some(route);
         self
     }
 

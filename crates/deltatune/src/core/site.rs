@@ -262,12 +262,42 @@ impl Site {
         self.active().next().is_some()
     }
 
+    /// The rows `a` runs on in this forward (see [`crate::core::RowRoute`]).
+    fn rows(&self, a: &Attached, ctx: &ForwardCtx) -> Rows {
+        match ctx.route {
+            None => Rows::All,
+            Some(r) => match r.rows_of(&a.name) {
+                None => Rows::Skip,
+                Some((0, l)) if l == r.batch => Rows::All,
+                Some((s, l)) => Rows::Range(s, l),
+            },
+        }
+    }
+
+    fn not_row_local(&self, a: &Attached, what: &str) -> Error {
+        Error::Delta(format!(
+            "delta `{}` changes {what} at {} for the whole batch; it cannot share a batch with rows of other deltas",
+            a.name, self.path
+        ))
+    }
+
     /// Runs the `pre` hooks.
     pub fn pre(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let mut x = x.clone();
         for (i, a) in self.active() {
-            if let Some(nx) = a.delta.pre(&x, &self.hook_ctx(i, a, ctx)?)? {
-                x = nx;
+            let h = self.hook_ctx(i, a, ctx)?;
+            match self.rows(a, ctx) {
+                Rows::Skip => {}
+                Rows::All => {
+                    if let Some(nx) = a.delta.pre(&x, &h)? {
+                        x = nx;
+                    }
+                }
+                Rows::Range(s, l) => {
+                    if let Some(part) = a.delta.pre(&x.narrow(0, s, l)?, &h)? {
+                        x = splice_rows(&x, s, l, &part)?;
+                    }
+                }
             }
         }
         Ok(x)
@@ -277,8 +307,19 @@ impl Site {
     pub fn post(&self, x: &Tensor, y: Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let mut y = y;
         for (i, a) in self.active() {
-            if let Some(ny) = a.delta.post(x, &y, &self.hook_ctx(i, a, ctx)?)? {
-                y = ny;
+            let h = self.hook_ctx(i, a, ctx)?;
+            match self.rows(a, ctx) {
+                Rows::Skip => {}
+                Rows::All => {
+                    if let Some(ny) = a.delta.post(x, &y, &h)? {
+                        y = ny;
+                    }
+                }
+                Rows::Range(s, l) => {
+                    if let Some(part) = a.delta.post(&x.narrow(0, s, l)?, &y.narrow(0, s, l)?, &h)? {
+                        y = splice_rows(&y, s, l, &part)?;
+                    }
+                }
             }
         }
         Ok(y)
@@ -288,7 +329,14 @@ impl Site {
     pub fn resolve(&self, name: &str, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
         let mut value = self.param(name).cloned();
         for (i, a) in self.active() {
+            let rows = self.rows(a, ctx);
+            if rows == Rows::Skip {
+                continue;
+            }
             if let Some(v) = a.delta.reparam(name, value.as_ref(), &self.hook_ctx(i, a, ctx)?)? {
+                if rows != Rows::All {
+                    return Err(self.not_row_local(a, &format!("parameter `{name}`")));
+                }
                 value = Some(v);
             }
         }
@@ -305,7 +353,14 @@ impl Site {
     pub fn prompts(&self, batch: usize, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
         let mut parts = Vec::new();
         for (i, a) in self.active() {
+            let rows = self.rows(a, ctx);
+            if rows == Rows::Skip {
+                continue;
+            }
             if let Some(p) = a.delta.prompt(batch, &self.hook_ctx(i, a, ctx)?)? {
+                if rows != Rows::All {
+                    return Err(self.not_row_local(a, "the soft prompt"));
+                }
                 parts.push(p);
             }
         }
@@ -316,7 +371,14 @@ impl Site {
     pub fn prefixes(&self, layer: usize, batch: usize, ctx: &ForwardCtx) -> Result<Option<(Tensor, Tensor)>> {
         let (mut ks, mut vs) = (Vec::new(), Vec::new());
         for (i, a) in self.active() {
+            let rows = self.rows(a, ctx);
+            if rows == Rows::Skip {
+                continue;
+            }
             if let Some((k, v)) = a.delta.prefix(layer, batch, &self.hook_ctx(i, a, ctx)?)? {
+                if rows != Rows::All {
+                    return Err(self.not_row_local(a, "the attention prefix"));
+                }
                 ks.push(k);
                 vs.push(v);
             }
@@ -329,9 +391,62 @@ impl Site {
         self.active().map(|(_, a)| a.delta.num_virtual_tokens()).sum()
     }
 
+    /// Virtual tokens added by the deltas that run in the forward of `ctx` (all active ones
+    /// without a route, the routed groups with one).
+    pub fn num_virtual_tokens_in(&self, ctx: &ForwardCtx) -> usize {
+        self.active().filter(|(_, a)| self.rows(a, ctx) != Rows::Skip).map(|(_, a)| a.delta.num_virtual_tokens()).sum()
+    }
+
+    /// Whether group `name` replaces a base parameter of this site (`reparam`: BitFit, LayerNorm
+    /// tuning, fine-tuning), which no row of a batch can opt out of.
+    pub fn replaces_params(&self, name: &str) -> Result<bool> {
+        let ctx = ForwardCtx::eval();
+        for (i, a) in self.active().filter(|(_, a)| a.name == name) {
+            let h = self.hook_ctx(i, a, &ctx)?;
+            for (p, _) in &self.params {
+                if a.delta.reparam(p, self.param(p), &h)?.is_some() {
+                    return Ok(true);
+                }
+            }
+            for (p, _) in &self.quantized {
+                if a.delta.reparam(p, None, &h)?.is_some() {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Virtual tokens (soft prompts, prefixes) group `name` adds at this site.
+    pub fn virtual_tokens_of(&self, name: &str) -> usize {
+        self.active().filter(|(_, a)| a.name == name).map(|(_, a)| a.delta.num_virtual_tokens()).sum()
+    }
+
     /// Dropout key for a dropout inside this site's own computation.
     pub fn dropout_key(&self, ctx: &ForwardCtx, tag: u64) -> DropoutKey {
         ctx.key.derive_n(self.hash).derive_n(tag.wrapping_add(0x1000))
     }
 }
 
+
+/// Where a delta runs in one forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rows {
+    All,
+    Range(usize, usize),
+    Skip,
+}
+
+/// `x` with rows `start..start + len` (dimension 0) replaced by `part`.
+fn splice_rows(x: &Tensor, start: usize, len: usize, part: &Tensor) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    let mut pieces = Vec::with_capacity(3);
+    if start > 0 {
+        pieces.push(x.narrow(0, 0, start)?);
+    }
+    pieces.push(part.clone());
+    if start + len < b {
+        pieces.push(x.narrow(0, start + len, b - start - len)?);
+    }
+    Ok(if pieces.len() == 1 { part.clone() } else { Tensor::cat(&pieces, 0)? })
+}

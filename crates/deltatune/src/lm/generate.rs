@@ -131,18 +131,8 @@ pub fn generate(lm: &CausalLm, prompt_ids: &[u32], opts: &GenerateOptions, on_te
     let mut logits = lm.model.logits(&last_position(&hidden)?, &ctx)?;
     let prefill = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let mut out: Vec<u32> = Vec::new();
-    // `text`: everything decoded so far; its first `emitted` bytes have been streamed, the rest
-    // is held back while it could be the start of a stop string.
-    let mut text = String::new();
-    let mut emitted = 0usize;
+    let mut stream = TextStream::new(&opts.stop_strings);
     let mut reason = "length";
-    let stops: Vec<&str> = opts.stop_strings.iter().map(String::as_str).filter(|s| !s.is_empty()).collect();
-    let longest_stop = stops.iter().map(|s| s.len()).max().unwrap_or(0);
-    // Incremental detokenisation over a window: the text of out[prefix..] beyond that of
-    // out[prefix..read] is new (decoding a window, not a lone token, keeps the spacing rules of
-    // tokenizers that treat a sequence's first token specially).
-    let (mut prefix, mut read) = (0usize, 0usize);
     for step in 0..max_new {
         let row = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let next = sample(&row, opts, key.uniform(step as u64) as f64)?;
@@ -150,28 +140,13 @@ pub fn generate(lm: &CausalLm, prompt_ids: &[u32], opts: &GenerateOptions, on_te
             reason = "eos";
             break;
         }
-        out.push(next);
-        let before = lm.tokenizer.decode(&out[prefix..read], true)?;
-        let window = lm.tokenizer.decode(&out[prefix..], true)?;
-        // Hold back an incomplete UTF-8 sequence (shown as U+FFFD) until the next token completes it.
-        if !window.ends_with('\u{FFFD}') && window.len() > before.len() && window.starts_with(&before) {
-            let searched = floor_boundary(&text, emitted.saturating_sub(longest_stop));
-            text.push_str(&window[before.len()..]);
-            (prefix, read) = (read, out.len());
-            let hit = stops.iter().filter_map(|s| text[searched..].find(s).map(|p| searched + p)).min();
-            let until = match hit {
-                Some(pos) => pos,
-                None => text.len() - held_back(&text, &stops),
-            };
-            if until > emitted {
-                on_text(&text[emitted..until]);
-                emitted = until;
-            }
-            if hit.is_some() {
-                text.truncate(emitted);
-                reason = "stop";
-                break;
-            }
+        let (piece, stopped) = stream.push(&lm.tokenizer, next)?;
+        if !piece.is_empty() {
+            on_text(&piece);
+        }
+        if stopped {
+            reason = "stop";
+            break;
         }
         if step + 1 == max_new {
             break;
@@ -181,12 +156,11 @@ pub fn generate(lm: &CausalLm, prompt_ids: &[u32], opts: &GenerateOptions, on_te
         logits = lm.model.logits(&last_position(&hidden)?, &ctx)?;
     }
     let decode = t1.elapsed().as_secs_f64();
-    if reason != "stop" {
-        text = lm.tokenizer.decode(&out, true)?;
-        if text.len() > emitted && text.is_char_boundary(emitted) {
-            on_text(&text[emitted..]);
-        }
+    let (text, rest) = stream.finish(&lm.tokenizer, reason == "stop")?;
+    if !rest.is_empty() {
+        on_text(&rest);
     }
+    let out = stream.tokens;
     Ok(Generation {
         text,
         prompt_tokens: prompt_ids.len(),
@@ -196,6 +170,76 @@ pub fn generate(lm: &CausalLm, prompt_ids: &[u32], opts: &GenerateOptions, on_te
         tokens_per_second: if decode > 0.0 { out.len() as f64 / decode } else { 0.0 },
         tokens: out,
     })
+}
+
+/// Incremental detokenisation with stop strings: generated tokens go in one at a time, settled
+/// text comes out. Text that could be the start of a stop string is held back until the next
+/// tokens settle it; a stop string ends the text before it.
+#[derive(Clone, Debug, Default)]
+pub struct TextStream {
+    /// Tokens pushed so far.
+    pub tokens: Vec<u32>,
+    /// Everything decoded so far; its first `emitted` bytes have been handed out.
+    text: String,
+    emitted: usize,
+    stops: Vec<String>,
+    longest_stop: usize,
+    // Decoding a window (out[prefix..]), not a lone token, keeps the spacing rules of tokenizers
+    // that treat a sequence's first token specially; the text of out[prefix..] beyond that of
+    // out[prefix..read] is new.
+    prefix: usize,
+    read: usize,
+}
+
+impl TextStream {
+    pub fn new(stop_strings: &[String]) -> Self {
+        let stops: Vec<String> = stop_strings.iter().filter(|s| !s.is_empty()).cloned().collect();
+        let longest_stop = stops.iter().map(String::len).max().unwrap_or(0);
+        TextStream { stops, longest_stop, ..Default::default() }
+    }
+
+    /// Adds token `next`; returns the newly settled text and whether a stop string was hit.
+    pub fn push(&mut self, tok: &super::tokenizer::LmTokenizer, next: u32) -> Result<(String, bool)> {
+        self.tokens.push(next);
+        let out = &self.tokens;
+        let before = tok.decode(&out[self.prefix..self.read], true)?;
+        let window = tok.decode(&out[self.prefix..], true)?;
+        // Hold back an incomplete UTF-8 sequence (shown as U+FFFD) until the next token completes it.
+        if window.ends_with('\u{FFFD}') || window.len() <= before.len() || !window.starts_with(&before) {
+            return Ok((String::new(), false));
+        }
+        let searched = floor_boundary(&self.text, self.emitted.saturating_sub(self.longest_stop));
+        self.text.push_str(&window[before.len()..]);
+        (self.prefix, self.read) = (self.read, out.len());
+        let stops: Vec<&str> = self.stops.iter().map(String::as_str).collect();
+        let hit = stops.iter().filter_map(|s| self.text[searched..].find(s).map(|p| searched + p)).min();
+        let until = match hit {
+            Some(pos) => pos,
+            None => self.text.len() - held_back(&self.text, &stops),
+        };
+        let mut piece = String::new();
+        if until > self.emitted {
+            piece = self.text[self.emitted..until].to_string();
+            self.emitted = until;
+        }
+        if hit.is_some() {
+            self.text.truncate(self.emitted);
+        }
+        Ok((piece, hit.is_some()))
+    }
+
+    /// The final text and the part of it not handed out yet. After a stop string the text ends
+    /// before it; otherwise it is the decoding of every token.
+    pub fn finish(&mut self, tok: &super::tokenizer::LmTokenizer, stopped: bool) -> Result<(String, String)> {
+        if stopped {
+            return Ok((self.text.clone(), String::new()));
+        }
+        let text = tok.decode(&self.tokens, true)?;
+        let rest = if text.len() > self.emitted && text.is_char_boundary(self.emitted) { text[self.emitted..].to_string() } else { String::new() };
+        self.emitted = text.len();
+        self.text = text.clone();
+        Ok((text, rest))
+    }
 }
 
 /// Bytes at the end of `text` that are a proper prefix of some stop string (held back from the

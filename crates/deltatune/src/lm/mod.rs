@@ -6,5 +6,5 @@ pub mod generate;
 pub mod tokenizer;
 
 pub use causal::CausalLm;
-pub use generate::{generate, GenerateOptions, Generation};
+pub use generate::{generate, GenerateOptions, Generation, TextStream};
 pub use tokenizer::LmTokenizer;
