@@ -2,11 +2,13 @@
 //! `parity` (PyTorch golden fixtures), `errors` (bad input gives clear errors),
 //! `data` (task readers on the shared benchmark data and on bad user files).
 
+mod chat_templates;
 mod common;
 mod data;
 mod decoder;
 mod errors;
 mod fuzz;
+mod gemma3;
 mod layers;
 mod parity;
 mod methods;
