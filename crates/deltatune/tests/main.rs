@@ -10,6 +10,7 @@ mod errors;
 mod fuzz;
 mod gemma3;
 mod layers;
+mod llamacpp_adapter;
 mod parity;
 mod methods;
 mod peft;
