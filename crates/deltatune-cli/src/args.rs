@@ -67,7 +67,7 @@ pub enum Command {
     /// Merge deltas (LoRA, IA3, BitFit, LayerNorm tuning, fine-tuning) into the base weights and
     /// write a plain HF model directory.
     Merge(MergeArgs),
-    /// Export a delta to PEFT's adapter format (LoRA, DoRA, VeRA, AdaLoRA, LoHa, LoKr, OFT, IA3).
+    /// Export a delta to PEFT's adapter format (LoRA, DoRA, VeRA, AdaLoRA, LoHa, LoKr, OFT, IA3) or a LoRA as a llama.cpp adapter GGUF.
     Export(ExportArgs),
     /// Benchmarks, side by side with PyTorch when --torch-python is given.
     Bench(BenchArgs),
@@ -273,9 +273,11 @@ pub struct ModelArgs {
 
 #[derive(Args, Debug)]
 pub struct SetupArgs {
-    /// Also fetch the default decoder (SmolLM2-135M-Instruct, Q4_1 GGUF, about 98 MB).
-    #[arg(long)]
-    pub decoder: bool,
+    /// Also fetch a decoder: `smollm2` (the default decoder, SmolLM2-135M-Instruct Q4_1 GGUF,
+    /// about 98 MB; also what a bare `--decoder` means) or `gemma3` (Gemma 3 270M Q4_K_M GGUF,
+    /// about 240 MB).
+    #[arg(long, num_args = 0..=1, default_missing_value = "smollm2", value_parser = ["smollm2", "gemma3"])]
+    pub decoder: Option<String>,
     /// Fetch only the model.
     #[arg(long, conflicts_with = "data_only")]
     pub model_only: bool,
@@ -361,10 +363,11 @@ pub struct ExportArgs {
     /// Which delta group to export, if the directory holds several.
     #[arg(long)]
     pub name: Option<String>,
-    /// Output format.
+    /// Output format: `peft` (an adapter folder) or `gguf` (a llama.cpp LoRA adapter file; the
+    /// model is a decoder, the default decoder without --model).
     #[arg(long, default_value = "peft")]
     pub format: ExportFormat,
-    /// Output directory.
+    /// Output directory (`peft`) or file (`gguf`).
     #[arg(long)]
     pub out: PathBuf,
     /// Replace the output if it exists and is not empty.

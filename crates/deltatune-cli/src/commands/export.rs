@@ -1,4 +1,4 @@
-//! `deltatune export`: write a saved delta in PEFT's adapter format.
+//! `deltatune export`: write a saved delta in PEFT's adapter format or as a llama.cpp LoRA adapter.
 
 use crate::args::ExportArgs;
 use anyhow::Result;
@@ -15,6 +15,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
         base_model_name: a.base_model_name.clone(),
     };
     let r = super::with_control(false, None, |ctl| api::export(&spec, ctl))?;
-    println!("wrote PEFT adapter `{}` ({}) to {}", r.name, r.method, r.out.display());
+    let what = if a.format == deltatune::api::ExportFormat::Gguf { "llama.cpp adapter" } else { "PEFT adapter" };
+    println!("wrote {what} `{}` ({}) to {}", r.name, r.method, r.out.display());
     Ok(())
 }

@@ -12,8 +12,11 @@ pub fn run(a: SetupArgs) -> Result<()> {
         let p = assets::ensure(&home, &assets::DEFAULT_MODEL, &mut |m: &str| eprintln!("{m}"))?;
         out.insert("model".into(), p.display().to_string().into());
     }
-    if a.decoder {
-        let p = assets::default_decoder(&mut |m: &str| eprintln!("{m}"))?;
+    if let Some(which) = a.decoder.as_deref() {
+        let p = match which {
+            "gemma3" => assets::gemma3(&mut |m: &str| eprintln!("{m}"))?,
+            _ => assets::default_decoder(&mut |m: &str| eprintln!("{m}"))?,
+        };
         out.insert("decoder".into(), p.display().to_string().into());
     }
     if !a.model_only {

@@ -21,12 +21,12 @@ pub enum DeltaSource {
 }
 
 impl DeltaSource {
-    /// A directory that exists is a saved delta; anything else is a spec
+    /// A directory that exists (or a llama.cpp adapter `.gguf` file) is a saved delta; anything else is a spec
     /// (`lora:r=8,target=query+value`). A path-looking value that is not a directory is an error
     /// naming it, so that a typo in a path is not read as a method name.
     pub fn parse(s: &str) -> Result<Self> {
         let p = Path::new(s);
-        if p.is_dir() {
+        if p.is_dir() || (p.is_file() && p.extension().is_some_and(|x| x == "gguf")) {
             Ok(DeltaSource::Saved(p.to_path_buf()))
         } else if (s.contains('/') || s.contains(std::path::MAIN_SEPARATOR)) && !s.contains(':') {
             Err(Error::arg("--delta", format!("{s}: no such delta directory")))

@@ -1,10 +1,13 @@
-//! The export job: a saved delta written in PEFT's adapter format.
+//! The export job: a saved delta written in PEFT's adapter format, or a LoRA on a decoder as a
+//! llama.cpp adapter GGUF.
 
-use super::common::encoder_dir;
+use super::common::{decoder_path, encoder_dir};
 use crate::artifacts::load::load_delta;
 use crate::artifacts::peft;
 use crate::attach::AttachOptions;
 use crate::backbone::bert::BertModel;
+use crate::backbone::llama::{is_decoder_path, LlamaModel};
+use crate::core::Backbone;
 use crate::control::Control;
 use crate::error::{Error, Result};
 use crate::io::atomic::check_output;
@@ -19,6 +22,8 @@ use std::path::PathBuf;
 pub enum ExportFormat {
     /// PEFT's adapter folder (adapter_config.json + adapter_model.safetensors).
     Peft,
+    /// A llama.cpp LoRA adapter file (`--lora` in llama.cpp, `lora_path` in llama-cpp-python).
+    Gguf,
 }
 
 impl std::str::FromStr for ExportFormat {
@@ -26,7 +31,8 @@ impl std::str::FromStr for ExportFormat {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "peft" => Ok(ExportFormat::Peft),
-            other => Err(Error::arg("--format", format!("`{other}` (supported: peft)"))),
+            "gguf" => Ok(ExportFormat::Gguf),
+            other => Err(Error::arg("--format", format!("`{other}` (supported: peft, gguf)"))),
         }
     }
 }
@@ -55,10 +61,13 @@ pub struct ExportResult {
 }
 
 pub fn export(spec: &ExportSpec, ctl: &Control) -> Result<ExportResult> {
-    let model_dir = encoder_dir(spec.model.as_deref(), ctl)?;
+    let decoder = spec.format == ExportFormat::Gguf || spec.model.as_deref().is_some_and(is_decoder_path);
+    let model_dir = if decoder { decoder_path(spec.model.as_deref(), ctl)? } else { encoder_dir(spec.model.as_deref(), ctl)? };
     check_output(&spec.out, "--out", spec.overwrite, &[("--delta", &spec.delta), ("--model", &model_dir)])?;
-    let mut model = BertModel::load(&model_dir, &Device::Cpu)?;
-    let loaded = load_delta(&spec.delta, &mut model, AttachOptions::default())?;
+    let mut model: Box<dyn Backbone> =
+        if decoder { Box::new(LlamaModel::load(&model_dir, &Device::Cpu)?) } else { Box::new(BertModel::load(&model_dir, &Device::Cpu)?) };
+    let model = model.as_mut();
+    let loaded = load_delta(&spec.delta, model, AttachOptions::default())?;
     let delta = match &spec.name {
         Some(n) => loaded.specs.iter().find(|s| &s.name == n).ok_or_else(|| {
             let names: Vec<&str> = loaded.specs.iter().map(|s| s.name.as_str()).collect();
@@ -73,7 +82,8 @@ pub fn export(spec: &ExportSpec, ctl: &Control) -> Result<ExportResult> {
     let head: BTreeMap<_, _> =
         loaded.extra_tensors.iter().filter_map(|(k, t)| k.strip_prefix("head.").map(|r| (format!("classifier.{r}"), t.clone()))).collect();
     match spec.format {
-        ExportFormat::Peft => peft::export(&spec.out, &model, delta, &spec.base_model_name, &head)?,
+        ExportFormat::Peft => peft::export(&spec.out, model, delta, &spec.base_model_name, &head)?,
+        ExportFormat::Gguf => crate::artifacts::gguf_lora::export(&spec.out, model, delta)?,
     }
     Ok(ExportResult { name: delta.name.clone(), method: delta.config.method().to_string(), out: spec.out.clone() })
 }

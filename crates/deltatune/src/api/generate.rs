@@ -73,6 +73,6 @@ pub fn generate(spec: &GenerateSpec, ctl: &Control, on_text: &mut dyn FnMut(&str
             ctl.warn(w.clone());
         }
     }
-    let ids = lm.tokenizer.encode(&prompt_text(&lm, &spec.prompt)?)?;
+    let ids = lm.tokenizer.encode_start(&prompt_text(&lm, &spec.prompt)?)?;
     run_generate(&lm, &ids, &spec.options, on_text)
 }

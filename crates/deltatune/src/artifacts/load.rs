@@ -1,4 +1,5 @@
-//! Loading a saved delta whatever its format: deltatune's own directory or a PEFT adapter folder.
+//! Loading a saved delta whatever its format: deltatune's own directory, a PEFT adapter folder or
+//! a llama.cpp LoRA adapter GGUF.
 
 use super::delta_dir::{self, Loaded};
 use super::peft;
@@ -13,6 +14,8 @@ pub fn load_delta(dir: &Path, model: &mut dyn Backbone, opts: AttachOptions) -> 
         delta_dir::load(dir, model, opts)
     } else if peft::is_peft_dir(dir) {
         peft::load(dir, model, None)
+    } else if super::gguf_lora::is_adapter_file(dir) {
+        super::gguf_lora::load(dir, model)
     } else if !dir.exists() {
         Err(Error::NotFound { path: dir.to_path_buf(), what: "delta directory".into() })
     } else {

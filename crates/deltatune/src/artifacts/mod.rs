@@ -1,9 +1,10 @@
 //! Everything that writes or reads a saved artifact: deltatune's delta directories
-//! ([`delta_dir`]), PEFT adapter folders ([`peft`]), loading either ([`load`]), merged models
+//! ([`delta_dir`]), PEFT adapter folders ([`peft`]), llama.cpp LoRA adapter files ([`gguf_lora`]), loading either ([`load`]), merged models
 //! ([`merged`]), and the task model (backbone + deltas + head) that training saves
 //! ([`task_model`]). The `io` module below holds only file formats and file safety.
 
 pub mod delta_dir;
+pub mod gguf_lora;
 pub mod load;
 pub mod merged;
 pub mod peft;

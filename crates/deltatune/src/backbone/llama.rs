@@ -23,9 +23,80 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// The decoder architectures this module runs: the Llama block with each family's variations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arch {
+    /// Llama, SmolLM, Mistral: the plain block.
+    Llama,
+    /// Gemma 3: query/key norms, GeGLU, embeddings scaled by √hidden, norms after attention and
+    /// feed-forward too, interleaved sliding-window and global layers with their own rotary bases.
+    Gemma3,
+    /// Qwen 2 / 2.5: biases on the query, key and value projections.
+    Qwen2,
+    /// Qwen 3: query/key norms.
+    Qwen3,
+}
+
+/// GGUF `general.architecture` values that load, with the architecture they map to.
+pub const GGUF_ARCHITECTURES: &[(&str, Arch)] = &[("llama", Arch::Llama), ("gemma3", Arch::Gemma3), ("qwen2", Arch::Qwen2), ("qwen3", Arch::Qwen3)];
+
+/// HF `model_type` values that load.
+pub const HF_MODEL_TYPES: &[(&str, Arch)] = &[
+    ("llama", Arch::Llama),
+    ("mistral", Arch::Llama),
+    ("smollm", Arch::Llama),
+    ("smollm3", Arch::Llama),
+    ("gemma3_text", Arch::Gemma3),
+    ("qwen2", Arch::Qwen2),
+    ("qwen3", Arch::Qwen3),
+];
+
+impl Arch {
+    /// The HF `model_type` (what PEFT's per-architecture defaults key on).
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Gemma3 => "gemma3_text",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+
+    /// The GGUF `general.architecture`.
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Gemma3 => "gemma3",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+
+    fn qk_norm(self) -> bool {
+        matches!(self, Arch::Gemma3 | Arch::Qwen3)
+    }
+
+    /// llama.cpp interleaves the rotary halves of the query/key rows for this architecture's
+    /// GGUF files (the "normal" rotary type); the others use HF's layout ("neox").
+    fn gguf_permutes_rotary(self) -> bool {
+        self == Arch::Llama
+    }
+
+    /// Norm weights are stored as `w` with `1 + w` applied (HF Gemma); GGUF stores `1 + w`.
+    fn norm_offset(self) -> bool {
+        self == Arch::Gemma3
+    }
+}
+
+fn supported_list(list: &[(&str, Arch)]) -> String {
+    list.iter().map(|(n, _)| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+}
+
 /// The architecture numbers of a Llama-family model.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct LlamaConfig {
+    pub arch: Arch,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -37,18 +108,29 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
+    /// Biases on the query, key and value projections (Qwen 2).
+    pub attention_bias: bool,
+    /// Keys further back than this many positions are not attended in sliding layers.
+    pub sliding_window: Option<usize>,
+    /// Per layer: whether it uses the sliding window (all of them for Mistral-style models).
+    pub sliding_layers: Vec<bool>,
+    /// Rotary base of the sliding layers (Gemma 3: 10,000; else `rope_theta`).
+    pub rope_local_theta: f64,
+    /// Attention scores are scaled by this to the power −½ (Gemma's `query_pre_attn_scalar`;
+    /// else the head size).
+    pub query_pre_attn_scalar: f64,
 }
 
 impl LlamaConfig {
     /// From GGUF metadata (`general.architecture` = `llama`).
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let arch = g.string("general.architecture")?;
-        if arch != "llama" {
+        let Some(&(_, kind)) = GGUF_ARCHITECTURES.iter().find(|(n, _)| *n == arch) else {
             return Err(Error::Gguf {
                 file: g.path().to_path_buf(),
-                msg: format!("architecture `{arch}` is not supported (only `llama`-family models are)"),
+                msg: format!("architecture `{arch}` is not supported (supported: {})", supported_list(GGUF_ARCHITECTURES)),
             });
-        }
+        };
         let key = |k: &str| format!("{arch}.{k}");
         let hidden = g.usize(&key("embedding_length"))?;
         let heads = g.usize(&key("attention.head_count"))?;
@@ -56,12 +138,29 @@ impl LlamaConfig {
             Ok(v) => v,
             Err(_) => g.strings("tokenizer.ggml.tokens")?.len(),
         };
-        let head_dim = g.usize(&key("rope.dimension_count")).unwrap_or(hidden / heads.max(1));
+        let head_dim = g
+            .usize(&key("attention.key_length"))
+            .or_else(|_| g.usize(&key("rope.dimension_count")))
+            .unwrap_or(hidden / heads.max(1));
+        let layers = g.usize(&key("block_count"))?;
+        let theta = g.f64_opt(&key("rope.freq_base"))?.unwrap_or(10_000.0);
+        let window = g.usize(&key("attention.sliding_window")).ok().filter(|&w| w > 0);
+        // llama.cpp's Gemma 3: every sixth layer global, the others sliding with base 10,000.
+        let (sliding_layers, local_theta) = match kind {
+            Arch::Gemma3 => ((0..layers).map(|i| (i + 1) % 6 != 0).collect(), 10_000.0),
+            _ => (vec![window.is_some(); layers], theta),
+        };
         let c = LlamaConfig {
+            arch: kind,
+            attention_bias: g.contains("blk.0.attn_q.bias"),
+            sliding_window: window,
+            sliding_layers,
+            rope_local_theta: local_theta,
+            query_pre_attn_scalar: head_dim as f64,
             vocab_size: vocab,
             hidden_size: hidden,
             intermediate_size: g.usize(&key("feed_forward_length"))?,
-            num_hidden_layers: g.usize(&key("block_count"))?,
+            num_hidden_layers: layers,
             num_attention_heads: heads,
             num_key_value_heads: g.usize(&key("attention.head_count_kv")).unwrap_or(heads),
             head_dim,
@@ -79,9 +178,9 @@ impl LlamaConfig {
         let v = crate::io::read_json(path)?;
         let cerr = |msg: String| Error::Config { file: path.to_path_buf(), msg };
         let mt = v.get("model_type").and_then(|x| x.as_str()).unwrap_or("");
-        if !["llama", "mistral", "smollm", "smollm3"].contains(&mt) {
-            return Err(cerr(format!("model_type `{mt}` is not a Llama-family decoder")));
-        }
+        let Some(&(_, kind)) = HF_MODEL_TYPES.iter().find(|(n, _)| *n == mt) else {
+            return Err(cerr(format!("model_type `{mt}` is not a supported decoder (supported: {})", supported_list(HF_MODEL_TYPES))));
+        };
         let num = |k: &str| -> Result<usize> {
             v.get(k)
                 .and_then(|x| x.as_u64())
@@ -90,29 +189,59 @@ impl LlamaConfig {
         };
         let hidden = num("hidden_size")?;
         let heads = num("num_attention_heads")?;
+        let rp = v.get("rope_parameters");
+        // transformers 5 nests Gemma 3's per-layer-type rotary settings under `rope_parameters`.
+        let rp_of = |t: &str| rp.and_then(|r| r.get(t)).and_then(|r| r.get("rope_theta")).and_then(|x| x.as_f64());
         let theta = v
             .get("rope_theta")
             .and_then(|x| x.as_f64())
-            .or_else(|| v.get("rope_parameters").and_then(|r| r.get("rope_theta")).and_then(|x| x.as_f64()))
-            .unwrap_or(10_000.0);
-        if let Some(rs) = v.get("rope_scaling").filter(|x| !x.is_null()) {
-            let kind = rs.get("rope_type").or_else(|| rs.get("type")).and_then(|x| x.as_str()).unwrap_or("?");
-            if kind != "default" {
-                return Err(cerr(format!("rope_scaling `{kind}` is not supported yet")));
+            .or_else(|| rp.and_then(|r| r.get("rope_theta")).and_then(|x| x.as_f64()))
+            .or_else(|| rp_of("full_attention"))
+            .unwrap_or(if kind == Arch::Gemma3 { 1_000_000.0 } else { 10_000.0 });
+        let local_theta = v.get("rope_local_base_freq").and_then(|x| x.as_f64()).or_else(|| rp_of("sliding_attention"));
+        for rs in [v.get("rope_scaling"), rp.and_then(|r| r.get("full_attention")), rp].into_iter().flatten().filter(|x| !x.is_null()) {
+            let rkind = rs.get("rope_type").or_else(|| rs.get("type")).and_then(|x| x.as_str()).unwrap_or("default");
+            if rkind != "default" {
+                return Err(cerr(format!("rope_scaling `{rkind}` is not supported yet")));
             }
         }
+        let layers = num("num_hidden_layers")?;
+        let window = v.get("sliding_window").and_then(|x| x.as_u64()).map(|w| w as usize).filter(|&w| w > 0);
+        let sliding_layers: Vec<bool> = match v.get("layer_types").and_then(|x| x.as_array()) {
+            Some(types) => types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect(),
+            None if kind == Arch::Gemma3 => {
+                let pattern = v.get("sliding_window_pattern").and_then(|x| x.as_u64()).unwrap_or(6).max(1) as usize;
+                (0..layers).map(|i| (i + 1) % pattern != 0).collect()
+            }
+            // Qwen's `use_sliding_window` is off by default; Mistral slides in every layer.
+            None if kind != Arch::Llama && !v.get("use_sliding_window").and_then(|x| x.as_bool()).unwrap_or(false) => vec![false; layers],
+            None => vec![window.is_some(); layers],
+        };
+        if sliding_layers.len() != layers {
+            return Err(cerr(format!("layer_types lists {} layers, num_hidden_layers is {layers}", sliding_layers.len())));
+        }
+        let head_dim = num("head_dim").unwrap_or(hidden / heads.max(1));
+        if v.get("final_logit_softcapping").is_some_and(|x| !x.is_null()) || v.get("attn_logit_softcapping").is_some_and(|x| !x.is_null()) {
+            return Err(cerr("logit soft-capping is not supported yet".into()));
+        }
         let c = LlamaConfig {
+            arch: kind,
+            attention_bias: kind == Arch::Qwen2 || v.get("attention_bias").and_then(|x| x.as_bool()).unwrap_or(false),
+            sliding_window: window,
+            sliding_layers,
+            rope_local_theta: local_theta.unwrap_or(if kind == Arch::Gemma3 { 10_000.0 } else { theta }),
+            query_pre_attn_scalar: v.get("query_pre_attn_scalar").and_then(|x| x.as_f64()).unwrap_or(head_dim as f64),
             vocab_size: num("vocab_size")?,
             hidden_size: hidden,
             intermediate_size: num("intermediate_size")?,
-            num_hidden_layers: num("num_hidden_layers")?,
+            num_hidden_layers: layers,
             num_attention_heads: heads,
             num_key_value_heads: num("num_key_value_heads").unwrap_or(heads),
-            head_dim: num("head_dim").unwrap_or(hidden / heads.max(1)),
+            head_dim,
             rms_norm_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-6),
             rope_theta: theta,
             max_position_embeddings: num("max_position_embeddings").unwrap_or(2048),
-            tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
+            tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(kind == Arch::Gemma3),
         };
         c.check(path)?;
         Ok(c)
@@ -192,9 +321,16 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Per-head RMS norms of queries and keys before the rotation (Gemma 3, Qwen 3).
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// Multiplies the queries so that the kernel's 1/√d scale becomes 1/√query_pre_attn_scalar.
+    q_scale: Option<f64>,
+    /// Attend only the last this-many positions (sliding-window layers).
+    window: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -203,6 +339,8 @@ struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    /// GeGLU (tanh-approximated GELU on the gate, Gemma) instead of SwiGLU.
+    gelu: bool,
 }
 
 #[derive(Debug)]
@@ -210,7 +348,11 @@ struct DecoderLayer {
     site: Site,
     input_layernorm: RmsNorm,
     self_attn: Attention,
+    /// Llama: the norm before the feed-forward. Gemma: the norm of the attention output.
     post_attention_layernorm: RmsNorm,
+    /// Gemma: the norms before and after the feed-forward.
+    pre_feedforward_layernorm: Option<RmsNorm>,
+    post_feedforward_layernorm: Option<RmsNorm>,
     mlp: Mlp,
 }
 
@@ -252,6 +394,9 @@ impl KvCache {
     }
 }
 
+/// Cos and sin tables.
+type Rope = (Tensor, Tensor);
+
 /// Rotary tables for positions `start..start + t`: cos and sin, each (t, 1, d) to broadcast over
 /// heads, HF layout (the two halves of each head repeat the same frequencies).
 fn rotary(start: usize, t: usize, d: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
@@ -292,8 +437,19 @@ impl Attention {
             let y = ops::rope(&y.reshape((b, t, n, d))?, &rope.0, &rope.1)?;
             Ok(y.reshape((b, t, n * d))?)
         };
-        let q = rotated(self.q_proj.forward(&x, ctx, exact)?, nh)?;
-        let k = rotated(self.k_proj.forward(&x, ctx, exact)?, nkv)?;
+        let normed = |y: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            match norm {
+                Some(nm) => Ok(nm.forward(&y.reshape((b, t, n, d))?, ctx)?.reshape((b, t, n * d))?),
+                None => Ok(y),
+            }
+        };
+        let q = normed(self.q_proj.forward(&x, ctx, exact)?, nh, &self.q_norm)?;
+        let q = rotated(q, nh)?;
+        let q = match self.q_scale {
+            Some(f) => (q * f)?,
+            None => q,
+        };
+        let k = rotated(normed(self.k_proj.forward(&x, ctx, exact)?, nkv, &self.k_norm)?, nkv)?;
         let v = self.v_proj.forward(&x, ctx, exact)?;
         let (k, v) = match cache.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
@@ -309,10 +465,33 @@ impl Attention {
             }
             Ok(y.reshape((b, total, nkv, 1, d))?.expand((b, total, nkv, rep, d))?.reshape((b, total, nh * d))?)
         };
-        let out = ops::causal_attention(&q, &expand(&k)?, &expand(&v)?, key_bias, nh)?;
+        let out = match self.window {
+            Some(w) if total > w => sliding_attention(&q, &expand(&k)?, &expand(&v)?, key_bias, nh, w)?,
+            _ => ops::causal_attention(&q, &expand(&k)?, &expand(&v)?, key_bias, nh)?,
+        };
         let y = self.o_proj.forward(&out, ctx, exact)?;
         self.site.post(&x, y, ctx)
     }
+}
+
+/// Causal attention where query i (of the last tq of tk positions) attends only the keys at most
+/// `window − 1` positions back, as transformers' and llama.cpp's sliding-window layers do. Composed
+/// from candle ops; used only once the sequence outgrows the window.
+fn sliding_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_bias: &Tensor, heads: usize, window: usize) -> Result<Tensor> {
+    let (b, tq, h) = q.dims3()?;
+    let tk = k.dim(1)?;
+    let d = h / heads;
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> { Ok(t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()?) };
+    let (qh, kh, vh) = (split(q, tq)?, split(k, tk)?, split(v, tk)?);
+    let past = tk - tq;
+    let band: Vec<f32> = (0..tq)
+        .flat_map(|i| (0..tk).map(move |j| if j <= past + i && past + i - j < window { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    let band = Tensor::from_vec(band, (1, 1, tq, tk), q.device())?;
+    let scores = (qh.matmul(&kh.t()?)? * (1.0 / (d as f64).sqrt()))?;
+    let scores = scores.broadcast_add(&key_bias.reshape((b, 1, 1, tk))?)?.broadcast_add(&band)?;
+    let ctx = ops::softmax_composed(&scores)?.matmul(&vh)?;
+    Ok(ctx.transpose(1, 2)?.reshape((b, tq, h))?)
 }
 
 impl Attention {
@@ -369,7 +548,8 @@ impl Mlp {
         let x = self.site.pre(x, ctx)?;
         let g = self.gate_proj.forward(&x, ctx, exact)?;
         let u = self.up_proj.forward(&x, ctx, exact)?;
-        let y = self.down_proj.forward(&ops::swiglu(&g, &u)?, ctx, exact)?;
+        let act = if self.gelu { (ops::gelu_tanh(&g)? * u)? } else { ops::swiglu(&g, &u)? };
+        let y = self.down_proj.forward(&act, ctx, exact)?;
         self.site.post(&x, y, ctx)
     }
 }
@@ -409,10 +589,11 @@ impl Weights {
         match self {
             Weights::St(st) => Ok(site.with_param("weight", st.get_f32(&format!("{hf}.weight"), &[out, inp])?)),
             Weights::Gguf(g, c) => {
-                let name = gguf_name(hf);
+                let name = gguf_name_for(c.arch, hf);
                 let mut q = g.tensor(&name, &[out, inp])?;
                 // llama.cpp interleaves the rotary halves of the query/key rows; undo it.
-                if hf.ends_with("q_proj") {
+                if !c.arch.gguf_permutes_rotary() {
+                } else if hf.ends_with("q_proj") {
                     q = permute_rows(&q, &unpermute_rotary_order(out, c.num_attention_heads))?;
                 } else if hf.ends_with("k_proj") {
                     q = permute_rows(&q, &unpermute_rotary_order(out, c.num_key_value_heads))?;
@@ -430,20 +611,61 @@ impl Weights {
     fn vector(&mut self, hf: &str, n: usize) -> Result<Tensor> {
         match self {
             Weights::St(st) => st.get_f32(&format!("{hf}.weight"), &[n]),
-            Weights::Gguf(g, _) => Ok(g.tensor(&gguf_name(hf), &[n])?.dequantize(&Device::Cpu)?),
+            Weights::Gguf(g, c) => Ok(g.tensor(&gguf_name_for(c.arch, hf), &[n])?.dequantize(&Device::Cpu)?),
+        }
+    }
+
+    /// A norm's effective multiplier: HF Gemma stores `w` and multiplies by `1 + w`; GGUF stores `1 + w`.
+    fn norm(&mut self, hf: &str, n: usize, arch: Arch) -> Result<Tensor> {
+        let w = self.vector(hf, n)?;
+        Ok(if arch.norm_offset() && matches!(self, Weights::St(_)) { (w + 1.0)? } else { w })
+    }
+
+    /// The bias of linear `hf` (out), f32.
+    fn bias(&mut self, hf: &str, n: usize) -> Result<Tensor> {
+        match self {
+            Weights::St(st) => st.get_f32(&format!("{hf}.bias"), &[n]),
+            Weights::Gguf(g, c) => {
+                let name = gguf_name_for(c.arch, hf).replace(".weight", ".bias");
+                let mut b = g.tensor(&name, &[n])?.dequantize(&Device::Cpu)?;
+                if c.arch.gguf_permutes_rotary() && (hf.ends_with("q_proj") || hf.ends_with("k_proj")) {
+                    let heads = if hf.ends_with("q_proj") { c.num_attention_heads } else { c.num_key_value_heads };
+                    let order: Vec<u32> = unpermute_rotary_order(n, heads).into_iter().map(|i| i as u32).collect();
+                    b = b.index_select(&Tensor::new(order, &Device::Cpu)?, 0)?;
+                }
+                Ok(b)
+            }
         }
     }
 
     fn has(&self, hf: &str) -> bool {
         match self {
             Weights::St(st) => st.contains(&format!("{hf}.weight")),
-            Weights::Gguf(g, _) => g.contains(&gguf_name(hf)),
+            Weights::Gguf(g, c) => g.contains(&gguf_name_for(c.arch, hf)),
         }
     }
 }
 
 /// The GGUF tensor name of an HF module path (`model.layers.3.self_attn.q_proj` → `blk.3.attn_q.weight`).
 pub fn gguf_name(hf: &str) -> String {
+    gguf_name_for(Arch::Llama, hf)
+}
+
+/// [`gguf_name`] for architecture `arch` (Gemma's extra norms have their own names).
+pub fn gguf_name_for(arch: Arch, hf: &str) -> String {
+    if arch == Arch::Gemma3 {
+        if let Some((n, module)) = hf.strip_prefix("model.layers.").and_then(|t| t.split_once('.')) {
+            let g = match module {
+                "post_attention_layernorm" => Some("post_attention_norm"),
+                "pre_feedforward_layernorm" => Some("ffn_norm"),
+                "post_feedforward_layernorm" => Some("post_ffw_norm"),
+                _ => None,
+            };
+            if let Some(g) = g {
+                return format!("blk.{n}.{g}.weight");
+            }
+        }
+    }
     let rest = match hf {
         "model.embed_tokens" => return "token_embd.weight".into(),
         "model.norm" => return "output_norm.weight".into(),
@@ -459,6 +681,8 @@ pub fn gguf_name(hf: &str) -> String {
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
@@ -553,23 +777,45 @@ impl LlamaModel {
                 let path = format!("{p}.{name}");
                 Ok(Linear { site: w.matrix(&path, out, inp, Site::new(&path, SiteKind::Linear, l))? })
             };
-            let q_proj = lin("self_attn.q_proj", qo, h)?;
-            let k_proj = lin("self_attn.k_proj", kvo, h)?;
-            let v_proj = lin("self_attn.v_proj", kvo, h)?;
+            let mut q_proj = lin("self_attn.q_proj", qo, h)?;
+            let mut k_proj = lin("self_attn.k_proj", kvo, h)?;
+            let mut v_proj = lin("self_attn.v_proj", kvo, h)?;
             let o_proj = lin("self_attn.o_proj", h, qo)?;
             let gate_proj = lin("mlp.gate_proj", i, h)?;
             let up_proj = lin("mlp.up_proj", i, h)?;
             let down_proj = lin("mlp.down_proj", h, i)?;
-            let mut norm = |name: &str| -> Result<RmsNorm> {
+            if c.attention_bias {
+                for (proj, n) in [(&mut q_proj, qo), (&mut k_proj, kvo), (&mut v_proj, kvo)] {
+                    let path = proj.site.path().to_string();
+                    let b = w.bias(&path, n)?;
+                    let site = std::mem::replace(&mut proj.site, Site::new("", SiteKind::Linear, None));
+                    proj.site = site.with_param("bias", b);
+                }
+            }
+            let mut norm = |name: &str, n: usize| -> Result<RmsNorm> {
                 let path = format!("{p}.{name}");
-                let t = w.vector(&path, h)?;
+                let t = w.norm(&path, n, c.arch)?;
                 Ok(RmsNorm { site: Site::new(&path, SiteKind::RmsNorm, l).with_param("weight", t), eps: c.rms_norm_eps })
             };
+            let (q_norm, k_norm) = if c.arch.qk_norm() {
+                (Some(norm("self_attn.q_norm", d)?), Some(norm("self_attn.k_norm", d)?))
+            } else {
+                (None, None)
+            };
+            let gemma = c.arch == Arch::Gemma3;
+            let q_scale = Some((d as f64 / c.query_pre_attn_scalar).sqrt()).filter(|f| (f - 1.0).abs() > 1e-12);
+            let window = c.sliding_window.filter(|_| c.sliding_layers.get(n).copied().unwrap_or(false));
             layers.push(DecoderLayer {
                 site: Site::new(&p, SiteKind::Layer, l),
-                input_layernorm: norm("input_layernorm")?,
-                post_attention_layernorm: norm("post_attention_layernorm")?,
+                input_layernorm: norm("input_layernorm", h)?,
+                post_attention_layernorm: norm("post_attention_layernorm", h)?,
+                pre_feedforward_layernorm: if gemma { Some(norm("pre_feedforward_layernorm", h)?) } else { None },
+                post_feedforward_layernorm: if gemma { Some(norm("post_feedforward_layernorm", h)?) } else { None },
                 self_attn: Attention {
+                    q_norm,
+                    k_norm,
+                    q_scale,
+                    window,
                     site: Site::new(format!("{p}.self_attn"), SiteKind::SelfAttention, l),
                     q_proj,
                     k_proj,
@@ -579,10 +825,10 @@ impl LlamaModel {
                     kv_heads: c.num_key_value_heads,
                     head_dim: d,
                 },
-                mlp: Mlp { site: Site::new(format!("{p}.mlp"), SiteKind::Mlp, l), gate_proj, up_proj, down_proj },
+                mlp: Mlp { site: Site::new(format!("{p}.mlp"), SiteKind::Mlp, l), gate_proj, up_proj, down_proj, gelu: gemma },
             });
         }
-        let norm_w = w.vector("model.norm", h)?;
+        let norm_w = w.norm("model.norm", h, c.arch)?;
         let norm = RmsNorm { site: Site::new("model.norm", SiteKind::RmsNorm, None).with_param("weight", norm_w), eps: c.rms_norm_eps };
         let lm_head = if w.has("lm_head") {
             Some(Linear { site: w.matrix("lm_head", c.vocab_size, h, Site::new("lm_head", SiteKind::Linear, None))? })
@@ -613,6 +859,15 @@ impl LlamaModel {
             exact: false,
             device: device.clone(),
         })
+    }
+
+    /// Rotary tables for positions `start..start + t`: the global layers' and the sliding layers'
+    /// (the same tables unless the sliding layers have their own base, as in Gemma 3).
+    fn ropes(&self, start: usize, t: usize) -> Result<(Rope, Rope)> {
+        let c = &self.config;
+        let global = rotary(start, t, c.head_dim, c.rope_theta, &self.device)?;
+        let local = if c.rope_local_theta != c.rope_theta { rotary(start, t, c.head_dim, c.rope_local_theta, &self.device)? } else { global.clone() };
+        Ok((global, local))
     }
 
     /// Always multiply with dequantized f32 weights (see the field); slower for generation.
@@ -653,6 +908,8 @@ impl LlamaModel {
                 w.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, w.dim(1)?))?
             }
         };
+        // Gemma scales the embeddings by √hidden (as an f32 number, like transformers).
+        let y = if self.config.arch == Arch::Gemma3 { (y * ((self.config.hidden_size as f32).sqrt() as f64))? } else { y };
         s.post(ids, y, ctx)
     }
 
@@ -713,7 +970,7 @@ impl LlamaModel {
             ));
         }
         let key_mask = self.with_virtual_keys(key_mask, b, cache.virtual_tokens)?;
-        let rope = rotary(past, len, self.config.head_dim, self.config.rope_theta, &self.device)?;
+        let rope = self.ropes(past, len)?;
         let bias = self.key_bias(b, past + len, key_mask.as_ref())?;
         let x = self.root.pre(&x, ctx)?;
         let mut x = self.model.pre(&x, ctx)?;
@@ -737,6 +994,15 @@ impl LlamaModel {
         }
         if let Some(r) = ctx.route {
             r.check(b)?;
+        }
+        // The row-wise step has the plain Llama block only (no query/key norms, extra norms,
+        // per-layer rotary bases or sliding windows).
+        let plain = matches!(self.config.arch, Arch::Llama | Arch::Qwen2) && self.layers.iter().all(|l| l.self_attn.window.is_none());
+        if !plain {
+            return Err(Error::Delta(format!(
+                "batched decoding of independent sequences supports the plain Llama block (llama, qwen2 without sliding windows), not {:?}",
+                self.config.arch
+            )));
         }
         let mut ropes = Vec::with_capacity(b);
         for c in caches.iter() {
@@ -784,7 +1050,7 @@ impl LlamaModel {
                 format!("{} tokens ({past} prefix) exceed the model's context of {}", past + t, self.config.max_position_embeddings),
             ));
         }
-        let rope = rotary(past, t, self.config.head_dim, self.config.rope_theta, &self.device)?;
+        let rope = self.ropes(past, t)?;
         let bias = self.key_bias(b, past + t, self.with_virtual_keys(Some(mask), b, past)?.as_ref())?;
         for n in range {
             let mut slot = self.model.prefixes(n, b, ctx)?;
@@ -811,16 +1077,26 @@ impl LlamaModel {
         &self,
         l: &DecoderLayer,
         x: &Tensor,
-        rope: &(Tensor, Tensor),
+        ropes: &(Rope, Rope),
         bias: &Tensor,
         slot: &mut Option<(Tensor, Tensor)>,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
         let x = l.site.pre(x, ctx)?;
+        let rope = if l.self_attn.window.is_some() && self.config.arch == Arch::Gemma3 { &ropes.1 } else { &ropes.0 };
         let a = l.self_attn.forward(&l.input_layernorm.forward(&x, ctx)?, rope, bias, slot, ctx, self.exact)?;
-        let h = (&x + a)?;
-        let m = l.mlp.forward(&l.post_attention_layernorm.forward(&h, ctx)?, ctx, self.exact)?;
-        let y = (h + m)?;
+        let y = match (&l.pre_feedforward_layernorm, &l.post_feedforward_layernorm) {
+            (Some(pre), Some(post)) => {
+                let h = (&x + l.post_attention_layernorm.forward(&a, ctx)?)?;
+                let m = l.mlp.forward(&pre.forward(&h, ctx)?, ctx, self.exact)?;
+                (&h + post.forward(&m, ctx)?)?
+            }
+            _ => {
+                let h = (&x + a)?;
+                let m = l.mlp.forward(&l.post_attention_layernorm.forward(&h, ctx)?, ctx, self.exact)?;
+                (h + m)?
+            }
+        };
         l.site.post(&x, y, ctx)
     }
 
@@ -844,7 +1120,11 @@ impl LlamaModel {
         for l in &self.layers {
             let (a, m) = (&l.self_attn, &l.mlp);
             v.extend([&l.site, &l.input_layernorm.site, &a.site, &a.q_proj.site, &a.k_proj.site, &a.v_proj.site, &a.o_proj.site]);
-            v.extend([&l.post_attention_layernorm.site, &m.site, &m.gate_proj.site, &m.up_proj.site, &m.down_proj.site]);
+            v.extend(a.q_norm.iter().chain(&a.k_norm).map(|n| &n.site));
+            v.push(&l.post_attention_layernorm.site);
+            v.extend(l.pre_feedforward_layernorm.iter().map(|n| &n.site));
+            v.extend([&m.site, &m.gate_proj.site, &m.up_proj.site, &m.down_proj.site]);
+            v.extend(l.post_feedforward_layernorm.iter().map(|n| &n.site));
         }
         v.push(&self.norm.site);
         if let Some(h) = &self.lm_head {
@@ -859,8 +1139,11 @@ impl LlamaModel {
             let (a, m) = (&mut l.self_attn, &mut l.mlp);
             v.extend([&mut l.site, &mut l.input_layernorm.site, &mut a.site, &mut a.q_proj.site, &mut a.k_proj.site]);
             v.extend([&mut a.v_proj.site, &mut a.o_proj.site]);
-            v.extend([&mut l.post_attention_layernorm.site, &mut m.site, &mut m.gate_proj.site, &mut m.up_proj.site]);
-            v.push(&mut m.down_proj.site);
+            v.extend(a.q_norm.iter_mut().chain(a.k_norm.iter_mut()).map(|n| &mut n.site));
+            v.push(&mut l.post_attention_layernorm.site);
+            v.extend(l.pre_feedforward_layernorm.iter_mut().map(|n| &mut n.site));
+            v.extend([&mut m.site, &mut m.gate_proj.site, &mut m.up_proj.site, &mut m.down_proj.site]);
+            v.extend(l.post_feedforward_layernorm.iter_mut().map(|n| &mut n.site));
         }
         v.push(&mut self.norm.site);
         if let Some(h) = &mut self.lm_head {
@@ -892,13 +1175,13 @@ impl LlamaModel {
     }
 
     pub fn tree(&self) -> ModuleTree {
-        ModuleTree::from_sites("llama", &self.sites())
+        ModuleTree::from_sites(self.config.arch.model_type(), &self.sites())
     }
 }
 
 impl Backbone for LlamaModel {
     fn model_type(&self) -> &str {
-        "llama"
+        self.config.arch.model_type()
     }
 
     fn hidden_size(&self) -> usize {

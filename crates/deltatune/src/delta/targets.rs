@@ -36,5 +36,5 @@ pub fn targets(list: &[&str]) -> Targets {
 /// (`model.layers.N.self_attn.q_proj`, `mlp.down_proj`), as opposed to the BERT family's
 /// (`encoder.layer.N.attention.self.query`). Methods pick their default targets by it.
 pub fn is_decoder(model_type: &str) -> bool {
-    model_type == "llama"
+    ["llama", "mistral", "gemma3_text", "qwen2", "qwen3"].contains(&model_type)
 }

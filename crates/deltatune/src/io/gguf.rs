@@ -158,6 +158,29 @@ impl GgufFile {
             .map(Some)
     }
 
+    /// An optional array of floats.
+    pub fn floats_opt(&self, key: &str) -> Result<Option<Vec<f32>>> {
+        let Some(v) = self.get(key) else { return Ok(None) };
+        let arr = v.to_vec().map_err(|_| self.wrong(key, "an array"))?;
+        arr.iter()
+            .map(|x| match x {
+                Value::F32(f) => Ok(*f),
+                Value::F64(f) => Ok(*f as f32),
+                _ => Err(self.wrong(key, "an array of floats")),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// An optional boolean value.
+    pub fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(self.wrong(key, "a boolean")),
+        }
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }

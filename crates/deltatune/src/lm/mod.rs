@@ -2,7 +2,9 @@
 //! tokenizer ([`tokenizer`]) and generation ([`generate`]). Training lives in `train::lm`.
 
 pub mod causal;
+pub mod chat;
 pub mod generate;
+pub mod spm;
 pub mod tokenizer;
 
 pub use causal::CausalLm;

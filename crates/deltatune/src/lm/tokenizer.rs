@@ -14,6 +14,8 @@ pub struct LmTokenizer {
     pub bos_id: Option<u32>,
     pub eos_ids: Vec<u32>,
     pub pad_id: Option<u32>,
+    /// Whether a sequence starts with `bos_id` (Gemma, Llama 2: `add_bos_token`).
+    pub add_bos: bool,
     /// Jinja chat template, when the model ships one.
     pub chat_template: Option<String>,
 }
@@ -33,9 +35,12 @@ impl LmTokenizer {
         let file = g.path().to_path_buf();
         let terr = |msg: String| Error::Tokenizer { file: file.clone(), msg };
         let model = g.string("tokenizer.ggml.model")?;
+        if model == "llama" {
+            return Self::from_gguf_spm(g);
+        }
         if model != "gpt2" {
             return Err(terr(format!(
-                "tokenizer model `{model}` is not supported yet (only byte-level BPE, `gpt2`); put a tokenizer.json beside the model"
+                "tokenizer model `{model}` is not supported (supported: byte-level BPE `gpt2`, SentencePiece-style `llama`); put a tokenizer.json beside the model"
             )));
         }
         let tokens = g.strings("tokenizer.ggml.tokens")?;
@@ -85,6 +90,41 @@ impl LmTokenizer {
             bos_id: id("tokenizer.ggml.bos_token_id"),
             eos_ids,
             pad_id: id("tokenizer.ggml.padding_token_id"),
+            add_bos: g.bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(false),
+            chat_template: g.string("tokenizer.chat_template").ok().map(str::to_string),
+        })
+    }
+
+    /// A SentencePiece-style vocabulary (`tokenizer.ggml.model` = `llama`: pieces, scores, token
+    /// types, byte fallback), built as transformers builds it from the same file (see [`super::spm`]).
+    fn from_gguf_spm(g: &GgufFile) -> Result<Self> {
+        let file = g.path().to_path_buf();
+        let terr = |msg: String| Error::Tokenizer { file: file.clone(), msg };
+        let tokens = g.strings("tokenizer.ggml.tokens")?;
+        let scores = g.floats_opt("tokenizer.ggml.scores")?.unwrap_or_default();
+        let types = g.ints_opt("tokenizer.ggml.token_type")?.unwrap_or_default();
+        let arch = g.string("general.architecture").unwrap_or("");
+        let gemma = arch.starts_with("gemma");
+        let id = |k: &str| g.usize(k).ok().map(|v| v as u32);
+        let unk = id("tokenizer.ggml.unknown_token_id").and_then(|i| tokens.get(i as usize).copied());
+        let spec = super::spm::tokenizer_json(&super::spm::SpmVocab {
+            tokens: &tokens,
+            scores: &scores,
+            types: &types,
+            rank_by_position: gemma,
+            respell_spaces: gemma,
+            add_space_prefix: g.bool_opt("tokenizer.ggml.add_space_prefix")?.unwrap_or(!gemma),
+            unk,
+        });
+        let tokenizer: Tokenizer = spec.to_string().parse().map_err(|e: tokenizers::Error| terr(e.to_string()))?;
+        let eos_ids = with_turn_ends(&tokenizer, id("tokenizer.ggml.eos_token_id"));
+        Ok(LmTokenizer {
+            tokenizer,
+            source: file.clone(),
+            bos_id: id("tokenizer.ggml.bos_token_id"),
+            eos_ids,
+            pad_id: id("tokenizer.ggml.padding_token_id"),
+            add_bos: g.bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(true),
             chat_template: g.string("tokenizer.chat_template").ok().map(str::to_string),
         })
     }
@@ -105,6 +145,7 @@ impl LmTokenizer {
         };
         let eos_ids = with_turn_ends(&tokenizer, tok_id("eos_token"));
         Ok(LmTokenizer {
+            add_bos: cfg.get("add_bos_token").and_then(|b| b.as_bool()).unwrap_or(false),
             bos_id: tok_id("bos_token"),
             pad_id: tok_id("pad_token"),
             eos_ids,
@@ -133,6 +174,7 @@ impl LmTokenizer {
         if let Some(t) = &self.chat_template {
             cfg.insert("chat_template".into(), t.clone().into());
         }
+        cfg.insert("add_bos_token".into(), self.add_bos.into());
         cfg.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
         crate::io::write_json_atomic(&dir.join("tokenizer_config.json"), &Value::Object(cfg))
     }
@@ -144,6 +186,24 @@ impl LmTokenizer {
             .encode(text, false)
             .map_err(|e| Error::Tokenizer { file: self.source.clone(), msg: e.to_string() })?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of the start of a sequence: [`Self::encode`] with the BOS token in front when the
+    /// model wants one (`add_bos`).
+    pub fn encode_start(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = self.start_id(text).into_iter().collect();
+        ids.extend(self.encode(text)?);
+        Ok(ids)
+    }
+
+    /// The BOS id to put before `text`: when the model wants one and `text` (e.g. a rendered chat
+    /// template) does not already start with it.
+    pub fn start_id(&self, text: &str) -> Option<u32> {
+        let bos = self.bos_id.filter(|_| self.add_bos)?;
+        match self.tokenizer.id_to_token(bos) {
+            Some(t) if text.starts_with(&t) => None,
+            _ => Some(bos),
+        }
     }
 
     /// Text of `ids` (special tokens kept unless `skip_special`).
@@ -161,28 +221,42 @@ impl LmTokenizer {
         self.tokenizer.token_to_id(token)
     }
 
-    /// A ChatML prompt (`<|im_start|>role\ncontent<|im_end|>\n` per message, then the assistant
-    /// header) when the model's template is ChatML, which is what SmolLM2 and Qwen ship.
+    /// The chat template: the model's own, or for a Gemma vocabulary without one our Gemma
+    /// turn format ([`super::chat::GEMMA_TEMPLATE`]).
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref().or_else(|| self.token_to_id("<start_of_turn>").map(|_| super::chat::GEMMA_TEMPLATE))
+    }
+
+    fn render_chat(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> Result<String> {
+        let tpl = self.chat_template().ok_or_else(|| {
+            Error::arg("--chat", format!("{} has no chat template; pass the formatted prompt with --prompt instead", self.source.display()))
+        })?;
+        let name = |id: Option<u32>| id.and_then(|i| self.tokenizer.id_to_token(i));
+        let (bos, eos) = (name(self.bos_id), name(self.eos_ids.first().copied()));
+        super::chat::render(tpl, messages, add_generation_prompt, bos.as_deref(), eos.as_deref())
+    }
+
+    /// The prompt for `messages` (role, content) in the model's chat template, ending with the
+    /// header of the assistant's turn (`add_generation_prompt`).
     pub fn chat_prompt(&self, messages: &[(&str, &str)]) -> Result<String> {
-        let tpl = self.chat_template.as_deref().unwrap_or("");
-        if !tpl.contains("<|im_start|>") {
-            return Err(Error::arg(
+        self.render_chat(messages, true)
+    }
+
+    /// What the template writes for the assistant's `reply` after `before` (the turns before it):
+    /// the reply and its end-of-turn marker (trailing whitespace after the marker dropped), i.e.
+    /// the conversation rendered with the reply minus [`Self::chat_prompt`] of `before`.
+    pub fn chat_completion(&self, before: &[(&str, &str)], reply: &str) -> Result<String> {
+        let prompt = self.chat_prompt(before)?;
+        let mut all: Vec<(&str, &str)> = before.to_vec();
+        all.push(("assistant", reply));
+        let full = self.render_chat(&all, false)?;
+        match full.strip_prefix(&prompt) {
+            Some(rest) => Ok(rest.trim_end().to_string()),
+            None => Err(Error::arg(
                 "--chat",
-                "the model's chat template is not ChatML; pass the formatted prompt with --prompt instead",
-            ));
+                "the chat template renders a conversation that does not start with its own generation prompt; cannot split the reply off",
+            )),
         }
-        let mut s = String::new();
-        // SmolLM2's template adds its default system prompt when the first message is not one.
-        if messages.first().is_some_and(|(r, _)| *r != "system") {
-            if let Some(default) = default_system(tpl) {
-                s.push_str(&format!("<|im_start|>system\n{default}<|im_end|>\n"));
-            }
-        }
-        for (role, content) in messages {
-            s.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
-        }
-        s.push_str("<|im_start|>assistant\n");
-        Ok(s)
     }
 }
 
@@ -198,28 +272,4 @@ fn with_turn_ends(tokenizer: &Tokenizer, eos: Option<u32>) -> Vec<u32> {
         }
     }
     ids
-}
-
-/// The default system message a ChatML template inserts (`... '<|im_start|>system\nTEXT<|im_end|>` literal).
-/// The newline after `system` may be a real newline or a `\n` escape inside the Jinja string.
-fn default_system(tpl: &str) -> Option<String> {
-    ["'<|im_start|>system\n", "'<|im_start|>system\\n"].iter().find_map(|marker| {
-        let start = tpl.find(marker)? + marker.len();
-        let end = tpl[start..].find("<|im_end|>")? + start;
-        Some(tpl[start..end].to_string())
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::default_system;
-
-    #[test]
-    fn default_system_message_from_either_newline_form() {
-        let real = "{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}";
-        let escaped = "{{ '<|im_start|>system\\nYou are helpful<|im_end|>\\n' }}";
-        assert_eq!(default_system(real).as_deref(), Some("You are helpful"));
-        assert_eq!(default_system(escaped).as_deref(), Some("You are helpful"));
-        assert_eq!(default_system("{{ messages }}"), None);
-    }
 }

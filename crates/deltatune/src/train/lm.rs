@@ -25,14 +25,15 @@ pub struct LmPair {
     pub completion: String,
 }
 
-/// The end-of-turn marker of the ChatML template, closing a chat completion.
+/// The end-of-turn marker of the ChatML template (SmolLM2, Qwen), closing their chat completions.
 pub const END_OF_TURN: &str = "<|im_end|>";
 
 impl LmPair {
     /// The pair as one chat turn: the prompt as the user's message in the model's chat template
     /// (with the assistant header), the completion closed by the end-of-turn marker.
     pub fn to_chat(&self, tok: &LmTokenizer) -> Result<LmPair> {
-        Ok(LmPair { prompt: tok.chat_prompt(&[("user", &self.prompt)])?, completion: format!("{}{END_OF_TURN}", self.completion) })
+        let before = [("user", self.prompt.as_str())];
+        Ok(LmPair { prompt: tok.chat_prompt(&before)?, completion: tok.chat_completion(&before, &self.completion)? })
     }
 }
 
@@ -93,7 +94,8 @@ fn conversation(tok: &LmTokenizer, m: &serde_json::Value) -> std::result::Result
     match turns.split_last() {
         Some(((role, content), before)) if *role == "assistant" && !before.is_empty() => {
             let prompt = tok.chat_prompt(before).map_err(|e| e.to_string())?;
-            Ok(LmPair { prompt, completion: format!("{content}{END_OF_TURN}") })
+            let completion = tok.chat_completion(before, content).map_err(|e| e.to_string())?;
+            Ok(LmPair { prompt, completion })
         }
         _ => Err("`messages` must end with an assistant turn after at least one other".into()),
     }
@@ -158,12 +160,18 @@ impl Verbalizer {
 pub fn encode_pair(tok: &LmTokenizer, p: &LmPair, max_len: usize) -> Result<(Vec<u32>, usize)> {
     let mut prompt = if p.prompt.is_empty() { Vec::new() } else { tok.encode(&p.prompt)? };
     let completion = tok.encode(&p.completion)?;
-    if completion.len() >= max_len {
+    // The BOS token, for models that want one (Gemma), stays first when the prompt is cut.
+    let bos = if p.prompt.is_empty() { tok.start_id(&p.completion) } else { tok.start_id(&p.prompt) };
+    let reserved = completion.len() + usize::from(bos.is_some());
+    if reserved >= max_len {
         return Err(Error::arg("--max-length", format!("a completion of {} tokens does not fit in {max_len}", completion.len())));
     }
-    let room = max_len - completion.len();
+    let room = max_len - reserved;
     if prompt.len() > room {
         prompt.drain(..prompt.len() - room);
+    }
+    if let Some(b) = bos {
+        prompt.insert(0, b);
     }
     let start = prompt.len();
     prompt.extend(completion);
