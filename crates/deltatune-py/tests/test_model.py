@@ -34,6 +34,31 @@ def test_ia3_counts_match_peft(base):
     assert m.get_nb_trainable_parameters() == (16_128, 22_729_344)
 
 
+@pytest.mark.parametrize(
+    "config, trainable",
+    [
+        # PEFT's counts at these settings on all-MiniLM-L6-v2 (query and value of 6 layers).
+        (lambda: dt.LoraConfig(use_dora=True, target_modules=["query", "value"]), 78_336),
+        (lambda: dt.VeraConfig(target_modules=["query", "value"]), 7_680),
+        (lambda: dt.LoHaConfig(target_modules=["query", "value"]), 147_456),
+        (lambda: dt.LoKrConfig(target_modules=["query", "value"]), 7_680),
+        (lambda: dt.OFTConfig(target_modules=["query", "value"]), 71_424),
+        (lambda: dt.AdaLoraConfig(target_modules=["query", "value"], total_step=100), 110_736),
+    ],
+)
+def test_more_peft_configs_count_as_peft(base, config, trainable):
+    cfg = config()
+    m = dt.get_peft_model(base, cfg)
+    assert m.get_nb_trainable_parameters()[0] == trainable, cfg
+
+
+def test_use_dora_switches_lora_to_dora():
+    assert dt.LoraConfig(use_dora=True).method == "dora"
+    assert dt.LoraConfig(use_dora=False).method == "lora"
+    with pytest.raises(ValueError, match="use_dora"):
+        dt.LoraConfig(use_dora="yes")
+
+
 def test_spec_strings_and_dicts_are_configs(base):
     m = dt.get_peft_model(base, "lora:r=8,target=query+value")
     assert m.get_nb_trainable_parameters()[0] == 73_728

@@ -20,6 +20,11 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "LNTuningConfig",
+    "AdaLoraConfig",
+    "VeraConfig",
+    "LoHaConfig",
+    "LoKrConfig",
+    "OFTConfig",
     "AdapterConfig",
     "ParallelAdapterConfig",
     "CompacterConfig",
@@ -41,6 +46,13 @@ class PeftConfig:
     method: str = ""
 
     def __init__(self, **fields: Any) -> None:
+        if self.method == "lora" and "use_dora" in fields:
+            # PEFT's switch: LoraConfig(use_dora=True) is DoRA.
+            use = fields.pop("use_dora")
+            if not isinstance(use, bool):
+                raise InvalidArgumentError(f"invalid use_dora: {use!r} (must be True or False)")
+            if use:
+                object.__setattr__(self, "method", "dora")
         defaults = json.loads(_native.method_defaults(self.method))
         defaults.pop("method", None)
         object.__setattr__(self, "_fields", dict(defaults))
@@ -164,6 +176,31 @@ LNTuningConfig = _config_class(
     "LNTuningConfig",
     "ln_tuning",
     """LayerNorm tuning (PEFT's ``LNTuningConfig``).""",
+)
+AdaLoraConfig = _config_class(
+    "AdaLoraConfig",
+    "adalora",
+    """AdaLoRA (PEFT's ``AdaLoraConfig``): SVD-form LoRA with importance-based rank allocation to a
+    total-rank budget: ``init_r``, ``target_r``, ``lora_alpha``, ``tinit``, ``tfinal``, ``deltaT``,
+    ``beta1``, ``beta2``, ``orth_reg_weight``, ``total_step`` (filled in from the run when not given).""",
+)
+VeraConfig = _config_class(
+    "VeraConfig",
+    "vera",
+    """VeRA (PEFT's ``VeraConfig``): shared frozen random projections, trainable scaling vectors:
+    ``r``, ``projection_prng_key``, ``d_initial``, ``save_projection``.""",
+)
+LoHaConfig = _config_class(
+    "LoHaConfig", "loha", """LoHa (PEFT's ``LoHaConfig``): Hadamard product of two low-rank products: ``r``, ``alpha``."""
+)
+LoKrConfig = _config_class(
+    "LoKrConfig", "lokr", """LoKr (PEFT's ``LoKrConfig``): Kronecker product: ``r``, ``alpha``, ``decompose_both``, ``decompose_factor``."""
+)
+OFTConfig = _config_class(
+    "OFTConfig",
+    "oft",
+    """OFT (PEFT's ``OFTConfig``): block-diagonal orthogonal rotation of the input: ``oft_block_size``
+    (or ``r``), ``use_cayley_neumann``, ``block_share``.""",
 )
 AdapterConfig = _config_class(
     "AdapterConfig",

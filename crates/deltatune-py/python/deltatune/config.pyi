@@ -70,6 +70,21 @@ class PromptTuningConfig(PeftConfig):
 class LNTuningConfig(PeftConfig):
     def __init__(self, *, weight: bool = True, bias: bool = True, target_modules: Targets = None, layers_to_transform: Layers = None, exclude_modules: Targets = None, task_type: Optional[str] = None) -> None: ...
 
+class AdaLoraConfig(PeftConfig):
+    def __init__(self, **fields: Any) -> None: ...
+
+class VeraConfig(PeftConfig):
+    def __init__(self, **fields: Any) -> None: ...
+
+class LoHaConfig(PeftConfig):
+    def __init__(self, **fields: Any) -> None: ...
+
+class LoKrConfig(PeftConfig):
+    def __init__(self, **fields: Any) -> None: ...
+
+class OFTConfig(PeftConfig):
+    def __init__(self, **fields: Any) -> None: ...
+
 class AdapterConfig(PeftConfig):
     def __init__(
         self,

@@ -10,7 +10,7 @@
 use super::lycoris::{alpha_json, check_prob, module_dropped, pattern, peft_number, rank_dropout, rank_json, Pattern};
 use super::method::{site_dims, BuildCtx, Family, Method};
 use super::peft_fields::{PeftIn, PeftOut, PEFT_VERSION};
-use super::targets::{is_decoder, targets, Targets};
+use super::targets::{query_value, Targets};
 use crate::core::init;
 use crate::core::{BackboneInfo, Delta, HookCtx, Site, SiteKind};
 use crate::error::{Error, Result};
@@ -79,11 +79,7 @@ impl Method for LohaConfig {
 
     fn default_targets(&self, model_type: &str) -> Targets {
         // PEFT's TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING (a copy of LoRA's).
-        if is_decoder(model_type) {
-            targets(&["q_proj", "v_proj"])
-        } else {
-            targets(&["query", "value"])
-        }
+        query_value(model_type)
     }
 
     fn validate(&self, _info: &BackboneInfo) -> Result<()> {

@@ -38,3 +38,13 @@ pub fn targets(list: &[&str]) -> Targets {
 pub fn is_decoder(model_type: &str) -> bool {
     ["llama", "mistral", "gemma3_text", "qwen2", "qwen3"].contains(&model_type)
 }
+
+/// PEFT's default targets of the LoRA family (its `TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING`
+/// for bert and llama): the query and value projections.
+pub fn query_value(model_type: &str) -> Targets {
+    if is_decoder(model_type) {
+        targets(&["q_proj", "v_proj"])
+    } else {
+        targets(&["query", "value"])
+    }
+}
