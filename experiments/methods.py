@@ -57,7 +57,7 @@ def main():
     ap.add_argument("--work", default="runs/methods")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--methods", default=",".join(m[0] for m in METHODS))
-    ap.add_argument("--train", type=int, default=2000)
+    ap.add_argument("--train", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()

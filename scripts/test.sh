@@ -10,6 +10,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The serve crate's page test drives Debian's headless Chromium; install it when it is missing and
+# this user may (it skips with a printed reason otherwise). DELTATUNE_NO_CHROMIUM=1 skips this.
+if [ -z "${DELTATUNE_NO_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "installing chromium (Debian package) for the serve page test"
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 \
+             && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; }; then
+        echo "chromium could not be installed; the page test will skip"
+    fi
+fi
+
 if [ -z "${DELTATUNE_SKIP_RUST:-}" ]; then
     cargo test --workspace --features deltatune-py/python
 fi

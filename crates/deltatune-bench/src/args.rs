@@ -79,6 +79,30 @@ pub struct BenchServeArgs {
     /// Skip the encoder part.
     #[arg(long)]
     pub no_encoder: bool,
+    /// Also run the decoder load against llama.cpp's server (llama-cpp-python with its `server`
+    /// extra) started by this Python on the same GGUF, with the same threads, prompts and clients.
+    #[arg(long, value_name = "PYTHON")]
+    pub llama_cpp_python: Option<PathBuf>,
+    /// Instead of the benchmark grid: a soak run of this many requests (about a third of them
+    /// invalid) against the backbone chosen by --soak-backbone, with deltas unloaded and loaded
+    /// again every --churn-seconds; every valid answer is checked against the same request alone.
+    #[arg(long, value_name = "REQUESTS")]
+    pub soak: Option<usize>,
+    /// The backbone of the soak run.
+    #[arg(long, value_enum, default_value = "encoder")]
+    pub soak_backbone: SoakBackbone,
+    /// Seconds between two delta unload/load operations in the soak run.
+    #[arg(long, default_value_t = 2.0)]
+    pub churn_seconds: f64,
+    /// Concurrent clients of the soak run.
+    #[arg(long, default_value_t = 16)]
+    pub soak_clients: usize,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SoakBackbone {
+    Encoder,
+    Decoder,
 }
 
 #[derive(Args, Debug)]
@@ -109,6 +133,10 @@ pub struct BenchDecoderArgs {
     /// A Python with torch, transformers, gguf and peft for the baseline.
     #[arg(long, env = "DELTATUNE_TORCH_PYTHON")]
     pub torch_python: Option<PathBuf>,
+    /// A Python with llama-cpp-python: also measure llama.cpp's decode and prompt-processing
+    /// tokens/s on the same GGUF, without and with a LoRA exported by deltatune as an adapter GGUF.
+    #[arg(long, value_name = "PYTHON")]
+    pub llama_cpp_python: Option<PathBuf>,
     /// Skip the training-step part.
     #[arg(long)]
     pub no_train: bool,
@@ -155,6 +183,10 @@ pub struct BenchCacheArgs {
     pub bench_threads: usize,
     #[arg(long, env = "DELTATUNE_TORCH_PYTHON")]
     pub torch_python: Option<PathBuf>,
+    /// A Python with llama-cpp-python: also measure llama.cpp's decode and prompt-processing
+    /// tokens/s on the same GGUF, without and with a LoRA exported by deltatune as an adapter GGUF.
+    #[arg(long, value_name = "PYTHON")]
+    pub llama_cpp_python: Option<PathBuf>,
     #[arg(long, default_value = "runs/bench-cache")]
     pub out: PathBuf,
     #[arg(long)]
@@ -180,6 +212,10 @@ pub struct BenchAccuracyArgs {
     pub bench_threads: usize,
     #[arg(long, env = "DELTATUNE_TORCH_PYTHON")]
     pub torch_python: Option<PathBuf>,
+    /// A Python with llama-cpp-python: also measure llama.cpp's decode and prompt-processing
+    /// tokens/s on the same GGUF, without and with a LoRA exported by deltatune as an adapter GGUF.
+    #[arg(long, value_name = "PYTHON")]
+    pub llama_cpp_python: Option<PathBuf>,
     #[arg(long, default_value = "../shared/baselines/peft_bench.py")]
     pub peft_script: PathBuf,
     /// Where our runs go.
@@ -209,6 +245,10 @@ pub struct BenchTrainArgs {
     /// A Python with torch, transformers and peft for the baseline.
     #[arg(long, env = "DELTATUNE_TORCH_PYTHON")]
     pub torch_python: Option<PathBuf>,
+    /// A Python with llama-cpp-python: also measure llama.cpp's decode and prompt-processing
+    /// tokens/s on the same GGUF, without and with a LoRA exported by deltatune as an adapter GGUF.
+    #[arg(long, value_name = "PYTHON")]
+    pub llama_cpp_python: Option<PathBuf>,
     /// The baseline script.
     #[arg(long, default_value = "../shared/baselines/peft_bench.py")]
     pub peft_script: PathBuf,
@@ -239,6 +279,10 @@ pub struct BenchForwardArgs {
     /// PyTorch side in the same run.
     #[arg(long, env = "DELTATUNE_TORCH_PYTHON")]
     pub torch_python: Option<PathBuf>,
+    /// A Python with llama-cpp-python: also measure llama.cpp's decode and prompt-processing
+    /// tokens/s on the same GGUF, without and with a LoRA exported by deltatune as an adapter GGUF.
+    #[arg(long, value_name = "PYTHON")]
+    pub llama_cpp_python: Option<PathBuf>,
     /// Threads for both sides.
     #[arg(long, default_value_t = 2)]
     pub bench_threads: usize,

@@ -9,6 +9,7 @@ pub mod measure;
 pub mod methods;
 pub mod run;
 pub mod serve;
+mod soak;
 
 pub use args::BenchArgs;
 pub use run::run;

@@ -450,6 +450,16 @@ pub fn decoder_generate_bench(lm: &mut deltatune::lm::CausalLm, spec: Option<&st
         let specs = vec![deltatune::delta::DeltaSpec::parse_cli(s)?];
         attach::attach(&mut lm.model, &specs, attach::AttachOptions { seed: 42, tokenizer: None })?;
     }
+    let r = decoder_generate_bench_attached(lm, prompt, tokens, runs);
+    for s in lm.model.sites_mut() {
+        s.deltas.clear();
+    }
+    r
+}
+
+/// Greedy generation with whatever deltas are attached: (median decode tokens/s, median prefill
+/// milliseconds) over `runs`.
+pub fn decoder_generate_bench_attached(lm: &mut deltatune::lm::CausalLm, prompt: &str, tokens: usize, runs: usize) -> Result<(f64, f64)> {
     let ids = lm.tokenizer.encode(prompt)?;
     let opts = deltatune::lm::GenerateOptions { max_new_tokens: tokens, ignore_eos: true, ..Default::default() };
     let (mut tps, mut prefill) = (Vec::new(), Vec::new());
@@ -457,9 +467,6 @@ pub fn decoder_generate_bench(lm: &mut deltatune::lm::CausalLm, spec: Option<&st
         let g = deltatune::lm::generate(lm, &ids, &opts, &mut |_| {})?;
         tps.push(g.tokens_per_second);
         prefill.push(g.prefill_seconds * 1e3);
-    }
-    for s in lm.model.sites_mut() {
-        s.deltas.clear();
     }
     Ok((median(&tps), median(&prefill)))
 }

@@ -16,6 +16,11 @@ use std::process::Command;
 const TORCH_FORWARD: &str = include_str!("../../../bench/torch_forward.py");
 const TORCH_EPOCH: &str = include_str!("../../../bench/torch_epoch.py");
 const TORCH_DECODER: &str = include_str!("../../../bench/torch_decoder.py");
+const LLAMACPP_DECODER: &str = include_str!("../../../bench/llamacpp_decoder.py");
+/// About 250 tokens of plain prose for the prompt-processing measurement.
+fn long_prompt() -> String {
+    "The history of the city begins with a small settlement on the banks of the river, where traders met each spring. ".repeat(11)
+}
 
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
@@ -487,6 +492,9 @@ fn decoder(a: BenchDecoderArgs) -> Result<()> {
             r["ratio_to_none"] = json!(r["tokens_per_second"].as_f64().unwrap_or(f64::NAN) / base);
         }
         out["generate"] = json!({"tokens": a.tokens, "runs": a.runs, "deltatune": rows});
+        if let Some(py) = &a.llama_cpp_python {
+            out["generate"]["llama_cpp"] = llama_cpp_side(&a, py, &path, &mut lm, prompt)?;
+        }
         if let Some(py) = &a.torch_python {
             eprintln!("pytorch: generate ...");
             out["generate"]["pytorch"] = run_python(py, TORCH_DECODER, "torch_decoder.py", &torch_args("generate"))?;
@@ -529,6 +537,19 @@ fn decoder(a: BenchDecoderArgs) -> Result<()> {
             println!("  {label:<7} deltatune {:>7}  ({:.2}x of none){torch}", f(&r["tokens_per_second"]), r["ratio_to_none"].as_f64().unwrap_or(f64::NAN));
         }
     }
+    if let Some(c) = out.get("generate").and_then(|g| g.get("llama_cpp")) {
+        println!("against llama.cpp (llama-cpp-python {}, same GGUF, {} threads each; tokens/s):", c["llama_cpp_python"].as_str().unwrap_or("?"), a.bench_threads);
+        println!("  {:<6} {:>16} {:>16} {:>7} {:>18} {:>18} {:>7}", "delta", "decode deltatune", "decode llama.cpp", "ratio", "prompt deltatune", "prompt llama.cpp", "ratio");
+        for label in ["none", "lora"] {
+            let (o, t) = (&c["deltatune"][label], &c["theirs"][label]);
+            let r = |k: &str| o[k].as_f64().zip(t[k].as_f64()).map(|(x, y)| format!("{:.2}", x / y)).unwrap_or_else(|| "-".into());
+            println!(
+                "  {label:<6} {:>16} {:>16} {:>7} {:>18} {:>18} {:>7}",
+                f(&o["tokens_per_second"]), f(&t["tokens_per_second"]), r("tokens_per_second"),
+                f(&o["prompt_tokens_per_second"]), f(&t["prompt_tokens_per_second"]), r("prompt_tokens_per_second")
+            );
+        }
+    }
     if let Some(t) = out.get("train") {
         let d = &t["deltatune"];
         println!("training step, {} at batch {} x {} tokens:", a.delta, a.batch, a.seq_len);
@@ -556,4 +577,40 @@ fn decoder(a: BenchDecoderArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Decode and prompt-processing tokens/s of deltatune and of llama.cpp (through `python` with
+/// llama-cpp-python) on the same GGUF, without a delta and with a LoRA r 8 on q_proj/v_proj
+/// (non-zero values; llama.cpp gets it as the adapter GGUF deltatune exports).
+fn llama_cpp_side(a: &BenchDecoderArgs, python: &Path, gguf: &Path, lm: &mut deltatune::lm::CausalLm, prompt: &str) -> Result<Value> {
+    use deltatune::attach;
+    let long = long_prompt();
+    let spec = deltatune::delta::DeltaSpec::parse_cli("lora:r=8,lora_alpha=16,target=q_proj+v_proj")?;
+    let dir = tempfile::tempdir()?;
+    let adapter = dir.path().join("lora.gguf");
+    let mut ours = serde_json::Map::new();
+    for label in ["none", "lora"] {
+        if label == "lora" {
+            attach::attach(&mut lm.model, std::slice::from_ref(&spec), attach::AttachOptions { seed: 7, tokenizer: None })?;
+            for (j, (_, _, v)) in attach::group_vars(&lm.model, &spec.name).into_iter().enumerate() {
+                let vals: Vec<f32> = (0..v.elem_count()).map(|i| (0.01 * ((i * 7 + j * 13) as f64 * 0.1).sin()) as f32).collect();
+                v.set(&deltatune::Tensor::from_vec(vals, v.dims(), &Device::Cpu)?)?;
+            }
+            deltatune::artifacts::gguf_lora::export(&adapter, &lm.model, &spec)?;
+        }
+        eprintln!("deltatune: decode and prompt speed, delta {label} ...");
+        let (tps, _) = crate::measure::decoder_generate_bench_attached(lm, prompt, a.tokens, a.runs)?;
+        let (_, prefill_ms) = crate::measure::decoder_generate_bench_attached(lm, &long, 2, a.runs)?;
+        let n = lm.tokenizer.encode(&long)?.len();
+        ours.insert(label.into(), json!({"tokens_per_second": tps, "prompt_tokens_per_second": n as f64 / (prefill_ms / 1e3), "prompt_tokens": n}));
+    }
+    attach::detach_named(&mut lm.model, std::slice::from_ref(&spec));
+    eprintln!("llama.cpp: decode and prompt speed ...");
+    let mut args: Vec<String> = vec!["--model".into(), gguf.display().to_string(), "--lora".into(), adapter.display().to_string()];
+    args.extend(["--prompt".into(), prompt.into(), "--long-prompt".into(), long]);
+    for (k, x) in [("--tokens", a.tokens), ("--runs", a.runs), ("--threads", a.bench_threads)] {
+        args.extend([k.to_string(), x.to_string()]);
+    }
+    let theirs = run_python(python, LLAMACPP_DECODER, "llamacpp_decoder.py", &args)?;
+    Ok(json!({"llama_cpp_python": theirs["llama_cpp_python"], "deltatune": ours, "theirs": theirs}))
 }

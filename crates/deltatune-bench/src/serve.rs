@@ -21,7 +21,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-const PROMPTS: &[&str] = &[
+pub(crate) const PROMPTS: &[&str] = &[
     "The capital of France is",
     "Once upon a time, in a small village,",
     "The three primary colours are",
@@ -64,7 +64,7 @@ impl RunResult {
     }
 }
 
-fn agent() -> ureq::Agent {
+pub(crate) fn agent() -> ureq::Agent {
     ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(600))).build().into()
 }
 
@@ -76,7 +76,7 @@ fn stream_completion(url: &str, model: &str, prompt: &str, max_tokens: usize) ->
     if r.status().as_u16() != 200 {
         anyhow::bail!("HTTP {}: {}", r.status(), r.body_mut().read_to_string().unwrap_or_default());
     }
-    let (mut ttft, mut tokens) = (None, 0usize);
+    let (mut ttft, mut tokens, mut chunks, mut counted) = (None, 0usize, 0usize, false);
     for line in BufReader::new(r.body_mut().as_reader()).lines() {
         let line = line?;
         let Some(d) = line.strip_prefix("data: ") else { continue };
@@ -90,7 +90,14 @@ fn stream_completion(url: &str, model: &str, prompt: &str, max_tokens: usize) ->
         }
         if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
             tokens = n as usize;
+            counted = true;
+        } else if !counted && v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()) {
+            // Servers that send no usage in streams (llama.cpp's Python server): one chunk per token.
+            chunks += 1;
         }
+    }
+    if !counted {
+        tokens = chunks;
     }
     let seconds = t0.elapsed().as_secs_f64();
     Ok(Sample { seconds, ttft: ttft.unwrap_or(seconds), tokens })
@@ -147,7 +154,7 @@ fn load(clients: usize, requests: usize, max_seconds: f64, one: &(dyn Fn(usize, 
 
 /// Writes `n` LoRA deltas (deterministic non-zero values) for `model`; with `head`, each with a
 /// two-label classification head (for `/v1/classify`).
-fn write_deltas(root: &Path, n: usize, model: &mut dyn Backbone, spec: &str, head: bool) -> Result<()> {
+pub(crate) fn write_deltas(root: &Path, n: usize, model: &mut dyn Backbone, spec: &str, head: bool) -> Result<()> {
     for k in 0..n {
         let spec = DeltaSpec::parse_cli(&format!("{spec},name=d{k}"))?;
         attach::attach(model, std::slice::from_ref(&spec), AttachOptions { seed: k as u64, tokenizer: None })?;
@@ -169,6 +176,9 @@ fn write_deltas(root: &Path, n: usize, model: &mut dyn Backbone, spec: &str, hea
 
 pub fn run(a: BenchServeArgs) -> Result<()> {
     deltatune::ops::set_threads(a.bench_threads)?;
+    if let Some(n) = a.soak {
+        return crate::soak::run(&a, n);
+    }
     println!("# deltatune bench serve ({} threads, {} requests per client, max_tokens {}, runs capped at {} s)", a.bench_threads, a.requests, a.tokens, a.max_seconds);
     if !a.no_decoder {
         decoder(&a)?;
@@ -232,8 +242,9 @@ fn decoder(a: &BenchServeArgs) -> Result<()> {
         );
         Ok(tps)
     };
+    let mut ours = Vec::new();
     for &c in &a.clients {
-        row(c, 1)?;
+        ours.push((c, row(c, 1)?));
     }
     let mut one_delta = None;
     for &d in &a.deltas {
@@ -245,7 +256,58 @@ fn decoder(a: &BenchServeArgs) -> Result<()> {
         }
     }
     drop(server);
+    if let Some(py) = &a.llama_cpp_python {
+        llama_cpp(a, py, &path, &ours)?;
+    }
     Ok(())
+}
+
+/// The same client grid (no delta) against llama.cpp's server from llama-cpp-python, started by
+/// `python` on the same GGUF with the same number of threads; prints both side by side.
+fn llama_cpp(a: &BenchServeArgs, python: &Path, gguf: &Path, ours: &[(usize, f64)]) -> Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let threads = a.bench_threads.to_string();
+    let mut child = std::process::Command::new(python)
+        .args(["-m", "llama_cpp.server", "--host", "127.0.0.1", "--port", &port.to_string(), "--n_ctx", "2048"])
+        .args(["--n_threads", &threads, "--n_threads_batch", &threads])
+        .arg("--model")
+        .arg(gguf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting llama.cpp's server with {}", python.display()))?;
+    let url = format!("http://127.0.0.1:{port}");
+    let ready = Instant::now();
+    let result = (|| -> Result<()> {
+        loop {
+            if let Ok(r) = agent().get(&format!("{url}/v1/models")).call() {
+                if r.status().as_u16() == 200 {
+                    break;
+                }
+            }
+            if let Some(st) = child.try_wait()? {
+                anyhow::bail!("llama.cpp's server exited ({st}) before answering; is llama-cpp-python[server] installed for {}?", python.display());
+            }
+            if ready.elapsed() > Duration::from_secs(180) {
+                anyhow::bail!("llama.cpp's server did not answer within 180 s");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        stream_completion(&url, "base", PROMPTS[0], 4)?;
+        println!("\n## decoder: deltatune and llama.cpp's server (llama-cpp-python) side by side, no delta, greedy, max_tokens {}\n", a.tokens);
+        println!("| clients | llama.cpp requests | errors | llama.cpp tokens/s | p50 latency s | p50 TTFT s | deltatune tokens/s | deltatune / llama.cpp |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for &(clients, mine) in ours {
+            let one = |c: usize, i: usize| stream_completion(&url, "base", PROMPTS[(c + i) % PROMPTS.len()], a.tokens);
+            let r = load(clients, a.requests, a.max_seconds, &one);
+            let tps = r.tokens_per_second();
+            println!("| {clients} | {} | {} | {tps:.1} | {:.2} | {:.3} | {mine:.1} | {:.2} |", r.samples.len(), r.errors, r.pct(|s| s.seconds, 0.5), r.pct(|s| s.ttft, 0.5), mine / tps);
+        }
+        Ok(())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
 }
 
 fn encoder(a: &BenchServeArgs) -> Result<()> {

@@ -122,6 +122,9 @@ pub struct ServeArgs {
     /// Rows in one batched pass.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub max_batch: u64,
+    /// HTTP requests handled at once; beyond, 429 at once.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_concurrent: u64,
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,

@@ -230,3 +230,43 @@ fn train_lm_on_jsonl_lowers_perplexity_and_saves() {
     assert!(!o.status.success(), "accepted a line without completion");
     assert!(stderr(&o).contains("pairs.jsonl:1") && stderr(&o).contains("completion"), "{}", stderr(&o));
 }
+
+/// `deltatune serve` as its own process: SIGTERM lets the running request finish, refuses new
+/// work, and the process exits 0 saying so.
+#[test]
+fn serve_process_drains_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let Some(gguf) = decoder() else { return };
+    let mut child = common::bin()
+        .args(["--threads", "2", "serve", "--model", &gguf, "--port", "0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("no address line: {line:?}")).to_string();
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let body = serde_json::json!({"model": "base", "prompt": "List the numbers: 1, 2, 3,", "max_tokens": 40, "temperature": 0}).to_string();
+    let (a2, u2, b2) = (agent.clone(), format!("{url}/v1/completions"), body.clone());
+    let running = std::thread::spawn(move || {
+        let mut r = a2.post(&u2).header("Content-Type", "application/json").send(b2.as_str()).unwrap();
+        let st = r.status().as_u16();
+        (st, serde_json::from_str::<serde_json::Value>(&r.body_mut().read_to_string().unwrap()).unwrap())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let (st, v) = running.join().unwrap();
+    assert_eq!(st, 200, "the running request was cut by SIGTERM: {v}");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{v}");
+    // New work is refused (503 while draining, or the listener is already closed).
+    if let Ok(r) = agent.post(&format!("{url}/v1/completions")).header("Content-Type", "application/json").send(body.as_str()) {
+        assert_eq!(r.status().as_u16(), 503);
+    }
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "exit {status:?}: {err}");
+    assert!(err.contains("stopped"), "{err}");
+}

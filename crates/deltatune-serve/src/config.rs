@@ -26,6 +26,9 @@ pub struct ServeConfig {
     pub queue_size: usize,
     /// Rows in one batched pass (sequences decoding together, texts encoded together).
     pub max_batch: usize,
+    /// HTTP requests handled at once (streams count until their headers are sent); beyond,
+    /// 429 at once (tower's concurrency limit behind its load shedder).
+    pub max_concurrent: usize,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
     /// Largest `max_tokens` a request may ask for.
@@ -52,6 +55,7 @@ impl Default for ServeConfig {
             allow_admin: false,
             queue_size: 64,
             max_batch: 16,
+            max_concurrent: 512,
             max_body_bytes: 1 << 20,
             max_tokens: 512,
             max_inputs: 64,

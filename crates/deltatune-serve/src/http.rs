@@ -9,6 +9,7 @@ use crate::metrics::Metrics;
 use crate::openai::*;
 use crate::registry::{check_name, resolve_inside, DeltaInfo, Registry};
 use axum::body::Bytes;
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::{header, StatusCode};
@@ -25,6 +26,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
+use tower::ServiceBuilder;
 
 /// What every handler shares.
 pub struct App {
@@ -79,6 +81,15 @@ fn now() -> u64 {
 /// The router with every route and layer.
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.cfg.max_body_bytes;
+    let concurrent = app.cfg.max_concurrent.max(1);
+    // Over `max_concurrent` requests in flight, the load shedder refuses at once (429) instead of
+    // letting connections pile up behind the limit.
+    let shed = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+            ApiError::new(429, "rate_limit_error", "the server is handling too many requests; retry shortly").with_code("too_many_requests")
+        }))
+        .load_shed()
+        .concurrency_limit(concurrent);
     Router::new()
         .route("/", get(page))
         .route("/health", get(health))
@@ -93,6 +104,7 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(app.clone(), guard))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .layer(shed)
         .with_state(app)
 }
 

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const KEY: &str = "test-key-123";
 
@@ -458,6 +458,33 @@ fn queue_full_disconnect_and_drain() {
         Err(_) => {} // the listener is closed
     }
     s.server.join().unwrap();
+}
+
+/// Over `max_concurrent` requests in flight, the load shedder answers 429 at once; the running
+/// request is untouched.
+#[test]
+fn concurrency_limit_sheds_load() {
+    require!(decoder_file());
+    let tmp = tempfile::tempdir().unwrap();
+    let dd = tmp.path().to_path_buf();
+    let cfg = ServeConfig { decoder: true, max_concurrent: 1, max_tokens: 400, ..base_cfg() };
+    let s = start(cfg, tmp, dd);
+    let u = format!("{}/v1/completions", s.url);
+    let body = |n: usize| json!({"model": "base", "prompt": "List the numbers: 1, 2, 3,", "max_tokens": n, "temperature": 0}).to_string();
+    let (u1, b1) = (u.clone(), body(120));
+    let first = std::thread::spawn(move || post(&u1, &b1, None));
+    std::thread::sleep(Duration::from_millis(400));
+    let t = Instant::now();
+    let (st, retry, v) = post(&u, &body(3), None);
+    assert_eq!(st, 429, "{v}");
+    assert_eq!(v["error"]["code"], "too_many_requests");
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert!(t.elapsed() < Duration::from_secs(2), "shedding waited {:?}", t.elapsed());
+    let (st, _, v) = first.join().unwrap();
+    assert_eq!(st, 200, "{v}");
+    // Capacity is back once the first request has finished.
+    let (st, _, v) = post(&u, &body(2), None);
+    assert_eq!(st, 200, "{v}");
 }
 
 // ---------------------------------------------------------------------------------------------

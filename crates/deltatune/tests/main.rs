@@ -17,4 +17,5 @@ mod methods;
 mod peft;
 mod properties;
 mod search;
+mod tiny_decoders;
 mod training;

@@ -31,6 +31,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         allow_admin: a.allow_admin,
         queue_size: a.queue_size as usize,
         max_batch: a.max_batch as usize,
+        max_concurrent: a.max_concurrent as usize,
         max_body_bytes: a.max_body_bytes,
         max_tokens: a.max_tokens,
         max_inputs: 64,
