@@ -244,7 +244,7 @@ fn decoder(a: &BenchServeArgs) -> Result<()> {
     };
     let mut ours = Vec::new();
     for &c in &a.clients {
-        ours.push((c, row(c, 1)?));
+        ours.push((c, row(c, 0)?));
     }
     let mut one_delta = None;
     for &d in &a.deltas {
@@ -269,6 +269,8 @@ fn llama_cpp(a: &BenchServeArgs, python: &Path, gguf: &Path, ours: &[(usize, f64
     let threads = a.bench_threads.to_string();
     let mut child = std::process::Command::new(python)
         .args(["-m", "llama_cpp.server", "--host", "127.0.0.1", "--port", &port.to_string(), "--n_ctx", "2048"])
+        // By default a new request interrupts the one streaming; every client should get its answer.
+        .args(["--interrupt_requests", "False"])
         .args(["--n_threads", &threads, "--n_threads_batch", &threads])
         .arg("--model")
         .arg(gguf)

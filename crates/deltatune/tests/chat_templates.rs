@@ -54,8 +54,7 @@ fn smollm2_template_from_its_gguf_renders_as_jinja2_does() {
 /// transformers' `apply_chat_template(tokenize=True)`.
 #[test]
 fn gemma_chat_prompt_ids_match_transformers() {
-    let Some(f) = deltatune::assets::gemma3_if_installed() else {
-        eprintln!("SKIP: Gemma 3 is not installed (run `deltatune setup --decoder gemma3`)");
+    let Some(f) = crate::common::gemma3_file() else {
         return;
     };
     let lm = CausalLm::load(&f, &Device::Cpu).unwrap();

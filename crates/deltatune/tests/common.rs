@@ -171,6 +171,20 @@ pub fn tiny_batch() -> EncodedBatch {
     EncodedBatch { token_type_ids: ids.zeros_like().unwrap(), input_ids: ids, attention_mask: mask, lengths: vec![5, 3] }
 }
 
+/// Gemma 3 270M (Q4_K_M GGUF), fetched like the other assets on first use (`setup --decoder
+/// gemma3`); `None` with a printed reason when it cannot be fetched here.
+pub fn gemma3_file() -> Option<PathBuf> {
+    static F: OnceLock<Option<PathBuf>> = OnceLock::new();
+    F.get_or_init(|| match deltatune::assets::gemma3(&mut |m| eprintln!("{m}")) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("SKIP: Gemma 3 is not available ({e})");
+            None
+        }
+    })
+    .clone()
+}
+
 /// The default decoder's GGUF file, fetched through the asset command on first use.
 pub fn decoder_file() -> Option<PathBuf> {
     static F: OnceLock<Option<PathBuf>> = OnceLock::new();

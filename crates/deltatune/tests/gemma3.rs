@@ -17,8 +17,7 @@ fn reference() -> serde_json::Value {
 fn lm() -> Option<&'static CausalLm> {
     static LM: OnceLock<Option<CausalLm>> = OnceLock::new();
     LM.get_or_init(|| {
-        let Some(f) = deltatune::assets::gemma3_if_installed() else {
-            eprintln!("SKIP: Gemma 3 is not installed (run `deltatune setup --decoder gemma3`)");
+        let Some(f) = crate::common::gemma3_file() else {
             return None;
         };
         let mut lm = CausalLm::load(&f, &Device::Cpu).unwrap();

@@ -73,8 +73,7 @@ fn smollm2_lora_round_trips_through_a_llamacpp_adapter() {
 
 #[test]
 fn gemma3_lora_round_trips_through_a_llamacpp_adapter() {
-    let Some(f) = deltatune::assets::gemma3_if_installed() else {
-        eprintln!("SKIP: Gemma 3 is not installed (run `deltatune setup --decoder gemma3`)");
+    let Some(f) = crate::common::gemma3_file() else {
         return;
     };
     round_trip(&f, "gemma3");

@@ -7,7 +7,8 @@ use super::activation::{gelu, gelu_composed, gelu_grad_into, gelu_into};
 use super::cpu::{err, fused_ok, gemm, rows_cols, slice, tensor_from, with_data, Fwd, Gemm, Mat, Out};
 use super::profile::timer;
 use crate::error::Result;
-use candle_core::quantized::QTensor;
+use super::qmatmul;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -46,7 +47,66 @@ pub fn qlinear(x: &Tensor, w: &Arc<QTensor>, exact: bool) -> Result<Tensor> {
             "quantized linear: input has {features} features, weight expects {in_dim}"
         )));
     }
-    Ok(x.contiguous()?.apply_op1(QLinear { w: w.clone(), exact })?)
+    // Without gradients (generation, serving, evaluation) short inputs stay on the quantized
+    // kernels; with them, as before, only a few rows do.
+    let quant_rows = if x.track_op() { QUANT_DOT_ROWS } else { QUANT_DOT_ROWS_INFERENCE };
+    Ok(x.contiguous()?.apply_op1(QLinear { w: w.clone(), exact, quant_rows })?)
+}
+
+/// At most this many rows take [`low_rank_rows`]' row-by-row path.
+pub const LOW_RANK_ROWS: usize = 64;
+
+/// `(x A^T) B^T` without gradients, for `x` (..., in), `a` (r, in), `b` (out, r): each row on its
+/// own with a fixed summation order, so that a row's result does not depend on the other rows of
+/// the batch (a request decoded in a mixed batch gets the numbers it gets alone; a blocked `gemm`
+/// may sum in an order that depends on the number of rows). For at most [`LOW_RANK_ROWS`] rows;
+/// more go through two products.
+pub fn low_rank_rows(x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (r, k) = a.dims2()?;
+    let (n, r2) = b.dims2()?;
+    let rows = x.elem_count() / k.max(1);
+    if dims.last() != Some(&k) || r2 != r {
+        return Err(crate::error::Error::Delta(format!("low_rank_rows: x {dims:?}, a ({r}, {k}), b ({n}, {r2})")));
+    }
+    if rows > LOW_RANK_ROWS || !fused_ok(x) {
+        return linear(&linear(&x.detach(), &a.detach(), None)?, &b.detach(), None);
+    }
+    let xs = x.detach().flatten_all()?.to_vec1::<f32>()?;
+    let av = a.detach().flatten_all()?.to_vec1::<f32>()?;
+    let bv = b.detach().flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; rows * n];
+    let mut t = vec![0f32; r];
+    for (o, xr) in out.chunks_exact_mut(n).zip(xs.chunks_exact(k)) {
+        for (i, ti) in t.iter_mut().enumerate() {
+            *ti = dot8(xr, &av[i * k..(i + 1) * k]);
+        }
+        for (j, oj) in o.iter_mut().enumerate() {
+            *oj = dot8(&t, &bv[j * r..(j + 1) * r]);
+        }
+    }
+    let mut out_dims = dims;
+    if let Some(last) = out_dims.last_mut() {
+        *last = n;
+    }
+    Ok(tensor_from(out, out_dims)?)
+}
+
+/// A dot product in eight fixed lanes (vectorisable, same order every time).
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
 }
 
 /// Reference implementation of [`linear`] from candle ops.
@@ -175,12 +235,15 @@ fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, gelu: bool) -> Resu
 // ------------------------------------------------------------------------------------------------
 // Frozen quantized linear: y = x W^T with W in GGUF blocks; backward dx = dy W (dequantized).
 
-/// At most this many rows use the quantized dot-product kernels (unless exact).
+/// At most this many rows use the quantized dot-product kernels (unless exact) when the input
+/// takes part in a backward pass, and when it does not (prompts, batched decoding steps).
 const QUANT_DOT_ROWS: usize = 8;
+const QUANT_DOT_ROWS_INFERENCE: usize = 64;
 
 struct QLinear {
     w: Arc<QTensor>,
     exact: bool,
+    quant_rows: usize,
 }
 
 impl QLinear {
@@ -197,8 +260,18 @@ impl CustomOp1 for QLinear {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Fwd {
         let _prof = timer("quantized-linear", "fwd");
-        let (rows, _) = rows_cols(l.shape());
-        if !self.exact && rows <= QUANT_DOT_ROWS {
+        let (rows, k) = rows_cols(l.shape());
+        if !self.exact && rows <= self.quant_rows {
+            if self.w.dtype() == GgmlDType::Q4_1 {
+                // Our Q4_1 kernel (candle's Q4_1 dot product is scalar).
+                let n = self.w.shape().dims2()?.0;
+                let y = qmatmul::matmul_q4_1(slice(s, l)?, rows, k, &self.w.data()?, n);
+                let mut dims = l.shape().dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = n;
+                }
+                return Ok((CpuStorage::F32(y), Shape::from(dims)));
+            }
             return CustomOp1::cpu_fwd(self.w.as_ref(), s, l);
         }
         self.dense()?.cpu_fwd(s, l)
@@ -214,6 +287,23 @@ impl CustomOp1 for QLinear {
 mod tests {
     use super::*;
     use crate::ops::cpu::testing::{grad_diff, grads, max_diff, rand, var};
+
+    /// Row-by-row low-rank product: equal to the two products, and a row's result is the same
+    /// bits alone and inside a batch.
+    #[test]
+    fn low_rank_rows_matches_products_and_is_row_independent() {
+        let x = rand(&[5, 3, 40], 21);
+        let a = rand(&[6, 40], 22);
+        let b = rand(&[24, 6], 23);
+        let y = low_rank_rows(&x, &a, &b).unwrap();
+        let want = linear_composed(&linear_composed(&x, &a, None).unwrap(), &b, None).unwrap();
+        assert!(max_diff(&y, &want) < 1e-5);
+        let all: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        for i in 0..5 {
+            let one: Vec<f32> = low_rank_rows(&x.narrow(0, i, 1).unwrap(), &a, &b).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(one, all[i * 72..(i + 1) * 72]);
+        }
+    }
 
     #[test]
     fn frozen_linear_matches_composition() {
