@@ -360,7 +360,7 @@ impl Engine {
             return Err((job, ApiError::field(field, "the prompt has no tokens")));
         }
         let route = route_for(1, &[(job.delta.as_ref(), 0, 1)]);
-        let ctx = ForwardCtx::eval().with_route(&route);
+        let ctx = ForwardCtx::inference().with_route(&route);
         let ctx_len = lm.model.config.max_position_embeddings.saturating_sub(lm.model.num_virtual_tokens_in(&ctx));
         if ids.len() >= ctx_len {
             return Err((job, ApiError::field(field, format!("the prompt has {} tokens; the model's context holds {ctx_len}", ids.len())).with_code("context_length_exceeded")));
@@ -440,7 +440,7 @@ impl Engine {
                 }
             }
             let route = route_for(rows.len(), &spans);
-            let ctx = ForwardCtx::eval().with_route(&route);
+            let ctx = ForwardCtx::inference().with_route(&route);
             let ids: Vec<u32> = rows.iter().map(|s| s.next).collect();
             let out = (|| -> deltatune::Result<Vec<Vec<f32>>> {
                 let mut caches: Vec<&mut KvCache> = rows.iter_mut().map(|s| &mut s.cache).collect();
@@ -568,7 +568,7 @@ impl Engine {
                 row += j.texts.len();
             }
             let route = route_for(texts.len(), &spans);
-            let ctx = ForwardCtx::eval().with_route(&route);
+            let ctx = ForwardCtx::inference().with_route(&route);
             let lib = |e: deltatune::Error| from_lib(&e, "input");
             let batch = enc.batch(&texts, Padding::Longest, &Device::Cpu).map_err(lib)?;
             let out = model.forward(&batch, &ctx).map_err(lib)?;

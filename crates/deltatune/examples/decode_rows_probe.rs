@@ -15,7 +15,7 @@ fn main() -> anyhow::Result<()> {
         let spec = deltatune::delta::DeltaSpec::parse_cli(&spec)?;
         deltatune::attach::attach(&mut lm.model, &[spec], deltatune::attach::AttachOptions { seed: 1, tokenizer: None })?;
     }
-    let ctx = ForwardCtx::eval();
+    let ctx = ForwardCtx::inference();
     let ids = lm.tokenizer.encode("Once upon a time, in a small village,")?;
     for m in [1usize, 8] {
         let mut caches: Vec<KvCache> = Vec::new();

@@ -35,10 +35,16 @@ pub fn fixture(name: &str) -> PathBuf {
 /// printed reason) when it cannot be fetched here.
 pub fn model_dir() -> Option<PathBuf> {
     static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
-    DIR.get_or_init(|| match deltatune::assets::default_model(&mut |m| eprintln!("{m}")) {
+    asset(&DIR, "the default model", deltatune::assets::default_model)
+}
+
+/// An asset fetched once per test binary through `fetch` (the asset cache), or `None` with a
+/// printed reason when it cannot be fetched here.
+fn asset(cell: &OnceLock<Option<PathBuf>>, what: &str, fetch: fn(&mut dyn FnMut(&str)) -> deltatune::Result<PathBuf>) -> Option<PathBuf> {
+    cell.get_or_init(|| match fetch(&mut |m| eprintln!("{m}")) {
         Ok(p) => Some(p),
         Err(e) => {
-            eprintln!("SKIP: the default model is not available ({e})");
+            eprintln!("SKIP: {what} is not available ({e})");
             None
         }
     })
@@ -175,25 +181,11 @@ pub fn tiny_batch() -> EncodedBatch {
 /// gemma3`); `None` with a printed reason when it cannot be fetched here.
 pub fn gemma3_file() -> Option<PathBuf> {
     static F: OnceLock<Option<PathBuf>> = OnceLock::new();
-    F.get_or_init(|| match deltatune::assets::gemma3(&mut |m| eprintln!("{m}")) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            eprintln!("SKIP: Gemma 3 is not available ({e})");
-            None
-        }
-    })
-    .clone()
+    asset(&F, "Gemma 3", deltatune::assets::gemma3)
 }
 
 /// The default decoder's GGUF file, fetched through the asset command on first use.
 pub fn decoder_file() -> Option<PathBuf> {
     static F: OnceLock<Option<PathBuf>> = OnceLock::new();
-    F.get_or_init(|| match deltatune::assets::default_decoder(&mut |m| eprintln!("{m}")) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            eprintln!("SKIP: the default decoder is not available ({e})");
-            None
-        }
-    })
-    .clone()
+    asset(&F, "the default decoder", deltatune::assets::default_decoder)
 }

@@ -17,6 +17,8 @@ pub struct HookCtx {
     pub gate: Option<Tensor>,
     /// Dropout stream unique to this (step, site, delta).
     pub key: DropoutKey,
+    /// No gradient will be taken (see `ForwardCtx::inference`).
+    pub inference: bool,
 }
 
 impl HookCtx {

@@ -19,6 +19,10 @@ pub struct ForwardCtx<'a> {
     /// Mixed-delta batches: which delta groups run on which rows. `None` runs every active delta
     /// on every row (the single-model behaviour).
     pub route: Option<&'a RowRoute>,
+    /// No gradient will be taken of this forward (generation, serving): hooks may compute without
+    /// recording a graph. [`ForwardCtx::eval`] leaves it off, since evaluation-mode forwards are
+    /// also differentiated (gradient checks, the structure search).
+    pub inference: bool,
 }
 
 /// Which delta groups apply to which rows of a batch (serving several deltas in one pass). Each
@@ -67,12 +71,17 @@ impl RowRoute {
 impl<'a> ForwardCtx<'a> {
     /// Evaluation mode: no dropout, no gates.
     pub fn eval() -> Self {
-        ForwardCtx { train: false, key: DropoutKey(0), gates: None, output_hidden_states: false, route: None }
+        ForwardCtx { train: false, key: DropoutKey(0), gates: None, output_hidden_states: false, route: None, inference: false }
+    }
+
+    /// Evaluation mode for a forward that is never differentiated (see [`ForwardCtx::inference`]).
+    pub fn inference() -> Self {
+        ForwardCtx { inference: true, ..Self::eval() }
     }
 
     /// Training mode with dropout drawn from `key`.
     pub fn train(key: DropoutKey) -> Self {
-        ForwardCtx { train: true, key, gates: None, output_hidden_states: false, route: None }
+        ForwardCtx { train: true, key, gates: None, output_hidden_states: false, route: None, inference: false }
     }
 
     pub fn with_gates(mut self, gates: &'a Tensor) -> Self {

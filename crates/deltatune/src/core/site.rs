@@ -250,7 +250,7 @@ impl Site {
             (Some(g), Some(gates)) => Some(gates.i(g)?),
             _ => None,
         };
-        Ok(HookCtx { train: ctx.train, gate, key: ctx.key.derive_n(self.hash).derive_n(i as u64 + 1) })
+        Ok(HookCtx { train: ctx.train, gate, key: ctx.key.derive_n(self.hash).derive_n(i as u64 + 1), inference: ctx.inference && !ctx.train })
     }
 
     fn active(&self) -> impl Iterator<Item = (usize, &Attached)> {

@@ -168,7 +168,7 @@ impl Delta for Lora {
         // The scale (and a search gate) folded into the small B: (x A^T)(s·B)^T = s·(x A^T B^T),
         // one tensor of rank × out instead of a pass over the whole output.
         let b = h.gated((self.b.as_tensor() * self.scale)?)?;
-        if !h.train {
+        if h.inference {
             // Inference: rows computed one by one (a row's numbers do not depend on its batch),
             // and nothing downstream records a graph (quantized layers keep their inference
             // kernels).

@@ -122,7 +122,7 @@ pub fn generate(lm: &CausalLm, prompt_ids: &[u32], opts: &GenerateOptions, on_te
         stop_ids.extend(lm.tokenizer.eos_ids.iter().copied());
     }
     let dev = lm.model.device().clone();
-    let ctx = ForwardCtx::eval();
+    let ctx = ForwardCtx::inference();
     let key = DropoutKey(opts.seed).derive("generate");
     let mut cache = KvCache::new(lm.model.num_layers());
     let t0 = Instant::now();
