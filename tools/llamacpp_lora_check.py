@@ -11,6 +11,9 @@ llama-cpp-python is built from PyPI in a throwaway venv (never in CI), about 11 
     VENV/bin/pip install --no-build-isolation llama-cpp-python==0.3.36
 Usage:
   VENV/bin/python tools/llamacpp_lora_check.py DELTATUNE_BIN BASE.gguf RUN_DIR ADAPTER.gguf
+  VENV/bin/python tools/llamacpp_lora_check.py --merged DELTATUNE_BIN BASE.gguf RUN_DIR MERGED.gguf
+With --merged, the last file is a model written by `deltatune merge --format gguf` and llama.cpp
+runs it alone (no adapter) against deltatune's unmerged LoRA on the base.
 """
 import json
 import subprocess
@@ -48,8 +51,13 @@ def theirs(llm, prompt):
 
 
 def main():
-    binary, base, run_dir, adapter = sys.argv[1:5]
-    llm = Llama(model_path=base, lora_path=adapter, n_threads=2, n_ctx=512, verbose=False, seed=0)
+    args = sys.argv[1:]
+    merged = args[0] == "--merged"
+    binary, base, run_dir, adapter = args[1:5] if merged else args[0:4]
+    if merged:
+        llm = Llama(model_path=adapter, n_threads=2, n_ctx=512, verbose=False, seed=0)
+    else:
+        llm = Llama(model_path=base, lora_path=adapter, n_threads=2, n_ctx=512, verbose=False, seed=0)
     plain = Llama(model_path=base, n_threads=2, n_ctx=512, verbose=False, seed=0)
     rows = []
     for p in PROMPTS:
@@ -60,7 +68,8 @@ def main():
             "prompt": p, "prompt_tokens": [ours_n, cpp_n], "deltatune_lora": ours_ids, "llamacpp_lora": cpp_ids,
             "llamacpp_base": base_ids, "same": ours_ids == cpp_ids, "lora_changes_output": cpp_ids != base_ids,
         })
-    print(json.dumps({"base": base, "adapter": adapter, "agree": sum(r["same"] for r in rows), "of": len(rows), "rows": rows}, indent=1))
+    key = "merged" if merged else "adapter"
+    print(json.dumps({"base": base, key: adapter, "agree": sum(r["same"] for r in rows), "of": len(rows), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ use deltatune::data::readers::Format;
 use deltatune::delta::DeltaSpec;
 use deltatune::search::run::Budget;
 use deltatune::train::optim::Decay;
-use deltatune::{DType, Pooling};
+use deltatune::Pooling;
 use deltatune_bench::BenchArgs;
 use std::path::PathBuf;
 
@@ -18,10 +18,6 @@ fn delta_source(s: &str) -> deltatune::Result<DeltaSource> {
 
 fn delta_spec(s: &str) -> deltatune::Result<DeltaSpec> {
     DeltaSpec::parse_cli(s)
-}
-
-fn dtype(s: &str) -> deltatune::Result<DType> {
-    deltatune::api::parse_dtype(s)
 }
 
 /// `label=words,label=words` (e.g. `0= negative,1= positive`).
@@ -342,15 +338,21 @@ pub struct MergeArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub deltas: DeltaArgs,
-    /// Output directory (a plain HF model directory).
+    /// Output: a plain HF model directory, or with `--format gguf` a GGUF model file.
     #[arg(long)]
     pub out: PathBuf,
     /// Replace the output if it exists and is not empty.
     #[arg(long)]
     pub overwrite: bool,
-    /// Weight dtype of a merged decoder: f32, f16 or bf16 (encoders are written as loaded).
-    #[arg(long, default_value = "f32", value_parser = dtype)]
-    pub dtype: DType,
+    /// `hf` (a model directory) or `gguf` (a GGUF model file llama.cpp loads; the base must be a
+    /// GGUF decoder).
+    #[arg(long, default_value = "hf")]
+    pub format: String,
+    /// Weight types. HF directories of decoders: f32 (default), f16 or bf16 (encoders are written
+    /// as loaded). GGUF: f16 (default), q8_0, or base (the base file's own types; merged matrices
+    /// re-quantized).
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,

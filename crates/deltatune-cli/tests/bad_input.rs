@@ -424,6 +424,9 @@ fn bad_input_suite() {
     add(&mut cases, "numbers", s(vec!["eval".into(), "--model".into(), ms.clone(), "--delta".into(), delta.clone(), "--split".into(), "valid".into()]), &["--split"]);
     add(&mut cases, "numbers", s(vec!["predict".into(), "--model".into(), ms.clone(), "--delta".into(), delta.clone(), "-i".into(), txt.clone(), "--batch-size".into(), "0".into()]), &["--batch-size"]);
     add(&mut cases, "numbers", s(vec!["merge".into(), "--model".into(), ms.clone(), "--delta".into(), "lora".into(), "--out".into(), p("x_out"), "--dtype".into(), "f8".into()]), &["--dtype"]);
+    add(&mut cases, "numbers", s(vec!["merge".into(), "--model".into(), ms.clone(), "--delta".into(), "lora".into(), "--out".into(), p("x_out"), "--format".into(), "onnx".into()]), &["--format", "hf, gguf"]);
+    add(&mut cases, "numbers", s(vec!["merge".into(), "--model".into(), ms.clone(), "--delta".into(), "lora".into(), "--out".into(), p("x_out"), "--format".into(), "gguf".into(), "--dtype".into(), "q4".into()]), &["--dtype", "q8_0"]);
+    add(&mut cases, "specs", s(vec!["merge".into(), "--model".into(), ms.clone(), "--delta".into(), "lora".into(), "--out".into(), p("x_out"), "--format".into(), "gguf".into()]), &["--format", "GGUF decoder"]);
     add(&mut cases, "numbers", s(vec!["export".into(), "--model".into(), ms.clone(), "--delta".into(), delta.clone(), "--out".into(), p("x_out"), "--format".into(), "onnx".into()]), &["--format"]);
     cases.push(case("numbers", &["--threads", "0", "inspect"], &["--threads"]).code(2));
 

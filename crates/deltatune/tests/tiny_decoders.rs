@@ -1,5 +1,6 @@
-//! Qwen 2 (q/k/v biases), Qwen 3 (query/key norms, head_dim ≠ hidden/heads) and Mistral (a
-//! sliding window of 6 under 20-token prompts) read from HF safetensors directories, against
+//! Qwen 2 (q/k/v biases), Qwen 3 (query/key norms, head_dim ≠ hidden/heads), Mistral (a sliding
+//! window of 6 under 20-token prompts) and Phi-3 (fused qkv_proj and gate_up_proj, a window of 7)
+//! read from HF safetensors directories and from GGUF files of the same weights, against
 //! transformers on the small random-weight checkpoints of `tools/tiny_decoder_reference.py`:
 //! logits on every position, and the greedy continuation through the KV cache.
 
@@ -22,54 +23,149 @@ fn row(ids: &[u32]) -> Tensor {
     Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
 }
 
+const ARCHS: [&str; 4] = ["qwen2", "qwen3", "mistral", "phi3"];
+
+/// PEFT's default LoRA targets for the model type, per layer.
+fn default_lora_targets(arch: &str) -> Vec<&'static str> {
+    if arch == "phi3" {
+        vec!["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
+    } else {
+        vec!["self_attn.q_proj", "self_attn.v_proj"]
+    }
+}
+
+/// Checks `m` (loaded from `what`) against transformers' outputs for `arch`.
+fn check(m: LlamaModel, r: &serde_json::Value, arch: &str, what: &str) {
+    let slice = r["meta"]["slice"].as_u64().unwrap() as usize;
+    let ctx = ForwardCtx::eval();
+    let mut worst = 0f32;
+    for case in r["models"][arch].as_array().unwrap() {
+        let ids = ids_of(&case["ids"]);
+        let logits = m.logits(&m.forward(&row(&ids), None, None, &ctx).unwrap(), &ctx).unwrap();
+        let l: Vec<Vec<f32>> = logits.squeeze(0).unwrap().to_vec2().unwrap();
+        assert_eq!(l.len(), ids.len());
+        for (p, got) in l.iter().enumerate() {
+            for (j, want) in case["first"][p].as_array().unwrap().iter().enumerate().take(slice) {
+                worst = worst.max((got[j] - want.as_f64().unwrap() as f32).abs());
+            }
+            let lse = got.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let lse = lse + got.iter().map(|&x| (x - lse).exp()).sum::<f32>().ln();
+            worst = worst.max((lse - case["logsumexp"][p].as_f64().unwrap() as f32).abs());
+            let arg = got.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+            assert_eq!(arg as u64, case["argmax"][p].as_u64().unwrap(), "{what}: argmax at position {p}");
+        }
+        // Greedy decoding through the cache.
+        let mut cache = KvCache::new(m.num_layers());
+        let mut h = m.forward(&row(&ids), None, Some(&mut cache), &ctx).unwrap();
+        let mut out = Vec::new();
+        for _ in 0..case["greedy"].as_array().unwrap().len() {
+            let step: Vec<f32> = m.logits(&last_position(&h).unwrap(), &ctx).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let next = step.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
+            out.push(next);
+            h = m.forward(&row(&[next]), None, Some(&mut cache), &ctx).unwrap();
+        }
+        assert_eq!(out, ids_of(&case["greedy"]), "{what}: greedy continuation of {ids:?}");
+    }
+    eprintln!("{what}: max |logit difference| {worst:.2e}");
+    assert!(worst < 1e-4, "{what}: logits differ from transformers by {worst}");
+    // PEFT's default LoRA targets for the model type attach by name, and a LoRA with B = 0
+    // leaves the logits unchanged.
+    let mut m = m;
+    let ids = ids_of(&r["models"][arch][0]["ids"]);
+    let before = m.logits(&m.forward(&row(&ids), None, None, &ctx).unwrap(), &ctx).unwrap();
+    let spec = DeltaSpec::parse_cli("lora:r=4").unwrap();
+    attach::attach(&mut m, std::slice::from_ref(&spec), AttachOptions { seed: 1, tokenizer: None }).unwrap();
+    let mut sites: Vec<String> = attach::group_vars(&m, "lora").into_iter().map(|(site, _, _)| site).collect();
+    sites.dedup();
+    let want: Vec<String> = (0..2).flat_map(|l| default_lora_targets(arch).into_iter().map(move |p| format!("model.layers.{l}.{p}"))).collect();
+    assert_eq!(sites, want, "{what}");
+    let after = m.logits(&m.forward(&row(&ids), None, None, &ctx).unwrap(), &ctx).unwrap();
+    assert_eq!((after - before).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0, "{what}");
+}
+
 #[test]
 fn tiny_decoders_match_transformers() {
     let r = reference();
-    let slice = r["meta"]["slice"].as_u64().unwrap() as usize;
-    for arch in ["qwen2", "qwen3", "mistral"] {
+    for arch in ARCHS {
         let m = LlamaModel::load_hf(&fixture(&format!("tiny/{arch}")), &Device::Cpu).unwrap();
-        let ctx = ForwardCtx::eval();
-        let mut worst = 0f32;
-        for case in r["models"][arch].as_array().unwrap() {
-            let ids = ids_of(&case["ids"]);
-            let logits = m.logits(&m.forward(&row(&ids), None, None, &ctx).unwrap(), &ctx).unwrap();
-            let l: Vec<Vec<f32>> = logits.squeeze(0).unwrap().to_vec2().unwrap();
-            assert_eq!(l.len(), ids.len());
-            for (p, got) in l.iter().enumerate() {
-                for (j, want) in case["first"][p].as_array().unwrap().iter().enumerate().take(slice) {
-                    worst = worst.max((got[j] - want.as_f64().unwrap() as f32).abs());
-                }
-                let lse = got.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let lse = lse + got.iter().map(|&x| (x - lse).exp()).sum::<f32>().ln();
-                worst = worst.max((lse - case["logsumexp"][p].as_f64().unwrap() as f32).abs());
-                let arg = got.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
-                assert_eq!(arg as u64, case["argmax"][p].as_u64().unwrap(), "{arch}: argmax at position {p}");
-            }
-            // Greedy decoding through the cache.
-            let mut cache = KvCache::new(m.num_layers());
-            let mut h = m.forward(&row(&ids), None, Some(&mut cache), &ctx).unwrap();
-            let mut out = Vec::new();
-            for _ in 0..case["greedy"].as_array().unwrap().len() {
-                let step: Vec<f32> = m.logits(&last_position(&h).unwrap(), &ctx).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-                let next = step.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
-                out.push(next);
-                h = m.forward(&row(&[next]), None, Some(&mut cache), &ctx).unwrap();
-            }
-            assert_eq!(out, ids_of(&case["greedy"]), "{arch}: greedy continuation of {ids:?}");
+        check(m, &r, arch, &format!("{arch} (safetensors)"));
+    }
+}
+
+/// The same weights from GGUF files (llama.cpp's names and metadata; Mistral as architecture
+/// `llama` with the query/key rows in llama.cpp's rotary order).
+#[test]
+fn tiny_decoders_from_gguf_match_transformers() {
+    let r = reference();
+    for arch in ARCHS {
+        let m = LlamaModel::load_gguf(&fixture(&format!("tiny/{arch}/model.gguf")), &Device::Cpu).unwrap();
+        check(m, &r, arch, &format!("{arch} (GGUF)"));
+    }
+}
+
+/// `merge --format gguf`: a LoRA with non-zero factors on every default target (Mistral's
+/// query/key rows go back into llama.cpp's rotary order; Phi-3's fused matrices), folded into a
+/// GGUF that loads back and answers like the unmerged model — exactly in the base's own F32
+/// types, within f16 rounding in F16; the unmerged model in memory is unchanged.
+#[test]
+fn merged_gguf_matches_unmerged_lora() {
+    use deltatune::artifacts::{write_merged_gguf, GgufWeights};
+    let r = reference();
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ["mistral", "phi3"] {
+        let src = fixture(&format!("tiny/{arch}/model.gguf"));
+        let mut m = LlamaModel::load_gguf(&src, &Device::Cpu).unwrap();
+        let targets = if arch == "phi3" { "qkv_proj+o_proj+gate_up_proj+down_proj" } else { "q_proj+k_proj+v_proj+o_proj+up_proj" };
+        let spec = DeltaSpec::parse_cli(&format!("lora:r=4,target={targets}")).unwrap();
+        attach::attach(&mut m, std::slice::from_ref(&spec), AttachOptions { seed: 1, tokenizer: None }).unwrap();
+        for (k, (_, _, var)) in attach::group_vars(&m, "lora").into_iter().enumerate() {
+            let t = Tensor::randn(0f32, 0.3, var.dims(), &Device::Cpu).unwrap();
+            var.set(&(t * (1.0 + k as f64 * 0.01)).unwrap()).unwrap();
         }
-        eprintln!("{arch}: max |logit difference| {worst:.2e}");
-        assert!(worst < 1e-4, "{arch}: logits differ from transformers by {worst}");
-        // PEFT's default LoRA targets for the model type (q_proj, v_proj) attach by name, and a
-        // LoRA with B = 0 leaves the logits unchanged.
-        let mut m = m;
+        let ctx = ForwardCtx::eval();
         let ids = ids_of(&r["models"][arch][0]["ids"]);
-        let before = m.logits(&m.forward(&row(&ids), None, None, &ctx).unwrap(), &ctx).unwrap();
+        let logits = |m: &LlamaModel| m.logits(&m.forward(&row(&ids), None, None, &ctx).unwrap(), &ctx).unwrap();
+        let base = LlamaModel::load_gguf(&src, &Device::Cpu).unwrap();
+        let before = logits(&m);
+        let moved = (&before - logits(&base)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(moved > 0.1, "{arch}: the LoRA should change the logits (moved {moved})");
+        for (w, tol) in [(GgufWeights::Base, 1e-4f32), (GgufWeights::F16, 5e-2)] {
+            let out = tmp.path().join(format!("{arch}-{w:?}.gguf"));
+            let n = write_merged_gguf(&mut m, &src, &out, w).unwrap();
+            assert!(n > 0);
+            let back = LlamaModel::load_gguf(&out, &Device::Cpu).unwrap();
+            let diff = (&before - logits(&back)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            eprintln!("{arch} merged to GGUF {w:?}: max |logit difference| {diff:.2e} (the LoRA moved them by {moved:.2})");
+            assert!(diff < tol, "{arch} {w:?}: merged GGUF differs by {diff}");
+            let again = (&before - logits(&m)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(again < 1e-5, "{arch}: the model in memory changed by {again}");
+        }
+    }
+}
+
+/// `merge` into an HF directory keeps the architecture: each tiny model with a non-zero LoRA on
+/// PEFT's default targets, merged, written and reloaded from the directory alone, gives the
+/// unmerged model's logits.
+#[test]
+fn merged_hf_directory_keeps_the_architecture() {
+    let r = reference();
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ARCHS {
+        let mut m = LlamaModel::load_hf(&fixture(&format!("tiny/{arch}")), &Device::Cpu).unwrap();
         let spec = DeltaSpec::parse_cli("lora:r=4").unwrap();
         attach::attach(&mut m, std::slice::from_ref(&spec), AttachOptions { seed: 1, tokenizer: None }).unwrap();
-        let mut sites: Vec<String> = attach::group_vars(&m, "lora").into_iter().map(|(site, _, _)| site).collect();
-        sites.dedup();
-        assert_eq!(sites, ["q_proj", "v_proj", "q_proj", "v_proj"].iter().enumerate().map(|(i, p)| format!("model.layers.{}.self_attn.{p}", i / 2)).collect::<Vec<_>>(), "{arch}");
-        let after = m.logits(&m.forward(&row(&ids), None, None, &ctx).unwrap(), &ctx).unwrap();
-        assert_eq!((after - before).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0, "{arch}");
+        for (_, _, var) in attach::group_vars(&m, "lora") {
+            var.set(&Tensor::randn(0f32, 0.3, var.dims(), &Device::Cpu).unwrap()).unwrap();
+        }
+        let ctx = ForwardCtx::eval();
+        let ids = ids_of(&r["models"][arch][1]["ids"]);
+        let before = m.logits(&m.forward(&row(&ids), None, None, &ctx).unwrap(), &ctx).unwrap();
+        let out = tmp.path().join(arch);
+        deltatune::artifacts::write_merged_decoder(&mut m, &out, candle_core::DType::F32, None).unwrap();
+        let back = LlamaModel::load_hf(&out, &Device::Cpu).unwrap();
+        assert_eq!(back.config, m.config, "{arch}: config read back");
+        let after = back.logits(&back.forward(&row(&ids), None, None, &ctx).unwrap(), &ctx).unwrap();
+        let diff = (before - after).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "{arch}: merged HF directory differs by {diff}");
     }
 }

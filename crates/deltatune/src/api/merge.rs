@@ -3,10 +3,10 @@
 
 use super::common::{encoder_with_deltas, DeltaSource};
 use crate::artifacts::load::load_delta;
-use crate::artifacts::merged::{write_merged, write_merged_decoder};
+use crate::artifacts::merged::{write_merged, write_merged_decoder, write_merged_gguf, GgufWeights};
 use crate::attach::AttachOptions;
 use crate::backbone::bert::BertModel;
-use crate::backbone::llama::is_decoder_path;
+use crate::backbone::llama::{is_decoder_path, DecoderPath, LlamaSource};
 use crate::control::Control;
 use crate::core::{Backbone, ForwardCtx, Pooling};
 use crate::data::tokenize::{Padding, TextEncoder};
@@ -43,6 +43,9 @@ pub struct MergeSpec {
     pub overwrite: bool,
     /// Weight type of a merged decoder (f32, f16 or bf16); encoders are written in f32.
     pub dtype: DType,
+    /// Write a GGUF model file (llama.cpp's format) with matrices in these types instead of an
+    /// HF directory; the model must be a GGUF decoder.
+    pub gguf: Option<GgufWeights>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -54,6 +57,8 @@ pub struct MergeResult {
     /// embeddings for encoders, logits for decoders).
     pub max_abs_diff: f32,
     pub decoder: bool,
+    /// The merged GGUF's weight types, when one was written.
+    pub gguf: Option<GgufWeights>,
 }
 
 pub fn merge(spec: &MergeSpec, ctl: &Control) -> Result<MergeResult> {
@@ -70,6 +75,9 @@ pub fn merge(spec: &MergeSpec, ctl: &Control) -> Result<MergeResult> {
     if let Some(p) = spec.model.as_deref().filter(|p| is_decoder_path(p)) {
         return merge_decoder(spec, p.to_path_buf(), ctl);
     }
+    if spec.gguf.is_some() {
+        return Err(Error::arg("--format", "gguf needs a GGUF decoder as --model (encoders merge into an HF directory)"));
+    }
     let (mut model, specs) = encoder_with_deltas(spec.model.as_deref(), &spec.deltas, spec.seed, ctl)?;
     let enc = TextEncoder::from_file(&model.files.tokenizer, 64)?;
     let batch = enc.batch(PROBE, Padding::Longest, &Device::Cpu)?;
@@ -85,6 +93,7 @@ pub fn merge(spec: &MergeSpec, ctl: &Control) -> Result<MergeResult> {
         merged_sites: merged,
         max_abs_diff: max_abs_diff(&before, &after)?,
         decoder: false,
+        gguf: None,
     })
 }
 
@@ -93,8 +102,11 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 }
 
 /// Decoders: deltas folded into dequantized f32 weights, written as an HF Llama directory in
-/// `dtype`, then reloaded and compared on a probe text.
+/// `dtype` (or a GGUF file), then reloaded and compared on a probe text.
 fn merge_decoder(spec: &MergeSpec, path: PathBuf, ctl: &Control) -> Result<MergeResult> {
+    if spec.gguf.is_some() && !matches!(DecoderPath::resolve(&path)?, DecoderPath::Gguf(_)) {
+        return Err(Error::arg("--format", format!("gguf needs a GGUF base model; {} is an HF directory", path.display())));
+    }
     if !matches!(spec.dtype, DType::F32 | DType::F16 | DType::BF16) {
         return Err(Error::arg("--dtype", format!("{:?} (expected f32, f16 or bf16)", spec.dtype)));
     }
@@ -117,8 +129,24 @@ fn merge_decoder(spec: &MergeSpec, path: PathBuf, ctl: &Control) -> Result<Merge
     let t = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
     let ctx = ForwardCtx::eval();
     let before = lm.model.logits(&lm.model.forward(&t, None, None, &ctx)?, &ctx)?;
-    let merged = write_merged_decoder(&mut lm.model, &spec.out, spec.dtype, &lm.tokenizer)?;
-    let back = CausalLm::load(&spec.out, &Device::Cpu)?;
+    let merged = match spec.gguf {
+        Some(w) => {
+            let LlamaSource::Gguf { path: base, .. } = lm.model.source.clone() else {
+                return Err(Error::arg("--format", "gguf needs a GGUF base model"));
+            };
+            write_merged_gguf(&mut lm.model, &base, &spec.out, w)?
+        }
+        None => write_merged_decoder(&mut lm.model, &spec.out, spec.dtype, Some(&lm.tokenizer))?,
+    };
+    let mut back = CausalLm::load(&spec.out, &Device::Cpu)?;
+    back.model.set_exact(true);
     let after = back.model.logits(&back.model.forward(&t, None, None, &ctx)?, &ctx)?;
-    Ok(MergeResult { out: spec.out.clone(), deltas: names, merged_sites: merged, max_abs_diff: max_abs_diff(&before, &after)?, decoder: true })
+    Ok(MergeResult {
+        out: spec.out.clone(),
+        deltas: names,
+        merged_sites: merged,
+        max_abs_diff: max_abs_diff(&before, &after)?,
+        decoder: true,
+        gguf: spec.gguf,
+    })
 }

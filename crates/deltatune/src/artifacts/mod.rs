@@ -12,5 +12,5 @@ pub mod task_model;
 
 pub use delta_dir::Loaded;
 pub use load::load_delta;
-pub use merged::{write_merged, write_merged_decoder};
+pub use merged::{write_merged, write_merged_decoder, write_merged_gguf, GgufWeights};
 pub use task_model::TaskModel;

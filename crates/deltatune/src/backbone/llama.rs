@@ -36,10 +36,13 @@ pub enum Arch {
     Qwen2,
     /// Qwen 3: query/key norms.
     Qwen3,
+    /// Phi-3: the query, key and value projections fused into one `qkv_proj`, the gate and up
+    /// projections into one `gate_up_proj`; a sliding window in every layer.
+    Phi3,
 }
 
 /// GGUF `general.architecture` values that load, with the architecture they map to.
-pub const GGUF_ARCHITECTURES: &[(&str, Arch)] = &[("llama", Arch::Llama), ("gemma3", Arch::Gemma3), ("qwen2", Arch::Qwen2), ("qwen3", Arch::Qwen3)];
+pub const GGUF_ARCHITECTURES: &[(&str, Arch)] = &[("llama", Arch::Llama), ("gemma3", Arch::Gemma3), ("qwen2", Arch::Qwen2), ("qwen3", Arch::Qwen3), ("phi3", Arch::Phi3)];
 
 /// HF `model_type` values that load.
 pub const HF_MODEL_TYPES: &[(&str, Arch)] = &[
@@ -50,6 +53,7 @@ pub const HF_MODEL_TYPES: &[(&str, Arch)] = &[
     ("gemma3_text", Arch::Gemma3),
     ("qwen2", Arch::Qwen2),
     ("qwen3", Arch::Qwen3),
+    ("phi3", Arch::Phi3),
 ];
 
 impl Arch {
@@ -60,6 +64,7 @@ impl Arch {
             Arch::Gemma3 => "gemma3_text",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Phi3 => "phi3",
         }
     }
 
@@ -70,7 +75,13 @@ impl Arch {
             Arch::Gemma3 => "gemma3",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Phi3 => "phi3",
         }
+    }
+
+    /// One projection for queries, keys and values, one for gate and up (Phi-3).
+    fn fused(self) -> bool {
+        self == Arch::Phi3
     }
 
     fn qk_norm(self) -> bool {
@@ -79,7 +90,7 @@ impl Arch {
 
     /// llama.cpp interleaves the rotary halves of the query/key rows for this architecture's
     /// GGUF files (the "normal" rotary type); the others use HF's layout ("neox").
-    fn gguf_permutes_rotary(self) -> bool {
+    pub(crate) fn gguf_permutes_rotary(self) -> bool {
         self == Arch::Llama
     }
 
@@ -214,13 +225,17 @@ impl LlamaConfig {
                 (0..layers).map(|i| (i + 1) % pattern != 0).collect()
             }
             // Qwen's `use_sliding_window` is off by default; Mistral slides in every layer.
-            None if kind != Arch::Llama && !v.get("use_sliding_window").and_then(|x| x.as_bool()).unwrap_or(false) => vec![false; layers],
+            None if matches!(kind, Arch::Qwen2 | Arch::Qwen3) && !v.get("use_sliding_window").and_then(|x| x.as_bool()).unwrap_or(false) => vec![false; layers],
             None => vec![window.is_some(); layers],
         };
         if sliding_layers.len() != layers {
             return Err(cerr(format!("layer_types lists {} layers, num_hidden_layers is {layers}", sliding_layers.len())));
         }
         let head_dim = num("head_dim").unwrap_or(hidden / heads.max(1));
+        let partial = v.get("partial_rotary_factor").or_else(|| rp.and_then(|r| r.get("partial_rotary_factor")));
+        if let Some(f) = partial.and_then(|x| x.as_f64()).filter(|f| (f - 1.0).abs() > 1e-9) {
+            return Err(cerr(format!("partial_rotary_factor {f} is not supported yet (rotary over whole heads only)")));
+        }
         if v.get("final_logit_softcapping").is_some_and(|x| !x.is_null()) || v.get("attn_logit_softcapping").is_some_and(|x| !x.is_null()) {
             return Err(cerr("logit soft-capping is not supported yet".into()));
         }
@@ -314,12 +329,69 @@ impl RmsNorm {
     }
 }
 
+/// The query, key and value projections: three, or one fused (Phi-3's `qkv_proj`, whose output
+/// holds the queries, then the keys, then the values).
+#[derive(Debug)]
+enum Qkv {
+    Split { q_proj: Linear, k_proj: Linear, v_proj: Linear },
+    Fused(Linear),
+}
+
+/// The gate and up projections: two, or one fused (Phi-3's `gate_up_proj`: the gate's rows, then the up's).
+#[derive(Debug)]
+enum GateUp {
+    Split { gate_proj: Linear, up_proj: Linear },
+    Fused(Linear),
+}
+
+impl Qkv {
+    fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Qkv::Split { q_proj, k_proj, v_proj } => vec![q_proj, k_proj, v_proj],
+            Qkv::Fused(l) => vec![l],
+        }
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match self {
+            Qkv::Split { q_proj, k_proj, v_proj } => vec![q_proj, k_proj, v_proj],
+            Qkv::Fused(l) => vec![l],
+        }
+    }
+}
+
+impl GateUp {
+    fn linears(&self) -> Vec<&Linear> {
+        match self {
+            GateUp::Split { gate_proj, up_proj } => vec![gate_proj, up_proj],
+            GateUp::Fused(l) => vec![l],
+        }
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match self {
+            GateUp::Split { gate_proj, up_proj } => vec![gate_proj, up_proj],
+            GateUp::Fused(l) => vec![l],
+        }
+    }
+}
+
+/// `parts` consecutive slices of the last dimension of `y`, of the given widths.
+fn split_last(y: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {
+    let last = y.rank() - 1;
+    let mut start = 0;
+    let mut out = Vec::with_capacity(widths.len());
+    for &w in widths {
+        out.push(y.narrow(last, start, w)?.contiguous()?);
+        start += w;
+    }
+    Ok(out)
+}
+
 #[derive(Debug)]
 struct Attention {
     site: Site,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     o_proj: Linear,
     /// Per-head RMS norms of queries and keys before the rotation (Gemma 3, Qwen 3).
     q_norm: Option<RmsNorm>,
@@ -336,8 +408,7 @@ struct Attention {
 #[derive(Debug)]
 struct Mlp {
     site: Site,
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: GateUp,
     down_proj: Linear,
     /// GeGLU (tanh-approximated GELU on the gate, Gemma) instead of SwiGLU.
     gelu: bool,
@@ -418,6 +489,23 @@ fn rotary(start: usize, t: usize, d: usize, theta: f64, device: &Device) -> Resu
 }
 
 impl Attention {
+    /// Queries, keys and values of `x` (b, t, ·), heads interleaved along the last dimension.
+    fn project(&self, x: &Tensor, ctx: &ForwardCtx, exact: bool) -> Result<(Tensor, Tensor, Tensor)> {
+        match &self.qkv {
+            Qkv::Split { q_proj, k_proj, v_proj } => {
+                Ok((q_proj.forward(x, ctx, exact)?, k_proj.forward(x, ctx, exact)?, v_proj.forward(x, ctx, exact)?))
+            }
+            Qkv::Fused(l) => {
+                let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+                let mut parts = split_last(&l.forward(x, ctx, exact)?, &[q, kv, kv])?.into_iter();
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some(q), Some(k), Some(v)) => Ok((q, k, v)),
+                    _ => Err(Error::Delta("qkv_proj: split failed".into())),
+                }
+            }
+        }
+    }
+
     /// `x`: (b, t, h); `key_bias`: (b, p + t) additive key mask over the cached and new positions
     /// (attention is causal on top of it). Appends this step's keys and values to `cache`.
     fn forward(
@@ -443,14 +531,14 @@ impl Attention {
                 None => Ok(y),
             }
         };
-        let q = normed(self.q_proj.forward(&x, ctx, exact)?, nh, &self.q_norm)?;
+        let (q, k, v) = self.project(&x, ctx, exact)?;
+        let q = normed(q, nh, &self.q_norm)?;
         let q = rotated(q, nh)?;
         let q = match self.q_scale {
             Some(f) => (q * f)?,
             None => q,
         };
-        let k = rotated(normed(self.k_proj.forward(&x, ctx, exact)?, nkv, &self.k_norm)?, nkv)?;
-        let v = self.v_proj.forward(&x, ctx, exact)?;
+        let k = rotated(normed(k, nkv, &self.k_norm)?, nkv)?;
         let (k, v) = match cache.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
             None => (k, v),
@@ -510,9 +598,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let x = self.site.pre(x, ctx)?;
         let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
-        let q = self.q_proj.forward(&x, ctx, exact)?;
-        let k = self.k_proj.forward(&x, ctx, exact)?;
-        let v = self.v_proj.forward(&x, ctx, exact)?;
+        let (q, k, v) = self.project(&x, ctx, exact)?;
         let rep = nh / nkv;
         let mut outs = Vec::with_capacity(caches.len());
         for (i, cache) in caches.iter_mut().enumerate() {
@@ -546,8 +632,18 @@ impl Attention {
 impl Mlp {
     fn forward(&self, x: &Tensor, ctx: &ForwardCtx, exact: bool) -> Result<Tensor> {
         let x = self.site.pre(x, ctx)?;
-        let g = self.gate_proj.forward(&x, ctx, exact)?;
-        let u = self.up_proj.forward(&x, ctx, exact)?;
+        let (g, u) = match &self.gate_up {
+            GateUp::Split { gate_proj, up_proj } => (gate_proj.forward(&x, ctx, exact)?, up_proj.forward(&x, ctx, exact)?),
+            GateUp::Fused(l) => {
+                let y = l.forward(&x, ctx, exact)?;
+                let half = y.dim(y.rank() - 1)? / 2;
+                let mut parts = split_last(&y, &[half, half])?.into_iter();
+                match (parts.next(), parts.next()) {
+                    (Some(g), Some(u)) => (g, u),
+                    _ => return Err(Error::Delta("gate_up_proj: split failed".into())),
+                }
+            }
+        };
         let act = if self.gelu { (ops::gelu_tanh(&g)? * u)? } else { ops::swiglu(&g, &u)? };
         let y = self.down_proj.forward(&act, ctx, exact)?;
         self.site.post(&x, y, ctx)
@@ -680,6 +776,8 @@ pub fn gguf_name_for(arch: Arch, hf: &str) -> String {
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
+        "self_attn.qkv_proj" => "attn_qkv",
+        "mlp.gate_up_proj" => "ffn_up",
         "self_attn.o_proj" => "attn_output",
         "self_attn.q_norm" => "attn_q_norm",
         "self_attn.k_norm" => "attn_k_norm",
@@ -736,6 +834,7 @@ impl LlamaModel {
         let config = LlamaConfig::from_gguf(&g)?;
         let file_type = g
             .tensor_info(&gguf_name("model.layers.0.self_attn.q_proj"))
+            .or_else(|| g.tensor_info(&gguf_name("model.layers.0.self_attn.qkv_proj")))
             .map(|(_, t)| format!("{t:?}"))
             .unwrap_or_else(|| "?".into());
         let mut hasher = Sha256::new();
@@ -777,15 +876,21 @@ impl LlamaModel {
                 let path = format!("{p}.{name}");
                 Ok(Linear { site: w.matrix(&path, out, inp, Site::new(&path, SiteKind::Linear, l))? })
             };
-            let mut q_proj = lin("self_attn.q_proj", qo, h)?;
-            let mut k_proj = lin("self_attn.k_proj", kvo, h)?;
-            let mut v_proj = lin("self_attn.v_proj", kvo, h)?;
+            let mut qkv = if c.arch.fused() {
+                Qkv::Fused(lin("self_attn.qkv_proj", qo + 2 * kvo, h)?)
+            } else {
+                Qkv::Split { q_proj: lin("self_attn.q_proj", qo, h)?, k_proj: lin("self_attn.k_proj", kvo, h)?, v_proj: lin("self_attn.v_proj", kvo, h)? }
+            };
             let o_proj = lin("self_attn.o_proj", h, qo)?;
-            let gate_proj = lin("mlp.gate_proj", i, h)?;
-            let up_proj = lin("mlp.up_proj", i, h)?;
+            let gate_up = if c.arch.fused() {
+                GateUp::Fused(lin("mlp.gate_up_proj", 2 * i, h)?)
+            } else {
+                GateUp::Split { gate_proj: lin("mlp.gate_proj", i, h)?, up_proj: lin("mlp.up_proj", i, h)? }
+            };
             let down_proj = lin("mlp.down_proj", h, i)?;
             if c.attention_bias {
-                for (proj, n) in [(&mut q_proj, qo), (&mut k_proj, kvo), (&mut v_proj, kvo)] {
+                let widths: Vec<usize> = if c.arch.fused() { vec![qo + 2 * kvo] } else { vec![qo, kvo, kvo] };
+                for (proj, n) in qkv.linears_mut().into_iter().zip(widths) {
                     let path = proj.site.path().to_string();
                     let b = w.bias(&path, n)?;
                     let site = std::mem::replace(&mut proj.site, Site::new("", SiteKind::Linear, None));
@@ -817,15 +922,13 @@ impl LlamaModel {
                     q_scale,
                     window,
                     site: Site::new(format!("{p}.self_attn"), SiteKind::SelfAttention, l),
-                    q_proj,
-                    k_proj,
-                    v_proj,
+                    qkv,
                     o_proj,
                     heads: c.num_attention_heads,
                     kv_heads: c.num_key_value_heads,
                     head_dim: d,
                 },
-                mlp: Mlp { site: Site::new(format!("{p}.mlp"), SiteKind::Mlp, l), gate_proj, up_proj, down_proj, gelu: gemma },
+                mlp: Mlp { site: Site::new(format!("{p}.mlp"), SiteKind::Mlp, l), gate_up, down_proj, gelu: gemma },
             });
         }
         let norm_w = w.norm("model.norm", h, c.arch)?;
@@ -1119,11 +1222,15 @@ impl LlamaModel {
         let mut v: Vec<&Site> = vec![&self.root, &self.model, &self.embed_tokens, &self.layers_site];
         for l in &self.layers {
             let (a, m) = (&l.self_attn, &l.mlp);
-            v.extend([&l.site, &l.input_layernorm.site, &a.site, &a.q_proj.site, &a.k_proj.site, &a.v_proj.site, &a.o_proj.site]);
+            v.extend([&l.site, &l.input_layernorm.site, &a.site]);
+            v.extend(a.qkv.linears().into_iter().map(|p| &p.site));
+            v.push(&a.o_proj.site);
             v.extend(a.q_norm.iter().chain(&a.k_norm).map(|n| &n.site));
             v.push(&l.post_attention_layernorm.site);
             v.extend(l.pre_feedforward_layernorm.iter().map(|n| &n.site));
-            v.extend([&m.site, &m.gate_proj.site, &m.up_proj.site, &m.down_proj.site]);
+            v.push(&m.site);
+            v.extend(m.gate_up.linears().into_iter().map(|p| &p.site));
+            v.push(&m.down_proj.site);
             v.extend(l.post_feedforward_layernorm.iter().map(|n| &n.site));
         }
         v.push(&self.norm.site);
@@ -1137,12 +1244,15 @@ impl LlamaModel {
         let mut v: Vec<&mut Site> = vec![&mut self.root, &mut self.model, &mut self.embed_tokens, &mut self.layers_site];
         for l in &mut self.layers {
             let (a, m) = (&mut l.self_attn, &mut l.mlp);
-            v.extend([&mut l.site, &mut l.input_layernorm.site, &mut a.site, &mut a.q_proj.site, &mut a.k_proj.site]);
-            v.extend([&mut a.v_proj.site, &mut a.o_proj.site]);
+            v.extend([&mut l.site, &mut l.input_layernorm.site, &mut a.site]);
+            v.extend(a.qkv.linears_mut().into_iter().map(|p| &mut p.site));
+            v.push(&mut a.o_proj.site);
             v.extend(a.q_norm.iter_mut().chain(a.k_norm.iter_mut()).map(|n| &mut n.site));
             v.push(&mut l.post_attention_layernorm.site);
             v.extend(l.pre_feedforward_layernorm.iter_mut().map(|n| &mut n.site));
-            v.extend([&mut m.site, &mut m.gate_proj.site, &mut m.up_proj.site, &mut m.down_proj.site]);
+            v.push(&mut m.site);
+            v.extend(m.gate_up.linears_mut().into_iter().map(|p| &mut p.site));
+            v.push(&mut m.down_proj.site);
             v.extend(l.post_feedforward_layernorm.iter_mut().map(|n| &mut n.site));
         }
         v.push(&mut self.norm.site);

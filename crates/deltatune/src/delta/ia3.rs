@@ -60,8 +60,11 @@ impl Method for Ia3Config {
     }
 
     fn default_targets(&self, model_type: &str) -> Targets {
-        // PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING for bert and llama.
-        if is_decoder(model_type) {
+        // PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING for bert and llama; Phi-3
+        // (fused projections, no PEFT default) scales the fused qkv output and the down input.
+        if model_type == "phi3" {
+            targets(&["qkv_proj", "down_proj"])
+        } else if is_decoder(model_type) {
             targets(&["k_proj", "v_proj", "down_proj"])
         } else {
             targets(&["key", "value", "output.dense"])

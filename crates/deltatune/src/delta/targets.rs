@@ -36,13 +36,16 @@ pub fn targets(list: &[&str]) -> Targets {
 /// (`model.layers.N.self_attn.q_proj`, `mlp.down_proj`), as opposed to the BERT family's
 /// (`encoder.layer.N.attention.self.query`). Methods pick their default targets by it.
 pub fn is_decoder(model_type: &str) -> bool {
-    ["llama", "mistral", "gemma3_text", "qwen2", "qwen3"].contains(&model_type)
+    ["llama", "mistral", "gemma3_text", "qwen2", "qwen3", "phi3"].contains(&model_type)
 }
 
 /// PEFT's default targets of the LoRA family (its `TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING`
-/// for bert and llama): the query and value projections.
+/// for bert and llama): the query and value projections. Phi-3 fuses its projections, and PEFT's
+/// default there is every fused matrix: `qkv_proj`, `o_proj`, `gate_up_proj`, `down_proj`.
 pub fn query_value(model_type: &str) -> Targets {
-    if is_decoder(model_type) {
+    if model_type == "phi3" {
+        targets(&["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    } else if is_decoder(model_type) {
         targets(&["q_proj", "v_proj"])
     } else {
         targets(&["query", "value"])

@@ -91,6 +91,11 @@ impl GgufFile {
         self.content.metadata.get(key)
     }
 
+    /// All metadata (key → value), for copying a file's metadata into a new one.
+    pub fn metadata(&self) -> &std::collections::HashMap<String, Value> {
+        &self.content.metadata
+    }
+
     fn missing(&self, key: &str) -> Error {
         Error::Gguf { file: self.path.clone(), msg: format!("metadata key `{key}` is missing") }
     }
