@@ -11,5 +11,5 @@ pub mod run;
 pub mod serve;
 mod soak;
 
-pub use args::BenchArgs;
+pub use args::{BenchArgs, BenchWhat};
 pub use run::run;

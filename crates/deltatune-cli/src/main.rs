@@ -58,7 +58,12 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let cancel = Cancel::new();
-    match commands::run(cli, &cancel) {
+    // Compute jobs run on a thread of the kernels' pool (see `ops::in_pool`); servers, whose
+    // main thread only waits, do not.
+    let serving = matches!(&cli.command, args::Command::Serve(_))
+        || matches!(&cli.command, args::Command::Bench(b) if matches!(b.what, deltatune_bench::BenchWhat::Serve(_)));
+    let result = if serving { commands::run(cli, &cancel) } else { deltatune::ops::in_pool(|| commands::run(cli, &cancel)) };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -33,6 +33,17 @@ pub fn set_threads(n: usize) -> Result<()> {
         .map_err(|e| crate::error::Error::arg("--threads", e.to_string()))
 }
 
+/// Runs `f` on a thread of the global pool. The kernels' parallel loops called from a thread
+/// outside the pool hand their work to the pool and put the caller to sleep until it is done —
+/// two context switches per kernel call, and with as many pool threads as cores the caller also
+/// competes with the pool's spinning workers; called from inside, the caller takes part in the
+/// work. For jobs that run many small kernels in a row (decoding runs hundreds per token). Not
+/// for a thread that blocks waiting for other threads' kernel work (a server's listener): it
+/// would hold a pool thread idle.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 // ------------------------------------------------------------------------------------------------
 // Tensor data in and out.
 

@@ -262,10 +262,15 @@ impl CustomOp1 for QLinear {
         let _prof = timer("quantized-linear", "fwd");
         let (rows, k) = rows_cols(l.shape());
         if !self.exact && rows <= self.quant_rows {
-            if self.w.dtype() == GgmlDType::Q4_1 {
-                // Our Q4_1 kernel (candle's Q4_1 dot product is scalar).
+            let kind = match self.w.dtype() {
+                GgmlDType::Q4_1 => Some(qmatmul::QKind::Q4_1),
+                GgmlDType::Q5_0 => Some(qmatmul::QKind::Q5_0),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                // Our kernels (candle's Q4_1 and Q5_0 dot products are scalar).
                 let n = self.w.shape().dims2()?.0;
-                let y = qmatmul::matmul_q4_1(slice(s, l)?, rows, k, &self.w.data()?, n);
+                let y = qmatmul::matmul_q(kind, slice(s, l)?, rows, k, &self.w.data()?, n);
                 let mut dims = l.shape().dims().to_vec();
                 if let Some(last) = dims.last_mut() {
                     *last = n;

@@ -36,7 +36,7 @@ mod rope;
 pub use activation::{gelu, gelu_composed, gelu_tanh, swiglu, swiglu_composed};
 pub use attention::{attention, attention_composed, causal_attention, causal_attention_composed, mask_to_bias, softmax_composed};
 pub use combine::{add_frozen, add_frozen_composed, scale_last, scale_last_composed};
-pub use cpu::set_threads;
+pub use cpu::{in_pool, set_threads};
 pub use dropout::{dropout, dropout_composed};
 pub use linear::{linear, linear_composed, linear_gelu, linear_gelu_composed, low_rank_rows, qlinear, LOW_RANK_ROWS};
 pub use loss::{log_softmax, picked_log_prob, picked_log_prob_composed};
