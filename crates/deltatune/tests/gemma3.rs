@@ -97,9 +97,9 @@ fn tokenizer_ids_match_transformers() {
     assert!(lm.tokenizer.eos_ids.contains(&1) && lm.tokenizer.eos_ids.contains(&106), "<eos> and <end_of_turn> stop generation");
 }
 
-/// Logits close to transformers on the dequantized weights, the same argmax everywhere. Measured
-/// worst difference 1.4e-3 (logits of magnitude ~30 through 18 layers with Gemma's extra norms);
-/// the target of 5e-4 is not met yet, so the bound here is 2e-3.
+/// Logits close to transformers on the dequantized weights (the bound, 5e-4), the same
+/// argmax everywhere. The earlier measured 1.4e-3 was this test's own f32 log-sum-exp over the
+/// 262,144-word vocabulary; transformers in f32 is itself 1.1e-4 from an f64 run.
 #[test]
 fn logits_match_transformers() {
     let lm = require_gemma!();
@@ -118,14 +118,15 @@ fn logits_match_transformers() {
             }
             let am = row.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
             assert_eq!(am as u32, argmax[p], "argmax at position {p} of {:?}", case["prompt"]);
-            let m = row.iter().cloned().fold(f32::MIN, f32::max);
-            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
-            let want = case["logsumexp"][p].as_f64().unwrap() as f32;
-            worst = worst.max((lse - want).abs());
+            // Summed in f64: an f32 running sum over 262,144 terms is itself off by up to ~1e-3.
+            let m = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+            let want = case["logsumexp"][p].as_f64().unwrap();
+            worst = worst.max((lse - want).abs() as f32);
         }
     }
     eprintln!("Gemma 3: worst logit difference vs transformers {worst:.2e}");
-    assert!(worst < 2e-3, "worst logit difference {worst}");
+    assert!(worst < 5e-4, "worst logit difference {worst}");
 }
 
 #[test]

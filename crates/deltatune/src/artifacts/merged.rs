@@ -130,7 +130,9 @@ pub fn write_merged_decoder(model: &mut LlamaModel, dir: &Path, dtype: DType, to
         Arch::Gemma3 => {
             config["hidden_activation"] = "gelu_pytorch_tanh".into();
             config["hidden_act"] = "gelu_pytorch_tanh".into();
-            config["query_pre_attn_scalar"] = c.query_pre_attn_scalar.into();
+            // transformers' config class wants an integer here.
+            let qpas = c.query_pre_attn_scalar;
+            config["query_pre_attn_scalar"] = if qpas.fract() == 0.0 { (qpas as i64).into() } else { qpas.into() };
             config["rope_local_base_freq"] = c.rope_local_theta.into();
         }
         Arch::Qwen2 | Arch::Qwen3 => config["use_sliding_window"] = c.sliding_window.is_some().into(),
