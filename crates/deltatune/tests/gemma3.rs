@@ -162,3 +162,37 @@ fn kv_cache_steps_equal_full_forward() {
         assert!(d < 1e-3, "cached step {n} differs by {d}");
     }
 }
+
+/// `merge` of a Gemma 3 GGUF into an HF directory: a `gemma3_text` config transformers accepts
+/// (an integer `query_pre_attn_scalar`, the layer types, the local rotary base) and norms stored
+/// as HF's `w` for its `1 + w`, so that the directory reloads to the same logits.
+#[test]
+fn merged_hf_directory_of_gemma3_reloads_to_the_same_logits() {
+    let Some(f) = crate::common::gemma3_file() else {
+        eprintln!("SKIP {}: Gemma 3 unavailable", module_path!());
+        return;
+    };
+    let mut lm = CausalLm::load(&f, &Device::Cpu).unwrap();
+    lm.model.set_exact(true);
+    let spec = deltatune::delta::DeltaSpec::parse_cli("ln_tuning").unwrap();
+    deltatune::attach::attach(&mut lm.model, std::slice::from_ref(&spec), deltatune::attach::AttachOptions { seed: 1, tokenizer: None }).unwrap();
+    for (_, _, var) in deltatune::attach::group_vars(&lm.model, "ln_tuning") {
+        let t = (var.as_tensor() * 1.05).unwrap();
+        var.set(&t).unwrap();
+    }
+    let ids = lm.tokenizer.encode_start("The capital of France is").unwrap();
+    let before = logits(&lm, &ids);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    deltatune::artifacts::write_merged_decoder(&mut lm.model, &out, candle_core::DType::F32, Some(&lm.tokenizer)).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "gemma3_text");
+    assert!(config["query_pre_attn_scalar"].is_u64(), "{}", config["query_pre_attn_scalar"]);
+    assert_eq!(config["layer_types"].as_array().unwrap().iter().filter(|t| *t == "full_attention").count(), 3);
+    let mut back = CausalLm::load(&out, &Device::Cpu).unwrap();
+    back.model.set_exact(true);
+    assert_eq!(back.model.config, lm.model.config);
+    let after = logits(&back, &ids);
+    let diff = (before - after).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-3, "merged Gemma 3 directory differs by {diff}");
+}
