@@ -11,14 +11,16 @@ use std::process::ExitCode;
 
 /// Keeps freed tensor buffers in the heap instead of returning them to the OS: training allocates
 /// and frees the same large activation buffers every step, and glibc's default (mmap for large
-/// blocks, trim on free) turns each reuse into page faults on fresh zeroed pages.
+/// blocks, trim on free) turns each reuse into page faults on fresh zeroed pages. One arena: the
+/// work runs on a thread of the kernels' pool (`ops::in_pool`), and a second arena's heaps are
+/// mmap'd pieces that large buffers do not fit, which brought the page faults back.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator thresholds; called once before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 

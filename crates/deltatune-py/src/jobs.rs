@@ -225,14 +225,14 @@ pub struct TextStream {
 pub fn generate_stream(model: Option<PathBuf>, delta: Option<PathBuf>, prompt: String, chat: bool, system: Option<String>, options: String) -> TextStream {
     let (tx, rx) = channel();
     std::thread::spawn(move || {
-        let done = crate::errors::guarded(|| {
+        let done = deltatune::ops::in_pool(|| crate::errors::guarded(|| {
             let spec = generate_spec(model, delta, prompt, chat, system, &options)?;
             let tx2 = tx.clone();
             let g = api::generate(&spec, &Control::silent(), &mut |t: &str| {
                 let _ = tx2.send(Piece::Text(t.to_string())); // a dropped stream stops listening
             })?;
             Ok(generation_json(&g))
-        });
+        }));
         let _ = tx.send(Piece::Done(done));
     });
     TextStream { rx: Mutex::new(Some(rx)), result: Mutex::new(None) }

@@ -134,7 +134,15 @@ pub fn spawn(cfg: ServeConfig, signals: bool) -> Result<Server, ServeError> {
     let (jobs_tx, jobs_rx) = tokio::sync::mpsc::channel(cfg.queue_size.max(1));
     let app = Arc::new(http::App::new(cfg, jobs_tx, registry, metrics, kind, base_name, base_params));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let engine_thread = std::thread::Builder::new().name("deltatune-engine".into()).spawn(move || engine.run(jobs_rx))?;
+    // The engine runs on a thread of its own kernel pool (as many threads as the global one):
+    // kernels called from it take part in their own work instead of handing it over and sleeping
+    // (see `deltatune::ops::in_pool`), and servers in one process never wait on each other.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(rayon::current_num_threads())
+        .thread_name(|i| format!("deltatune-kernels-{i}"))
+        .build()
+        .map_err(|e| ServeError::Config(format!("the engine's thread pool: {e}")))?;
+    let engine_thread = std::thread::Builder::new().name("deltatune-engine".into()).spawn(move || pool.install(move || engine.run(jobs_rx)))?;
     let thread = std::thread::Builder::new().name("deltatune-http".into()).spawn(move || -> Result<(), ServeError> {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let result = rt.block_on(async move {
