@@ -265,12 +265,12 @@ impl CustomOp1 for QLinear {
             let kind = match self.w.dtype() {
                 GgmlDType::Q4_1 => Some(qmatmul::QKind::Q4_1),
                 GgmlDType::Q5_0 => Some(qmatmul::QKind::Q5_0),
-                GgmlDType::Q8_0 => Some(qmatmul::QKind::Q8_0),
                 _ => None,
             };
             if let Some(kind) = kind {
-                // Our kernels (candle's Q4_1 and Q5_0 dot products are scalar; its Q8_0 walks the
-                // weights once per activation row).
+                // Our kernels (candle's Q4_1 and Q5_0 dot products are scalar). Q8_0 stays with
+                // candle's: ours measured slower for one row (Gemma's output matrix), and one
+                // kernel for every row count keeps a row's logits the same alone and batched.
                 let n = self.w.shape().dims2()?.0;
                 let y = qmatmul::matmul_q(kind, slice(s, l)?, rows, k, &self.w.data()?, n);
                 let mut dims = l.shape().dims().to_vec();

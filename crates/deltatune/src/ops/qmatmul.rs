@@ -19,15 +19,11 @@ const Q4_1_BYTES: usize = 20;
 /// nibbles; element j is `((low | high << 4) − 16) · d`.
 const Q5_0_BYTES: usize = 22;
 
-/// Bytes of one Q8_0 block: f16 scale d, 32 int8 values.
-const Q8_0_BYTES: usize = 34;
-
 /// The weight formats with a kernel here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum QKind {
     Q4_1,
     Q5_0,
-    Q8_0,
 }
 
 impl QKind {
@@ -35,7 +31,6 @@ impl QKind {
         match self {
             QKind::Q4_1 => Q4_1_BYTES,
             QKind::Q5_0 => Q5_0_BYTES,
-            QKind::Q8_0 => Q8_0_BYTES,
         }
     }
 }
@@ -154,7 +149,6 @@ fn dot_rows(kind: QKind, simd: bool, wrow: &[u8], a: &Q8Rows, r0: usize, rows: u
                 match kind {
                     QKind::Q4_1 => avx2::dot_rows(wrow, a, r0, rows, out),
                     QKind::Q5_0 => avx2::dot_rows_q5_0(wrow, a, r0, rows, out),
-                    QKind::Q8_0 => avx2::dot_rows_q8_0(wrow, a, r0, rows, out),
                 }
             };
             return;
@@ -164,21 +158,6 @@ fn dot_rows(kind: QKind, simd: bool, wrow: &[u8], a: &Q8Rows, r0: usize, rows: u
     match kind {
         QKind::Q4_1 => dot_rows_scalar(wrow, a, r0, rows, out),
         QKind::Q5_0 => dot_rows_scalar_q5_0(wrow, a, r0, rows, out),
-        QKind::Q8_0 => dot_rows_scalar_q8_0(wrow, a, r0, rows, out),
-    }
-}
-
-fn dot_rows_scalar_q8_0(wrow: &[u8], a: &Q8Rows, r0: usize, rows: usize, out: &mut [f32]) {
-    for (i, o) in out.iter_mut().enumerate().take(rows) {
-        let r = r0 + i;
-        let mut acc = 0f32;
-        for b in 0..a.blocks {
-            let blk = &wrow[b * Q8_0_BYTES..(b + 1) * Q8_0_BYTES];
-            let q = &a.q[(r * a.blocks + b) * QK..(r * a.blocks + b + 1) * QK];
-            let isum: i32 = (0..QK).map(|j| blk[2 + j] as i8 as i32 * q[j] as i32).sum();
-            acc += f16_at(blk, 0) * a.d[r * a.blocks + b] * isum as f32;
-        }
-        *o = acc;
     }
 }
 
@@ -226,7 +205,7 @@ fn dot_rows_scalar(wrow: &[u8], a: &Q8Rows, r0: usize, rows: usize, out: &mut [f
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Q8Rows, Q4_1_BYTES, Q5_0_BYTES, Q8_0_BYTES, QK, ROW_TILE};
+    use super::{Q8Rows, Q4_1_BYTES, Q5_0_BYTES, QK, ROW_TILE};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -266,30 +245,6 @@ mod avx2 {
         }
         for i in 0..rows {
             out[i] = hsum(acc[i]) + mins[i];
-        }
-    }
-
-    /// As [`dot_rows`] for Q8_0 blocks: signed × signed through `maddubs` on |w| and sign(w)·a.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_rows_q8_0(wrow: &[u8], a: &Q8Rows, r0: usize, rows: usize, out: &mut [f32]) {
-        let mut acc = [_mm256_setzero_ps(); ROW_TILE];
-        let ones = _mm256_set1_epi16(1);
-        debug_assert!(wrow.len() >= a.blocks * Q8_0_BYTES);
-        for b in 0..a.blocks {
-            let blk = wrow.as_ptr().add(b * Q8_0_BYTES);
-            let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const u16).read_unaligned() as i32)));
-            let qw = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-            let aw = _mm256_sign_epi8(qw, qw);
-            for i in 0..rows {
-                let ab = (r0 + i) * a.blocks + b;
-                let q8 = _mm256_loadu_si256(a.q.as_ptr().add(ab * QK) as *const __m256i);
-                // |w| (≤ 128) × sign(w)·a (|a| ≤ 127): pairs at most 2·128·127, no saturation.
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(q8, qw)), ones);
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * a.d[ab]), acc[i]);
-            }
-        }
-        for i in 0..rows {
-            out[i] = hsum(acc[i]);
         }
     }
 
@@ -378,60 +333,6 @@ mod tests {
             }
         }
         (bytes, deq)
-    }
-
-    fn q8_0_blocks(w: &[f32], k: usize) -> (Vec<u8>, Vec<f32>) {
-        let mut bytes = Vec::new();
-        let mut deq = Vec::new();
-        for row in w.chunks_exact(k) {
-            for xs in row.chunks_exact(QK) {
-                let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
-                let d = half::f16::from_f32(amax / 127.0);
-                let df = d.to_f32();
-                let id = if df > 0.0 { 1.0 / df } else { 0.0 };
-                bytes.extend(d.to_bits().to_le_bytes());
-                for &v in xs {
-                    let q = (v * id).round().clamp(-128.0, 127.0) as i8;
-                    bytes.push(q as u8);
-                    deq.push(q as f32 * df);
-                }
-            }
-        }
-        (bytes, deq)
-    }
-
-    /// Q8_0 (including a −128 weight): close to the dequantized product, SIMD equal to scalar,
-    /// one row (the decoding path) equal to the same row in a batch.
-    #[test]
-    fn q8_0_matmul_matches_dequantized_product_and_is_row_independent() {
-        let (m, k, n) = (5, 96, 35);
-        let x = data(m * k, 5);
-        let (mut w, mut deq) = q8_0_blocks(&data(n * k, 6), k);
-        w[2] = (-128i8) as u8; // first value of the first block
-        deq[0] = -128.0 * half::f16::from_bits(u16::from_le_bytes([w[0], w[1]])).to_f32();
-        let y = matmul_q(QKind::Q8_0, &x, m, k, &w, n);
-        let mut worst = 0f32;
-        for r in 0..m {
-            for j in 0..n {
-                let exact: f32 = (0..k).map(|i| x[r * k + i] * deq[j * k + i]).sum();
-                let scale: f32 = (0..k).map(|i| (x[r * k + i] * deq[j * k + i]).abs()).sum();
-                worst = worst.max((y[r * n + j] - exact).abs() / scale.max(1e-6));
-            }
-        }
-        assert!(worst < 0.01, "relative error {worst}");
-        let a = quantize_rows(&x, m, k);
-        for j in 0..n {
-            let wrow = &w[j * (k / QK) * Q8_0_BYTES..(j + 1) * (k / QK) * Q8_0_BYTES];
-            let mut s = vec![0f32; m];
-            for r in 0..m {
-                dot_rows_scalar_q8_0(wrow, &a, r, 1, &mut s[r..r + 1]);
-                assert!((s[r] - y[r * n + j]).abs() <= 1e-4 * s[r].abs().max(1.0), "simd vs scalar at ({r}, {j})");
-            }
-        }
-        for r in 0..m {
-            let alone = matmul_q(QKind::Q8_0, &x[r * k..(r + 1) * k], 1, k, &w, n);
-            assert_eq!(alone, y[r * n..(r + 1) * n], "row {r} alone differs");
-        }
     }
 
     /// Q5_0: close to the dequantized product, SIMD equal to scalar, rows independent.
