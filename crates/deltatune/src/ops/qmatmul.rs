@@ -335,13 +335,12 @@ mod tests {
         (bytes, deq)
     }
 
-    /// Q5_0: close to the dequantized product, SIMD equal to scalar, rows independent.
-    #[test]
-    fn q5_0_matmul_matches_dequantized_product_and_is_row_independent() {
-        let (m, k, n) = (9, 128, 21);
-        let x = data(m * k, 3);
-        let (w, deq) = q5_0_blocks(&data(n * k, 4), k);
-        let y = matmul_q(QKind::Q5_0, &x, m, k, &w, n);
+    /// Checks kernel `kind` on W (n, k) given as `w` (its blocks) and `deq` (the values they stand
+    /// for): close to the f32 product of the dequantized weights (the activations lose 8-bit
+    /// precision); the SIMD path equal to the scalar one; a row's result independent of the
+    /// other rows (one row alone takes the one-row path).
+    fn check_kernel(kind: QKind, x: &[f32], (m, k, n): (usize, usize, usize), w: &[u8], deq: &[f32]) {
+        let y = matmul_q(kind, x, m, k, w, n);
         let mut worst = 0f32;
         for r in 0..m {
             for j in 0..n {
@@ -350,55 +349,40 @@ mod tests {
                 worst = worst.max((y[r * n + j] - exact).abs() / scale.max(1e-6));
             }
         }
-        assert!(worst < 0.01, "relative error {worst}");
-        let a = quantize_rows(&x, m, k);
+        assert!(worst < 0.01, "{kind:?}: relative error {worst}");
+        let a = quantize_rows(x, m, k);
+        let row_bytes = (k / QK) * kind.block_bytes();
         for j in 0..n {
-            let wrow = &w[j * (k / QK) * Q5_0_BYTES..(j + 1) * (k / QK) * Q5_0_BYTES];
+            let wrow = &w[j * row_bytes..(j + 1) * row_bytes];
             let mut s = vec![0f32; m];
             for r in 0..m {
-                dot_rows_scalar_q5_0(wrow, &a, r, 1, &mut s[r..r + 1]);
-                assert!((s[r] - y[r * n + j]).abs() <= 1e-4 * s[r].abs().max(1.0), "simd vs scalar at ({r}, {j})");
+                dot_rows(kind, false, wrow, &a, r, 1, &mut s[r..r + 1]);
+                assert!((s[r] - y[r * n + j]).abs() <= 1e-4 * s[r].abs().max(1.0), "{kind:?}: simd vs scalar at ({r}, {j})");
             }
         }
         for r in 0..m {
-            let alone = matmul_q(QKind::Q5_0, &x[r * k..(r + 1) * k], 1, k, &w, n);
-            assert_eq!(alone, y[r * n..(r + 1) * n], "row {r} alone differs");
+            let alone = matmul_q(kind, &x[r * k..(r + 1) * k], 1, k, w, n);
+            assert_eq!(alone, y[r * n..(r + 1) * n], "{kind:?}: row {r} alone differs");
         }
+    }
+
+    #[test]
+    fn q5_0_matmul_matches_dequantized_product_and_is_row_independent() {
+        let (m, k, n) = (9, 128, 21);
+        let (w, deq) = q5_0_blocks(&data(n * k, 4), k);
+        check_kernel(QKind::Q5_0, &data(m * k, 3), (m, k, n), &w, &deq);
     }
 
     fn data(len: usize, seed: u64) -> Vec<f32> {
         (0..len).map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0 - 1.0) * 1.3).collect()
     }
 
-    /// Close to the f32 product of the dequantized weights (the activations lose 8-bit precision);
-    /// the SIMD and scalar paths agree; a row's result does not depend on the other rows.
     #[test]
     fn q4_1_matmul_matches_dequantized_product_and_is_row_independent() {
         let (m, k, n) = (7, 96, 37);
-        let x = data(m * k, 1);
         let (w, deq) = q4_1_blocks(&data(n * k, 2), k);
-        let y = matmul_q4_1(&x, m, k, &w, n);
-        let mut worst = 0f32;
-        for r in 0..m {
-            for j in 0..n {
-                let exact: f32 = (0..k).map(|i| x[r * k + i] * deq[j * k + i]).sum();
-                let scale: f32 = (0..k).map(|i| (x[r * k + i] * deq[j * k + i]).abs()).sum();
-                worst = worst.max((y[r * n + j] - exact).abs() / scale.max(1e-6));
-            }
-        }
-        assert!(worst < 0.01, "relative error {worst}");
-        let a = quantize_rows(&x, m, k);
-        for j in 0..n {
-            let wrow = &w[j * (k / QK) * Q4_1_BYTES..(j + 1) * (k / QK) * Q4_1_BYTES];
-            let mut s = vec![0f32; m];
-            for r in 0..m {
-                dot_rows_scalar(wrow, &a, r, 1, &mut s[r..r + 1]);
-                assert!((s[r] - y[r * n + j]).abs() <= 1e-4 * s[r].abs().max(1.0), "simd vs scalar at ({r}, {j})");
-            }
-        }
-        for r in 0..m {
-            let alone = matmul_q4_1(&x[r * k..(r + 1) * k], 1, k, &w, n);
-            assert_eq!(alone, y[r * n..(r + 1) * n], "row {r} alone differs");
-        }
+        let x = data(m * k, 1);
+        check_kernel(QKind::Q4_1, &x, (m, k, n), &w, &deq);
+        assert_eq!(matmul_q4_1(&x, m, k, &w, n), matmul_q(QKind::Q4_1, &x, m, k, &w, n));
     }
 }
