@@ -180,7 +180,7 @@ pub struct TrainLmArgs {
     pub max_dev: Option<usize>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Apply the model's chat template (ChatML): each prompt becomes the user's message and each
+    /// Apply the chat template the model carries: each prompt becomes the user's message and each
     /// completion the assistant's reply, closed by the end-of-turn token; --train files may then
     /// hold {"messages": [{"role", "content"}, ...]} conversations (the last, assistant turn is
     /// the target). With --task the label words are the reply.
@@ -212,7 +212,7 @@ pub struct GenerateArgs {
     /// The prompt, used as is (special tokens such as `<|im_start|>` are recognised).
     #[arg(long, required_unless_present = "chat")]
     pub prompt: Option<String>,
-    /// A user message, wrapped in the model's chat template (ChatML).
+    /// A user message, wrapped in the chat template the model carries.
     #[arg(long, conflicts_with = "prompt")]
     pub chat: Option<String>,
     /// A system message for --chat (default: the template's own, if any).
