@@ -176,3 +176,38 @@ fn merged_hf_directory_keeps_the_architecture() {
         assert!(diff < 1e-4, "{arch}: merged HF directory differs by {diff}");
     }
 }
+
+/// `export --format gguf` for every tiny architecture (llama.cpp's `qwen2`, `qwen3`, `llama` for
+/// Mistral with its rotary row order, `phi3` with the fused `attn_qkv` / `ffn_up` names): the
+/// adapter file loads back onto the base with the same logits.
+#[test]
+fn llamacpp_adapters_round_trip_on_every_tiny_architecture() {
+    use deltatune::artifacts::gguf_lora;
+    use deltatune::io::gguf::GgufFile;
+    let r = reference();
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ARCHS {
+        let src = fixture(&format!("tiny/{arch}/model.gguf"));
+        let mut m = LlamaModel::load_gguf(&src, &Device::Cpu).unwrap();
+        let spec = DeltaSpec::parse_cli("lora:r=4,lora_alpha=8").unwrap();
+        attach::attach(&mut m, std::slice::from_ref(&spec), AttachOptions { seed: 1, tokenizer: None }).unwrap();
+        for (k, (_, _, var)) in attach::group_vars(&m, "lora").into_iter().enumerate() {
+            var.set(&pattern(var.dims(), k)).unwrap();
+        }
+        let ctx = ForwardCtx::eval();
+        let ids = ids_of(&r["models"][arch][0]["ids"]);
+        let logits = |m: &LlamaModel| m.logits(&m.forward(&row(&ids), None, None, &ctx).unwrap(), &ctx).unwrap();
+        let want = logits(&m);
+        let file = tmp.path().join(format!("{arch}.gguf"));
+        gguf_lora::export(&file, &m, &spec).unwrap();
+        let g = GgufFile::open(&file).unwrap();
+        let first = if arch == "phi3" { "blk.0.attn_qkv.weight.lora_a" } else { "blk.0.attn_q.weight.lora_a" };
+        assert!(g.tensor_info(first).is_some(), "{arch}: no {first} in {:?}", g.tensor_names());
+        let mut fresh = LlamaModel::load_gguf(&src, &Device::Cpu).unwrap();
+        let moved = (&want - logits(&fresh)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(moved > 0.1, "{arch}: the LoRA should change the logits (moved {moved})");
+        deltatune::artifacts::load_delta(&file, &mut fresh, AttachOptions::default()).unwrap();
+        let d = (&want - logits(&fresh)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-4, "{arch}: logits after the adapter round trip differ by {d}");
+    }
+}
