@@ -248,22 +248,30 @@ fn serve_process_drains_on_sigterm() {
     out.read_line(&mut line).unwrap();
     let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("no address line: {line:?}")).to_string();
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let body = serde_json::json!({"model": "base", "prompt": "List the numbers: 1, 2, 3,", "max_tokens": 40, "temperature": 0}).to_string();
+    // Long enough to be still running when SIGTERM arrives (decoding runs at 100-200 tokens/s).
+    let body = serde_json::json!({"model": "base", "prompt": "List the numbers: 1, 2, 3,", "max_tokens": 300, "temperature": 0}).to_string();
     let (a2, u2, b2) = (agent.clone(), format!("{url}/v1/completions"), body.clone());
     let running = std::thread::spawn(move || {
         let mut r = a2.post(&u2).header("Content-Type", "application/json").send(b2.as_str()).unwrap();
         let st = r.status().as_u16();
         (st, serde_json::from_str::<serde_json::Value>(&r.body_mut().read_to_string().unwrap()).unwrap())
     });
-    std::thread::sleep(std::time::Duration::from_millis(800));
+    std::thread::sleep(std::time::Duration::from_millis(400));
     assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
-    let (st, v) = running.join().unwrap();
-    assert_eq!(st, 200, "the running request was cut by SIGTERM: {v}");
-    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{v}");
-    // New work is refused (503 while draining, or the listener is already closed).
+    // The signal is handled asynchronously: wait until the server says it is draining (or has
+    // already closed), then new work must be refused (503, or the listener is gone).
+    for _ in 0..100 {
+        match agent.get(&format!("{url}/health")).call() {
+            Ok(r) if r.status().as_u16() == 200 => std::thread::sleep(std::time::Duration::from_millis(50)),
+            _ => break,
+        }
+    }
     if let Ok(r) = agent.post(&format!("{url}/v1/completions")).header("Content-Type", "application/json").send(body.as_str()) {
         assert_eq!(r.status().as_u16(), 503);
     }
+    let (st, v) = running.join().unwrap();
+    assert_eq!(st, 200, "the running request was cut by SIGTERM: {v}");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{v}");
     let status = child.wait().unwrap();
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
