@@ -84,8 +84,14 @@ def test_ctrl_c_stops_with_a_resumable_checkpoint(labelled, tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     opts = dict(TINY, max_steps=40, checkpoint_every=100, eval_every=None)
-    with pytest.raises(KeyboardInterrupt):
-        m.train(texts, labels=labels, output_dir=run, verbose=False, callback=on_event, **opts)
+    # A process started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler: install it for this test.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            m.train(texts, labels=labels, output_dir=run, verbose=False, callback=on_event, **opts)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert sent == [2]
     state = run / "checkpoints" / "last" / "state.json"
     assert state.is_file(), "a cancelled run leaves its checkpoint"
