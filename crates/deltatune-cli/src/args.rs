@@ -20,6 +20,23 @@ fn delta_spec(s: &str) -> deltatune::Result<DeltaSpec> {
     DeltaSpec::parse_cli(s)
 }
 
+/// What `merge` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MergeFormat {
+    /// A plain HF model directory.
+    Hf,
+    /// A GGUF model file.
+    Gguf,
+}
+
+fn merge_format(s: &str) -> deltatune::Result<MergeFormat> {
+    match s {
+        "hf" => Ok(MergeFormat::Hf),
+        "gguf" => Ok(MergeFormat::Gguf),
+        other => Err(deltatune::Error::arg("--format", format!("`{other}` (supported: hf, gguf)"))),
+    }
+}
+
 /// `label=words,label=words` (e.g. `0= negative,1= positive`).
 fn verbalizer(s: &str) -> deltatune::Result<Vec<(String, String)>> {
     s.split(',')
@@ -346,8 +363,8 @@ pub struct MergeArgs {
     pub overwrite: bool,
     /// `hf` (a model directory) or `gguf` (a GGUF model file llama.cpp loads; the base must be a
     /// GGUF decoder).
-    #[arg(long, default_value = "hf")]
-    pub format: String,
+    #[arg(long, default_value = "hf", value_parser = merge_format)]
+    pub format: MergeFormat,
     /// Weight types. HF directories of decoders: f32 (default), f16 or bf16 (encoders are written
     /// as loaded). GGUF: f16 (default), q8_0, or base (the base file's own types; merged matrices
     /// re-quantized).

@@ -110,6 +110,28 @@ fn pattern(dims: &[usize], k: usize) -> Tensor {
     Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
 }
 
+/// Attaches LoRA `spec` (a CLI spec, group `lora`) to `m` with the deterministic factors of
+/// [`pattern`], so that it changes the outputs.
+fn attach_pattern_lora(m: &mut LlamaModel, spec: &str) -> DeltaSpec {
+    let spec = DeltaSpec::parse_cli(spec).unwrap();
+    attach::attach(m, std::slice::from_ref(&spec), AttachOptions { seed: 1, tokenizer: None }).unwrap();
+    for (k, (_, _, var)) in attach::group_vars(m, "lora").into_iter().enumerate() {
+        var.set(&pattern(var.dims(), k)).unwrap();
+    }
+    spec
+}
+
+/// Logits of one row of token ids.
+fn logits_of(m: &LlamaModel, ids: &[u32]) -> Tensor {
+    let ctx = ForwardCtx::eval();
+    m.logits(&m.forward(&row(ids), None, None, &ctx).unwrap(), &ctx).unwrap()
+}
+
+/// Largest absolute difference.
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
 /// `merge --format gguf`: a LoRA with non-zero factors on every default target (Mistral's
 /// query/key rows go back into llama.cpp's rotary order; Phi-3's fused matrices), folded into a
 /// GGUF that loads back and answers like the unmerged model — exactly in the base's own F32
@@ -123,17 +145,11 @@ fn merged_gguf_matches_unmerged_lora() {
         let src = fixture(&format!("tiny/{arch}/model.gguf"));
         let mut m = LlamaModel::load_gguf(&src, &Device::Cpu).unwrap();
         let targets = if arch == "phi3" { "qkv_proj+o_proj+gate_up_proj+down_proj" } else { "q_proj+k_proj+v_proj+o_proj+up_proj" };
-        let spec = DeltaSpec::parse_cli(&format!("lora:r=4,target={targets}")).unwrap();
-        attach::attach(&mut m, std::slice::from_ref(&spec), AttachOptions { seed: 1, tokenizer: None }).unwrap();
-        for (k, (_, _, var)) in attach::group_vars(&m, "lora").into_iter().enumerate() {
-            var.set(&pattern(var.dims(), k)).unwrap();
-        }
-        let ctx = ForwardCtx::eval();
+        attach_pattern_lora(&mut m, &format!("lora:r=4,target={targets}"));
         let ids = ids_of(&r["models"][arch][0]["ids"]);
-        let logits = |m: &LlamaModel| m.logits(&m.forward(&row(&ids), None, None, &ctx).unwrap(), &ctx).unwrap();
         let base = LlamaModel::load_gguf(&src, &Device::Cpu).unwrap();
-        let before = logits(&m);
-        let moved = (&before - logits(&base)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let before = logits_of(&m, &ids);
+        let moved = max_diff(&before, &logits_of(&base, &ids));
         assert!(moved > 0.1, "{arch}: the LoRA should change the logits (moved {moved})");
         // F16 rounds every weight (relative 5e-4): a bound of 2% of what the LoRA moved.
         for (w, tol) in [(GgufWeights::Base, 1e-4f32), (GgufWeights::F16, 0.02 * moved)] {
@@ -141,10 +157,10 @@ fn merged_gguf_matches_unmerged_lora() {
             let n = write_merged_gguf(&mut m, &src, &out, w).unwrap();
             assert!(n > 0);
             let back = LlamaModel::load_gguf(&out, &Device::Cpu).unwrap();
-            let diff = (&before - logits(&back)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = max_diff(&before, &logits_of(&back, &ids));
             eprintln!("{arch} merged to GGUF {w:?}: max |logit difference| {diff:.2e} (the LoRA moved them by {moved:.2})");
             assert!(diff < tol, "{arch} {w:?}: merged GGUF differs by {diff}");
-            let again = (&before - logits(&m)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let again = max_diff(&before, &logits_of(&m, &ids));
             assert!(again < 1e-5, "{arch}: the model in memory changed by {again}");
         }
     }
@@ -159,20 +175,14 @@ fn merged_hf_directory_keeps_the_architecture() {
     let tmp = tempfile::tempdir().unwrap();
     for arch in ARCHS {
         let mut m = LlamaModel::load_hf(&fixture(&format!("tiny/{arch}")), &Device::Cpu).unwrap();
-        let spec = DeltaSpec::parse_cli("lora:r=4").unwrap();
-        attach::attach(&mut m, std::slice::from_ref(&spec), AttachOptions { seed: 1, tokenizer: None }).unwrap();
-        for (k, (_, _, var)) in attach::group_vars(&m, "lora").into_iter().enumerate() {
-            var.set(&pattern(var.dims(), k)).unwrap();
-        }
-        let ctx = ForwardCtx::eval();
+        attach_pattern_lora(&mut m, "lora:r=4");
         let ids = ids_of(&r["models"][arch][1]["ids"]);
-        let before = m.logits(&m.forward(&row(&ids), None, None, &ctx).unwrap(), &ctx).unwrap();
+        let before = logits_of(&m, &ids);
         let out = tmp.path().join(arch);
         deltatune::artifacts::write_merged_decoder(&mut m, &out, candle_core::DType::F32, None).unwrap();
         let back = LlamaModel::load_hf(&out, &Device::Cpu).unwrap();
         assert_eq!(back.config, m.config, "{arch}: config read back");
-        let after = back.logits(&back.forward(&row(&ids), None, None, &ctx).unwrap(), &ctx).unwrap();
-        let diff = (before - after).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = max_diff(&before, &logits_of(&back, &ids));
         assert!(diff < 1e-4, "{arch}: merged HF directory differs by {diff}");
     }
 }
@@ -189,25 +199,19 @@ fn llamacpp_adapters_round_trip_on_every_tiny_architecture() {
     for arch in ARCHS {
         let src = fixture(&format!("tiny/{arch}/model.gguf"));
         let mut m = LlamaModel::load_gguf(&src, &Device::Cpu).unwrap();
-        let spec = DeltaSpec::parse_cli("lora:r=4,lora_alpha=8").unwrap();
-        attach::attach(&mut m, std::slice::from_ref(&spec), AttachOptions { seed: 1, tokenizer: None }).unwrap();
-        for (k, (_, _, var)) in attach::group_vars(&m, "lora").into_iter().enumerate() {
-            var.set(&pattern(var.dims(), k)).unwrap();
-        }
-        let ctx = ForwardCtx::eval();
+        let spec = attach_pattern_lora(&mut m, "lora:r=4,lora_alpha=8");
         let ids = ids_of(&r["models"][arch][0]["ids"]);
-        let logits = |m: &LlamaModel| m.logits(&m.forward(&row(&ids), None, None, &ctx).unwrap(), &ctx).unwrap();
-        let want = logits(&m);
+        let want = logits_of(&m, &ids);
         let file = tmp.path().join(format!("{arch}.gguf"));
         gguf_lora::export(&file, &m, &spec).unwrap();
         let g = GgufFile::open(&file).unwrap();
         let first = if arch == "phi3" { "blk.0.attn_qkv.weight.lora_a" } else { "blk.0.attn_q.weight.lora_a" };
         assert!(g.tensor_info(first).is_some(), "{arch}: no {first} in {:?}", g.tensor_names());
         let mut fresh = LlamaModel::load_gguf(&src, &Device::Cpu).unwrap();
-        let moved = (&want - logits(&fresh)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let moved = max_diff(&want, &logits_of(&fresh, &ids));
         assert!(moved > 0.1, "{arch}: the LoRA should change the logits (moved {moved})");
         deltatune::artifacts::load_delta(&file, &mut fresh, AttachOptions::default()).unwrap();
-        let d = (&want - logits(&fresh)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = max_diff(&want, &logits_of(&fresh, &ids));
         assert!(d < 1e-4, "{arch}: logits after the adapter round trip differ by {d}");
     }
 }

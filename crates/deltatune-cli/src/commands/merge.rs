@@ -1,15 +1,15 @@
 //! `deltatune merge`: fold mergeable deltas into the base weights and write a plain HF model (or a GGUF file).
 
-use crate::args::MergeArgs;
+use crate::args::{MergeArgs, MergeFormat};
 use anyhow::Result;
 use deltatune::api::{self, MergeSpec};
 use deltatune::artifacts::GgufWeights;
 
 pub fn run(a: MergeArgs) -> Result<()> {
-    let gguf = match a.format.as_str() {
-        "hf" => None,
-        "gguf" => Some(GgufWeights::parse(a.dtype.as_deref().unwrap_or("f16"))?),
-        other => return Err(deltatune::Error::arg("--format", format!("`{other}` (supported: hf, gguf)")).into()),
+    let gguf = match a.format {
+        MergeFormat::Hf => None,
+        // The weight types of a GGUF depend on the format, so --dtype is parsed here.
+        MergeFormat::Gguf => Some(GgufWeights::parse(a.dtype.as_deref().unwrap_or("f16"))?),
     };
     let dtype = match (&gguf, a.dtype.as_deref()) {
         (None, Some(d)) => api::parse_dtype(d)?,
