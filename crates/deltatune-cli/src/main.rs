@@ -3,6 +3,7 @@
 
 mod args;
 mod commands;
+mod world;
 
 use clap::error::{ContextKind, ErrorKind};
 use clap::Parser;
@@ -60,16 +61,29 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let cancel = Cancel::new();
+    let session = match world::start(&cli.command) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let world = session.as_ref().map(world::Session::collective);
     // Compute jobs run on a thread of the kernels' pool (see `ops::in_pool`); servers, whose
     // main thread only waits, do not.
     let serving = matches!(&cli.command, args::Command::Serve(_))
         || matches!(&cli.command, args::Command::Bench(b) if matches!(b.what, deltatune_bench::BenchWhat::Serve(_)));
-    let result = if serving { commands::run(cli, &cancel) } else { deltatune::ops::in_pool(|| commands::run(cli, &cancel)) };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+    let result = if serving { commands::run(cli, &cancel, world) } else { deltatune::ops::in_pool(|| commands::run(cli, &cancel, world)) };
+    match (result, session) {
+        (Ok(()), s) => {
+            drop(s); // finalises MPI after a data-parallel run
+            ExitCode::SUCCESS
+        }
+        (Err(e), None) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+        // A failed rank ends the whole job at once: the others may be waiting for it.
+        (Err(e), Some(s)) => s.fail(&e),
     }
 }

@@ -2,6 +2,7 @@
 //! [`Cancel`] flag checked between steps. The library never prints; the CLI renders events as
 //! a progress bar, the server as metrics, Python as a tqdm bar or a callback.
 
+use crate::dist::Collective;
 use crate::error::{Error, Result};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,21 +63,39 @@ impl Cancel {
     }
 }
 
-/// What every job receives besides its spec: where events go and whether to stop.
+/// What every job receives besides its spec: where events go, whether to stop, and — for
+/// training started on several processes — the ranks it trains with.
 #[derive(Clone, Copy)]
 pub struct Control<'a> {
     pub progress: &'a dyn Progress,
     pub cancel: Option<&'a Cancel>,
+    /// Data-parallel training: the other processes (see [`crate::dist`]); `None` runs alone.
+    pub world: Option<&'a dyn Collective>,
 }
 
 impl<'a> Control<'a> {
     /// No events, never cancelled.
     pub fn silent() -> Control<'static> {
-        Control { progress: &Silent, cancel: None }
+        Control { progress: &Silent, cancel: None, world: None }
     }
 
     pub fn new(progress: &'a dyn Progress, cancel: Option<&'a Cancel>) -> Self {
-        Control { progress, cancel }
+        Control { progress, cancel, world: None }
+    }
+
+    /// The same control, training data-parallel with `world`.
+    pub fn with_world(self, world: &'a dyn Collective) -> Self {
+        Control { world: Some(world), ..self }
+    }
+
+    /// This process's rank and the number of ranks ((0, 1) alone).
+    pub fn rank_size(&self) -> (usize, usize) {
+        crate::dist::rank_size(self.world)
+    }
+
+    /// Whether this process writes the job's files (rank 0, or alone).
+    pub fn writes(&self) -> bool {
+        self.rank_size().0 == 0
     }
 
     pub fn emit(&self, event: Event) {

@@ -85,6 +85,10 @@ pub enum Error {
     #[error("cancelled{}", if .0.is_empty() { String::new() } else { format!(": {}", .0) })]
     Cancelled(String),
 
+    /// Data-parallel training: another process failed, or the processes disagree.
+    #[error("data-parallel: {0}")]
+    Distributed(String),
+
     #[error("{context}: {err}")]
     Candle { context: String, err: candle_core::Error },
 

@@ -24,6 +24,7 @@ pub mod control;
 pub mod core;
 pub mod data;
 pub mod delta;
+pub mod dist;
 pub mod error;
 pub mod head;
 pub mod io;

@@ -148,3 +148,117 @@ mod frozen_cache {
         assert!(!tmp.path().join("c/frozen-cache.bin").exists(), "the spill file is removed after training");
     }
 }
+
+/// Data-parallel training with ranks as threads (`dist::threads`, the same code path as MPI
+/// ranks): 2 and 3 ranks end with the one-process deltas, with dropout on, gradient
+/// accumulation, uneven shards and the frozen-prefix cache.
+mod data_parallel {
+    use crate::common::*;
+    use deltatune::api::Control;
+    use deltatune::artifacts::TaskModel;
+    use deltatune::attach::{self, AttachOptions};
+    use deltatune::data::tokenize::Encoding;
+    use deltatune::delta::DeltaSpec;
+    use deltatune::dist::{threads, Collective};
+    use deltatune::head::{Head, HeadConfig, HeadKind};
+    use deltatune::train::{fit, FitOptions, Prepared, Scores, TrainConfig};
+    use deltatune::{BertModel, Pooling};
+    use std::path::Path;
+
+    fn data(n: usize, salt: usize) -> Prepared {
+        let mut p = Prepared::default();
+        for i in 0..n {
+            let len = 3 + (i + salt) % 6;
+            let ids: Vec<u32> = (0..len).map(|j| 2 + ((i * 5 + j * 7 + salt) % 27) as u32).collect();
+            p.encodings.push(Encoding { token_type_ids: vec![0; len], input_ids: ids });
+            p.targets.push(((i + salt) % 3 == 0) as u32 as f32);
+        }
+        p
+    }
+
+    fn acc(p: &[f32], g: &[f32]) -> deltatune::Result<Scores> {
+        let a = p.iter().zip(g).filter(|(x, y)| x == y).count() as f64 / g.len() as f64;
+        Ok(Scores { primary: "accuracy".into(), values: [("accuracy".to_string(), a)].into() })
+    }
+
+    /// Trains LoRA + LN tuning on the tiny model (dropout 0.1 everywhere) and returns the final
+    /// parameters and the losses rank 0 logged.
+    fn train(dir: &Path, run: &Path, world: Option<&dyn Collective>, cache: bool) -> (Vec<Vec<f32>>, Vec<f64>) {
+        let mut backbone = BertModel::load(dir, &cpu()).unwrap();
+        let layers = if cache { ",layers=1" } else { "" };
+        let specs = vec![
+            DeltaSpec::parse_cli(&format!("lora:r=2,lora_alpha=4,lora_dropout=0.1,target=query+value{layers}")).unwrap(),
+            // (Not BitFit: the key bias's gradient is zero in exact arithmetic, so AdamW turns
+            // its rounding noise into updates of ±lr that differ with any summation order.)
+            DeltaSpec::parse_cli("ln_tuning").unwrap(),
+        ];
+        let specs = if cache { specs[..1].to_vec() } else { specs };
+        attach::attach(&mut backbone, &specs, AttachOptions { seed: 5, tokenizer: None }).unwrap();
+        let head = Head::new(HeadConfig { kind: HeadKind::Classification { num_labels: 2 }, pooling: Pooling::Mean, hidden_size: 8 }, 5, &cpu()).unwrap();
+        let mut model = TaskModel { backbone, head, specs };
+        let cfg = TrainConfig {
+            lr: 1e-2,
+            epochs: 2,
+            batch_size: 7,
+            grad_accum: 2,
+            cache_frozen: cache,
+            checkpoint_every: 3,
+            eval_every: Some(4),
+            ..Default::default()
+        };
+        let (tr, dv) = (data(38, 0), data(9, 1));
+        let ctl = Control::silent();
+        let ctl = match world {
+            Some(w) => ctl.with_world(w),
+            None => ctl,
+        };
+        let r = fit(&mut model, FitOptions { cfg: &cfg, train: &tr, dev: Some(&dv), scorer: &acc, run_dir: run, final_dir: run, resume: false, ctl: &ctl, meta: Default::default(), pad_id: 0 }).unwrap();
+        assert_eq!(r.ranks, world.map_or(1, |w| w.size()));
+        let losses = if world.is_none_or(|w| w.rank() == 0) {
+            std::fs::read_to_string(run.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .filter(|v| v["kind"] == "train")
+                .map(|v| v["loss"].as_f64().unwrap())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        (model.params().iter().map(|(_, v)| v.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect(), losses)
+    }
+
+    fn worst(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+        a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn ranks_end_with_the_one_process_deltas() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = write_tiny_model(&tmp.path().join("m"), |_| {});
+        for cache in [false, true] {
+            let solo_dir = tmp.path().join(format!("solo-{cache}"));
+            let (solo, solo_losses) = train(&dir, &solo_dir, None, cache);
+            assert_eq!(solo_losses.len(), 6, "2 epochs of 3 steps (38 examples, 7 × 2 per step)");
+            for n in [2, 3] {
+                let run = tmp.path().join(format!("dp{n}-{cache}"));
+                let out = threads::run(n, |w| train(&dir, &run, Some(w), cache));
+                for (r, (params, _)) in out.iter().enumerate() {
+                    let d = worst(&solo, params);
+                    assert!(d <= 1e-6, "{n} ranks (cache {cache}), rank {r}: deltas differ from one process by {d}");
+                    assert_eq!(params, &out[0].0, "every rank holds the same deltas");
+                }
+                for (a, b) in solo_losses.iter().zip(&out[0].1) {
+                    assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "losses {solo_losses:?} vs {:?}", out[0].1);
+                }
+                // Rank 0 wrote the run; nothing else appeared (no stray spill files).
+                assert!(run.join("final/delta.safetensors").is_file());
+                assert!(!run.join("frozen-cache.bin").exists());
+            }
+        }
+        // A world of one rank takes the one-process path.
+        let (a, _) = train(&dir, &tmp.path().join("x"), None, false);
+        let out = threads::run(1, |w| train(&dir, &tmp.path().join("y"), Some(w), false));
+        assert_eq!(worst(&a, &out[0].0), 0.0, "a world of one rank is the one-process run exactly");
+    }
+}

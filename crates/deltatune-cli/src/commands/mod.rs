@@ -20,15 +20,18 @@ use crate::args::{Cli, Command, DataArgs, DeltaArgs};
 use anyhow::{Context, Result};
 use deltatune::api::{Cancel, Control, DeltaSource};
 use deltatune::data::readers::Columns;
+use deltatune::dist::Collective;
 use deltatune::data::{DataSource, TaskOptions};
 use deltatune::delta::spec::parse_config_file;
 use progress::Reporter;
 use std::path::Path;
 
-pub fn run(cli: Cli, cancel: &Cancel) -> Result<()> {
+/// Runs the command; `world` is the data-parallel job `train` and `train-lm` join when started by
+/// an MPI launcher (see `crate::world`).
+pub fn run(cli: Cli, cancel: &Cancel, world: Option<&dyn Collective>) -> Result<()> {
     match cli.command {
         Command::Setup(a) => setup::run(a),
-        Command::Train(a) => train::run(a, cancel),
+        Command::Train(a) => train::run(a, cancel, world),
         Command::Eval(a) => evaluate::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Plot(a) => plot::run(a),
@@ -39,7 +42,7 @@ pub fn run(cli: Cli, cancel: &Cancel) -> Result<()> {
         Command::Export(a) => export::run(a),
         Command::Bench(a) => deltatune_bench::run(a),
         Command::Generate(a) => generate::run(a),
-        Command::TrainLm(a) => train_lm::run(a, cancel),
+        Command::TrainLm(a) => train_lm::run(a, cancel, world),
         Command::Serve(a) => serve::run(a),
     }
 }
@@ -62,6 +65,25 @@ pub fn setup_threads(threads: Option<usize>) -> Result<()> {
 pub fn with_control<T>(quiet: bool, cancel: Option<&Cancel>, job: impl FnOnce(&Control) -> deltatune::Result<T>) -> Result<T> {
     let reporter = Reporter::quiet_if(quiet);
     let ctl = Control::new(&reporter, cancel);
+    Ok(job(&ctl)?)
+}
+
+/// [`with_control`] for a job that may train data-parallel: ranks other than 0 report nothing
+/// (rank 0 speaks for the job; errors are printed by every rank).
+pub fn with_world_control<T>(
+    quiet: bool,
+    cancel: Option<&Cancel>,
+    world: Option<&dyn Collective>,
+    job: impl FnOnce(&Control) -> deltatune::Result<T>,
+) -> Result<T> {
+    let reporter = Reporter::quiet_if(quiet);
+    let silent = deltatune::control::Silent;
+    let rank = world.map_or(0, |w| w.rank());
+    let ctl = Control::new(if rank == 0 { &reporter } else { &silent }, cancel);
+    let ctl = match world {
+        Some(w) => ctl.with_world(w),
+        None => ctl,
+    };
     Ok(job(&ctl)?)
 }
 

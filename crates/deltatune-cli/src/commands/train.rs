@@ -6,7 +6,7 @@ use deltatune::api::{self, Cancel, DeltaSource, RunMode, TrainSpec};
 use deltatune::train::optim::{AdamWConfig, DecayRule};
 use deltatune::train::TrainConfig;
 
-pub fn run(a: TrainArgs, cancel: &Cancel) -> Result<()> {
+pub fn run(a: TrainArgs, cancel: &Cancel, world: Option<&dyn deltatune::dist::Collective>) -> Result<()> {
     let data = super::data_source(&a.data).ok_or_else(|| {
         anyhow::anyhow!("invalid --task/--data: name a task (--task sst2, --task bbc-news) or give --data PATH / --train FILE")
     })?;
@@ -57,7 +57,10 @@ pub fn run(a: TrainArgs, cancel: &Cancel) -> Result<()> {
     } else {
         RunMode::Fresh
     };
-    let s = super::with_control(a.quiet, Some(cancel), |ctl| api::train(&spec, &out, mode, ctl))?;
+    let s = super::with_world_control(a.quiet, Some(cancel), world, |ctl| api::train(&spec, &out, mode, ctl))?;
+    if world.is_some_and(|w| w.rank() > 0) {
+        return Ok(()); // rank 0 reports the run
+    }
     if a.json {
         println!("{}", serde_json::to_string(&s)?);
     } else {
@@ -82,6 +85,9 @@ pub fn run(a: TrainArgs, cancel: &Cancel) -> Result<()> {
             s.delta_params,
             s.run_dir.display()
         );
+        if s.ranks > 1 {
+            println!("  data-parallel over {} ranks; {:.1} s exchanging gradients", s.ranks, s.comm_seconds);
+        }
     }
     Ok(())
 }

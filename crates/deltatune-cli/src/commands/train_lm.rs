@@ -5,7 +5,7 @@ use anyhow::Result;
 use deltatune::api::{self, Cancel, LmData, TrainLmSpec};
 use deltatune::train::lm::LmTrainConfig;
 
-pub fn run(a: TrainLmArgs, cancel: &Cancel) -> Result<()> {
+pub fn run(a: TrainLmArgs, cancel: &Cancel, world: Option<&dyn deltatune::dist::Collective>) -> Result<()> {
     let data = match (&a.task, &a.train) {
         (Some(task), None) => LmData::Task { name: task.clone(), root: a.data_dir.clone(), template: a.template.clone(), verbalizer: a.verbalizer.clone() },
         (None, Some(train)) => LmData::Pairs { train: train.clone(), dev: a.dev.clone() },
@@ -31,13 +31,19 @@ pub fn run(a: TrainLmArgs, cancel: &Cancel) -> Result<()> {
         out: a.out.clone(),
         overwrite: a.overwrite,
     };
-    let r = super::with_control(a.json, Some(cancel), |ctl| api::train_lm(&spec, ctl))?;
+    let r = super::with_world_control(a.json, Some(cancel), world, |ctl| api::train_lm(&spec, ctl))?;
+    if world.is_some_and(|w| w.rank() > 0) {
+        return Ok(()); // rank 0 reports the run
+    }
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         match r.before {
             Some(b) => println!("{}: {b:.4} -> {:.4} after {} steps ({:.0} s)", r.metric, r.after, r.steps, r.train_seconds),
             None => println!("{}: {:.4} after {} steps ({:.0} s)", r.metric, r.after, r.steps, r.train_seconds),
+        }
+        if r.ranks > 1 {
+            println!("  data-parallel over {} ranks; {:.1} s exchanging gradients", r.ranks, r.comm_seconds);
         }
     }
     Ok(())

@@ -61,6 +61,10 @@ pub struct TrainResult {
     pub dev_examples: usize,
     pub stopped_early: bool,
     pub resumed_from: Option<usize>,
+    /// Processes that trained together (1 alone).
+    pub ranks: usize,
+    /// Seconds spent exchanging gradients between ranks (0 alone).
+    pub comm_seconds: f64,
     pub run_dir: PathBuf,
     pub notes: Vec<String>,
 }
@@ -139,8 +143,45 @@ enum Place {
     Staged { staging: StagedDir, _lock: DirLock },
 }
 
-/// Runs training as described by `spec` in `run_dir`.
+/// Runs training as described by `spec` in `run_dir`. Data-parallel when `ctl` has a world of
+/// several ranks (see [`crate::train::fit`]): every rank loads and checks everything, the ranks
+/// agree that all of them succeeded and have the same settings and data, and rank 0 alone
+/// writes the run directory.
 pub fn train(spec: &TrainSpec, run_dir: &Path, mode: RunMode, ctl: &Control) -> Result<TrainResult> {
+    let prepared = crate::dist::agree(ctl.world, "loading the model and data", prepare(spec, run_dir, mode, ctl))?;
+    let Prepared { task, enc, train, dev, mut model } = prepared;
+    crate::dist::check_same(ctl.world, "settings or data", fingerprint(spec, &train, &dev))?;
+    if !ctl.writes() {
+        // Reads the run directory (a resume's checkpoint) but writes nothing.
+        return run_in(spec, &task, &mut model, run_dir, run_dir, mode, (&train, &dev), &enc, ctl);
+    }
+    train_in_place(spec, run_dir, mode, ctl, Prepared { task, enc, train, dev, model })
+}
+
+/// What every rank loads before training: the task, tokenizer, splits and the model with its
+/// deltas and head.
+struct Prepared {
+    task: crate::data::task::TaskData,
+    enc: TextEncoder,
+    train: crate::train::prepared::Prepared,
+    dev: crate::train::prepared::Prepared,
+    model: TaskModel,
+}
+
+/// A hash of the resolved settings and the tokenized splits (ranks must agree on both).
+fn fingerprint(spec: &TrainSpec, train: &crate::train::prepared::Prepared, dev: &crate::train::prepared::Prepared) -> u64 {
+    let mut h = crate::ops::hash_str(&serde_json::to_string(spec).unwrap_or_default());
+    for split in [train, dev] {
+        for (e, t) in split.encodings.iter().zip(&split.targets) {
+            for &id in e.input_ids.iter().chain(std::iter::once(&t.to_bits())) {
+                h = (h ^ u64::from(id)).wrapping_mul(0x0000_0100_0000_01B3);
+            }
+        }
+    }
+    h
+}
+
+fn prepare(spec: &TrainSpec, run_dir: &Path, mode: RunMode, ctl: &Control) -> Result<Prepared> {
     spec.train.validate()?;
     spec.data_options.validate()?;
     if spec.deltas.is_empty() {
@@ -169,11 +210,17 @@ pub fn train(spec: &TrainSpec, run_dir: &Path, mode: RunMode, ctl: &Control) -> 
     attach::attach(&mut backbone, specs, AttachOptions { seed: spec.train.seed, tokenizer: Some(&enc) })?;
     let head_cfg = HeadConfig { kind: head_kind(task.kind), pooling: spec.train.pooling, hidden_size: backbone.hidden_size() };
     let head = Head::new(head_cfg, spec.train.seed, backbone.device())?;
-    let mut model = TaskModel { backbone, head, specs: specs.to_vec() };
+    let model = TaskModel { backbone, head, specs: specs.to_vec() };
     let tree = model.backbone.tree();
     if tree.trainable_params == 0 {
         return Err(Error::arg("--delta", "the deltas have no trainable parameters (are they all disabled or merged?)"));
     }
+    Ok(Prepared { task, enc, train, dev, model })
+}
+
+/// The writing rank's part: the run directory (in place or staged), the loop, the summary.
+fn train_in_place(spec: &TrainSpec, run_dir: &Path, mode: RunMode, ctl: &Control, p: Prepared) -> Result<TrainResult> {
+    let Prepared { task, enc, train, dev, mut model } = p;
     // Everything that can fail on bad input has been checked; now the run directory.
     let place = if mode == RunMode::Overwrite && occupied(run_dir) {
         let lock = DirLock::acquire(run_dir, "--out")?;
@@ -218,7 +265,7 @@ fn run_in(
     ctl: &Control,
 ) -> Result<TrainResult> {
     let specs = &spec.deltas;
-    if mode != RunMode::Resume {
+    if mode != RunMode::Resume && ctl.writes() {
         crate::io::write_json_atomic(&work_dir.join(RUN_FILE), spec)?;
     }
     let tree = model.backbone.tree();
@@ -276,9 +323,13 @@ fn run_in(
         dev_examples: dev.len(),
         stopped_early: result.stopped_early,
         resumed_from: result.resumed_from,
+        ranks: result.ranks,
+        comm_seconds: (result.comm_seconds * 1000.0).round() / 1000.0,
         run_dir: run_dir.to_path_buf(),
         notes: task.notes.iter().chain(&result.reports).cloned().collect(),
     };
-    crate::io::write_json_atomic(&work_dir.join("summary.json"), &summary)?;
+    if ctl.writes() {
+        crate::io::write_json_atomic(&work_dir.join("summary.json"), &summary)?;
+    }
     Ok(summary)
 }

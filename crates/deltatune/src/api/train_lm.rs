@@ -66,6 +66,10 @@ pub struct TrainLmResult {
     pub before: Option<f64>,
     pub after: f64,
     pub config: LmTrainConfig,
+    /// Processes that trained together (1 alone).
+    pub ranks: usize,
+    /// Seconds spent exchanging gradients between ranks (0 alone).
+    pub comm_seconds: f64,
 }
 
 enum Eval {
@@ -73,7 +77,81 @@ enum Eval {
     Perplexity(Vec<LmPair>),
 }
 
+/// Runs `train-lm`. Data-parallel when `ctl` has a world of several ranks: every rank loads
+/// and checks everything and the ranks agree on it before the first step; rank 0 alone scores
+/// the model and writes `out` (the other ranks return `after` = NaN).
 pub fn train_lm(spec: &TrainLmSpec, ctl: &Control) -> Result<TrainLmResult> {
+    let p = crate::dist::agree(ctl.world, "loading the model and data", prepare(spec, ctl))?;
+    let mut h = crate::ops::hash_str(&format!("{:?}{:?}", spec.config, p.specs));
+    for r in &p.rows {
+        for (&id, &t) in r.ids.iter().zip(&r.target) {
+            h = (h ^ (u64::from(id) << 1 | u64::from(t))).wrapping_mul(0x0000_0100_0000_01B3);
+        }
+    }
+    crate::dist::check_same(ctl.world, "settings or data", h)?;
+    let LmPrepared { lm, specs, rows, eval, what, path, baseline, trainable } = p;
+    let max_length = spec.config.max_length;
+    let t0 = Instant::now();
+    let log = lmt::train_rows(&lm.model, &specs, lm.tokenizer.pad_id.unwrap_or(0), &rows, &spec.config, ctl)?;
+    let train_seconds = t0.elapsed().as_secs_f64();
+    let (metric, after) = if ctl.writes() { score(&lm, &eval, max_length)? } else { (String::new(), f64::NAN) };
+    let result = TrainLmResult {
+        model: path.display().to_string(),
+        data: what,
+        trainable_params: trainable,
+        steps: log.len(),
+        rows: rows.len(),
+        first_loss: log.first().map(|s| s.loss),
+        last_loss: log.last().map(|s| s.loss),
+        train_seconds: (train_seconds * 10.0).round() / 10.0,
+        metric,
+        before: baseline.as_ref().map(|b| b.1),
+        after,
+        config: spec.config.clone(),
+        ranks: ctl.rank_size().1,
+        comm_seconds: (log.iter().filter_map(|s| s.comm_s).sum::<f64>() * 1000.0).round() / 1000.0,
+    };
+    if let (Some(out), true) = (&spec.out, ctl.writes()) {
+        // The delta and its metrics are written side by side in one staging directory, moved
+        // into place together.
+        let staging = StagedDir::new(out)?;
+        let mut meta = serde_json::Map::new();
+        meta.insert("train_lm".into(), serde_json::to_value(&result).map_err(|e| Error::Delta(e.to_string()))?);
+        delta_dir::write_into(staging.path(), &lm.model, &specs, &Default::default(), &meta)?;
+        let mut lines = String::new();
+        for s in &log {
+            lines.push_str(&serde_json::to_string(s).map_err(|e| Error::Delta(e.to_string()))?);
+            lines.push('\n');
+        }
+        crate::io::atomic::write_atomic(&staging.path().join("metrics.jsonl"), lines.as_bytes())?;
+        staging.commit(spec.overwrite)?;
+    }
+    Ok(result)
+}
+
+/// The metric of `eval` on the model as it is now.
+fn score(lm: &CausalLm, eval: &Eval, max_length: usize) -> Result<(String, f64)> {
+    Ok(match eval {
+        Eval::Accuracy(v, dev) => ("accuracy".into(), lmt::verbalizer_accuracy(&lm.model, &lm.tokenizer, v, dev, 16, max_length)?),
+        Eval::Perplexity(dev) => ("perplexity".into(), lmt::perplexity(&lm.model, &lm.tokenizer, dev, 8, max_length)?),
+    })
+}
+
+/// What every rank loads before training.
+struct LmPrepared {
+    lm: CausalLm,
+    specs: Vec<DeltaSpec>,
+    rows: Vec<lmt::LmRow>,
+    eval: Eval,
+    what: String,
+    path: PathBuf,
+    baseline: Option<(String, f64)>,
+    trainable: usize,
+}
+
+/// Everything before the first step (every rank does it): the model, the data, the deltas, and
+/// rank 0's untuned score.
+fn prepare(spec: &TrainLmSpec, ctl: &Control) -> Result<LmPrepared> {
     spec.config.validate()?;
     let path = decoder_path(spec.model.as_deref(), ctl)?;
     if let Some(out) = &spec.out {
@@ -143,13 +221,7 @@ pub fn train_lm(spec: &TrainLmSpec, ctl: &Control) -> Result<TrainLmResult> {
         }
     };
     let max_length = spec.config.max_length;
-    let score = |lm: &CausalLm| -> Result<(String, f64)> {
-        Ok(match &eval {
-            Eval::Accuracy(v, dev) => ("accuracy".into(), lmt::verbalizer_accuracy(&lm.model, &lm.tokenizer, v, dev, 16, max_length)?),
-            Eval::Perplexity(dev) => ("perplexity".into(), lmt::perplexity(&lm.model, &lm.tokenizer, dev, 8, max_length)?),
-        })
-    };
-    let baseline = if spec.baseline { Some(score(&lm)?) } else { None };
+    let baseline = if spec.baseline && ctl.writes() { Some(score(&lm, &eval, max_length)?) } else { None };
     if let Some((m, v)) = &baseline {
         ctl.message(format!("untuned {m}: {v:.4}"));
     }
@@ -159,38 +231,5 @@ pub fn train_lm(spec: &TrainLmSpec, ctl: &Control) -> Result<TrainLmResult> {
     let packed = if spec.config.pack { format!(", packed into {} rows of {} tokens", rows.len(), max_length) } else { String::new() };
     let steps = rows.len().div_ceil(spec.config.batch_size.max(1)) * spec.config.epochs;
     ctl.message(format!("training {trainable} parameters on {what}{packed}: {steps} steps"));
-    let t0 = Instant::now();
-    let log = lmt::train_rows(&lm.model, &specs, lm.tokenizer.pad_id.unwrap_or(0), &rows, &spec.config, ctl)?;
-    let train_seconds = t0.elapsed().as_secs_f64();
-    let (metric, after) = score(&lm)?;
-    let result = TrainLmResult {
-        model: path.display().to_string(),
-        data: what,
-        trainable_params: trainable,
-        steps: log.len(),
-        rows: rows.len(),
-        first_loss: log.first().map(|s| s.loss),
-        last_loss: log.last().map(|s| s.loss),
-        train_seconds: (train_seconds * 10.0).round() / 10.0,
-        metric,
-        before: baseline.as_ref().map(|b| b.1),
-        after,
-        config: spec.config.clone(),
-    };
-    if let Some(out) = &spec.out {
-        // The delta and its metrics are written side by side in one staging directory, moved
-        // into place together.
-        let staging = StagedDir::new(out)?;
-        let mut meta = serde_json::Map::new();
-        meta.insert("train_lm".into(), serde_json::to_value(&result).map_err(|e| Error::Delta(e.to_string()))?);
-        delta_dir::write_into(staging.path(), &lm.model, &specs, &Default::default(), &meta)?;
-        let mut lines = String::new();
-        for s in &log {
-            lines.push_str(&serde_json::to_string(s).map_err(|e| Error::Delta(e.to_string()))?);
-            lines.push('\n');
-        }
-        crate::io::atomic::write_atomic(&staging.path().join("metrics.jsonl"), lines.as_bytes())?;
-        staging.commit(spec.overwrite)?;
-    }
-    Ok(result)
+    Ok(LmPrepared { lm, specs, rows, eval, what, path, baseline, trainable })
 }

@@ -27,7 +27,20 @@ pub fn attention(
     heads: usize,
     probs_dropout: Option<(f32, DropoutKey)>,
 ) -> Result<Tensor> {
-    Mode { heads, dropout: probs_dropout, causal: false }.run(q, k, v, key_bias)
+    Mode { heads, dropout: probs_for_rows(probs_dropout, q, k, heads)?, causal: false }.run(q, k, v, key_bias)
+}
+
+/// The probabilities' dropout key for the rows of a shard (see [`super::rng::in_batch_rows`]):
+/// the probabilities are (b, heads, tq, tk), batch-major.
+fn probs_for_rows(d: Option<(f32, DropoutKey)>, q: &Tensor, k: &Tensor, heads: usize) -> Result<Option<(f32, DropoutKey)>> {
+    Ok(match d {
+        Some((p, key)) => {
+            let (b, tq, _) = q.dims3()?;
+            let tk = k.dim(1)?;
+            Some((p, key.for_rows(b * heads * tq * tk)))
+        }
+        None => None,
+    })
 }
 
 /// Causal multi-head attention (decoders): like [`attention`], with query i (of the last tq
@@ -45,7 +58,7 @@ pub fn attention_composed(
     heads: usize,
     probs_dropout: Option<(f32, DropoutKey)>,
 ) -> Result<Tensor> {
-    Mode { heads, dropout: probs_dropout, causal: false }.composed(q, k, v, key_bias)
+    Mode { heads, dropout: probs_for_rows(probs_dropout, q, k, heads)?, causal: false }.composed(q, k, v, key_bias)
 }
 
 /// Reference implementation of [`causal_attention`] from candle ops.
@@ -327,6 +340,23 @@ mod tests {
         // Not the non-causal result.
         let y3 = check(Mode { causal: false, ..causal }, (b, tq, tk), 21, &[tk + 1]);
         assert!(max_diff(&y1, &y3) > 1e-2);
+    }
+
+    /// A shard of the batch, computed inside `in_batch_rows`, gets the probabilities' dropout
+    /// masks its rows get in the whole batch (data-parallel training).
+    #[test]
+    fn shard_rows_get_the_whole_batch_masks() {
+        use crate::ops::cpu::testing::rand;
+        let (b, t, h) = (4, 5, 6);
+        let (q, k, v) = (rand(&[b, t, h], 1), rand(&[b, t, h], 2), rand(&[b, t, h], 3));
+        let bias = Tensor::zeros((b, t), DType::F32, &candle_core::Device::Cpu).unwrap();
+        let d = Some((0.3f32, DropoutKey(9)));
+        let whole = attention(&q, &k, &v, &bias, 2, d).unwrap();
+        let part = |x: &Tensor| x.narrow(0, 2, 2).unwrap();
+        let shard = crate::ops::in_batch_rows(2, 2, || attention(&part(&q), &part(&k), &part(&v), &part(&bias), 2, d)).unwrap();
+        assert_eq!(max_diff(&part(&whole), &shard), 0.0);
+        let plain = attention(&part(&q), &part(&k), &part(&v), &part(&bias), 2, d).unwrap();
+        assert!(max_diff(&part(&whole), &plain) > 1e-3, "outside a shard the masks differ");
     }
 
     #[test]

@@ -8,11 +8,13 @@ use candle_core::{Device, Tensor};
 
 /// Inverted dropout with a counter-based mask: the same key always drops the same elements, so
 /// training is reproducible and resumable, and the backward regenerates the mask instead of
-/// storing it.
+/// storing it. Inside [`super::rng::in_batch_rows`], `x` (batch-major) gets the masks its rows
+/// have in the whole batch.
 pub fn dropout(x: &Tensor, p: f32, key: DropoutKey) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
+    let key = key.for_rows(x.elem_count());
     if fused_ok(x) {
         return unary(x, Dropout { p, key });
     }
@@ -70,5 +72,22 @@ mod tests {
         let d2 = dropout_composed(x.as_tensor(), 0.3, key).unwrap();
         assert_eq!(max_diff(&d1, &d2), 0.0);
         assert!(grad_diff(&grads(&d1, &up), &grads(&d2, &up), &x) < 1e-6);
+    }
+
+    /// Rows 3..5 of a batch, dropped inside `in_batch_rows(3, 2)`, get the whole batch's masks —
+    /// forward and backward.
+    #[test]
+    fn shard_rows_get_the_whole_batch_masks() {
+        let x = var(&[6, 4, 5], 3, 1.0);
+        let key = DropoutKey(11);
+        let whole = dropout(x.as_tensor(), 0.4, key).unwrap().narrow(0, 3, 2).unwrap();
+        let part = var(&[2, 4, 5], 0, 1.0);
+        part.set(&x.as_tensor().narrow(0, 3, 2).unwrap()).unwrap();
+        let shard = crate::ops::in_batch_rows(3, 2, || dropout(part.as_tensor(), 0.4, key)).unwrap();
+        assert_eq!(max_diff(&whole, &shard), 0.0);
+        let g = shard.sum_all().unwrap().backward().unwrap();
+        let mask = g.get(part.as_tensor()).unwrap();
+        let expected = (whole.ne(0f32).unwrap().to_dtype(candle_core::DType::F32).unwrap() / 0.6).unwrap();
+        assert!(max_diff(mask, &expected) < 1e-6);
     }
 }

@@ -46,6 +46,40 @@ impl DropoutKey {
     pub fn keep(self, i: u64, p: f32) -> bool {
         self.uniform(i) >= p
     }
+
+    /// The key whose element `i` is this key's element `i + offset` (the element index enters
+    /// [`Self::uniform`] only as `key + i · C`, so an offset folds into the key).
+    pub fn shifted(self, offset: u64) -> Self {
+        DropoutKey(self.0.wrapping_add(offset.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+    }
+
+    /// For a batch-major tensor of `elems` elements computed inside [`in_batch_rows`]: the key that
+    /// gives its rows the masks they get in the whole batch.
+    pub fn for_rows(self, elems: usize) -> Self {
+        let (first, rows) = BATCH_ROWS.with(|c| c.get());
+        if first == 0 || rows == 0 || elems % rows != 0 {
+            return self;
+        }
+        self.shifted((first * (elems / rows)) as u64)
+    }
+}
+
+thread_local! {
+    /// (first row of the whole batch, rows) of the shard the current thread computes; (0, 0) outside
+    /// [`in_batch_rows`].
+    static BATCH_ROWS: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// Runs `f` — a forward pass over rows `first..first + rows` of a larger batch (data-parallel
+/// training computes one shard per process) — so that every dropout mask it draws equals the mask
+/// those rows get when the whole batch runs at once: masks depend on the seed and on the global
+/// position, not on how the batch was split. The tensors dropout applies to are batch-major
+/// (rows outermost) and padded to the whole batch's length.
+pub fn in_batch_rows<R>(first: usize, rows: usize, f: impl FnOnce() -> R) -> R {
+    let before = BATCH_ROWS.with(|c| c.replace((first, rows)));
+    let out = f();
+    BATCH_ROWS.with(|c| c.set(before));
+    out
 }
 
 #[cfg(test)]
@@ -62,5 +96,22 @@ mod tests {
         let k2 = DropoutKey(43).derive("x");
         let same = (0..1000u64).filter(|&i| k.keep(i, 0.5) == k2.keep(i, 0.5)).count();
         assert!(same < 600, "{same}");
+    }
+
+    #[test]
+    fn shifted_key_is_an_index_offset() {
+        let k = DropoutKey(7).derive("y");
+        for off in [1u64, 5, 1 << 40] {
+            for i in 0..100u64 {
+                assert_eq!(k.shifted(off).uniform(i), k.uniform(i + off));
+            }
+        }
+        // Outside a shard, and for tensors that are not batch-major, the key is unchanged.
+        assert_eq!(k.for_rows(12), k);
+        in_batch_rows(3, 2, || {
+            assert_eq!(k.for_rows(10), k.shifted(15));
+            assert_eq!(k.for_rows(7), k);
+        });
+        assert_eq!(k.for_rows(10), k);
     }
 }

@@ -105,7 +105,13 @@ impl FrozenCache {
     /// The cached hidden states (b, t, h) of examples `idx`, zero-padded to the longest, and the
     /// 0/1 mask (b, t).
     pub fn batch(&self, idx: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
-        let t = idx.iter().map(|&i| self.lens[i]).max().unwrap_or(0);
+        self.batch_to(idx, 0, device)
+    }
+
+    /// [`Self::batch`] padded to at least `min_len` positions (a data-parallel shard is padded to
+    /// the length of its whole batch).
+    pub fn batch_to(&self, idx: &[usize], min_len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let t = idx.iter().map(|&i| self.lens[i]).max().unwrap_or(0).max(min_len);
         let h = self.hidden;
         let mut data = vec![0f32; idx.len() * t * h];
         let mut mask = vec![0f32; idx.len() * t];

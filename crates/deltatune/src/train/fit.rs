@@ -5,6 +5,14 @@
 //! micro-batch), and the model and optimizer state are restored bit-exactly from the last
 //! checkpoint — so a run killed at any moment and resumed ends with the same delta as an
 //! uninterrupted one.
+//!
+//! Data-parallel (a [`crate::dist::Collective`] in the control with more than one rank): every
+//! rank computes its contiguous shard of each micro-batch, padded to the whole micro-batch's
+//! length and with the dropout masks those rows get in the whole batch
+//! ([`crate::ops::in_batch_rows`]); the step's gradients are summed over ranks in one exchange;
+//! every rank applies the same update. Rank 0 alone evaluates (its scores are broadcast) and
+//! writes the log, checkpoints and deltas. The state is the same whatever the number of ranks,
+//! so a run resumes on any number.
 
 use super::checkpoint::{self, LoopState};
 use super::log::{MetricsLog, Record};
@@ -13,6 +21,8 @@ use super::config::TrainConfig;
 use super::eval::evaluate;
 use super::prepared::{Prepared, Scorer, Scores};
 use crate::data::batching::batch_order;
+use crate::data::tokenize::Padding;
+use crate::dist::{self, GradExchange, StepTotals};
 use crate::artifacts::delta_dir as store;
 use crate::control::{Control, Event};
 use crate::error::{Error, Result};
@@ -58,6 +68,10 @@ pub struct FitResult {
     pub final_train_loss: Option<f64>,
     /// What the group trainers did (AdaLoRA's kept ranks and trainable budget).
     pub reports: Vec<String>,
+    /// Processes that trained (1 alone).
+    pub ranks: usize,
+    /// Seconds spent exchanging gradients between ranks (0 alone).
+    pub comm_seconds: f64,
 }
 
 /// Copies the saved values of a delta directory (with head) into `params`.
@@ -85,6 +99,11 @@ fn finite(t: &candle_core::Tensor) -> Result<bool> {
     Ok(s == 0.0)
 }
 
+/// Appends to the run's log where this rank keeps one.
+fn write(log: &mut Option<MetricsLog>, r: &Record) -> Result<()> {
+    log.as_mut().map_or(Ok(()), |l| l.write(r))
+}
+
 /// Optimizer steps of a run over `examples` training examples: `--max-steps`, else epochs ×
 /// steps per epoch (batches of `batch_size`, `grad_accum` of them per step).
 pub fn total_steps(cfg: &TrainConfig, examples: usize) -> usize {
@@ -109,6 +128,13 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
     let device = model.backbone.device().clone();
     let kind = model.head.config.kind;
     let params = model.params();
+    let world = o.ctl.world.filter(|w| w.size() > 1);
+    let (rank, ranks) = dist::rank_size(world);
+    // Only rank 0 writes; the other ranks keep nothing but a private spill for the frozen cache.
+    let writer = rank == 0;
+    let private_dir = if writer { None } else { Some(tempfile::tempdir().map_err(|e| Error::io_op(std::env::temp_dir(), "creating a directory in", e))?) };
+    let spill_dir = private_dir.as_ref().map_or(o.run_dir, |d| d.path());
+    let mut exchange = world.map(|_| GradExchange::new(&params));
     let mut opt = AdamW::new(params.clone(), cfg.adamw.clone())?;
     let lengths = o.train.lengths();
     let total = total_steps(cfg, o.train.len());
@@ -141,8 +167,12 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
         resumed_from = Some(state.step);
         st = state;
     }
-    std::fs::create_dir_all(o.run_dir).map_err(|e| Error::io_op(o.run_dir, "creating", e))?;
-    let mut log = MetricsLog::open(&o.run_dir.join("metrics.jsonl"), Some(st.step))?;
+    let mut log = if writer {
+        std::fs::create_dir_all(o.run_dir).map_err(|e| Error::io_op(o.run_dir, "creating", e))?;
+        Some(MetricsLog::open(&o.run_dir.join("metrics.jsonl"), Some(st.step))?)
+    } else {
+        None
+    };
     let ctl = o.ctl;
     if let Some(s) = resumed_from {
         ctl.message(format!("resuming at step {s}/{total} (epoch {}, batch {})", st.epoch, st.next_batch));
@@ -155,7 +185,7 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
     let mut cache_seconds = 0f64;
     let cache = if cfg.cache_frozen && k > 0 {
         let t = Instant::now();
-        let c = super::cache::FrozenCache::build(&model.backbone, o.train, k, cfg.eval_batch_size, o.pad_id, cfg.cache_mb << 20, o.run_dir)?;
+        let c = super::cache::FrozenCache::build(&model.backbone, o.train, k, cfg.eval_batch_size, o.pad_id, cfg.cache_mb << 20, spill_dir)?;
         ctl.message(format!(
             "cached layers 0-{} for {} examples in {:.1} s ({:.0} MiB in memory, {:.0} MiB on disk)",
             k - 1,
@@ -178,6 +208,9 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
     let mut stopped_early = false;
     let mut recent_loss: Vec<f64> = Vec::new();
     let save_ckpt = |st: &LoopState, opt: &AdamW, model: &TaskModel| -> Result<()> {
+        if !writer {
+            return Ok(());
+        }
         let (moments, _) = opt.state();
         // A checkpoint is only ever the last *good* state: refuse to write non-finite values.
         for (name, t) in moments.iter().chain(params.iter().map(|(n, v)| (n, v.as_tensor()))) {
@@ -207,21 +240,30 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
             let group_end = (st.next_batch + cfg.grad_accum).min(order.len());
             let group_examples: usize = order[st.next_batch..group_end].iter().map(|b| b.len()).sum();
             let mut loss_sum = 0f64;
-            for (mb, idx) in order.iter().enumerate().take(group_end).skip(st.next_batch) {
-                let (batch, targets) = o.train.batch(idx, kind, o.pad_id, &device)?;
+            for (mb, whole) in order.iter().enumerate().take(group_end).skip(st.next_batch) {
+                // This rank's rows of the micro-batch (all of them alone), padded like the whole.
+                let rows = dist::shard(whole.len(), rank, ranks);
+                let idx = &whole[rows.clone()];
+                if idx.is_empty() {
+                    continue;
+                }
+                let padding = if ranks > 1 { Padding::Fixed(o.train.longest(whole)) } else { Padding::Longest };
+                let (batch, targets) = o.train.batch_padded(idx, kind, o.pad_id, padding, &device)?;
                 let key = DropoutKey(cfg.seed).derive("train").derive_n(st.step as u64).derive_n(mb as u64);
                 let ctx = ForwardCtx::train(key);
-                let logits = match (&cache, prefix_fixed) {
-                    (Some(c), _) => {
-                        let (h, m) = c.batch(idx, &device)?;
-                        model.head.forward(&model.backbone.forward_layers(h, m, 0, k, &ctx, Vec::new())?)?
-                    }
-                    (None, true) => {
-                        let (h, m, nv) = model.backbone.forward_until(&batch, k, &ForwardCtx::eval(), &mut Vec::new())?;
-                        model.head.forward(&model.backbone.forward_layers(h, m, nv, k, &ctx, Vec::new())?)?
-                    }
-                    (None, false) => model.logits(&batch, &ctx)?,
-                };
+                let logits = crate::ops::in_batch_rows(rows.start, rows.len(), || -> Result<_> {
+                    Ok(match (&cache, prefix_fixed) {
+                        (Some(c), _) => {
+                            let (h, m) = c.batch_to(idx, if ranks > 1 { o.train.longest(whole) } else { 0 }, &device)?;
+                            model.head.forward(&model.backbone.forward_layers(h, m, 0, k, &ctx, Vec::new())?)?
+                        }
+                        (None, true) => {
+                            let (h, m, nv) = model.backbone.forward_until(&batch, k, &ForwardCtx::eval(), &mut Vec::new())?;
+                            model.head.forward(&model.backbone.forward_layers(h, m, nv, k, &ctx, Vec::new())?)?
+                        }
+                        (None, false) => model.logits(&batch, &ctx)?,
+                    })
+                })?;
                 let loss = model.head.loss(&logits, &targets)?;
                 let lv = loss.to_scalar::<f32>()? as f64;
                 if !lv.is_finite() {
@@ -247,6 +289,18 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
                 loss_sum += lv * idx.len() as f64;
             }
             let mut grads = acc.take(1.0)?;
+            // Data-parallel: the sum of every rank's gradients (each already weighted by its
+            // share of the step's examples) is the whole step's gradient.
+            let mut stop_all = ctl.cancelled();
+            let comm_before = exchange.as_ref().map(|e| e.comm);
+            if let (Some(w), Some(ex)) = (world, exchange.as_mut()) {
+                let totals = StepTotals { loss_sum, count: 0.0, stop: stop_all };
+                let (g, t) = ex.all_reduce(w, grads, totals, &device)?;
+                grads = g;
+                loss_sum = t.loss_sum;
+                stop_all = t.stop;
+            }
+            let comm_s = exchange.as_ref().zip(comm_before).map(|(e, b)| (e.comm - b).as_secs_f64());
             let norm = match cfg.max_grad_norm {
                 Some(m) => clip_grad_norm(&mut grads, m)?,
                 None => global_norm(&grads)?,
@@ -271,7 +325,7 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
             recent_loss.push(loss);
             let secs = t0.elapsed().as_secs_f64();
             let eps = (st.examples - examples0) as f64 / secs.max(1e-9);
-            log.write(&Record::Train { step: st.step, epoch: st.epoch, loss, lr, grad_norm: norm, examples_per_s: eps, elapsed_s: elapsed0 + secs })?;
+            write(&mut log, &Record::Train { step: st.step, epoch: st.epoch, loss, lr, grad_norm: norm, examples_per_s: eps, elapsed_s: elapsed0 + secs, comm_s })?;
             let steps_done = (st.step - resumed_from.unwrap_or(0)).max(1);
             let eta_s = secs / steps_done as f64 * (total - st.step) as f64;
             ctl.emit(Event::Step { step: st.step, total, loss, lr, examples_per_s: eps, eta_s });
@@ -280,20 +334,34 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
             let epoch_done = st.next_batch >= order.len();
             if epoch_done {
                 let secs = epoch_train + if st.epoch == 0 { cache_seconds } else { 0.0 };
-                log.write(&Record::Epoch { step: st.step, epoch: st.epoch, train_seconds: secs })?;
+                write(&mut log, &Record::Epoch { step: st.step, epoch: st.epoch, train_seconds: secs })?;
                 epoch_train = 0.0;
             }
             let eval_due = o.dev.is_some() && (cfg.eval_every.map_or(epoch_done, |e| st.step.is_multiple_of(e)) || st.step == total);
             if let (true, Some(dev)) = (eval_due, o.dev) {
-                let ev = evaluate(model, dev, cfg.eval_batch_size, o.pad_id, o.scorer)?;
-                let scores = ev.scores.clone().unwrap_or(Scores { primary: String::new(), values: Default::default() });
-                let score = scores.primary_value();
+                // Rank 0 evaluates; the others take its score (the models are identical).
+                let (scores, ev_loss) = if writer {
+                    let ev = evaluate(model, dev, cfg.eval_batch_size, o.pad_id, o.scorer)?;
+                    (ev.scores.clone().unwrap_or(Scores { primary: String::new(), values: Default::default() }), ev.loss)
+                } else {
+                    (Scores { primary: String::new(), values: Default::default() }, 0.0)
+                };
+                let (score, ev_loss) = match world {
+                    Some(w) => {
+                        let mut b = [scores.primary_value(), ev_loss];
+                        w.broadcast_f64(&mut b)?;
+                        (b[0], b[1])
+                    }
+                    None => (scores.primary_value(), ev_loss),
+                };
                 let values: Map<String, Value> = scores.values.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect();
-                log.write(&Record::Eval { step: st.step, epoch: st.epoch, metric: scores.primary.clone(), score, scores: values, loss: ev.loss })?;
+                write(&mut log, &Record::Eval { step: st.step, epoch: st.epoch, metric: scores.primary.clone(), score, scores: values, loss: ev_loss })?;
                 let improved = st.best_score.is_none_or(|b| score > b);
-                ctl.emit(Event::Eval { step: st.step, metric: scores.primary.clone(), score, loss: ev.loss, best: improved });
+                ctl.emit(Event::Eval { step: st.step, metric: scores.primary.clone(), score, loss: ev_loss, best: improved });
                 if improved {
-                    model.save(&o.run_dir.join("best"), &o.meta)?;
+                    if writer {
+                        model.save(&o.run_dir.join("best"), &o.meta)?;
+                    }
                     st.best_score = Some(score);
                     st.best_step = Some(st.step);
                     st.evals_since_best = 0;
@@ -307,11 +375,15 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
                 st.next_batch = 0;
             }
             let stop_early = cfg.patience.is_some_and(|p| st.evals_since_best >= p);
-            let cancelled = ctl.cancelled();
+            // Alone: the flag now; data-parallel: whether any rank had it at this step's exchange,
+            // so that all ranks stop after the same step.
+            let cancelled = if world.is_some() { stop_all } else { ctl.cancelled() };
             if st.step.is_multiple_of(cfg.checkpoint_every) || eval_due || st.step >= total || epoch_done || stop_early || cancelled {
                 st.elapsed_s = elapsed0 + t0.elapsed().as_secs_f64();
                 save_ckpt(&st, &opt, model)?;
-                log.flush()?;
+                if let Some(l) = log.as_mut() {
+                    l.flush()?;
+                }
             }
             if cancelled {
                 return Err(Error::Cancelled(format!("at step {}/{total}; {}", st.step, resume_hint(o.run_dir, o.final_dir))));
@@ -337,11 +409,13 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
     for r in &reports {
         ctl.message(r.clone());
     }
-    model.save(&o.run_dir.join("final"), &o.meta)?;
-    if o.dev.is_none() {
-        model.save(&o.run_dir.join("best"), &o.meta)?;
+    if writer {
+        model.save(&o.run_dir.join("final"), &o.meta)?;
+        if o.dev.is_none() {
+            model.save(&o.run_dir.join("best"), &o.meta)?;
+        }
     }
-    if best_scores.is_none() && st.best_score.is_some() {
+    if writer && best_scores.is_none() && st.best_score.is_some() {
         // Resumed after the best evaluation: recover its scores from the log.
         best_scores = super::log::read_records(&o.run_dir.join("metrics.jsonl"))?.into_iter().rev().find_map(|r| match r {
             Record::Eval { step, metric, scores, .. } if Some(step) == st.best_step => Some(Scores {
@@ -362,6 +436,8 @@ pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
         stopped_early,
         resumed_from,
         reports,
+        ranks,
+        comm_seconds: exchange.map_or(0.0, |e| e.comm.as_secs_f64()),
         final_train_loss: (!recent_loss.is_empty()).then(|| recent_loss[tail..].iter().sum::<f64>() / (recent_loss.len() - tail) as f64),
     })
 }

@@ -231,7 +231,13 @@ pub fn make_batch(encoded: &[(Vec<u32>, usize)], pad_id: u32, device: &Device) -
 
 /// A right-padded batch of rows.
 pub fn make_row_batch(rows: &[LmRow], pad_id: u32, device: &Device) -> Result<LmBatch> {
-    let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+    make_row_batch_to(rows, 0, pad_id, device)
+}
+
+/// [`make_row_batch`] padded to at least `min_len` positions (a data-parallel shard is padded
+/// to the length of its whole batch).
+pub fn make_row_batch_to(rows: &[LmRow], min_len: usize, pad_id: u32, device: &Device) -> Result<LmBatch> {
+    let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0).max(min_len);
     let b = rows.len();
     let mut ids = vec![pad_id; b * t];
     let mut mask = vec![0f32; b * t];
@@ -333,6 +339,9 @@ pub struct LmStep {
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
+    /// Data-parallel runs: seconds this step spent exchanging gradients.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm_s: Option<f64>,
 }
 
 /// Trains the deltas attached to `model` (`specs`: the attached groups) on `pairs`; returns every step's record. The order of
@@ -342,9 +351,19 @@ pub fn train(model: &LlamaModel, specs: &[DeltaSpec], tok: &LmTokenizer, pairs: 
     train_rows(model, specs, tok.pad_id.unwrap_or(0), &rows, cfg, ctl)
 }
 
+/// Target tokens of a row: completion tokens that have a position before them.
+fn row_targets(r: &LmRow) -> usize {
+    r.target.iter().skip(1).filter(|&&t| t).count()
+}
+
 /// Trains on prepared rows ([`training_rows`]), `ceil(rows / batch_size)` steps per epoch.
 /// Progress goes to `ctl` as step events; a cancellation stops before the next step. `specs`
 /// are the attached groups whose methods have training-time behaviour of their own.
+///
+/// Data-parallel when `ctl` has a world of several ranks: each rank computes its contiguous
+/// shard of every batch (padded to the whole batch's length, with the whole batch's dropout
+/// masks), its summed token losses divided by the *whole* batch's target count, so that the
+/// ranks' gradients sum to the one-process gradient; one exchange per step.
 pub fn train_rows(model: &LlamaModel, specs: &[DeltaSpec], pad: u32, encoded: &[LmRow], cfg: &LmTrainConfig, ctl: &Control) -> Result<Vec<LmStep>> {
     cfg.validate()?;
     let params = attach::trainable_vars(model);
@@ -359,6 +378,10 @@ pub fn train_rows(model: &LlamaModel, specs: &[DeltaSpec], pad: u32, encoded: &[
     let mut trainers = attach::group_trainers(model, specs)?;
     let mut log = Vec::with_capacity(total);
     let mut step = 0;
+    let world = ctl.world.filter(|w| w.size() > 1);
+    let (rank, ranks) = crate::dist::rank_size(world);
+    let mut exchange = world.map(|_| crate::dist::GradExchange::new(&params));
+    let mut stop_all = false;
     ctl.emit(Event::Start { what: "training".into(), total, done: 0 });
     let t0 = std::time::Instant::now();
     let result = (|| -> Result<()> {
@@ -371,35 +394,55 @@ pub fn train_rows(model: &LlamaModel, specs: &[DeltaSpec], pad: u32, encoded: &[
             order.swap(i, j.min(i));
         }
         for chunk in order.chunks(cfg.batch_size) {
+            // Data-parallel ranks stop together, after the step whose exchange carried the flag.
+            if world.is_some() && stop_all {
+                return Err(Error::Cancelled(format!("training at step {step}/{total}")));
+            }
             ctl.check(|| format!("training at step {step}/{total}"))?;
-            let rows: Vec<LmRow> = chunk.iter().map(|&i| encoded[i].clone()).collect();
-            let batch = make_row_batch(&rows, pad, model.device())?;
-            if batch.num_targets == 0 {
+            let whole_targets: usize = chunk.iter().map(|&i| row_targets(&encoded[i])).sum();
+            if whole_targets == 0 {
                 continue;
             }
+            let part = crate::dist::shard(chunk.len(), rank, ranks);
+            let longest = chunk.iter().map(|&i| encoded[i].ids.len()).max().unwrap_or(0);
+            let rows: Vec<LmRow> = chunk[part.clone()].iter().map(|&i| encoded[i].clone()).collect();
             let ctx = ForwardCtx::train(root.derive_n(1_000_000 + step as u64));
-            let nll = batch_nll(model, &batch, &ctx)?;
-            let loss = (nll / batch.num_targets as f64)?;
-            let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
-                return Err(Error::NonFinite(format!(
-                    "training loss is {value} at step {} (epoch {epoch}); stopped before changing the deltas further — try a lower --lr (now {})",
-                    step + 1,
-                    cfg.lr
-                )));
-            }
-            let mut total_loss = loss.clone();
-            for t in &trainers {
-                if let Some(r) = t.regularizer()? {
-                    total_loss = (total_loss + r)?;
-                }
-            }
-            let grads = total_loss.backward()?;
             let mut g = std::collections::BTreeMap::new();
-            for (name, var) in &params {
-                if let Some(t) = grads.get(var) {
-                    g.insert(name.clone(), t.clone());
+            let mut value = 0f64;
+            let batch = make_row_batch_to(&rows, if ranks > 1 { longest } else { 0 }, pad, model.device())?;
+            if batch.num_targets > 0 {
+                let nll = crate::ops::in_batch_rows(part.start, part.len(), || batch_nll(model, &batch, &ctx))?;
+                let loss = (nll / whole_targets as f64)?;
+                value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+                if !value.is_finite() {
+                    return Err(Error::NonFinite(format!(
+                        "training loss is {value} at step {} (epoch {epoch}); stopped before changing the deltas further — try a lower --lr (now {})",
+                        step + 1,
+                        cfg.lr
+                    )));
                 }
+                // Regularizers count once per step in all: each rank adds its share of the rows.
+                let share = part.len() as f64 / chunk.len() as f64;
+                let mut total_loss = loss.clone();
+                for t in &trainers {
+                    if let Some(r) = t.regularizer()? {
+                        total_loss = (total_loss + (r * share)?)?;
+                    }
+                }
+                let grads = total_loss.backward()?;
+                for (name, var) in &params {
+                    if let Some(t) = grads.get(var) {
+                        g.insert(name.clone(), t.clone());
+                    }
+                }
+            }
+            let comm_before = exchange.as_ref().map(|e| e.comm);
+            if let (Some(w), Some(ex)) = (world, exchange.as_mut()) {
+                let totals = crate::dist::StepTotals { loss_sum: value, count: 0.0, stop: ctl.cancelled() };
+                let (sum, t) = ex.all_reduce(w, g, totals, model.device())?;
+                g = sum;
+                value = t.loss_sum;
+                stop_all = t.stop;
             }
             let norm = match cfg.max_grad_norm {
                 Some(m) => clip_grad_norm(&mut g, m)?,
@@ -410,7 +453,8 @@ pub fn train_rows(model: &LlamaModel, specs: &[DeltaSpec], pad: u32, encoded: &[
             for t in &mut trainers {
                 t.after_step(step + 1, total, &g)?;
             }
-            let rec = LmStep { step, epoch, loss: value, lr, grad_norm: norm };
+            let comm_s = exchange.as_ref().zip(comm_before).map(|(e, b)| (e.comm - b).as_secs_f64());
+            let rec = LmStep { step, epoch, loss: value, lr, grad_norm: norm, comm_s };
             log.push(rec);
             step += 1;
             let secs = t0.elapsed().as_secs_f64();

@@ -9,7 +9,18 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Record {
-    Train { step: usize, epoch: usize, loss: f64, lr: f64, grad_norm: f64, examples_per_s: f64, elapsed_s: f64 },
+    Train {
+        step: usize,
+        epoch: usize,
+        loss: f64,
+        lr: f64,
+        grad_norm: f64,
+        examples_per_s: f64,
+        elapsed_s: f64,
+        /// Data-parallel runs: seconds this step spent exchanging gradients (rank 0's view).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        comm_s: Option<f64>,
+    },
     Eval { step: usize, epoch: usize, metric: String, score: f64, scores: serde_json::Map<String, serde_json::Value>, loss: f64 },
     /// The end of an epoch: its training seconds (evaluation excluded; the first epoch includes
     /// building a frozen-prefix cache).

@@ -30,8 +30,19 @@ impl Prepared {
 
     /// The padded batch of examples `idx` and its targets (u32 classes or f32 values).
     pub fn batch(&self, idx: &[usize], kind: HeadKind, pad_id: u32, device: &Device) -> Result<(EncodedBatch, Tensor)> {
+        self.batch_padded(idx, kind, pad_id, Padding::Longest, device)
+    }
+
+    /// The longest encoding among examples `idx`.
+    pub fn longest(&self, idx: &[usize]) -> usize {
+        idx.iter().map(|&i| self.encodings[i].input_ids.len()).max().unwrap_or(0)
+    }
+
+    /// [`Self::batch`] with the padding given (a data-parallel shard is padded to the length of
+    /// its whole batch).
+    pub fn batch_padded(&self, idx: &[usize], kind: HeadKind, pad_id: u32, padding: Padding, device: &Device) -> Result<(EncodedBatch, Tensor)> {
         let encs: Vec<Encoding> = idx.iter().map(|&i| self.encodings[i].clone()).collect();
-        let batch = EncodedBatch::collate(&encs, Padding::Longest, pad_id, device)?;
+        let batch = EncodedBatch::collate(&encs, padding, pad_id, device)?;
         let t: Vec<f32> = idx.iter().map(|&i| self.targets[i]).collect();
         let targets = match kind {
             HeadKind::Classification { .. } => Tensor::from_vec(t.iter().map(|&x| x as u32).collect::<Vec<u32>>(), idx.len(), device)?,
