@@ -83,7 +83,8 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-        // A failed rank ends the whole job at once: the others may be waiting for it.
+        // A failed rank ends the whole job at once: the others may be waiting for it — unless
+        // every rank knows of the failure and stops on its own.
         (Err(e), Some(s)) => s.fail(&e),
     }
 }

@@ -21,11 +21,18 @@ impl Session {
         unreachable!("no session exists without the mpi feature")
     }
 
-    /// Prints `e` with this rank's number and ends every rank of the job (MPI_Abort): a rank
-    /// that stops while the others wait in an exchange must not leave them waiting.
+    /// Prints `e` with this rank's number. When every rank stopped on an error they agreed on,
+    /// finalises MPI and exits 1 like the others; otherwise ends every rank of the job
+    /// (MPI_Abort): a rank that stops while the others wait in an exchange must not leave them
+    /// waiting.
     pub fn fail(self, e: &anyhow::Error) -> ExitCode {
         let w = self.collective();
         eprintln!("rank {} of {}: error: {e:#}", w.rank(), w.size());
+        let agreed = e.chain().any(|c| matches!(c.downcast_ref::<deltatune::Error>(), Some(deltatune::Error::AllRanksStopped(_))));
+        if agreed {
+            drop(self);
+            return ExitCode::FAILURE;
+        }
         #[cfg(feature = "mpi")]
         self.inner.world.abort(1);
         #[cfg(not(feature = "mpi"))]

@@ -89,6 +89,11 @@ pub enum Error {
     #[error("data-parallel: {0}")]
     Distributed(String),
 
+    /// An error every rank of a data-parallel job knows about (they agreed on it), so every rank
+    /// stops on its own and none needs to end the others.
+    #[error(transparent)]
+    AllRanksStopped(Box<Error>),
+
     #[error("{context}: {err}")]
     Candle { context: String, err: candle_core::Error },
 

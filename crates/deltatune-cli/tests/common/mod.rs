@@ -1,7 +1,7 @@
 //! Helpers shared by the binary's integration tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn bin() -> Command {
@@ -36,4 +36,24 @@ pub fn decoder() -> Option<String> {
     }
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     Some(v["decoder"].as_str().unwrap().to_string())
+}
+
+/// 96 labelled sentences (CSV with a header) and 24 dev sentences.
+pub fn write_data(dir: &Path) -> (PathBuf, PathBuf) {
+    let good = ["wonderful", "great", "delightful", "superb", "excellent", "moving", "brilliant", "charming"];
+    let bad = ["awful", "boring", "dreadful", "terrible", "dull", "clumsy", "tedious", "lifeless"];
+    let things = ["film", "story", "acting", "plot", "ending", "score"];
+    let mut rows = vec!["text,label".to_string()];
+    let mut dev = vec!["text,label".to_string()];
+    for (i, (g, b)) in good.iter().zip(bad.iter()).enumerate() {
+        for (j, t) in things.iter().enumerate() {
+            let target = if (i + j) % 4 == 0 { &mut dev } else { &mut rows };
+            target.push(format!("\"The {t} was {g}, really {g}.\",positive"));
+            target.push(format!("\"The {t} was {b}, really {b}.\",negative"));
+        }
+    }
+    let (tr, dv) = (dir.join("train.csv"), dir.join("dev.csv"));
+    std::fs::write(&tr, rows.join("\n") + "\n").unwrap();
+    std::fs::write(&dv, dev.join("\n") + "\n").unwrap();
+    (tr, dv)
 }

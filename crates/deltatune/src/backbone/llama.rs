@@ -301,8 +301,10 @@ impl Linear {
         let s = &self.site;
         let x = s.pre(x, ctx)?;
         let y = match s.quantized("weight") {
+            // Training always multiplies by the dequantized weight: a row's numbers then do not
+            // depend on how many rows the batch has (data-parallel shards, accumulation).
             Some(q) => {
-                let y = ops::qlinear(&x, q, exact)?;
+                let y = ops::qlinear(&x, q, exact || ctx.train)?;
                 match s.resolve("bias", ctx)? {
                     Some(b) => y.broadcast_add(&b)?,
                     None => y,
@@ -1210,7 +1212,7 @@ impl LlamaModel {
             None => {
                 let s = &self.embed_tokens;
                 match s.quantized("weight") {
-                    Some(q) => ops::qlinear(hidden, q, self.exact),
+                    Some(q) => ops::qlinear(hidden, q, self.exact || ctx.train),
                     None => ops::linear(hidden, &s.require("weight", ctx)?, None),
                 }
             }

@@ -77,7 +77,8 @@ pub fn shard(n: usize, rank: usize, size: usize) -> std::ops::Range<usize> {
 
 /// Agrees on whether every rank got this far: `local` is this rank's outcome. Returns it when
 /// every rank succeeded; otherwise every rank returns an error — the failing ranks their own,
-/// the others one naming the ranks that failed — so that all stop before the first step.
+/// the others one naming the ranks that failed — so that all stop before the first step. The
+/// errors are [`Error::AllRanksStopped`]: every rank knows, none has to end the others.
 pub fn agree<T>(world: Option<&dyn Collective>, what: &str, local: Result<T>) -> Result<T> {
     let Some(w) = world.filter(|w| w.size() > 1) else { return local };
     let mut failed = vec![0f64; w.size()];
@@ -85,12 +86,12 @@ pub fn agree<T>(world: Option<&dyn Collective>, what: &str, local: Result<T>) ->
     w.sum_f64(&mut failed)?;
     let ranks: Vec<String> = failed.iter().enumerate().filter(|(_, &f)| f > 0.0).map(|(r, _)| r.to_string()).collect();
     match local {
-        Err(e) => Err(e),
-        Ok(_) if !ranks.is_empty() => Err(Error::Distributed(format!(
+        Err(e) => Err(Error::AllRanksStopped(Box::new(e))),
+        Ok(_) if !ranks.is_empty() => Err(Error::AllRanksStopped(Box::new(Error::Distributed(format!(
             "rank{} {} failed {what} (its error is printed above); no rank started",
             if ranks.len() > 1 { "s" } else { "" },
             ranks.join(", ")
-        ))),
+        ))))),
         Ok(v) => Ok(v),
     }
 }
@@ -110,7 +111,8 @@ pub fn check_same(world: Option<&dyn Collective>, what: &str, fingerprint: u64) 
     if ranks.is_empty() {
         Ok(())
     } else {
-        Err(Error::Distributed(format!("rank(s) {} have different {what} than rank 0; start every rank with the same command and files", ranks.join(", "))))
+        let msg = format!("rank(s) {} have different {what} than rank 0; start every rank with the same command and files", ranks.join(", "));
+        Err(Error::AllRanksStopped(Box::new(Error::Distributed(msg))))
     }
 }
 
