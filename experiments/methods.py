@@ -13,13 +13,20 @@ Learning rates: the method's usual one (below); full fine-tuning 5e-5.
 
 Usage:
   python3 experiments/methods.py --bin target/release/deltatune --data-dir ../shared/data \
-      --out experiments/results/methods.jsonl [--tasks sst2,rte] [--methods lora,bitfit]
+      --out experiments/results/methods.jsonl [--tasks sst2,rte] [--methods lora,bitfit] [--shard I/N]
+
+Spread over processes like experiments/s3delta.py (experiments/grid.py): `--shard I/N`, a Slurm
+job array or `mpirun -np N python3 experiments/methods.py ...`.
 """
 import argparse
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grid  # noqa: E402
 
 TASKS = ["sst2", "rte", "cola", "stsb"]
 # (name, --delta spec, learning rate)
@@ -60,7 +67,9 @@ def main():
     ap.add_argument("--train", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shard", default=None, help="I/N: run every N-th cell from the I-th (default: from a job array or mpirun)")
     a = ap.parse_args()
+    shard = grid.parse_shard(a.shard)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
@@ -70,9 +79,13 @@ def main():
             if "error" not in r:
                 done.add((r["task"], r["method"]))
     wanted = set(a.methods.split(","))
+    cell = -1
     for task in a.tasks.split(","):
         for name, spec, lr in METHODS:
-            if name not in wanted or (task, name) in done:
+            if name not in wanted:
+                continue
+            cell += 1
+            if not grid.mine(cell, shard) or (task, name) in done:
                 continue
             cmd = ["deltatune", "--threads", str(a.threads), "train", "--task", task, "--delta", spec, "--lr", lr,
                    "--max-train", str(a.train), "--max-length", "64", "--batch-size", "32", "--epochs", str(a.epochs),
@@ -80,7 +93,7 @@ def main():
             full = [a.bin] + cmd[1:] + ["--data-dir", a.data_dir, "--out", f"{a.work}/{task}-{name}", "--overwrite",
                                         "--checkpoint-every", "1000000", "--quiet", "--json"]
             t = time.time()
-            p = subprocess.run(full, capture_output=True, text=True)
+            p = subprocess.run(full, capture_output=True, text=True, env=grid.child_env())
             rec = {"task": task, "method": name, "spec": spec, "lr": lr, "train_examples": a.train, "epochs": a.epochs,
                    "command": " ".join(cmd), "date": time.strftime("%Y-%m-%d")}
             if p.returncode != 0:
@@ -91,8 +104,7 @@ def main():
                            trainable_params=res["trainable_params"], delta_params=res.get("delta_params"),
                            total_params=res["total_params"], seconds=round(res["seconds"], 1),
                            wall_seconds=round(time.time() - t, 1), steps=res["steps"])
-            with open(out, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            grid.append(out, rec)
             print(json.dumps(rec), flush=True)
 
 

@@ -22,7 +22,11 @@ for N epochs instead of --search-epochs (s3-L-e10, s3-M-2nd-e10).
 Usage:
   python3 experiments/s3delta.py --bin target/release/deltatune --data-dir ../shared/data \
       --out experiments/results/s3delta.jsonl [--tasks sst2,rte] [--budgets 0.0139%] [--seeds 1,2,3]
-      [--methods s3-L-2nd,s3-M-2nd,s3-L-e10]
+      [--methods s3-L-2nd,s3-M-2nd,s3-L-e10] [--shard I/N]
+
+Spread over processes (experiments/grid.py): `--shard I/N` runs every N-th cell from the I-th; a
+Slurm job array (scripts/slurm/grid-array.sbatch) or `mpirun -np N python3 experiments/s3delta.py`
+sets the shard by itself. Shards append to the same results file.
 """
 import argparse
 import json
@@ -32,6 +36,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grid  # noqa: E402
 
 BACKBONE = 22_713_216
 TASKS = ["sst2", "rte", "cola", "stsb", "mrpc"]
@@ -59,7 +66,7 @@ def done_keys(path):
 
 def run(cmd, log):
     t = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=grid.child_env())
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n" + p.stderr[-4000:] + "\n")
     if p.returncode != 0:
@@ -158,7 +165,9 @@ def main():
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--search-epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shard", default=None, help="I/N: run every N-th cell from the I-th (default: from a job array or mpirun)")
     a = ap.parse_args()
+    shard = grid.parse_shard(a.shard)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(a.work)
@@ -170,15 +179,18 @@ def main():
     data = ["--data-dir", a.data_dir, "--max-train", str(a.train), "--max-dev", str(a.dev), "--max-length", "64"]
     common_train = ["--batch-size", "32", "--epochs", str(a.epochs), "--quiet", "--json", "--overwrite", "--checkpoint-every", "1000000"]
     cands_cache = {}
+    cell = -1
     for task in a.tasks.split(","):
         for seed in [int(s) for s in a.seeds.split(",")]:
             for budget in a.budgets.split(","):
                 b = budget_params(budget)
                 for method in methods:
                     key_budget = "-" if method == "full" else budget
-                    if (task, key_budget, method, seed) in done:
-                        continue
                     if method == "full" and budget != a.budgets.split(",")[0]:
+                        continue
+                    # Cells are numbered whether done or not, so every shard agrees on the numbering.
+                    cell += 1
+                    if not grid.mine(cell, shard) or (task, key_budget, method, seed) in done:
                         continue
                     tag = f"{task}-{budget.rstrip('%')}-{method}-s{seed}"
                     rec = {"task": task, "budget": key_budget, "budget_params": None if method == "full" else round(b),
@@ -203,7 +215,7 @@ def main():
                                        selected_params=res["selected_params"], selected=res["selected"])
                         elif method == "random":
                             if "M" not in cands_cache:
-                                sdir = work / "space-M"
+                                sdir = work / f"space-M-{shard[0]}-of-{shard[1]}"
                                 if not (sdir / "candidates.json").exists():
                                     run(base + ["search", "--task", task, *data, "--budget", "1000", "--space", "M", "--candidates-only",
                                                 "--out", str(sdir), "--overwrite", "--json", "--quiet"], log)
@@ -214,8 +226,7 @@ def main():
                             specs = MANUAL[method](b)
                             if specs is None:
                                 rec.update(skipped="does not fit the budget")
-                                with open(out, "a") as f:
-                                    f.write(json.dumps(rec) + "\n")
+                                grid.append(out, rec)
                                 continue
                             cfg.write_text(json.dumps({"deltas": specs}, indent=1))
                         lr = "5e-5" if method == "full" else "1e-3"
@@ -228,8 +239,7 @@ def main():
                             rec["search_over_retrain"] = round(search_s / max(train_s, 1e-9), 2)
                     except Exception as e:  # record and go on: one failure must not stop the grid
                         rec.update(error=str(e)[-500:])
-                    with open(out, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                    grid.append(out, rec)
                     print(json.dumps(rec), flush=True)
 
 

@@ -22,8 +22,19 @@ if [ -z "${DELTATUNE_NO_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 
     fi
 fi
 
+# Data-parallel training is behind the cargo feature `mpi` (Open MPI + libclang, installed by
+# scripts/setup-mpi.sh where this user may); its tests run with the feature when mpicc is there,
+# and without it the build still works and they skip with a printed reason.
+# DELTATUNE_NO_MPI=1 skips this.
+features="deltatune-py/python"
+if [ -z "${DELTATUNE_NO_MPI:-}" ] && scripts/setup-mpi.sh; then
+    features="$features,deltatune-cli/mpi"
+else
+    echo "building without MPI: the data-parallel (mpirun) tests will skip"
+fi
+
 if [ -z "${DELTATUNE_SKIP_RUST:-}" ]; then
-    cargo test --workspace --features deltatune-py/python
+    cargo test --workspace --features "$features"
 fi
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
