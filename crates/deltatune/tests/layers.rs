@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 /// Layers, bottom first; a module may import modules of lower layers only.
 const LAYERS: &[&[&str]] = &[
     &["error"],
+    &["dist"],
     &["io", "ops", "control"],
     &["assets", "plot"],
     &["data"],
