@@ -259,6 +259,9 @@ pub struct BenchTrainArgs {
     /// forward / backward / optimizer phases (over --steps extra steps).
     #[arg(long)]
     pub profile: bool,
+    /// Also time each method on 1 thread (when --bench-threads is more), to show the scaling.
+    #[arg(long)]
+    pub scaling: bool,
     #[arg(long)]
     pub json: bool,
 }

@@ -84,6 +84,28 @@ mod tests {
         assert_eq!(ids[1][4], 102);
         assert!(ids[0][1..4].iter().all(|&x| (1000..30000).contains(&x)));
     }
+
+    /// The FLOP count of a MiniLM step (6 layers, h 384, intermediate 1536) at 32 × 128 tokens,
+    /// against the hand count: forward 6 × (2·4096·(4·384² + 2·384·1536) + 4·32·128²·384).
+    #[test]
+    fn encoder_flops_from_the_shapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let cfg = r#"{"model_type": "bert", "hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6,
+                      "num_attention_heads": 12, "vocab_size": 30522, "max_position_embeddings": 512, "type_vocab_size": 2}"#;
+        std::fs::write(&path, cfg).unwrap();
+        let c = deltatune::backbone::config::BertConfig::from_file(&path).unwrap();
+        let fwd_layer = 2.0 * 4096.0 * (4.0 * 384.0 * 384.0 + 2.0 * 384.0 * 1536.0);
+        let attn = 4.0 * 32.0 * 128.0 * 128.0 * 384.0;
+        // Nothing trained, nothing below: forward only.
+        assert_eq!(encoder_step_flops(&c, 32, 128, 6, 0, false), 6.0 * (fwd_layer + attn));
+        // LoRA everywhere (73,728 + a 770 head): backward through every layer, 6 per parameter-token.
+        let lora = encoder_step_flops(&c, 32, 128, 0, 74_498, false);
+        assert_eq!(lora, 6.0 * (fwd_layer + attn) + 6.0 * (fwd_layer + 2.0 * attn) + 6.0 * 4096.0 * 74_498.0);
+        assert!((lora / 1e9 - 190.3).abs() < 0.1, "{}", lora / 1e9);
+        // Full fine-tuning adds the weight gradients of every linear map.
+        assert_eq!(encoder_step_flops(&c, 32, 128, 0, 22_713_216, true) - lora, 6.0 * fwd_layer - 6.0 * 4096.0 * 74_498.0);
+    }
 }
 
 /// Results of the training-step benchmark for one method (milliseconds, MiB).
@@ -98,6 +120,13 @@ pub struct TrainBench {
     pub total_params: usize,
     pub first_loss: f64,
     pub last_loss: f64,
+    /// Floating-point operations of one step (matmuls and attention, counted from the shapes;
+    /// see [`encoder_step_flops`]), in GFLOP.
+    #[serde(default)]
+    pub step_gflop: f64,
+    /// Threads the step ran on.
+    #[serde(default)]
+    pub threads: usize,
     /// With profiling: per-step milliseconds of each fused op's forward and backward, and of the
     /// phases (forward, backward, optimizer) over `steps` extra steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -205,6 +234,8 @@ pub fn train_step_bench(
         Ok(())
     })?;
     let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+    let lowest = attach::frozen_prefix_layers(&model.backbone);
+    let step_gflop = encoder_step_flops(&model.backbone.config, batch, seq_len, lowest, trainable, method == "full") / 1e9;
     let pooler: usize = model.backbone.sites().iter().filter(|s| s.path().starts_with("pooler")).map(|s| s.num_params()).sum();
     let replaced: usize = if method == "full" { trainable - 770 } else { 0 };
     Ok(TrainBench {
@@ -218,8 +249,39 @@ pub fn train_step_bench(
         total_params: model.backbone.num_params() - pooler + trainable - replaced,
         first_loss: losses.first().copied().unwrap_or(f64::NAN),
         last_loss: losses.last().copied().unwrap_or(f64::NAN),
+        step_gflop,
+        threads: rayon::current_num_threads(),
         profile,
     })
+}
+
+/// Floating-point operations (2 per multiply-add) of one training step of a BERT-family encoder on
+/// `batch` × `seq` tokens, counted from the shapes: the forward of every layer (the six linear
+/// maps, and the two attention products QKᵀ and PV); the backward of the layers from `lowest`
+/// (the lowest layer holding a delta) up — input gradients through the linears (one more
+/// forward's worth) and through the attention products (two each); and the trainable
+/// parameters: 6 per parameter and token for deltas (forward, input and weight gradients), or for
+/// full fine-tuning the weight gradients of every linear map (one more forward's worth; the
+/// embeddings' gradients are scatters). Embeddings, norms, activations, softmax, the head's
+/// pooling and the optimizer are left out (each well under 1% here).
+pub fn encoder_step_flops(c: &deltatune::backbone::config::BertConfig, batch: usize, seq: usize, lowest: usize, trainable: usize, full: bool) -> f64 {
+    let (h, i, layers) = (c.hidden_size as f64, c.intermediate_size as f64, c.num_hidden_layers);
+    let tokens = (batch * seq) as f64;
+    let linear = 2.0 * tokens * (4.0 * h * h + 2.0 * h * i);
+    let attention = 2.0 * 2.0 * batch as f64 * (seq * seq) as f64 * h;
+    let forward = layers as f64 * (linear + attention);
+    let backward = layers.saturating_sub(lowest) as f64 * (linear + 2.0 * attention);
+    let params = if full { layers as f64 * linear } else { 6.0 * tokens * trainable as f64 };
+    forward + backward + params
+}
+
+/// The processor's model name (from /proc/cpuinfo on Linux), so that figures from different
+/// machines can be told apart (PyTorch's MKL is much slower on AMD than on Intel).
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
 /// Peak single-precision throughput of this machine in GFLOP/s with `threads` threads: each
@@ -347,6 +409,9 @@ pub struct DecoderTrainBench {
     pub trainable_params: usize,
     pub first_loss: f64,
     pub last_loss: f64,
+    /// Floating-point operations of one step counted from the shapes ([`decoder_step_flops`]).
+    #[serde(default)]
+    pub step_gflop: f64,
     /// With profiling: the timed steps' phases and fused ops.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<StepProfile>,
@@ -423,6 +488,8 @@ pub fn decoder_step_bench(
     });
     let (held, f32_bytes) = lm.model.weight_bytes();
     let step = median(&step_ms);
+    let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+    let step_gflop = decoder_step_flops(&lm.model.config, batch, seq_len, b.num_targets, attach::frozen_prefix_layers(&lm.model), trainable) / 1e9;
     Ok(DecoderTrainBench {
         delta: spec.to_string(),
         batch,
@@ -433,9 +500,10 @@ pub fn decoder_step_bench(
         peak_rss_mb: peak_rss_mb(),
         weights_mb: held as f64 / (1 << 20) as f64,
         weights_f32_mb: f32_bytes as f64 / (1 << 20) as f64,
-        trainable_params: params.iter().map(|(_, v)| v.elem_count()).sum(),
+        trainable_params: trainable,
         first_loss: losses.first().copied().unwrap_or(f64::NAN),
         last_loss: losses.last().copied().unwrap_or(f64::NAN),
+        step_gflop,
         profile,
     })
 }
@@ -469,4 +537,24 @@ pub fn decoder_generate_bench_attached(lm: &mut deltatune::lm::CausalLm, prompt:
         prefill.push(g.prefill_seconds * 1e3);
     }
     Ok((median(&tps), median(&prefill)))
+}
+
+/// Floating-point operations (2 per multiply-add) of one training step of a decoder on `batch` ×
+/// `seq` tokens with `targets` predicted tokens: every layer's forward (q, k, v, o, gate, up and
+/// down projections; the causal attention products QKᵀ and PV over the lower triangle) and the
+/// output projection at the target positions; the backward of the output projection and of the
+/// layers from `lowest` up (input gradients through the frozen projections, two products per
+/// attention product); 6 per trainable parameter and token for the deltas. Norms, rotary
+/// embeddings, the activation, softmax and the optimizer are left out.
+pub fn decoder_step_flops(c: &deltatune::backbone::llama::LlamaConfig, batch: usize, seq: usize, targets: usize, lowest: usize, trainable: usize) -> f64 {
+    let (h, i, v) = (c.hidden_size as f64, c.intermediate_size as f64, c.vocab_size as f64);
+    let (q, kv) = ((c.num_attention_heads * c.head_dim) as f64, (c.num_key_value_heads * c.head_dim) as f64);
+    let tokens = (batch * seq) as f64;
+    let linear = 2.0 * tokens * (h * q + 2.0 * h * kv + q * h + 3.0 * h * i);
+    let attention = 2.0 * 2.0 * batch as f64 * (seq * (seq + 1) / 2) as f64 * q;
+    let layers = c.num_hidden_layers;
+    let head = 2.0 * targets as f64 * h * v;
+    let forward = layers as f64 * (linear + attention) + head;
+    let backward = layers.saturating_sub(lowest) as f64 * (linear + 2.0 * attention) + head;
+    forward + backward + 6.0 * tokens * trainable as f64
 }

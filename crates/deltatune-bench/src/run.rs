@@ -108,22 +108,42 @@ fn train(a: BenchTrainArgs) -> Result<()> {
         return Ok(());
     }
     let exe = std::env::current_exe()?;
-    let mut rows = Vec::new();
-    for m in &methods {
-        eprintln!("deltatune: {m} ...");
+    // The machine's limit, measured before the runs: the FMA peak at the benchmark's threads and
+    // at one thread.
+    let cpu = crate::measure::cpu_model();
+    let peak = crate::measure::fma_peak(a.bench_threads);
+    let peak1 = if a.scaling && a.bench_threads > 1 { crate::measure::fma_peak(1) } else { peak };
+    let measure = |m: &str, threads: usize| -> Result<Value> {
         // One process per method, so peak memory is per method.
         let out = Command::new(&exe)
-            .args(["--threads", &a.bench_threads.to_string(), "bench", "train", "--single", "--methods", m])
+            .args(["--threads", &threads.to_string(), "bench", "train", "--single", "--methods", m])
             .args(["--batch", &a.batch.to_string(), "--seq-len", &a.seq_len.to_string()])
             .args(["--warmup", &a.warmup.to_string(), "--steps", &a.steps.to_string()])
-            .args(a.profile.then_some("--profile"))
+            .args((a.profile && threads == a.bench_threads).then_some("--profile"))
             .arg("--model")
             .arg(&dir)
             .output()?;
         if !out.status.success() {
             anyhow::bail!("benchmark of {m} failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let ours: Value = serde_json::from_slice(out.stdout.split(|&b| b == b'\n').rev().find(|l| l.starts_with(b"{")).unwrap_or(b"{}"))?;
+        let mut v: Value = serde_json::from_slice(out.stdout.split(|&b| b == b'\n').rev().find(|l| l.starts_with(b"{")).unwrap_or(b"{}"))?;
+        // Achieved GFLOP/s and the share of the FMA peak at the same thread count.
+        if let (Some(g), Some(ms)) = (v["step_gflop"].as_f64(), v["step_ms_median"].as_f64()) {
+            let rate = g / (ms / 1e3);
+            v["gflops"] = json!(rate);
+            v["fraction_of_peak"] = json!(rate / if threads == a.bench_threads { peak } else { peak1 });
+        }
+        Ok(v)
+    };
+    let mut rows = Vec::new();
+    for m in &methods {
+        eprintln!("deltatune: {m} ...");
+        let mut ours = measure(m, a.bench_threads)?;
+        if a.scaling && a.bench_threads > 1 {
+            eprintln!("deltatune: {m} on 1 thread ...");
+            let one = measure(m, 1)?;
+            ours["one_thread"] = one;
+        }
         let theirs = match (&a.torch_python, *m) {
             (Some(py), m) if methods::find(m)?.in_peft_baseline => {
                 eprintln!("pytorch+peft: {m} ...");
@@ -162,9 +182,14 @@ fn train(a: BenchTrainArgs) -> Result<()> {
                 r
             })
             .collect();
-        println!("{}", json!({"protocol": {"batch": a.batch, "seq_len": a.seq_len, "warmup": a.warmup, "steps": a.steps, "threads": a.bench_threads}, "methods": with_ratios}));
+        println!(
+            "{}",
+            json!({"protocol": {"batch": a.batch, "seq_len": a.seq_len, "warmup": a.warmup, "steps": a.steps, "threads": a.bench_threads},
+                   "cpu": cpu, "fma_peak_gflops": peak, "fma_peak_gflops_1_thread": peak1, "methods": with_ratios})
+        );
         return Ok(());
     }
+    println!("CPU: {cpu}; FMA peak {peak:.0} GFLOP/s on {} threads{}", a.bench_threads, if peak1 != peak { format!(", {peak1:.0} on 1") } else { String::new() });
     println!("training step, batch {} x {}, fp32, {} threads, median of {} steps after {} warm-up", a.batch, a.seq_len, a.bench_threads, a.steps, a.warmup);
     println!("{:<8} {:>10} {:>10} {:>10} {:>10} {:>12} | {:>9} {:>9} {:>9} {:>9} | {:>6} {:>6} {:>6}",
         "method", "step ms", "fwd ms", "infer ms", "RSS MB", "trainable", "pt step", "pt fwd", "pt infer", "pt RSS", "step×", "fwd×", "RSS×");
@@ -179,6 +204,18 @@ fn train(a: BenchTrainArgs) -> Result<()> {
             rr(ratio(r, "step_ms_median", "step_ms_median")), rr(ratio(r, "fwd_ms_median", "fwd_ms_median")), rr(ratio(r, "peak_rss_mb", "peak_rss_mb")));
     }
     println!("ratios are deltatune / PyTorch+PEFT (below 1 = deltatune better)");
+    println!("\nthe machine's limit: GFLOP per step counted from the shapes (matmuls and attention; bench::measure::encoder_step_flops)");
+    println!("{:<8} {:>9} {:>9} {:>8}{}", "method", "GFLOP", "GFLOP/s", "% peak", if a.scaling { "   | 1 thread: step ms, % peak, speed-up of the threads" } else { "" });
+    for r in &rows {
+        let d = &r["deltatune"];
+        let g = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        let mut line = format!("{:<8} {:>9.1} {:>9.0} {:>7.1}%", r["method"].as_str().unwrap_or(""), g(d, "step_gflop"), g(d, "gflops"), 100.0 * g(d, "fraction_of_peak"));
+        let one = &d["one_thread"];
+        if !one.is_null() {
+            line += &format!("   | {:>8.1} {:>6.1}% {:>5.2}x", g(one, "step_ms_median"), 100.0 * g(one, "fraction_of_peak"), g(one, "step_ms_median") / g(d, "step_ms_median"));
+        }
+        println!("{line}");
+    }
     for r in &rows {
         let p = &r["deltatune"]["profile"];
         if p.is_null() {
@@ -513,7 +550,15 @@ fn decoder(a: BenchDecoderArgs) -> Result<()> {
         if !o.status.success() {
             anyhow::bail!("decoder training benchmark failed: {}", String::from_utf8_lossy(&o.stderr));
         }
-        let ours: Value = serde_json::from_slice(o.stdout.split(|&b| b == b'\n').rev().find(|l| l.starts_with(b"{")).unwrap_or(b"{}"))?;
+        let mut ours: Value = serde_json::from_slice(o.stdout.split(|&b| b == b'\n').rev().find(|l| l.starts_with(b"{")).unwrap_or(b"{}"))?;
+        // The machine's limit: the FMA peak at the same threads, measured after the run.
+        let peak = crate::measure::fma_peak(a.bench_threads);
+        if let (Some(g), Some(ms)) = (ours["step_gflop"].as_f64(), ours["step_ms_median"].as_f64()) {
+            ours["gflops"] = json!(g / (ms / 1e3));
+            ours["fraction_of_peak"] = json!(g / (ms / 1e3) / peak);
+        }
+        out["cpu"] = json!(crate::measure::cpu_model());
+        out["fma_peak_gflops"] = json!(peak);
         out["train"] = json!({"deltatune": ours});
         if let Some(py) = &a.torch_python {
             eprintln!("pytorch+peft: train lora at {} x {} ...", a.batch, a.seq_len);
@@ -556,6 +601,11 @@ fn decoder(a: BenchDecoderArgs) -> Result<()> {
         println!(
             "  deltatune (quantized base {} MiB): step {} ms, forward {} ms, {} tokens/s, peak RSS {} MiB",
             f(&d["weights_mb"]), f(&d["step_ms_median"]), f(&d["fwd_ms_median"]), f(&d["tokens_per_second"]), f(&d["peak_rss_mb"])
+        );
+        println!(
+            "  {} GFLOP per step (from the shapes) = {} GFLOP/s = {:.1}% of the FMA peak ({} GFLOP/s on {} threads; CPU: {})",
+            f(&d["step_gflop"]), f(&d["gflops"]), 100.0 * d["fraction_of_peak"].as_f64().unwrap_or(f64::NAN),
+            f(&out["fma_peak_gflops"]), a.bench_threads, out["cpu"].as_str().unwrap_or("?")
         );
         if let Some(p) = d.get("profile") {
             println!(

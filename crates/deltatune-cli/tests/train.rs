@@ -2,7 +2,7 @@
 //! synthetic sentiment set: resume after kill -9 reproduces the uninterrupted run bit for bit, and
 //! bad input fails with messages naming the file, line and column.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
