@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Data-parallel scaling of `deltatune train`, measured on this machine and projected to clusters.
 
-Runs the same training three ways, side by side: one process with 1 thread, `mpirun -np 2` with 1
-thread per rank (the global batch split in two), and one process with 2 threads (what the same
-cores give without MPI). Step times come from the runs' own metrics.jsonl (the steps after the
+Runs the same training four ways, side by side: one process with 1 thread, `mpirun -np 2` with 1
+thread per rank (the global batch split in two), one process with 2 threads (each kernel split
+over both), and one process with `--data-parallel 2` (two ranks as threads, one core each). Step times come from the runs' own metrics.jsonl (the steps after the
 first two, evaluation excluded); the exchange time per step from the `comm_s` the ranks record.
 Then, from the measured one-rank step time and the size of the all-reduce, the expected step time
 at 8, 64 and 512 ranks under two network models (stated in the output), for weak scaling (each rank
@@ -89,11 +89,13 @@ def main():
         ("1 process x 1 thread", [a.bin, "--threads", "1"], 1),
         ("mpirun -np 2, 1 thread each", mpirun + ["-np", "2", a.bin, "--threads", "1"], 2),
         ("1 process x 2 threads", [a.bin, "--threads", "2"], 1),
+        ("1 process, --data-parallel 2", [a.bin, "--threads", "2"], 2),
     ]
     rows = []
     for name, prefix, ranks in cases:
-        out = work / name.replace(" ", "_").replace(",", "")
-        summary, wall = run(prefix + common + ["--out", str(out)], env)
+        out = work / name.replace(" ", "_").replace(",", "").replace("-", "")
+        extra = ["--data-parallel", "2"] if "--data-parallel" in name else []
+        summary, wall = run(prefix + common + extra + ["--out", str(out)], env)
         step_s, comm_s, comm_min, n = step_stats(out, a.skip)
         rows.append({"case": name, "ranks": ranks, "step_s": step_s, "steps_per_s": 1 / step_s,
                      "examples_per_s": a.batch_size / step_s, "comm_ms_per_step": comm_s * 1e3,

@@ -351,15 +351,21 @@ pub fn fma_peak(threads: usize) -> f64 {
         _mm256_storeu_ps(buf.as_mut_ptr(), s);
         (12.0 * 8.0 * 2.0 * iters as f64 / secs, buf.iter().sum())
     }
-    let iters = 20_000_000u64;
-    let results: Vec<(f64, f32)> = std::thread::scope(|sc| {
-        let hs: Vec<_> = (0..threads.max(1)).map(|_| sc.spawn(move || one_thread(iters))).collect();
-        hs.into_iter().filter_map(|h| h.join().ok()).collect()
-    });
-    // The checksum keeps the loops from being optimised away.
-    let check: f32 = results.iter().map(|r| r.1).sum();
-    std::hint::black_box(check);
-    results.iter().map(|r| r.0).sum::<f64>() / 1e9
+    // The best of five short trials: on a shared machine a trial can lose a core for a while,
+    // and the peak is what the hardware can do.
+    let iters = 5_000_000u64;
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let results: Vec<(f64, f32)> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..threads.max(1)).map(|_| sc.spawn(move || one_thread(iters))).collect();
+            hs.into_iter().filter_map(|h| h.join().ok()).collect()
+        });
+        // The checksum keeps the loops from being optimised away.
+        let check: f32 = results.iter().map(|r| r.1).sum();
+        std::hint::black_box(check);
+        best = best.max(results.iter().map(|r| r.0).sum::<f64>() / 1e9);
+    }
+    best
 }
 
 /// Throughput (GFLOP/s) of the encoder's linear layers at `tokens` rows: the six projections of a

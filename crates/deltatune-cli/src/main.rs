@@ -56,6 +56,17 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    // Encoder training: candle's own elementwise ops run on the calling thread instead of on
+    // candle's separate spinning worker pool, which competed with our kernels' threads for the
+    // same cores (and, with --data-parallel, serialised the ranks on its one lock): LoRA step
+    // 850-900 -> 710-750 ms at 2 threads, --data-parallel 2 6.5 -> 3.6 s for 14 steps. Decoding
+    // keeps candle's pool (its quantized matmuls use it). An explicit CANDLE_NUM_THREADS wins.
+    use deltatune_bench::BenchWhat;
+    let encoder_training = matches!(&cli.command, args::Command::Train(_) | args::Command::Search(_))
+        || matches!(&cli.command, args::Command::Bench(b) if matches!(b.what, BenchWhat::Train(_) | BenchWhat::Accuracy(_) | BenchWhat::Cache(_)));
+    if encoder_training && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     if let Err(e) = commands::setup_threads(cli.threads) {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);

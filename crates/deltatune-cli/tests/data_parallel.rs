@@ -8,6 +8,47 @@
 mod common;
 use common::{bin, stderr};
 
+/// `train --data-parallel 2` (ranks as threads in one process, no MPI needed) ends with the
+/// one-process deltas and losses.
+#[test]
+fn data_parallel_threads_train_like_one_process() {
+    let Some(m) = common::model() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let (tr, dv) = common::write_data(tmp.path());
+    let run = |out: &str, extra: &[&str]| {
+        let o = bin()
+            .args(["--threads", "2", "train", "--model", m.to_str().unwrap(), "--train", tr.to_str().unwrap(), "--dev", dv.to_str().unwrap()])
+            .args(["--delta", "lora:r=4,lora_alpha=8,lora_dropout=0.1", "--delta", "ln_tuning", "--lr", "3e-3", "--epochs", "2"])
+            .args(["--batch-size", "8", "--max-length", "24", "--eval-every", "4", "--seed", "3", "--quiet", "--json", "--out"])
+            .arg(tmp.path().join(out))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v
+    };
+    let one = run("one", &[]);
+    let two = run("two", &["--data-parallel", "2"]);
+    assert_eq!(two["ranks"], 2, "{two}");
+    assert_eq!(one["steps"], two["steps"]);
+    let read = |d: &str| -> Vec<f32> {
+        let bytes = std::fs::read(tmp.path().join(d).join("final/delta.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+        names.sort();
+        names.iter().flat_map(|n| st.tensor(n).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect::<Vec<_>>()).collect()
+    };
+    let (a, b) = (read("one"), read("two"));
+    assert_eq!(a.len(), b.len());
+    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(d <= 1e-5, "--data-parallel 2 ends {d} away from one process");
+    // Zero ranks are refused, naming the flag.
+    let o = bin().args(["train", "--task", "demo", "--data-parallel", "0"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--data-parallel"), "{}", stderr(&o));
+}
+
 /// Commands other than training refuse to start under a launcher, before touching MPI.
 #[test]
 fn only_training_runs_under_a_launcher() {

@@ -244,6 +244,20 @@ pub mod threads {
         }
     }
 
+    /// [`run`] with each rank inside a rayon pool of its own, with an equal share (at least one)
+    /// of the calling pool's threads: data parallelism inside one process. Each rank's kernels
+    /// run on its own cores over whole matrices of its shard, instead of every kernel being split
+    /// across all cores (which costs synchronisation on every call). Each rank holds its own
+    /// model, so memory grows by the frozen weights once per extra rank.
+    pub fn run_split<T: Send>(n: usize, f: impl Fn(&ThreadWorld) -> T + Sync) -> Result<Vec<T>> {
+        let per = (rayon::current_num_threads() / n.max(1)).max(1);
+        let pools = (0..n)
+            .map(|r| rayon::ThreadPoolBuilder::new().num_threads(per).thread_name(move |i| format!("rank{r}-{i}")).build())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::Distributed(format!("creating the ranks' thread pools: {e}")))?;
+        Ok(run(n, |w| pools[w.rank].install(|| f(w))))
+    }
+
     /// Runs `f` on `n` rank threads; results in rank order.
     pub fn run<T: Send>(n: usize, f: impl Fn(&ThreadWorld) -> T + Sync) -> Vec<T> {
         let shared = Arc::new(Shared { barrier: Barrier::new(n), f32s: Mutex::new(Vec::new()), f64s: Mutex::new(Vec::new()) });
