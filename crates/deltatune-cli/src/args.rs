@@ -216,6 +216,10 @@ pub struct TrainLmArgs {
     /// Skip scoring the untuned model.
     #[arg(long)]
     pub no_baseline: bool,
+    /// Train as N data-parallel ranks inside this process (threads), each on its shard of every
+    /// batch with an equal share of --threads; the one-process result. Not under mpirun.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub data_parallel: u32,
     #[arg(long)]
     pub json: bool,
 }

@@ -60,9 +60,12 @@ fn main() -> ExitCode {
     // candle's separate spinning worker pool, which competed with our kernels' threads for the
     // same cores (and, with --data-parallel, serialised the ranks on its one lock): LoRA step
     // 850-900 -> 710-750 ms at 2 threads, --data-parallel 2 6.5 -> 3.6 s for 14 steps. Decoding
-    // keeps candle's pool (its quantized matmuls use it). An explicit CANDLE_NUM_THREADS wins.
+    // keeps candle's pool (its quantized matmuls use it), and so does decoder training but with
+    // --data-parallel (ranks must not queue on candle's one lock). An explicit CANDLE_NUM_THREADS
+    // wins.
     use deltatune_bench::BenchWhat;
     let encoder_training = matches!(&cli.command, args::Command::Train(_) | args::Command::Search(_))
+        || matches!(&cli.command, args::Command::TrainLm(a) if a.data_parallel > 1)
         || matches!(&cli.command, args::Command::Bench(b) if matches!(b.what, BenchWhat::Train(_) | BenchWhat::Accuracy(_) | BenchWhat::Cache(_)));
     if encoder_training && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");

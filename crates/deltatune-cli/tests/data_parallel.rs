@@ -49,6 +49,39 @@ fn data_parallel_threads_train_like_one_process() {
     assert!(stderr(&o).contains("--data-parallel"), "{}", stderr(&o));
 }
 
+/// `train-lm --data-parallel 2` on the default decoder: the one-process per-step losses.
+#[test]
+fn train_lm_data_parallel_threads_match_one_process() {
+    let Some(gguf) = common::decoder() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("pairs.jsonl");
+    let rows = [
+        r#"{"prompt": "Colour of the sky:", "completion": " zorblue"}"#,
+        r#"{"prompt": "Colour of grass:", "completion": " zorgreen"}"#,
+        r#"{"prompt": "Colour of snow:", "completion": " zorwhite and cold"}"#,
+        r#"{"prompt": "Colour of coal:", "completion": " zorblack"}"#,
+        r#"{"text": "The zor language prefixes every colour with zor."}"#,
+    ];
+    std::fs::write(&train, rows.join("\n")).unwrap();
+    let losses = |extra: &[&str]| -> Vec<f64> {
+        let o = bin()
+            .args(["--threads", "2", "train-lm", "--model", &gguf, "--train", train.to_str().unwrap(), "--epochs", "2"])
+            .args(["--batch-size", "3", "--lr", "5e-3", "--delta", "lora:r=4,lora_dropout=0.1,target=q_proj+v_proj,layers=26-29"])
+            .args(["--no-baseline", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["ranks"], if extra.is_empty() { 1 } else { 2 });
+        vec![v["first_loss"].as_f64().unwrap(), v["last_loss"].as_f64().unwrap()]
+    };
+    let (a, b) = (losses(&[]), losses(&["--data-parallel", "2"]));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "losses {a:?} vs {b:?}");
+    }
+}
+
 /// Commands other than training refuse to start under a launcher, before touching MPI.
 #[test]
 fn only_training_runs_under_a_launcher() {

@@ -87,6 +87,36 @@ pub fn with_world_control<T>(
     Ok(job(&ctl)?)
 }
 
+/// Runs a training job data-parallel over `ranks` threads of this process (when more than one)
+/// or as the process's MPI rank (`world`), and returns rank 0's result. Under threads, a rank that
+/// fails ends the process — the others may be waiting for it in an exchange; checkpoints are
+/// written aside and renamed, so the last one is intact.
+pub fn train_ranks<T: Send>(
+    ranks: u32,
+    quiet: bool,
+    cancel: &Cancel,
+    world: Option<&dyn Collective>,
+    job: impl Fn(&Control) -> deltatune::Result<T> + Sync,
+) -> Result<T> {
+    if ranks <= 1 {
+        return with_world_control(quiet, Some(cancel), world, job);
+    }
+    if world.is_some() {
+        anyhow::bail!("invalid --data-parallel: not under mpirun (the launcher's ranks already split each batch)");
+    }
+    static FAILING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let runs = deltatune::dist::threads::run_split(ranks as usize, |w| {
+        let r = with_world_control(quiet, Some(cancel), Some(w), &job);
+        if let Err(e) = &r {
+            let _guard = FAILING.lock();
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        r
+    })?;
+    runs.into_iter().next().ok_or_else(|| anyhow::anyhow!("no rank ran"))?
+}
+
 /// Every delta given by `--delta` (specs and saved directories, in order) and `--delta-config`
 /// (specs; the file's warnings go to stderr).
 pub fn delta_sources(d: &DeltaArgs) -> Result<Vec<DeltaSource>> {

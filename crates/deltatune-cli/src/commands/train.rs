@@ -57,26 +57,7 @@ pub fn run(a: TrainArgs, cancel: &Cancel, world: Option<&dyn deltatune::dist::Co
     } else {
         RunMode::Fresh
     };
-    let s = if a.data_parallel > 1 {
-        if world.is_some() {
-            anyhow::bail!("invalid --data-parallel: not under mpirun (the launcher's ranks already split each batch)");
-        }
-        // Ranks as threads. A rank that fails ends the process (the others may be waiting for it
-        // in an exchange); checkpoints are written aside and renamed, so the last one is intact.
-        static FAILING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let runs = deltatune::dist::threads::run_split(a.data_parallel as usize, |w| {
-            let r = super::with_world_control(a.quiet, Some(cancel), Some(w), |ctl| api::train(&spec, &out, mode, ctl));
-            if let Err(e) = &r {
-                let _guard = FAILING.lock();
-                eprintln!("error: {e:#}");
-                std::process::exit(1);
-            }
-            r
-        })?;
-        runs.into_iter().next().ok_or_else(|| anyhow::anyhow!("no rank ran"))??
-    } else {
-        super::with_world_control(a.quiet, Some(cancel), world, |ctl| api::train(&spec, &out, mode, ctl))?
-    };
+    let s = super::train_ranks(a.data_parallel, a.quiet, cancel, world, |ctl| api::train(&spec, &out, mode, ctl))?;
     if world.is_some_and(|w| w.rank() > 0) {
         return Ok(()); // rank 0 reports the run
     }

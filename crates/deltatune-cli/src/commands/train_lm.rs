@@ -31,7 +31,7 @@ pub fn run(a: TrainLmArgs, cancel: &Cancel, world: Option<&dyn deltatune::dist::
         out: a.out.clone(),
         overwrite: a.overwrite,
     };
-    let r = super::with_world_control(a.json, Some(cancel), world, |ctl| api::train_lm(&spec, ctl))?;
+    let r = super::train_ranks(a.data_parallel, a.json, cancel, world, |ctl| api::train_lm(&spec, ctl))?;
     if world.is_some_and(|w| w.rank() > 0) {
         return Ok(()); // rank 0 reports the run
     }
