@@ -57,7 +57,7 @@ impl DropoutKey {
     /// gives its rows the masks they get in the whole batch.
     pub fn for_rows(self, elems: usize) -> Self {
         let (first, rows) = BATCH_ROWS.with(|c| c.get());
-        if first == 0 || rows == 0 || elems % rows != 0 {
+        if first == 0 || rows == 0 || !elems.is_multiple_of(rows) {
             return self;
         }
         self.shifted((first * (elems / rows)) as u64)
