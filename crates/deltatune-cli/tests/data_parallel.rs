@@ -5,8 +5,28 @@
 //! before the first step, leaving nothing behind. Without the feature, a start under a launcher
 //! is refused with what to do.
 
+use std::collections::BTreeMap;
+use std::path::Path;
+
 mod common;
 use common::{bin, stderr};
+
+/// The tensors of a saved delta.
+fn tensors(p: &Path) -> BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
+        .collect()
+}
+
+/// Largest absolute difference between two saved deltas (which must hold the same tensors).
+fn max_diff(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (tensors(a), tensors(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter().flat_map(|(k, x)| x.iter().zip(&b[k]).map(|(p, q)| (p - q).abs())).fold(0.0, f32::max)
+}
 
 /// `train --data-parallel 2` (ranks as threads in one process, no MPI needed) ends with the
 /// one-process deltas and losses.
@@ -32,16 +52,7 @@ fn data_parallel_threads_train_like_one_process() {
     let two = run("two", &["--data-parallel", "2"]);
     assert_eq!(two["ranks"], 2, "{two}");
     assert_eq!(one["steps"], two["steps"]);
-    let read = |d: &str| -> Vec<f32> {
-        let bytes = std::fs::read(tmp.path().join(d).join("final/delta.safetensors")).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-        names.sort();
-        names.iter().flat_map(|n| st.tensor(n).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect::<Vec<_>>()).collect()
-    };
-    let (a, b) = (read("one"), read("two"));
-    assert_eq!(a.len(), b.len());
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let d = max_diff(&tmp.path().join("one/final/delta.safetensors"), &tmp.path().join("two/final/delta.safetensors"));
     assert!(d <= 1e-5, "--data-parallel 2 ends {d} away from one process");
     // Zero ranks are refused, naming the flag.
     let o = bin().args(["train", "--task", "demo", "--data-parallel", "0"]).output().unwrap();
@@ -49,20 +60,26 @@ fn data_parallel_threads_train_like_one_process() {
     assert!(stderr(&o).contains("--data-parallel"), "{}", stderr(&o));
 }
 
+/// Five prompt/completion pairs of uneven lengths (and a plain text line) in `dir/pairs.jsonl`.
+fn write_pairs(dir: &Path) -> std::path::PathBuf {
+    let rows = [
+        r#"{"prompt": "Colour of the sky:", "completion": " zorblue"}"#,
+        r#"{"prompt": "Colour of grass:", "completion": " zorgreen"}"#,
+        r#"{"prompt": "Colour of snow:", "completion": " zorwhite and cold"}"#,
+        r#"{"text": "The zor language prefixes every colour with zor."}"#,
+        r#"{"prompt": "Colour of coal:", "completion": " zorblack"}"#,
+    ];
+    let p = dir.join("pairs.jsonl");
+    std::fs::write(&p, rows.join("\n")).unwrap();
+    p
+}
+
 /// `train-lm --data-parallel 2` on the default decoder: the one-process per-step losses.
 #[test]
 fn train_lm_data_parallel_threads_match_one_process() {
     let Some(gguf) = common::decoder() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let train = dir.path().join("pairs.jsonl");
-    let rows = [
-        r#"{"prompt": "Colour of the sky:", "completion": " zorblue"}"#,
-        r#"{"prompt": "Colour of grass:", "completion": " zorgreen"}"#,
-        r#"{"prompt": "Colour of snow:", "completion": " zorwhite and cold"}"#,
-        r#"{"prompt": "Colour of coal:", "completion": " zorblack"}"#,
-        r#"{"text": "The zor language prefixes every colour with zor."}"#,
-    ];
-    std::fs::write(&train, rows.join("\n")).unwrap();
+    let train = write_pairs(dir.path());
     let losses = |extra: &[&str]| -> Vec<f64> {
         let o = bin()
             .args(["--threads", "2", "train-lm", "--model", &gguf, "--train", train.to_str().unwrap(), "--epochs", "2"])
@@ -103,7 +120,7 @@ fn only_training_runs_under_a_launcher() {
 #[cfg(feature = "mpi")]
 mod with_mpi {
     use super::common::{bin, decoder, model, stderr, write_data};
-    use std::collections::BTreeMap;
+    use super::max_diff;
     use std::path::Path;
     use std::process::{Command, Output, Stdio};
     use std::time::{Duration, Instant};
@@ -130,23 +147,6 @@ mod with_mpi {
         .iter()
         .map(|s| s.to_string())
         .collect()
-    }
-
-    /// The tensors of a saved delta.
-    fn tensors(p: &Path) -> BTreeMap<String, Vec<f32>> {
-        let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        st.tensors()
-            .into_iter()
-            .map(|(k, v)| (k, v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
-            .collect()
-    }
-
-    /// Largest absolute difference between two saved deltas (which must hold the same tensors).
-    fn max_diff(a: &Path, b: &Path) -> f32 {
-        let (a, b) = (tensors(a), tensors(b));
-        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-        a.iter().flat_map(|(k, x)| x.iter().zip(&b[k]).map(|(p, q)| (p - q).abs())).fold(0.0, f32::max)
     }
 
     fn train_losses(run: &Path) -> Vec<f64> {
@@ -185,20 +185,24 @@ mod with_mpi {
         None
     }
 
+    /// The default model, mpirun and the synthetic data, or `None` (skipped with a printed reason).
+    fn setup() -> Option<(tempfile::TempDir, String, String, String)> {
+        let m = model()?;
+        mpirun()?;
+        let tmp = tempfile::tempdir().unwrap();
+        let (tr, dv) = write_data(tmp.path());
+        Some((tmp, m.display().to_string(), tr.display().to_string(), dv.display().to_string()))
+    }
+
     fn check(o: &Output, what: &str) {
         assert!(o.status.success(), "{what} failed: {}", stderr(o));
     }
 
     #[test]
     fn two_ranks_train_like_one_process_and_resume_on_any_number() {
-        let Some(m) = model() else { return };
-        if mpirun().is_none() {
-            return;
-        }
+        let Some((tmp, m, tr, dv)) = setup() else { return };
+        let (m, tr, dv) = (m.as_str(), tr.as_str(), dv.as_str());
         let exe = env!("CARGO_BIN_EXE_deltatune");
-        let tmp = tempfile::tempdir().unwrap();
-        let (tr, dv) = write_data(tmp.path());
-        let (m, tr, dv) = (m.to_str().unwrap(), tr.to_str().unwrap(), dv.to_str().unwrap());
         let path = |n: &str| tmp.path().join(n);
         let args = |out: &Path, epochs: &str| train_args(m, tr, dv, out.to_str().unwrap(), epochs);
 
@@ -280,14 +284,9 @@ mod with_mpi {
 
     #[test]
     fn a_rank_that_cannot_start_stops_the_job_before_the_first_step() {
-        let Some(m) = model() else { return };
-        if mpirun().is_none() {
-            return;
-        }
+        let Some((tmp, m, tr, dv)) = setup() else { return };
+        let (m, tr, dv) = (m.as_str(), tr.as_str(), dv.as_str());
         let exe = env!("CARGO_BIN_EXE_deltatune");
-        let tmp = tempfile::tempdir().unwrap();
-        let (tr, dv) = write_data(tmp.path());
-        let (m, tr, dv) = (m.to_str().unwrap(), tr.to_str().unwrap(), dv.to_str().unwrap());
         let out = tmp.path().join("run");
         let good = train_args(m, tr, dv, out.to_str().unwrap(), "1");
         let missing = tmp.path().join("missing.csv");
@@ -317,15 +316,7 @@ mod with_mpi {
         }
         let exe = env!("CARGO_BIN_EXE_deltatune");
         let dir = tempfile::tempdir().unwrap();
-        let train = dir.path().join("pairs.jsonl");
-        let rows = [
-            r#"{"prompt": "Colour of the sky:", "completion": " zorblue"}"#,
-            r#"{"prompt": "Colour of grass:", "completion": " zorgreen"}"#,
-            r#"{"prompt": "Colour of snow:", "completion": " zorwhite and cold"}"#,
-            r#"{"text": "The zor language prefixes every colour with zor."}"#,
-            r#"{"prompt": "Colour of coal:", "completion": " zorblack"}"#,
-        ];
-        std::fs::write(&train, rows.join("\n")).unwrap();
+        let train = super::write_pairs(dir.path());
         let args = |out: &Path| -> Vec<String> {
             [
                 "--threads", "1", "train-lm", "--model", &gguf, "--train", train.to_str().unwrap(), "--epochs", "2", "--batch-size", "3",
