@@ -128,6 +128,29 @@ def adapter(b):
 
 MANUAL = {"manual-lora": lora_qv, "manual-bitfit": bitfit, "manual-lnfit": lnfit, "manual-adapter": adapter}
 
+# Budget-free references: full fine-tuning and LoRA r=8 on query,value (PEFT's usual setting).
+REFERENCES = {"full": (["--delta", "full"], "5e-5"), "lora8": (["--delta", "lora:r=8,lora_alpha=16,target=query+value"], "1e-3")}
+
+
+def adalora(b):
+    """AdaLoRA whose final rank budget spends the parameter budget: a rank-1 triplet of a 384x384
+    linear holds 2*384+1 parameters; `target_r` is the mean final rank per adapted matrix, so the
+    matrices are the top layers' query,value (as many as the budget has ranks, at most all 12),
+    each starting at rank 4 and pruned to the budget during training."""
+    per = 2 * HIDDEN + 1
+    ranks = int(b // per)
+    if ranks == 0:
+        return None
+    mats = [(l, m) for l in range(LAYERS - 1, -1, -1) for m in ("query", "value")][:min(ranks, 2 * LAYERS)]
+    target_r = ranks // len(mats)
+    layers = sorted({l for l, _ in mats})
+    if len(mats) % 2 == 1:  # an odd count: the last layer gets query only
+        tm = [f"encoder.layer.{l}.attention.self.{m}" for l, m in mats]
+        return [{"method": "adalora", "name": "adalora", "init_r": max(4, target_r + 2), "target_r": target_r,
+                 "lora_alpha": 16, "target_modules": tm}]
+    return [{"method": "adalora", "name": "adalora", "init_r": max(4, target_r + 2), "target_r": target_r,
+             "lora_alpha": 16, "target_modules": ["query", "value"], "layers_to_transform": layers}]
+
 
 def random_structure(cands, b, seed):
     """Random candidates of space M while they fit (the reference's random baseline)."""
@@ -164,6 +187,8 @@ def main():
     ap.add_argument("--dev", type=int, default=500)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--search-epochs", type=int, default=3)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--protocol", default=None, help="a label stored with every record (e.g. learnable-3000x5)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shard", default=None, help="I/N: run every N-th cell from the I-th (default: from a job array or mpirun)")
     a = ap.parse_args()
@@ -176,7 +201,7 @@ def main():
     done = done_keys(out)
     methods = a.methods.split(",")
     base = [a.bin, "--threads", str(a.threads)]
-    data = ["--data-dir", a.data_dir, "--max-train", str(a.train), "--max-dev", str(a.dev), "--max-length", "64"]
+    data = ["--data-dir", a.data_dir, "--max-train", str(a.train), "--max-dev", str(a.dev), "--max-length", str(a.max_length)]
     common_train = ["--batch-size", "32", "--epochs", str(a.epochs), "--quiet", "--json", "--overwrite", "--checkpoint-every", "1000000"]
     cands_cache = {}
     cell = -1
@@ -185,17 +210,24 @@ def main():
             for budget in a.budgets.split(","):
                 b = budget_params(budget)
                 for method in methods:
-                    key_budget = "-" if method == "full" else budget
-                    if method == "full" and budget != a.budgets.split(",")[0]:
+                    if method.startswith("xfer-") and method.split("-")[1] == task:
+                        continue  # a task's own structure is its s3 row
+                    ref = method in REFERENCES
+                    key_budget = "-" if ref else budget
+                    if ref and budget != a.budgets.split(",")[0]:
                         continue
                     # Cells are numbered whether done or not, so every shard agrees on the numbering.
                     cell += 1
                     if not grid.mine(cell, shard) or (task, key_budget, method, seed) in done:
                         continue
                     tag = f"{task}-{budget.rstrip('%')}-{method}-s{seed}"
-                    rec = {"task": task, "budget": key_budget, "budget_params": None if method == "full" else round(b),
+                    rec = {"task": task, "budget": key_budget, "budget_params": None if ref else round(b),
                            "method": method, "seed": seed, "train_examples": a.train, "dev_examples": a.dev, "epochs": a.epochs,
                            "search_epochs": a.search_epochs}
+                    if a.max_length != 64:
+                        rec["max_length"] = a.max_length
+                    if a.protocol:
+                        rec["protocol"] = a.protocol
                     try:
                         cfg = work / f"{tag}.json"
                         search_s = None
@@ -222,15 +254,29 @@ def main():
                                 cands_cache["M"] = json.loads((sdir / "candidates.json").read_text())
                             specs = random_structure(cands_cache["M"], b, seed)
                             cfg.write_text(json.dumps({"deltas": specs}, indent=1))
-                        elif method in MANUAL:
-                            specs = MANUAL[method](b)
+                        elif method.startswith("xfer-"):
+                            # xfer-<source task>-<search method>: the structure searched on another
+                            # task (same budget and seed) retrained here.
+                            _, src, smethod = method.split("-", 2)
+                            scfg = work / f"{src}-{budget.rstrip('%')}-{smethod}-s{seed}-search" / "structure.json"
+                            if not scfg.exists():
+                                print(f"{tag}: {scfg} not there yet (run the source search first); left for a later pass",
+                                      file=sys.stderr)
+                                continue
+                            cfg = scfg
+                            sel = json.loads((scfg.parent / "result.json").read_text()) if (scfg.parent / "result.json").exists() else {}
+                            rec.update(source_task=src, selected_params=sel.get("selected_params"))
+                        elif method in MANUAL or method == "adalora":
+                            specs = (adalora if method == "adalora" else MANUAL[method])(b)
                             if specs is None:
                                 rec.update(skipped="does not fit the budget")
                                 grid.append(out, rec)
                                 continue
                             cfg.write_text(json.dumps({"deltas": specs}, indent=1))
-                        lr = "5e-5" if method == "full" else "1e-3"
-                        delta = ["--delta", "full"] if method == "full" else ["--delta-config", str(cfg)]
+                        if ref:
+                            delta, lr = REFERENCES[method]
+                        else:
+                            delta, lr = ["--delta-config", str(cfg)], "1e-3"
                         res, train_s = run(base + ["train", "--task", task, *data, *delta, "--lr", lr, "--seed", str(seed),
                                                    *common_train, "--out", str(work / tag)], log)
                         rec.update(metric=res["metric"], score=res["score"], scores=res["scores"], delta_params=res["delta_params"],

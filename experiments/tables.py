@@ -4,6 +4,9 @@
   python3 experiments/tables.py methods [experiments/results/methods.jsonl]
   python3 experiments/tables.py s3delta [experiments/results/s3delta.jsonl]
   python3 experiments/tables.py s3delta --update docs/search.md   # rewrite the tables of docs/search.md in place
+  python3 experiments/tables.py learnable [experiments/results/s3delta_learnable.jsonl] [--update docs/experiments.md]
+  python3 experiments/tables.py combos [experiments/results/combos.jsonl] [--update docs/experiments.md]
+      [--figure docs/images/combos_convergence --bin target/release/deltatune]
 
 Scores are printed ×100 (accuracy, Matthews correlation, Pearson). S3Delta cells are the mean and
 sample standard deviation over seeds, with the number of seeds when it is not 3.
@@ -15,7 +18,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-TASK_NAMES = {"sst2": "SST-2", "rte": "RTE", "cola": "CoLA", "stsb": "STS-B", "mrpc": "MRPC"}
+TASK_NAMES = {"sst2": "SST-2", "rte": "RTE", "cola": "CoLA", "stsb": "STS-B", "mrpc": "MRPC", "trec": "TREC", "mr": "MR",
+              "subj": "SUBJ", "cr": "CR", "mpqa": "MPQA", "sst5": "SST-5"}
 METRIC_NAMES = {"accuracy": "acc", "matthews": "MCC", "pearson": "Pearson", "f1": "F1", "macro_f1": "macro-F1",
                 "spearman": "Spearman"}
 
@@ -175,6 +179,191 @@ def variants_table(tasks, budgets, variants, score):
     print()
 
 
+def mean_sd(v):
+    m = statistics.mean(v)
+    return m, (statistics.stdev(v) if len(v) > 1 else float("nan"))
+
+
+def fmt_cell(v):
+    if not v:
+        return "—"
+    m, sd = mean_sd(v)
+    if len(v) == 1:
+        return f"{m:.1f} (1 seed)"
+    return f"{m:.1f} ± {sd:.1f}" + ("" if len(v) == 3 else f" ({len(v)})")
+
+
+LEARNABLE_METHODS = ["s3-L", "random", "manual-lora", "manual-bitfit", "adalora"]
+MANUAL_LIKE = ["manual-lora", "manual-bitfit", "adalora"]
+
+
+def learnable_table(path, protocol="learnable-3000x3"):
+    """The learnable protocol: references (is each task learnable?), each task's budget table, the
+    margins of the searched structure with their seed-to-seed spread, the share of full
+    fine-tuning kept, and transferred structures."""
+    everything = load(path)
+    protocols = sorted({r.get("protocol", "-") for r in everything})
+    rows = [r for r in everything if r.get("protocol") == protocol and "error" not in r and "skipped" not in r]
+    if not rows:
+        sys.exit(f"{path}: no finished runs of protocol {protocol} (there: {', '.join(protocols)})")
+    r0 = rows[0]
+    print(f"Protocol `{protocol}`: first {r0['train_examples']} training examples, first {r0['dev_examples']} dev "
+          f"examples, max length {r0.get('max_length', 64)}, batch 32, {r0['epochs']} epochs, best dev epoch; "
+          f"search {r0['search_epochs']} epochs (first-order) on the same examples split 50/50.")
+    print()
+    tasks = [t for t in TASK_NAMES if any(r["task"] == t for r in rows)]
+    score = defaultdict(list)
+    secs = defaultdict(list)
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        score[(r["task"], r["budget"], r["method"])].append(100 * r["score"])
+        secs[r["method"] if not r["method"].startswith("xfer-") else "transferred"].append(
+            r.get("wall_seconds", 0) + r.get("search_seconds", 0))
+    metric = {t: next(r["metric"] for r in rows if r["task"] == t) for t in tasks}
+    # Every other protocol's references too: the learnability check of tasks left out.
+    print("**Is each task learnable?** Full fine-tuning and LoRA r=8 on query,value (seed 1 unless said), "
+          "the majority-class score for comparison")
+    print()
+    print("| task | protocol | metric | full fine-tuning | LoRA r=8 | majority class |")
+    print("|---|---|---|---|---|---|")
+    refs = defaultdict(list)
+    for r in everything:
+        if r.get("method") in ("full", "lora8") and "score" in r:
+            refs[(r["task"], r.get("protocol", "-"), r["method"])].append(100 * r["score"])
+    seen = sorted({(t, p) for (t, p, _) in refs}, key=lambda x: (list(TASK_NAMES).index(x[0]), x[1]))
+    floor = {"accuracy": None, "matthews": 0.0, "pearson": 0.0}
+    for t, p in seen:
+        m = next(r["metric"] for r in everything if r["task"] == t and "metric" in r)
+        base = MAJORITY.get(t)
+        print(f"| {TASK_NAMES[t]} | {p} | {METRIC_NAMES.get(m, m)} | {fmt_cell(refs[(t, p, 'full')])} | "
+              f"{fmt_cell(refs[(t, p, 'lora8')])} | {base if base is not None else floor.get(m, '—')} |")
+    print()
+    budgets = sorted({r["budget"] for r in rows if r["budget"] != "-"}, key=lambda b: float(b.rstrip("%")))
+    xfers = sorted({r["method"] for r in rows if r["method"].startswith("xfer-")})
+    for t in tasks:
+        print(f"**{TASK_NAMES[t]}** ({METRIC_NAMES.get(metric[t], metric[t])} ×100, mean ± sd over seeds)")
+        print()
+        print("| method | " + " | ".join(budgets) + " |")
+        print("|---|" + "---|" * len(budgets))
+        for m in LEARNABLE_METHODS + [x for x in xfers if x.split("-")[1] != t]:
+            label = f"{m.split('-', 2)[2]} searched on {TASK_NAMES[m.split('-')[1]]}" if m.startswith("xfer-") else m
+            print(f"| {label} | " + " | ".join(fmt_cell(score[(t, b, m)]) for b in budgets) + " |")
+        for ref, label in (("full", "full fine-tuning"), ("lora8", "LoRA r=8 (73,728 params)")):
+            if score[(t, "-", ref)]:
+                print(f"| {label} | {fmt_cell(score[(t, '-', ref)])} (no budget) |" + " |" * (len(budgets) - 1))
+        print()
+    # Margins with their spread.
+    print("**Margin of the searched structure (s3-L)** in points: mean difference of the seed means, and in "
+          "brackets that difference over its standard error (sqrt(sd1²/n1 + sd2²/n2)); |ratio| < 2 is inside the "
+          "seed-to-seed noise. \"kept\" is s3-L's mean over full fine-tuning's.")
+    print()
+    print("| task | budget | s3-L | best manual (which) | s3-L − best manual | s3-L − random | kept of full |")
+    print("|---|---|---|---|---|---|---|")
+
+    def diff(a, b):
+        if not a or not b:
+            return "—"
+        (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
+        se = ((sa ** 2 / len(a) if len(a) > 1 else 0) + (sb ** 2 / len(b) if len(b) > 1 else 0)) ** 0.5
+        return f"{ma - mb:+.1f}" + (f" ({(ma - mb) / se:+.1f})" if se > 0 else "")
+
+    for t in tasks:
+        full = score[(t, "-", "full")]
+        for b in budgets:
+            s3 = score[(t, b, "s3-L")]
+            man = {m: score[(t, b, m)] for m in MANUAL_LIKE if score[(t, b, m)]}
+            best = max(man, key=lambda m: statistics.mean(man[m])) if man else None
+            kept = f"{100 * statistics.mean(s3) / statistics.mean(full):.0f}%" if s3 and full else "—"
+            print(f"| {TASK_NAMES[t]} | {b} | {fmt_cell(s3)} | {fmt_cell(man[best]) + f' ({best})' if best else '—'} | "
+                  f"{diff(s3, man[best]) if best else '—'} | {diff(s3, score[(t, b, 'random')])} | {kept} |")
+    print()
+    if xfers:
+        print("**Transfer**: the structure searched on the other task (same budget and seed), retrained here, "
+              "minus the task's own search, in points (ratio to the standard error in brackets)")
+        print()
+        print("| task | structure from | " + " | ".join(budgets) + " |")
+        print("|---|---|" + "---|" * len(budgets))
+        for t in tasks:
+            for x in xfers:
+                src = x.split("-")[1]
+                if src == t:
+                    continue
+                print(f"| {TASK_NAMES[t]} | {TASK_NAMES[src]} | " + " | ".join(diff(score[(t, b, x)], score[(t, b, 's3-L')]) for b in budgets) + " |")
+        print()
+    print("Wall time per run (median, seconds, one thread; searches include their retraining): " + ", ".join(
+        f"{m} {statistics.median(v):.0f}" for m, v in sorted(secs.items()) if v) + f"; {len(rows)} runs, "
+        f"{sum(sum(v) for v in secs.values()) / 3600:.1f} CPU-hours in all.")
+    skipped = sorted({(r["method"], r["budget"]) for r in everything if r.get("protocol") == protocol and "skipped" in r})
+    if skipped:
+        print()
+        print("Not run (the placement does not fit the budget): " + ", ".join(f"{m} at {b}" for m, b in skipped) + ".")
+
+
+# The score of always answering the majority class on the dev examples the protocols read (the
+# first 1000 of each dev split; counted from the files of ../shared/data): accuracy for SST-2
+# (444 of 872), TREC (138 of 500) and RTE (146 of 277), F1 for MRPC (answering "paraphrase");
+# Matthews and Pearson are 0 for a constant answer.
+MAJORITY = {"sst2": 50.9, "trec": 27.6, "rte": 52.7, "mrpc": 81.0, "cola": 0.0, "stsb": 0.0}
+
+
+def combos_table(path, figure=None, binary="target/release/deltatune"):
+    """Combinations of methods: final score, parameters, and how fast each converges (the first
+    step where the dev score reaches 95% of the way from its first evaluation to its best); with
+    --figure, the dev curves of every combination as PNG and SVG."""
+    rows = [r for r in load(path) if "error" not in r]
+    tasks = [t for t in TASK_NAMES if any(r["task"] == t for r in rows)]
+    for t in tasks:
+        rs = [r for r in rows if r["task"] == t]
+        metric = rs[0]["metric"]
+        by = defaultdict(list)
+        for r in rs:
+            by[(r["combo"], r["lr"])].append(r)
+        r0 = rs[0]
+        print(f"**{TASK_NAMES[t]}**: {len(by)} combinations at lr {', '.join(sorted({r['lr'] for r in rs}))}, "
+              f"{r0['train_examples']} training examples, {r0['epochs']} epochs, dev every {r0['eval_every']} steps "
+              f"({METRIC_NAMES.get(metric, metric)} ×100)")
+        print()
+        print("| methods | delta params | best dev | final dev | steps to 95% of best | s |")
+        print("|---|---|---|---|---|---|")
+        for (combo, lr), group in sorted(by.items(), key=lambda kv: (len(kv[0][0].split("+")), kv[0][0])):
+            best = [100 * r["score"] for r in group]
+            final = [100 * r["curve"][-1][1] for r in group if r.get("curve")]
+            reach = []
+            for r in group:
+                c = r.get("curve") or []
+                if c:
+                    lo, hi = c[0][1], max(y for _, y in c)
+                    reach.append(next(x for x, y in c if y >= lo + 0.95 * (hi - lo)))
+            print(f"| {combo.replace('+', ' + ')} | {group[0]['delta_params']:,} | {fmt_cell(best)} | {fmt_cell(final)} | "
+                  f"{statistics.median(reach):.0f} | {statistics.median(r['wall_seconds'] for r in group):.0f} |")
+        print()
+        if figure:
+            series = []
+            for (combo, lr), group in sorted(by.items(), key=lambda kv: (len(kv[0][0].split("+")), kv[0][0])):
+                r = min(group, key=lambda r: r["seed"])
+                series.append({"name": combo.replace("+", " + "), "points": [[x, 100 * y] for x, y in r["curve"]]})
+            draw(figure if len(tasks) == 1 else f"{figure}_{t}",
+                 [{"title": f"{TASK_NAMES[t]}: dev {METRIC_NAMES.get(metric, metric)} during training, every combination "
+                            f"(seed {min(r['seed'] for r in rs)})",
+                   "x_label": "optimizer step", "y_label": f"dev {METRIC_NAMES.get(metric, metric)} ×100", "series": series}],
+                 binary)
+            print(f"Figure: `{figure}.png` / `.svg` (`python3 experiments/tables.py combos --figure {figure}`).")
+            print()
+
+
+def draw(out, panels, binary):
+    """Renders curves through `deltatune plot --series` (plotters, PNG and SVG)."""
+    import subprocess
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"panels": panels, "width": 1100}, f)
+    try:
+        p = subprocess.run([binary, "plot", "--series", f.name, "--out", str(out), "--overwrite"], capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(f"plot failed: {p.stderr.strip()}")
+    finally:
+        os.unlink(f.name)
+
+
 def update(readme, what, render):
     """Replaces the text between `<!-- WHAT-tables:begin -->` and `<!-- WHAT-tables:end -->` in
     `readme` with the rendered tables."""
@@ -207,9 +396,25 @@ if __name__ == "__main__":
             sys.exit("--update needs the file to rewrite (e.g. --update docs/search.md)")
         readme = args[i + 1]
         del args[i:i + 2]
+    figure, binary = None, "target/release/deltatune"
+    for flag in ("--figure", "--bin"):
+        if flag in args:
+            i = args.index(flag)
+            if i + 1 >= len(args):
+                sys.exit(f"{flag} needs a value")
+            if flag == "--figure":
+                figure = args[i + 1]
+            else:
+                binary = args[i + 1]
+            del args[i:i + 2]
     what = args[0] if args else "s3delta"
-    path = args[1] if len(args) > 1 else f"experiments/results/{what}.jsonl"
-    render = lambda: {"methods": methods_table, "s3delta": s3delta_table}[what](path)
+    default = {"learnable": "experiments/results/s3delta_learnable.jsonl"}.get(what, f"experiments/results/{what}.jsonl")
+    path = args[1] if len(args) > 1 else default
+    renders = {"methods": lambda: methods_table(path), "s3delta": lambda: s3delta_table(path),
+               "learnable": lambda: learnable_table(path), "combos": lambda: combos_table(path, figure, binary)}
+    if what not in renders:
+        sys.exit(f"unknown table {what!r}: one of {', '.join(renders)}")
+    render = renders[what]
     if readme:
         update(readme, what, render)
     else:

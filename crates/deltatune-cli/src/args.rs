@@ -588,7 +588,19 @@ pub struct PredictArgs {
 #[derive(Args, Debug)]
 pub struct PlotArgs {
     /// The run directory (holding metrics.jsonl).
-    pub run_dir: PathBuf,
+    #[arg(required_unless_present = "series", conflicts_with = "series")]
+    pub run_dir: Option<PathBuf>,
+    /// Instead of a run: a JSON file of curves to draw together (`{"panels": [{"title", "x_label",
+    /// "y_label", "series": [{"name", "points": [[x, y], ...]}]}]}`), e.g. the dev score of several
+    /// methods against training steps; written to --out as PNG and SVG.
+    #[arg(long, requires = "out")]
+    pub series: Option<PathBuf>,
+    /// Output path without extension for --series (`.png` and `.svg` are added).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Replace existing --out files.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Args, Debug)]

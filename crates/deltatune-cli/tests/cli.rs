@@ -278,3 +278,86 @@ fn serve_process_drains_on_sigterm() {
     assert!(status.success(), "exit {status:?}: {err}");
     assert!(err.contains("stopped"), "{err}");
 }
+
+#[test]
+fn plot_series_draws_curves_and_refuses_bad_files() {
+    let d = tempfile::tempdir().unwrap();
+    let good = d.path().join("curves.json");
+    std::fs::write(
+        &good,
+        r#"{"panels": [{"title": "dev accuracy", "x_label": "step", "y_label": "accuracy",
+            "series": [{"name": "lora", "points": [[0, 0.5], [50, 0.7], [100, 0.8]]},
+                       {"name": "bitfit", "points": [[0, 0.5], [50, 0.6], [100, 0.65]]}]}]}"#,
+    )
+    .unwrap();
+    let out = d.path().join("fig");
+    let o = run(&[
+        "plot",
+        "--series",
+        good.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let png = std::fs::read(d.path().join("fig.png")).unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+    let svg = std::fs::read_to_string(d.path().join("fig.svg")).unwrap();
+    assert!(
+        svg.contains("<svg") && svg.contains("bitfit"),
+        "the legend names the series"
+    );
+    // An existing figure is kept unless --overwrite.
+    let o = run(&[
+        "plot",
+        "--series",
+        good.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--overwrite"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(d.path().join("fig.png")).unwrap(), png);
+    let o = run(&[
+        "plot",
+        "--series",
+        good.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--overwrite",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // Bad files: the error names the file and what is wrong; nothing is written.
+    for (text, needle) in [
+        (r#"{"panels": []}"#, "\"panels\" is empty"),
+        (
+            r#"{"panels": [{"title": "t", "series": [{"name": "a", "points": []}]}]}"#,
+            "has no points",
+        ),
+        (
+            r#"{"panels": [{"title": "t", "series": [{"name": "a", "points": [[0, 1e999]]}]}]}"#,
+            "bad.json",
+        ),
+        (
+            r#"{"panels": [{"title": "t", "series": [{"name": "a", "points": [[0, 1]]}], "colour": 3}]}"#,
+            "colour",
+        ),
+        ("not json", "not a curves file"),
+    ] {
+        let bad = d.path().join("bad.json");
+        std::fs::write(&bad, text).unwrap();
+        let o = run(&[
+            "plot",
+            "--series",
+            bad.to_str().unwrap(),
+            "--out",
+            d.path().join("never").to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{text}");
+        let e = stderr(&o);
+        assert!(
+            e.contains(needle) && e.contains("bad.json") && !e.contains("panicked"),
+            "{text}: {e}"
+        );
+        assert!(!d.path().join("never.png").exists() && !d.path().join("never.svg").exists());
+    }
+}

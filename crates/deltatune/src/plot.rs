@@ -80,7 +80,18 @@ pub struct Panel {
     pub series: Vec<Series>,
 }
 
-const COLORS: [RGBColor; 5] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(255, 127, 14), RGBColor(148, 103, 189)];
+const COLORS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
 
 fn draw_panels<DB: DrawingBackend>(root: DrawingArea<DB, plotters::coord::Shift>, panels: &[Panel], path: &Path) -> Result<()>
 where
@@ -114,8 +125,11 @@ where
             let c = COLORS[i % COLORS.len()];
             let drawn = chart.draw_series(LineSeries::new(s.points.iter().copied(), c.stroke_width(2))).map_err(draw_err(path))?;
             drawn.label(&s.name).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
-            if s.points.len() <= 60 {
+            // Past ten series the colours repeat: the second round gets hollow triangles.
+            if s.points.len() <= 60 && i < COLORS.len() {
                 chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 3, c.filled()))).map_err(draw_err(path))?;
+            } else if s.points.len() <= 60 {
+                chart.draw_series(s.points.iter().map(|&p| TriangleMarker::new(p, 5, c.stroke_width(1)))).map_err(draw_err(path))?;
             }
         }
         chart
