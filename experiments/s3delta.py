@@ -60,7 +60,7 @@ def done_keys(path):
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            keys.add((r["task"], r["budget"], r["method"], r["seed"]))
+            keys.add((r["task"], r["budget"], r["method"], r["seed"], r.get("protocol")))
     return keys
 
 
@@ -218,7 +218,7 @@ def main():
                         continue
                     # Cells are numbered whether done or not, so every shard agrees on the numbering.
                     cell += 1
-                    if not grid.mine(cell, shard) or (task, key_budget, method, seed) in done:
+                    if not grid.mine(cell, shard) or (task, key_budget, method, seed, a.protocol) in done:
                         continue
                     tag = f"{task}-{budget.rstrip('%')}-{method}-s{seed}"
                     rec = {"task": task, "budget": key_budget, "budget_params": None if ref else round(b),
