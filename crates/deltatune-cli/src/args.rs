@@ -183,6 +183,10 @@ pub struct TrainLmArgs {
     /// Deltas to attach (default: `lora:r=8,lora_alpha=16,target=q_proj+v_proj`).
     #[arg(long = "delta", value_parser = delta_spec)]
     pub delta: Vec<DeltaSpec>,
+    /// A JSON file with delta specs (an object, a list, or {"deltas": [...]}), e.g. the
+    /// structure.json of `deltatune search --lm`; added to any --delta.
+    #[arg(long)]
+    pub delta_config: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
     #[arg(long, default_value_t = 8)]
@@ -607,6 +611,12 @@ pub struct PlotArgs {
 pub struct SearchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Search on a decoder LM, the task as text-to-text (its template and label words, as
+    /// `train-lm` uses them): the default decoder unless --model names one. A --model that is a
+    /// GGUF file or a decoder directory selects this by itself. Retrain the structure with
+    /// `train-lm --delta-config OUT/structure.json`.
+    #[arg(long)]
+    pub lm: bool,
     #[command(flatten)]
     pub data: DataArgs,
     /// Trainable-parameter budget of the deltas: a share of the backbone (`0.0139%`) or a count

@@ -121,3 +121,75 @@ fn bad_spaces_and_budgets() {
     let e = deltatune::search::gates::solve_shift(&[0.0; 3], &[10, 10, 10], 40.0, 1.0).unwrap_err().to_string();
     assert!(e.contains("budget 40 must be between 0 and the search space's 30 parameters"), "{e}");
 }
+
+/// The decoder search on the default decoder (SmolLM2, quantized base), SST-2 as text-to-text:
+/// the decoder spaces cover every block linear (and, for M, the norms and block outputs), the
+/// choice respects the budget, and the structure retrains with `train_lm`.
+#[test]
+fn decoder_search_finds_a_structure_that_retrains() {
+    let (Some(model), Some(shared)) = (decoder_file(), shared_dir()) else { return };
+    use deltatune::api::{self, LmData, SearchSpec, TrainLmSpec};
+    use deltatune::data::sources::DataSource;
+    use deltatune::data::task::TaskOptions;
+    use deltatune::train::lm::LmTrainConfig;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = shared.join("data");
+    // Space M of the decoder: LoRA and BitFit on the 7 linears of 30 blocks, LN-fit on 61 norms,
+    // adapters after 60 blocks.
+    let mut spec = SearchSpec {
+        model: Some(model.clone()),
+        data: DataSource::Task { name: "sst2".into(), root: root.clone() },
+        data_options: TaskOptions { max_train: Some(16), max_dev: Some(8), ..Default::default() },
+        max_length: 48,
+        budget: deltatune::search::Budget::parse("0.002%").unwrap(),
+        space: Space::parse("M").unwrap().0,
+        pooling: Pooling::Mean,
+        config: SearchConfig { max_steps: Some(2), batch_size: 4, seed: 3, ..Default::default() },
+        out: tmp.path().join("m"),
+        overwrite: false,
+        candidates_only: true,
+    };
+    let m = api::search(&spec, &Control::silent()).unwrap();
+    assert_eq!(m.candidates, 210 + 210 + 61 + 60, "{m:?}");
+    let cands: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("m/candidates.json")).unwrap()).unwrap();
+    let labels: std::collections::BTreeSet<&str> = cands.as_array().unwrap().iter().map(|c| c["position"].as_str().unwrap()).collect();
+    for l in ["q", "k", "v", "attn.o", "ffn.gate", "ffn.up", "ffn.down", "ln.attn", "ln.ffn", "ln.final", "attn.out", "ffn"] {
+        assert!(labels.contains(l), "{l} missing from {labels:?}");
+    }
+    // A search of space L, two steps, and its retraining.
+    spec.space = Space::parse("L").unwrap().0;
+    spec.candidates_only = false;
+    spec.out = tmp.path().join("l");
+    let s = api::search(&spec, &Control::silent()).unwrap();
+    assert_eq!(s.candidates, 210);
+    assert!(s.selected >= 1 && (s.selected_params as f64) <= s.budget, "{s:?}");
+    assert!(s.supernet_dev.is_some_and(|d| (0.0..=1.0).contains(&d)), "{s:?}");
+    let text = std::fs::read_to_string(tmp.path().join("l/structure.json")).unwrap();
+    let (specs, _) = parse_config_file(&text, "structure.json").unwrap();
+    let targets: Vec<String> = specs.iter().flat_map(|s| s.to_json()["target_modules"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect::<Vec<_>>()).collect();
+    assert_eq!(targets.len(), s.selected);
+    assert!(targets.iter().all(|t| t.starts_with("model.layers.") && t.ends_with("_proj")), "{targets:?}");
+    let r = api::train_lm(
+        &TrainLmSpec {
+            model: Some(model),
+            deltas: specs,
+            data: LmData::Task { name: "sst2".into(), root, template: None, verbalizer: None },
+            max_train: Some(8),
+            max_dev: Some(8),
+            chat: false,
+            config: LmTrainConfig { max_length: 48, batch_size: 4, ..Default::default() },
+            baseline: false,
+            out: None,
+            overwrite: false,
+        },
+        &Control::silent(),
+    )
+    .unwrap();
+    assert_eq!(r.trainable_params, s.selected_params);
+    // Too small a budget is refused before any work, naming the flag.
+    spec.budget = deltatune::search::Budget::parse("100").unwrap();
+    spec.out = tmp.path().join("none");
+    let e = api::search(&spec, &Control::silent()).unwrap_err().to_string();
+    assert!(e.contains("--budget") && e.contains("cheapest candidate"), "{e}");
+    assert!(!tmp.path().join("none").exists());
+}

@@ -13,8 +13,20 @@ pub fn run(a: SearchArgs, cancel: &Cancel) -> Result<()> {
         eprintln!("warning: {w}");
     }
     let data = super::data_source(&a.data).ok_or_else(|| anyhow::anyhow!("invalid --task/--data: name the task to search on"))?;
+    let model = match (&a.model.model, a.lm) {
+        (None, true) => Some(deltatune::assets::default_decoder(&mut |m: &str| eprintln!("{m}"))?),
+        (m, lm) => {
+            if let (Some(m), true) = (m, lm) {
+                if !deltatune::backbone::llama::is_decoder_path(m) {
+                    anyhow::bail!("invalid --model: {} is not a decoder (a .gguf file or a Llama-family directory), but --lm asks for one", m.display());
+                }
+            }
+            m.clone()
+        }
+    };
+    let decoder = model.as_deref().is_some_and(deltatune::backbone::llama::is_decoder_path);
     let spec = SearchSpec {
-        model: a.model.model.clone(),
+        model,
         data,
         data_options: super::task_options(&a.data),
         max_length: a.max_length,
@@ -60,7 +72,8 @@ pub fn run(a: SearchArgs, cancel: &Cancel) -> Result<()> {
             println!("  {}: {}", s.name, s.to_json()["target_modules"]);
         }
         let path = a.out.join("structure.json");
-        println!("structure: {}  (retrain: deltatune train --delta-config {} ...)", path.display(), path.display());
+        let train = if decoder { "train-lm" } else { "train" };
+        println!("structure: {}  (retrain: deltatune {train} --delta-config {} ...)", path.display(), path.display());
     }
     Ok(())
 }

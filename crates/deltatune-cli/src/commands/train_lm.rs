@@ -1,7 +1,7 @@
 //! `deltatune train-lm`: deltas on a decoder LM with the causal-LM loss on completions.
 
 use crate::args::TrainLmArgs;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use deltatune::api::{self, Cancel, LmData, TrainLmSpec};
 use deltatune::train::lm::LmTrainConfig;
 
@@ -13,7 +13,18 @@ pub fn run(a: TrainLmArgs, cancel: &Cancel, world: Option<&dyn deltatune::dist::
     };
     let spec = TrainLmSpec {
         model: a.model.clone(),
-        deltas: a.delta.clone(),
+        deltas: {
+            let mut d = a.delta.clone();
+            if let Some(f) = &a.delta_config {
+                let text = std::fs::read_to_string(f).with_context(|| format!("--delta-config: reading {}", f.display()))?;
+                let (more, warnings) = deltatune::delta::spec::parse_config_file(&text, &f.display().to_string())?;
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+                d.extend(more);
+            }
+            d
+        },
         data,
         max_train: a.max_train,
         max_dev: a.max_dev,

@@ -69,6 +69,9 @@ pub struct SearchOutcome {
 
 pub fn search(spec: &SearchSpec, ctl: &Control) -> Result<SearchOutcome> {
     spec.config.validate()?;
+    if let Some(m) = spec.model.as_deref().filter(|m| crate::backbone::llama::is_decoder_path(m)) {
+        return search_decoder(spec, m, ctl);
+    }
     let model_dir = encoder_dir(spec.model.as_deref(), ctl)?;
     let inputs: Vec<(&str, &std::path::Path)> = std::iter::once(("--model", model_dir.as_path())).chain(spec.data.paths().into_iter().map(|p| ("--data", p))).collect();
     check_output(&spec.out, "--out", spec.overwrite, &inputs)?;
@@ -152,6 +155,111 @@ pub fn search(spec: &SearchSpec, ctl: &Control) -> Result<SearchOutcome> {
         prepare(&mut model, &cands, spec.config.seed)?;
         let sc = scorer(&task);
         run_search(&mut model, &cands, budget, &train, Some(&dev), &sc, &spec.config, staging.path(), enc.pad_id(), ctl)?
+    };
+    outcome.selected = result.selected.len();
+    outcome.selected_params = result.selected_params;
+    outcome.supernet_dev = result.best_dev;
+    outcome.best_step = result.best_step;
+    outcome.steps = result.steps;
+    outcome.seconds = result.seconds;
+    let summary = serde_json::to_value(&outcome).map_err(|e| Error::Delta(e.to_string()))?;
+    outcome.structure = output::write(staging.path(), &cands, &result, summary)?;
+    staging.commit(spec.overwrite)?;
+    Ok(outcome)
+}
+
+/// The search on a decoder: a classification task as text-to-text (the task's default template
+/// and label words, as `train-lm` uses them), the causal-LM loss on the label words as the
+/// objective, and the supernet's verbalizer accuracy on the dev split as its score. The built-in
+/// spaces `L` and `M` are the decoder's (every block linear, norms, block outputs); the budget is
+/// a share of the decoder's parameters. The structure retrains with `train-lm --delta-config`.
+fn search_decoder(spec: &SearchSpec, path: &std::path::Path, ctl: &Control) -> Result<SearchOutcome> {
+    use crate::lm::causal::CausalLm;
+    use crate::search::run::{prepare_backbone, search_objective, DecoderObjective};
+    use crate::train::lm::{training_rows, LmTrainConfig, Verbalizer};
+    let inputs: Vec<(&str, &std::path::Path)> = std::iter::once(("--model", path)).chain(spec.data.paths().into_iter().map(|p| ("--data", p))).collect();
+    check_output(&spec.out, "--out", spec.overwrite, &inputs)?;
+    let space = match spec.space.name.as_str() {
+        "L" | "M" => Space::parse_decoder(&spec.space.name)?.0,
+        _ => spec.space.clone(),
+    };
+    let task = spec.data.load(&spec.data_options, &mut ctl.messages())?;
+    let verbalizer = Verbalizer::for_task(&task)?;
+    let mut lm = CausalLm::load(path, &Device::Cpu)?;
+    let cfg = LmTrainConfig { max_length: spec.max_length, seed: spec.config.seed, ..Default::default() };
+    let rows = training_rows(&lm.tokenizer, &verbalizer.pairs(&task.train)?, &cfg)?;
+    let cands = space.candidates(&mut lm.model)?;
+    let total = lm.model.num_params();
+    let budget = spec.budget.params(total);
+    let space_total: usize = cands.iter().map(|c| c.params).sum();
+    let mut outcome = SearchOutcome {
+        task: task.name.clone(),
+        space: space.name.clone(),
+        candidates: cands.len(),
+        space_params: space_total,
+        budget,
+        budget_percent: 100.0 * budget / total as f64,
+        backbone_params: total,
+        selected: 0,
+        selected_params: 0,
+        supernet_dev: None,
+        best_step: None,
+        steps: 0,
+        seconds: 0.0,
+        config: spec.config.clone(),
+        second_order: spec.config.second_order,
+        structure: Vec::new(),
+        out: spec.out.clone(),
+    };
+    if spec.candidates_only {
+        let staging = StagedDir::new(&spec.out)?;
+        let rows: Vec<_> = cands.iter().map(|c| json!({"id": c.id, "method": c.method, "path": c.path, "layer": c.layer, "position": c.position, "params": c.params})).collect();
+        crate::io::atomic::write_json_atomic(&staging.path().join("candidates.json"), &rows)?;
+        staging.commit(spec.overwrite)?;
+        return Ok(outcome);
+    }
+    let cheapest = cands.iter().map(|c| c.params).min().unwrap_or(0);
+    if budget < cheapest as f64 {
+        return Err(Error::arg(
+            "--budget",
+            format!("{budget:.0} parameters ({:.5}% of {total}) is smaller than the cheapest candidate of space {} ({cheapest} parameters)", 100.0 * budget / total as f64, space.name),
+        ));
+    }
+    ctl.message(format!(
+        "decoder space {}: {} candidates, {} parameters in all; budget {budget:.0} ({:.5}% of the decoder's {total}); {} training rows as text-to-text",
+        space.name,
+        cands.len(),
+        space_total,
+        100.0 * budget / total as f64,
+        rows.len()
+    ));
+    let staging = StagedDir::new(&spec.out)?;
+    let result = if budget >= space_total as f64 {
+        ctl.warn(format!("the budget ({budget:.0}) is at least what the whole space can use ({space_total}); every candidate is selected and no search is run"));
+        SearchResult {
+            budget,
+            steps: 0,
+            seconds: 0.0,
+            alphas: vec![0.0; cands.len()],
+            probs: vec![1.0; cands.len()],
+            selected: (0..cands.len()).collect(),
+            selected_params: space_total,
+            best_dev: None,
+            best_step: None,
+        }
+    } else {
+        // Llama-family backbones have no dropout of their own; --no-dropout has nothing to turn off.
+        prepare_backbone(&mut lm.model, &cands, spec.config.seed)?;
+        let obj = DecoderObjective {
+            model: &lm.model,
+            tokenizer: &lm.tokenizer,
+            rows: &rows,
+            verbalizer: &verbalizer,
+            dev: &task.dev,
+            max_length: spec.max_length,
+            eval_batch_size: spec.config.eval_batch_size,
+        };
+        search_objective(&obj, &cands, budget, &spec.config, staging.path(), ctl)?
     };
     outcome.selected = result.selected.len();
     outcome.selected_params = result.selected_params;

@@ -22,7 +22,7 @@ use crate::train::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig, Decay, Deca
 use crate::train::prepared::{Prepared, Scorer};
 use crate::artifacts::TaskModel;
 use crate::core::{Backbone, ForwardCtx};
-use candle_core::{Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -158,8 +158,105 @@ fn grads_of(params: &[(String, Var)], g: &candle_core::backprop::GradStore) -> R
     acc.take(1.0)
 }
 
-/// Runs the search. `model` must already carry one attached delta per candidate (named as in
-/// `cands[i].spec.name`, gated by index); see [`prepare`].
+/// What a search trains and scores: an encoder's task loss through its head
+/// ([`EncoderObjective`]) or a decoder's causal-LM loss on completions (the decoder search of
+/// `api::search_lm`). Examples are addressed by index; the loop splits them into the two halves.
+pub trait Objective {
+    /// Training examples.
+    fn len(&self) -> usize;
+    /// Token length of each training example (length-bucketed batches).
+    fn lengths(&self) -> Vec<usize>;
+    /// The loss of training examples `ids` under `ctx` (which carries the gates and dropout).
+    fn loss(&self, ids: &[usize], ctx: &ForwardCtx) -> Result<Tensor>;
+    /// What the weight step trains: every candidate's delta (and a task head).
+    fn params(&self) -> Vec<(String, Var)>;
+    /// Dev score of the supernet with the gates fixed to `z` (higher is better); `None` without a
+    /// dev set.
+    fn dev_score(&self, z: &Tensor) -> Result<Option<f64>>;
+    fn device(&self) -> Device;
+}
+
+/// The encoder's objective: task loss through the head on prepared examples, scored by `scorer`.
+pub struct EncoderObjective<'a> {
+    pub model: &'a TaskModel,
+    pub train: &'a Prepared,
+    pub dev: Option<&'a Prepared>,
+    pub scorer: &'a Scorer<'a>,
+    pub pad_id: u32,
+    pub eval_batch_size: usize,
+}
+
+impl Objective for EncoderObjective<'_> {
+    fn len(&self) -> usize {
+        self.train.len()
+    }
+    fn lengths(&self) -> Vec<usize> {
+        self.train.lengths()
+    }
+    fn loss(&self, ids: &[usize], ctx: &ForwardCtx) -> Result<Tensor> {
+        let (batch, targets) = self.train.batch(ids, self.model.head.config.kind, self.pad_id, self.model.backbone.device())?;
+        let logits = self.model.logits(&batch, ctx)?;
+        self.model.head.loss(&logits, &targets)
+    }
+    fn params(&self) -> Vec<(String, Var)> {
+        self.model.params()
+    }
+    fn dev_score(&self, z: &Tensor) -> Result<Option<f64>> {
+        match self.dev {
+            Some(dev) => Ok(Some(supernet_score(self.model, dev, z, self.eval_batch_size, self.pad_id, self.scorer)?)),
+            None => Ok(None),
+        }
+    }
+    fn device(&self) -> Device {
+        self.model.backbone.device().clone()
+    }
+}
+
+/// A decoder's objective: the causal-LM loss on the label words of a classification task as
+/// text-to-text (mean over the batch's target tokens), scored by verbalizer accuracy on `dev`.
+pub struct DecoderObjective<'a> {
+    pub model: &'a crate::backbone::llama::LlamaModel,
+    pub tokenizer: &'a crate::lm::tokenizer::LmTokenizer,
+    pub rows: &'a [crate::train::lm::LmRow],
+    pub verbalizer: &'a crate::train::lm::Verbalizer,
+    pub dev: &'a [crate::data::task::Example],
+    pub max_length: usize,
+    pub eval_batch_size: usize,
+}
+
+impl Objective for DecoderObjective<'_> {
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+    fn lengths(&self) -> Vec<usize> {
+        self.rows.iter().map(|r| r.ids.len()).collect()
+    }
+    fn loss(&self, ids: &[usize], ctx: &ForwardCtx) -> Result<Tensor> {
+        use crate::train::lm::{batch_nll, make_row_batch};
+        let rows: Vec<_> = ids.iter().map(|&i| self.rows[i].clone()).collect();
+        let batch = make_row_batch(&rows, self.tokenizer.pad_id.unwrap_or(0), self.model.device())?;
+        if batch.num_targets == 0 {
+            return Err(Error::Delta("a search batch has no target tokens (every completion was cut off)".into()));
+        }
+        Ok((batch_nll(self.model, &batch, ctx)? / batch.num_targets as f64)?)
+    }
+    fn params(&self) -> Vec<(String, Var)> {
+        attach::trainable_vars(self.model)
+    }
+    fn dev_score(&self, z: &Tensor) -> Result<Option<f64>> {
+        if self.dev.is_empty() {
+            return Ok(None);
+        }
+        let ctx = ForwardCtx::eval().with_gates(z);
+        Ok(Some(crate::train::lm::verbalizer_accuracy_with(self.model, self.tokenizer, self.verbalizer, self.dev, self.eval_batch_size.min(16), self.max_length, &ctx)?))
+    }
+    fn device(&self) -> Device {
+        self.model.device().clone()
+    }
+}
+
+/// Runs the search on an encoder task. `model` must already carry one attached delta per
+/// candidate (named as in `cands[i].spec.name`, gated by index); see [`prepare`].
 #[allow(clippy::too_many_arguments)]
 pub fn search(
     model: &mut TaskModel,
@@ -174,26 +271,29 @@ pub fn search(
     ctl: &Control,
 ) -> Result<SearchResult> {
     cfg.validate()?;
-    if train.len() < 2 {
-        return Err(Error::arg("--train", "the search needs at least two training examples"));
-    }
     if !cfg.dropout {
         model.backbone.set_dropout(0.0, 0.0);
     }
-    let device = model.backbone.device().clone();
-    let kind = model.head.config.kind;
+    let obj = EncoderObjective { model, train, dev, scorer, pad_id, eval_batch_size: cfg.eval_batch_size };
+    search_objective(&obj, cands, budget, cfg, out_dir, ctl)
+}
+
+/// The search loop over any [`Objective`] whose model carries the gated candidates (dropout as
+/// the caller set it).
+pub fn search_objective(obj: &dyn Objective, cands: &[Candidate], budget: f64, cfg: &SearchConfig, out_dir: &Path, ctl: &Control) -> Result<SearchResult> {
+    cfg.validate()?;
+    if obj.len() < 2 {
+        return Err(Error::arg("--train", "the search needs at least two training examples"));
+    }
+    let device = obj.device();
     let n: Vec<usize> = cands.iter().map(|c| c.params).collect();
     let gates = Gates::new(n.clone(), budget, cfg.gates.clone(), &device)?;
     // Weight half / gate half.
-    let mut idx: Vec<usize> = (0..train.len()).collect();
+    let mut idx: Vec<usize> = (0..obj.len()).collect();
     shuffle(&mut idx, &mut SplitMix64::new(cfg.seed ^ 0x5EA2_C400));
     let half = idx.len() / 2;
-    let subset = |ids: &[usize]| Prepared {
-        encodings: ids.iter().map(|&i| train.encodings[i].clone()).collect(),
-        targets: ids.iter().map(|&i| train.targets[i]).collect(),
-    };
-    let (w_half, a_half) = (subset(&idx[..half]), subset(&idx[half..half * 2]));
-    let params = model.params();
+    let (w_half, a_half) = (&idx[..half], &idx[half..half * 2]);
+    let params = obj.params();
     let wcfg = AdamWConfig { weight_decay: 0.0, decay_rule: DecayRule::All, ..Default::default() };
     let mut w_opt = AdamW::new(params.clone(), wcfg.clone())?;
     let alpha_params = vec![("alpha".to_string(), gates.alpha.clone())];
@@ -205,15 +305,13 @@ pub fn search(
     ctl.emit(Event::Start { what: "search".into(), total, done: 0 });
     let t0 = Instant::now();
     let (mut best_dev, mut best_step, mut best_alpha): (Option<f64>, Option<usize>, Option<Vec<f64>>) = (None, None, None);
-    let (wl, al) = (w_half.lengths(), a_half.lengths());
+    let lengths = obj.lengths();
+    let (wl, al): (Vec<usize>, Vec<usize>) = (w_half.iter().map(|&i| lengths[i]).collect(), a_half.iter().map(|&i| lengths[i]).collect());
     let mut step = 0usize;
     let mut epoch = 0u64;
-    let loss_of = |model: &TaskModel, data: &Prepared, ids: &[usize], z: &Tensor, key: DropoutKey| -> Result<Tensor> {
-        let (batch, targets) = data.batch(ids, kind, pad_id, &device)?;
-        let ctx = ForwardCtx::train(key).with_gates(z);
-        let logits = model.logits(&batch, &ctx)?;
-        model.head.loss(&logits, &targets)
-    };
+    // Batches are positions within a half; `global` maps them to example indices.
+    let global = |half: &[usize], pos: &[usize]| -> Vec<usize> { pos.iter().map(|&p| half[p]).collect() };
+    let loss_of = |ids: &[usize], z: &Tensor, key: DropoutKey| -> Result<Tensor> { obj.loss(ids, &ForwardCtx::train(key).with_gates(z)) };
     while step < total {
         let w_order = batch_order(&wl, cfg.batch_size, cfg.seed, epoch, true);
         let a_order = batch_order(&al, cfg.batch_size, cfg.seed ^ 0xA1FA, epoch, true);
@@ -229,17 +327,18 @@ pub fn search(
             let (lr_w, lr_a) = (lr_at(cfg.lr, step, total, 0, Decay::Linear), lr_at(cfg.alpha_lr, step, total, 0, Decay::Linear));
             // --- α step on the gate half.
             let z = gates.sample(key.derive("u-alpha"))?;
+            let (wb, ab) = (global(w_half, wb), global(a_half, ab));
             let mut a_grad = if cfg.second_order {
-                second_order_alpha_grad(model, &params, &gates, &z, (&w_half, wb), (&a_half, ab), lr_w, key, &loss_of)?
+                second_order_alpha_grad(&params, &gates, &z, &wb, &ab, lr_w, key, &loss_of)?
             } else {
-                let l = loss_of(model, &a_half, ab, &z, key.derive("drop-alpha"))?;
+                let l = loss_of(&ab, &z, key.derive("drop-alpha"))?;
                 grads_of(&alpha_params, &l.backward()?)?
             };
             clip_grad_norm(&mut a_grad, cfg.max_grad_norm)?;
             a_opt.step(&a_grad, lr_a)?;
             // --- weight step on the weight half, fresh gates from the updated α.
             let z = gates.sample(key.derive("u-weight"))?.detach();
-            let l = loss_of(model, &w_half, wb, &z, key.derive("drop-weight"))?;
+            let l = loss_of(&wb, &z, key.derive("drop-weight"))?;
             let lv = l.to_scalar::<f32>()? as f64;
             if !lv.is_finite() {
                 return Err(Error::NonFinite(format!(
@@ -271,11 +370,10 @@ pub fn search(
             if step.is_multiple_of((total / 10).max(1)) || step == total {
                 ctl.message(format!("step {step}/{total}: loss {lv:.4}, budget use {expected:.0}/{budget:.0}, top: {}", top3.join(", ")));
             }
-            let eval_due = dev.is_some() && (cfg.eval_every.is_some_and(|e| step.is_multiple_of(e)) || step == total);
-            if let (true, Some(dev)) = (eval_due, dev) {
-                // Supernet score with deterministic gates z = p.
-                let pz = gates.probs()?.detach();
-                let score = supernet_score(model, dev, &pz, cfg.eval_batch_size, pad_id, scorer)?;
+            let eval_due = cfg.eval_every.is_some_and(|e| step.is_multiple_of(e)) || step == total;
+            // Supernet score with deterministic gates z = p.
+            let score = if eval_due { obj.dev_score(&gates.probs()?.detach())? } else { None };
+            if let Some(score) = score {
                 let best = best_dev.is_none_or(|b| score > b);
                 ctl.emit(Event::Eval { step, metric: "supernet dev score".into(), score, loss: f64::NAN, best });
                 if best {
@@ -323,17 +421,17 @@ fn supernet_score(model: &TaskModel, dev: &Prepared, z: &Tensor, batch: usize, p
     Ok(scorer(&preds, &dev.targets)?.primary_value())
 }
 
-type LossFn<'a> = dyn Fn(&TaskModel, &Prepared, &[usize], &Tensor, DropoutKey) -> Result<Tensor> + 'a;
+type LossFn<'a> = dyn Fn(&[usize], &Tensor, DropoutKey) -> Result<Tensor> + 'a;
 
-/// The DARTS second-order α gradient (see the module docs).
+/// The DARTS second-order α gradient (see the module docs): `trn` the weight-half batch, `val`
+/// the gate-half batch.
 #[allow(clippy::too_many_arguments)]
 fn second_order_alpha_grad(
-    model: &TaskModel,
     params: &[(String, Var)],
     gates: &Gates,
     z: &Tensor,
-    trn: (&Prepared, &[usize]),
-    val: (&Prepared, &[usize]),
+    trn: &[usize],
+    val: &[usize],
     xi: f64,
     key: DropoutKey,
     loss_of: &LossFn,
@@ -348,14 +446,14 @@ fn second_order_alpha_grad(
     };
     // Virtual step w' = w − ξ ∇w L_trn(w). The gates are held fixed (z detached) inside it.
     let zd = z.detach();
-    let g_trn = grads_of(params, &loss_of(model, trn.0, trn.1, &zd, key.derive("v-trn"))?.backward()?)?;
+    let g_trn = grads_of(params, &loss_of(trn, &zd, key.derive("v-trn"))?.backward()?)?;
     for (name, v) in params {
         if let Some(g) = g_trn.get(name) {
             v.set(&(v.as_tensor() - (g * xi)?)?)?;
         }
     }
     // ∇α and ∇w' of the validation loss at w'.
-    let lv = loss_of(model, val.0, val.1, z, key.derive("v-val"))?;
+    let lv = loss_of(val, z, key.derive("v-val"))?;
     let gs = lv.backward()?;
     let d_alpha = grads_of(&alpha_params, &gs)?;
     let d_w = grads_of(params, &gs)?;
@@ -369,7 +467,7 @@ fn second_order_alpha_grad(
             }
         }
         let z2 = gates.sample(key.derive("u-alpha"))?; // same noise → same z, fresh graph
-        let g = grads_of(&alpha_params, &loss_of(model, trn.0, trn.1, &z2, key.derive("v-trn"))?.backward()?)?;
+        let g = grads_of(&alpha_params, &loss_of(trn, &z2, key.derive("v-trn"))?.backward()?)?;
         restore()?;
         Ok(g)
     };
@@ -385,15 +483,21 @@ fn second_order_alpha_grad(
 
 /// Attaches every candidate of `cands` to the backbone with its gate index.
 pub fn prepare(model: &mut TaskModel, cands: &[Candidate], seed: u64) -> Result<()> {
+    model.specs = prepare_backbone(&mut model.backbone, cands, seed)?;
+    Ok(())
+}
+
+/// [`prepare`] for any backbone (a decoder's search has no task head): attaches every candidate
+/// gated by its index and returns their specs.
+pub fn prepare_backbone(backbone: &mut dyn Backbone, cands: &[Candidate], seed: u64) -> Result<Vec<crate::delta::DeltaSpec>> {
     let specs: Vec<crate::delta::DeltaSpec> = cands.iter().map(|c| c.spec.clone()).collect();
-    attach::attach(&mut model.backbone, &specs, AttachOptions { seed, tokenizer: None })?;
+    attach::attach(backbone, &specs, AttachOptions { seed, tokenizer: None })?;
     for c in cands {
-        for s in model.backbone.sites_mut() {
+        for s in backbone.sites_mut() {
             for a in s.deltas.iter_mut().filter(|a| a.name == c.spec.name) {
                 a.gate = Some(c.id);
             }
         }
     }
-    model.specs = specs;
-    Ok(())
+    Ok(specs)
 }

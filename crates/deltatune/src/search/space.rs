@@ -40,6 +40,10 @@ pub struct Space {
     pub specs: Vec<DeltaSpec>,
 }
 
+/// Every linear inside a decoder block (`model.layers.N.self_attn.q_proj`, `...mlp.down_proj`, fused
+/// `qkv_proj` / `gate_up_proj` alike).
+const DECODER_LINEARS: &str = r"re:model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj";
+
 const LINEARS: &[&str] = &["query", "key", "value", "attention.output.dense", "intermediate.dense", "re:encoder\\.layer\\.\\d+\\.output\\.dense"];
 
 fn spec(cli: &str) -> Result<DeltaSpec> {
@@ -64,6 +68,31 @@ impl Space {
             &[r"re:encoder\.layer\.\d+\.attention\.output", r"re:encoder\.layer\.\d+\.output"],
         ));
         Ok(Space { name: "M".into(), specs })
+    }
+
+    /// The `L` space of a decoder: rank-1 LoRA on every linear of every block (attention and MLP,
+    /// split or fused projections alike).
+    pub fn decoder_lora() -> Result<Self> {
+        Ok(Space { name: "L".into(), specs: vec![with_targets(spec("lora:r=1,lora_alpha=16")?, &[DECODER_LINEARS])] })
+    }
+
+    /// The `M` space of a decoder: `L` plus BitFit on every block linear, LN-fit on every RMSNorm
+    /// (weights; they have no bias) and a low-rank adapter after every attention and MLP block.
+    pub fn decoder_mixed() -> Result<Self> {
+        let mut specs = Self::decoder_lora()?.specs;
+        specs.push(with_targets(spec("bitfit")?, &[DECODER_LINEARS]));
+        specs.push(with_targets(spec("ln_tuning:bias=false")?, &[r"re:model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)", "re:model\\.norm"]));
+        specs.push(with_targets(spec("low_rank_adapter:rank=1,reduction_factor=32")?, &[r"re:model\.layers\.\d+\.(self_attn|mlp)"]));
+        Ok(Space { name: "M".into(), specs })
+    }
+
+    /// [`Self::parse`] for a decoder (`L` and `M` are the decoder spaces).
+    pub fn parse_decoder(name: &str) -> Result<(Self, Vec<String>)> {
+        match name {
+            "L" | "l" => Ok((Self::decoder_lora()?, Vec::new())),
+            "M" | "m" => Ok((Self::decoder_mixed()?, Vec::new())),
+            other => Self::parse(other),
+        }
     }
 
     /// `L`, `M`, or a JSON file of specs (same format as `--delta-config`).
@@ -143,14 +172,29 @@ fn with_targets(mut s: DeltaSpec, targets: &[&str]) -> DeltaSpec {
 
 /// `encoder.layer.3.attention.self.query` → `q`; positions name the columns of the heatmap.
 pub fn position_label(path: &str) -> String {
-    let tail = match path.find("encoder.layer.") {
+    let tail = match path.find("encoder.layer.").map(|i| i + "encoder.layer.".len()).or_else(|| path.find("model.layers.").map(|i| i + "model.layers.".len())) {
         Some(i) => {
-            let rest = &path[i + "encoder.layer.".len()..];
+            let rest = &path[i..];
             rest.split_once('.').map(|(_, t)| t).unwrap_or("")
         }
         None => path,
     };
     match tail {
+        // Decoder blocks.
+        "self_attn.q_proj" => "q",
+        "self_attn.k_proj" => "k",
+        "self_attn.v_proj" => "v",
+        "self_attn.qkv_proj" => "qkv",
+        "self_attn.o_proj" => "attn.o",
+        "self_attn" => "attn.out",
+        "mlp.gate_proj" => "ffn.gate",
+        "mlp.up_proj" => "ffn.up",
+        "mlp.gate_up_proj" => "ffn.gate_up",
+        "mlp.down_proj" => "ffn.down",
+        "mlp" => "ffn",
+        "input_layernorm" => "ln.attn",
+        "post_attention_layernorm" => "ln.ffn",
+        "model.norm" => "ln.final",
         "attention.self.query" => "q",
         "attention.self.key" => "k",
         "attention.self.value" => "v",

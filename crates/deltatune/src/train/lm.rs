@@ -491,7 +491,11 @@ pub fn perplexity(model: &LlamaModel, tok: &LmTokenizer, pairs: &[LmPair], batch
 /// For each prompt, the index of the verbalizer whose tokens have the highest total
 /// log-probability after it (teacher-forced; one forward per prompt and label).
 pub fn classify(model: &LlamaModel, tok: &LmTokenizer, prompts: &[String], words: &[String], batch_size: usize, max_len: usize) -> Result<Vec<usize>> {
-    let ctx = ForwardCtx::eval();
+    classify_with(model, tok, prompts, words, batch_size, max_len, &ForwardCtx::eval())
+}
+
+/// [`classify`] under `ctx` (the structure search scores its supernet with the gates in it).
+pub fn classify_with(model: &LlamaModel, tok: &LmTokenizer, prompts: &[String], words: &[String], batch_size: usize, max_len: usize, ctx: &ForwardCtx) -> Result<Vec<usize>> {
     let pad = tok.pad_id.unwrap_or(0);
     let mut out = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(batch_size.max(1)) {
@@ -504,7 +508,7 @@ pub fn classify(model: &LlamaModel, tok: &LmTokenizer, prompts: &[String], words
         // Score each (prompt, label) row separately: per-row sums of target log-probabilities.
         let batch = make_batch(&enc, pad, model.device())?;
         let (b, t) = batch.ids.dims2()?;
-        let picked = target_logprobs(model, &batch, &ctx)?.to_vec1::<f32>()?;
+        let picked = target_logprobs(model, &batch, ctx)?.to_vec1::<f32>()?;
         let rows: Vec<u32> = batch.positions.to_vec1::<u32>()?.iter().map(|p| p / t as u32).collect();
         let mut scores = vec![0f64; b];
         for (r, v) in rows.iter().zip(picked) {
@@ -521,8 +525,13 @@ pub fn classify(model: &LlamaModel, tok: &LmTokenizer, prompts: &[String], words
 
 /// Accuracy of [`classify`] on labelled examples.
 pub fn verbalizer_accuracy(model: &LlamaModel, tok: &LmTokenizer, v: &Verbalizer, split: &[Example], batch_size: usize, max_len: usize) -> Result<f64> {
+    verbalizer_accuracy_with(model, tok, v, split, batch_size, max_len, &ForwardCtx::eval())
+}
+
+/// [`verbalizer_accuracy`] under `ctx`.
+pub fn verbalizer_accuracy_with(model: &LlamaModel, tok: &LmTokenizer, v: &Verbalizer, split: &[Example], batch_size: usize, max_len: usize, ctx: &ForwardCtx) -> Result<f64> {
     let prompts: Vec<String> = split.iter().map(|e| v.prompt(e)).collect();
-    let pred = classify(model, tok, &prompts, &v.words, batch_size, max_len)?;
+    let pred = classify_with(model, tok, &prompts, &v.words, batch_size, max_len, ctx)?;
     let correct = pred.iter().zip(split).filter(|(p, e)| e.label.class() == Some(**p)).count();
     Ok(correct as f64 / split.len().max(1) as f64)
 }
