@@ -161,7 +161,7 @@ pub struct TrainLmArgs {
     /// default decoder (SmolLM2-135M-Instruct, Q4_1 GGUF).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// A named classification task from --data-dir (sst2, cola, rte, mr, cr have default
+    /// A named classification task from --data-dir (sst2, cola, rte, mr, cr, trec have default
     /// templates and verbalizers), scored by accuracy before and after training.
     #[arg(long, conflicts_with = "train")]
     pub task: Option<String>,

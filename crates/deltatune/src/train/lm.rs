@@ -110,7 +110,8 @@ pub struct Verbalizer {
 }
 
 impl Verbalizer {
-    /// Defaults for the single-sentence sentiment and acceptability tasks of the shared data.
+    /// Defaults for the sentiment, acceptability, entailment and question-type tasks of the shared
+    /// data.
     pub fn for_task(task: &TaskData) -> Result<Self> {
         let labels = task.labels.as_ref().ok_or_else(|| Error::arg("--task", format!("{} is a regression task", task.name)))?;
         let (template, by_name): (&str, &[(&str, &str)]) = match task.name.as_str() {
@@ -119,6 +120,10 @@ impl Verbalizer {
             "rte" => (
                 "{text}\nQuestion: Does this imply that \"{text_b}\"? Answer:",
                 &[("entailment", " yes"), ("not_entailment", " no")],
+            ),
+            "trec" => (
+                "Question: {text}\nThe answer is a kind of:",
+                &[("ABBR", " abbreviation"), ("DESC", " description"), ("ENTY", " thing"), ("HUM", " person"), ("LOC", " place"), ("NUM", " number")],
             ),
             other => {
                 return Err(Error::arg(
