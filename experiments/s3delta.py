@@ -19,6 +19,14 @@ s3-M-2nd (not in the default list) search with the DARTS second-order gate gradi
 (`search --second-order`, what the reference's published runs used); a suffix -e<N> searches
 for N epochs instead of --search-epochs (s3-L-e10, s3-M-2nd-e10).
 
+Further methods: `full` and `lora8` (LoRA r=8 on query,value) are references without a budget;
+`adalora` is AdaLoRA whose final rank budget spends the parameter budget (rank-4 start on the top
+layers' query,value, pruned to the budget while training); `xfer-<task>-<search method>`
+retrains the structure searched on another task at the same budget and seed (run the source
+task's search first; a missing one is left for a later pass). `--protocol NAME` labels every
+record, so protocols share a results file: `learnable-3000x3` (`--train 3000 --dev 1000 --epochs 3
+--max-length 128`, docs/experiments.md) is where the tasks are learnable.
+
 Usage:
   python3 experiments/s3delta.py --bin target/release/deltatune --data-dir ../shared/data \
       --out experiments/results/s3delta.jsonl [--tasks sst2,rte] [--budgets 0.0139%] [--seeds 1,2,3]

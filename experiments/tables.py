@@ -5,6 +5,7 @@
   python3 experiments/tables.py s3delta [experiments/results/s3delta.jsonl]
   python3 experiments/tables.py s3delta --update docs/search.md   # rewrite the tables of docs/search.md in place
   python3 experiments/tables.py learnable [experiments/results/s3delta_learnable.jsonl] [--update docs/experiments.md]
+  python3 experiments/tables.py generative [experiments/results/s3delta_generative.jsonl] [--update docs/experiments.md]
   python3 experiments/tables.py combos [experiments/results/combos.jsonl] [--update docs/experiments.md]
       [--figure docs/images/combos_convergence --bin target/release/deltatune]
 
@@ -352,6 +353,60 @@ def combos_table(path, figure=None, binary="target/release/deltatune"):
             print()
 
 
+def generative_table(path):
+    """The decoder protocol: per task, the untuned model and LoRA r=8, then S3Delta, random and
+    manual placements at each budget (share of the decoder), with the margins over their spread."""
+    everything = load(path)
+    rows = [r for r in everything if "error" not in r and "skipped" not in r and r.get("score") is not None]
+    if not rows:
+        sys.exit(f"{path}: no finished runs")
+    r0 = rows[0]
+    print(f"Model: {r0['model']} (frozen quantized base); first {r0['train_examples']} training examples, first "
+          f"{r0['dev_examples']} dev examples, max length {r0['max_length']}, batch 8, {r0['epochs']} epoch(s) of "
+          f"retraining, {r0['search_epochs']} search epoch(s); accuracy by the label words' log-probability.")
+    print()
+    score = defaultdict(list)
+    secs = defaultdict(list)
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        score[(r["task"], r["budget"], r["method"])].append(100 * r["score"])
+        secs[r["method"]].append(r.get("wall_seconds", 0) + r.get("search_seconds", 0))
+    tasks = [t for t in TASK_NAMES if any(r["task"] == t for r in rows)]
+    budgets = sorted({r["budget"] for r in rows if r["budget"] != "-"}, key=lambda b: float(b.rstrip("%")))
+    print("| task | method | " + " | ".join(f"{b} ({round(134_515_008 * float(b.rstrip('%')) / 100):,} params)" for b in budgets) + " |")
+    print("|---|---|" + "---|" * len(budgets))
+    for t in tasks:
+        for m in ("s3-L", "random", "manual-lora"):
+            print(f"| {TASK_NAMES[t]} | {m} | " + " | ".join(fmt_cell(score[(t, b, m)]) for b in budgets) + " |")
+        print(f"| {TASK_NAMES[t]} | untuned model | {fmt_cell(score[(t, '-', 'untuned')])} (no training) |" + " |" * (len(budgets) - 1))
+        print(f"| {TASK_NAMES[t]} | LoRA r=8 q,v (460,800 params) | {fmt_cell(score[(t, '-', 'lora8')])} (no budget) |" + " |" * (len(budgets) - 1))
+    print()
+
+    def diff(a, b):
+        if not a or not b:
+            return "—"
+        (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
+        se = ((sa ** 2 / len(a) if len(a) > 1 else 0) + (sb ** 2 / len(b) if len(b) > 1 else 0)) ** 0.5
+        return f"{ma - mb:+.1f}" + (f" ({(ma - mb) / se:+.1f})" if se > 0 else "")
+
+    print("Margins (points; in brackets over the standard error): ")
+    print()
+    print("| task | budget | s3-L − manual-lora | s3-L − random | s3-L − untuned | kept of LoRA r=8's gain |")
+    print("|---|---|---|---|---|---|")
+    for t in tasks:
+        u, l8 = score[(t, "-", "untuned")], score[(t, "-", "lora8")]
+        for b in budgets:
+            s3 = score[(t, b, "s3-L")]
+            kept = "—"
+            if s3 and u and l8 and statistics.mean(l8) != statistics.mean(u):
+                kept = f"{100 * (statistics.mean(s3) - statistics.mean(u)) / (statistics.mean(l8) - statistics.mean(u)):.0f}%"
+            print(f"| {TASK_NAMES[t]} | {b} | {diff(s3, score[(t, b, 'manual-lora')])} | {diff(s3, score[(t, b, 'random')])} | "
+                  f"{diff(s3, u)} | {kept} |")
+    print()
+    print("Wall time per run (median, seconds, one thread; the search row includes its retraining): " + ", ".join(
+        f"{m} {statistics.median(v):.0f}" for m, v in sorted(secs.items()) if v) + f"; {len(rows)} runs, "
+        f"{sum(sum(v) for v in secs.values()) / 3600:.1f} CPU-hours in all.")
+
+
 def draw(out, panels, binary):
     """Renders curves through `deltatune plot --series` (plotters, PNG and SVG)."""
     import subprocess
@@ -410,10 +465,12 @@ if __name__ == "__main__":
                 binary = args[i + 1]
             del args[i:i + 2]
     what = args[0] if args else "s3delta"
-    default = {"learnable": "experiments/results/s3delta_learnable.jsonl"}.get(what, f"experiments/results/{what}.jsonl")
+    default = {"learnable": "experiments/results/s3delta_learnable.jsonl",
+               "generative": "experiments/results/s3delta_generative.jsonl"}.get(what, f"experiments/results/{what}.jsonl")
     path = args[1] if len(args) > 1 else default
     renders = {"methods": lambda: methods_table(path), "s3delta": lambda: s3delta_table(path),
-               "learnable": lambda: learnable_table(path), "combos": lambda: combos_table(path, figure, binary)}
+               "learnable": lambda: learnable_table(path), "combos": lambda: combos_table(path, figure, binary),
+               "generative": lambda: generative_table(path)}
     if what not in renders:
         sys.exit(f"unknown table {what!r}: one of {', '.join(renders)}")
     render = renders[what]
