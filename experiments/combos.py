@@ -58,10 +58,7 @@ def curve(run_dir):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bin", default="target/release/deltatune")
-    ap.add_argument("--data-dir", default="../shared/data")
-    ap.add_argument("--out", default="experiments/results/combos.jsonl")
-    ap.add_argument("--work", default="runs/combos")
+    grid.common_args(ap, "experiments/results/combos.jsonl", "runs/combos", threads=1)
     ap.add_argument("--tasks", default="sst2")
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--combos", default=None, help="only these combinations, e.g. lora,lora+bitfit")
@@ -71,20 +68,13 @@ def main():
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--eval-every", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--shard", default=None, help="I/N: run every N-th cell from the I-th (default: from a job array or mpirun)")
     a = ap.parse_args()
     shard = grid.parse_shard(a.shard)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if out.exists():
-        for line in out.read_text().splitlines():
-            r = json.loads(line)
-            if "error" not in r:
-                done.add((r["task"], r["combo"], r["seed"], r["lr"]))
+    done = grid.done_keys(out, lambda r: (r["task"], r["combo"], r["seed"], r["lr"]))
     wanted = set(a.combos.split(",")) if a.combos else None
     cell = -1
     for task in a.tasks.split(","):

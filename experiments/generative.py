@@ -22,28 +22,19 @@ Usage:
 """
 import argparse
 import json
-import random
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grid  # noqa: E402
+from s3delta import random_structure  # noqa: E402  (space L candidates: rank-1 LoRA groups)
 
 DECODER = 134_515_008
 LAYERS = 30
 
 
 def run(cmd, log):
-    t = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=grid.child_env())
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n" + p.stderr[-3000:] + "\n")
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-1500:]}")
-    line = [l for l in p.stdout.splitlines() if l.startswith("{")][-1]
-    return json.loads(line), time.time() - t
+    return grid.run_json(cmd, log)
 
 
 def manual_lora(b, sizes):
@@ -57,24 +48,9 @@ def manual_lora(b, sizes):
              "layers_to_transform": list(range(LAYERS - layers, LAYERS))}]
 
 
-def random_structure(cands, b, seed):
-    rng = random.Random(seed)
-    order = list(range(len(cands)))
-    rng.shuffle(order)
-    used, paths = 0, []
-    for i in order:
-        if used + cands[i]["params"] <= b:
-            used += cands[i]["params"]
-            paths.append(cands[i]["path"])
-    return [{"method": "lora", "name": "lora", "r": 1, "lora_alpha": 16, "target_modules": paths}]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bin", default="target/release/deltatune")
-    ap.add_argument("--data-dir", default="../shared/data")
-    ap.add_argument("--out", default="experiments/results/s3delta_generative.jsonl")
-    ap.add_argument("--work", default="runs/generative")
+    grid.common_args(ap, "experiments/results/s3delta_generative.jsonl", "runs/generative")
     ap.add_argument("--tasks", default="sst2")
     ap.add_argument("--budgets", default="0.0035%,0.0139%")
     ap.add_argument("--seeds", default="1,2")
@@ -84,8 +60,6 @@ def main():
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--search-epochs", type=int, default=1)
     ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--shard", default=None)
     a = ap.parse_args()
     shard = grid.parse_shard(a.shard)
     out = Path(a.out)
@@ -93,12 +67,7 @@ def main():
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
-    done = set()
-    if out.exists():
-        for line in out.read_text().splitlines():
-            r = json.loads(line)
-            if "error" not in r:
-                done.add((r["task"], r["budget"], r["method"], r["seed"]))
+    done = grid.done_keys(out, lambda r: (r["task"], r["budget"], r["method"], r["seed"]))
     base = [a.bin, "--threads", str(a.threads)]
     data = ["--data-dir", a.data_dir, "--max-train", str(a.train), "--max-dev", str(a.dev), "--max-length", str(a.max_length)]
     cands = None

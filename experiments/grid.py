@@ -17,6 +17,9 @@ them would try to join the launcher's job).
 import fcntl
 import json
 import os
+import subprocess
+import time
+from pathlib import Path
 
 LAUNCHER_PREFIXES = ("OMPI_", "PMI_", "PMIX_", "SLURM_")
 
@@ -72,6 +75,44 @@ def append(path, record):
             os.fsync(f.fileno())
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def common_args(ap, out, work, threads=2):
+    """The flags every grid script has: the binary, the data root, the results file, the work
+    directory, threads per run and the shard."""
+    ap.add_argument("--bin", default="target/release/deltatune")
+    ap.add_argument("--data-dir", default="../shared/data")
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--work", default=work)
+    ap.add_argument("--threads", type=int, default=threads)
+    ap.add_argument("--shard", default=None, help="I/N: run every N-th cell from the I-th (default: from a job array or mpirun)")
+
+
+def done_keys(path, key):
+    """`key(record)` of every finished record (no "error") in the results file `path`."""
+    keys = set()
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "error" not in r:
+                keys.add(key(r))
+    return keys
+
+
+def run_json(cmd, log):
+    """Runs a `deltatune ... --json` command (launcher variables removed), appends its stderr tail
+    to `log`, and returns its JSON result and wall seconds; raises with the stderr tail on failure."""
+    t = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n" + p.stderr[-4000:] + "\n")
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
+    line = [l for l in p.stdout.splitlines() if l.startswith("{")][-1]
+    return json.loads(line), time.time() - t
 
 
 if __name__ == "__main__":

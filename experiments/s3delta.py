@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,27 +59,8 @@ def budget_params(b):
     return BACKBONE * float(b.rstrip("%")) / 100.0
 
 
-def done_keys(path):
-    keys = set()
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            keys.add((r["task"], r["budget"], r["method"], r["seed"], r.get("protocol")))
-    return keys
-
-
 def run(cmd, log):
-    t = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=grid.child_env())
-    with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n" + p.stderr[-4000:] + "\n")
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
-    line = [l for l in p.stdout.splitlines() if l.startswith("{")][-1]
-    return json.loads(line), time.time() - t
+    return grid.run_json(cmd, log)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,10 +163,7 @@ def random_structure(cands, b, seed):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bin", default="target/release/deltatune")
-    ap.add_argument("--data-dir", default="../shared/data")
-    ap.add_argument("--out", default="experiments/results/s3delta.jsonl")
-    ap.add_argument("--work", default="runs/s3delta")
+    grid.common_args(ap, "experiments/results/s3delta.jsonl", "runs/s3delta")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--budgets", default=",".join(BUDGETS))
     ap.add_argument("--seeds", default="1,2,3")
@@ -197,8 +174,6 @@ def main():
     ap.add_argument("--search-epochs", type=int, default=3)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--protocol", default=None, help="a label stored with every record (e.g. learnable-3000x5)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--shard", default=None, help="I/N: run every N-th cell from the I-th (default: from a job array or mpirun)")
     a = ap.parse_args()
     shard = grid.parse_shard(a.shard)
     out = Path(a.out)
@@ -206,7 +181,7 @@ def main():
     work = Path(a.work)
     log = work / "log.txt"
     work.mkdir(parents=True, exist_ok=True)
-    done = done_keys(out)
+    done = grid.done_keys(out, lambda r: (r["task"], r["budget"], r["method"], r["seed"], r.get("protocol")))
     methods = a.methods.split(",")
     base = [a.bin, "--threads", str(a.threads)]
     data = ["--data-dir", a.data_dir, "--max-train", str(a.train), "--max-dev", str(a.dev), "--max-length", str(a.max_length)]

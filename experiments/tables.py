@@ -194,6 +194,16 @@ def fmt_cell(v):
     return f"{m:.1f} ± {sd:.1f}" + ("" if len(v) == 3 else f" ({len(v)})")
 
 
+def diff(a, b):
+    """Mean of `a` minus mean of `b` (points), and in brackets that difference over its standard
+    error sqrt(sd_a²/n_a + sd_b²/n_b) when both have several seeds."""
+    if not a or not b:
+        return "—"
+    (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
+    se = ((sa ** 2 / len(a) if len(a) > 1 else 0) + (sb ** 2 / len(b) if len(b) > 1 else 0)) ** 0.5
+    return f"{ma - mb:+.1f}" + (f" ({(ma - mb) / se:+.1f})" if se > 0 else "")
+
+
 LEARNABLE_METHODS = ["s3-L", "random", "manual-lora", "manual-bitfit", "adalora"]
 MANUAL_LIKE = ["manual-lora", "manual-bitfit", "adalora"]
 
@@ -260,13 +270,6 @@ def learnable_table(path, protocol="learnable-3000x3"):
     print()
     print("| task | budget | s3-L | best manual (which) | s3-L − best manual | s3-L − random | kept of full |")
     print("|---|---|---|---|---|---|---|")
-
-    def diff(a, b):
-        if not a or not b:
-            return "—"
-        (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
-        se = ((sa ** 2 / len(a) if len(a) > 1 else 0) + (sb ** 2 / len(b) if len(b) > 1 else 0)) ** 0.5
-        return f"{ma - mb:+.1f}" + (f" ({(ma - mb) / se:+.1f})" if se > 0 else "")
 
     for t in tasks:
         full = score[(t, "-", "full")]
@@ -380,13 +383,6 @@ def generative_table(path):
         print(f"| {TASK_NAMES[t]} | untuned model | {fmt_cell(score[(t, '-', 'untuned')])} (no training) |" + " |" * (len(budgets) - 1))
         print(f"| {TASK_NAMES[t]} | LoRA r=8 q,v (460,800 params) | {fmt_cell(score[(t, '-', 'lora8')])} (no budget) |" + " |" * (len(budgets) - 1))
     print()
-
-    def diff(a, b):
-        if not a or not b:
-            return "—"
-        (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
-        se = ((sa ** 2 / len(a) if len(a) > 1 else 0) + (sb ** 2 / len(b) if len(b) > 1 else 0)) ** 0.5
-        return f"{ma - mb:+.1f}" + (f" ({(ma - mb) / se:+.1f})" if se > 0 else "")
 
     print("Margins (points; in brackets over the standard error): ")
     print()

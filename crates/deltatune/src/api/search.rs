@@ -15,7 +15,7 @@ use crate::io::atomic::{check_output, StagedDir};
 use crate::head::{Head, HeadConfig};
 use crate::search::output;
 use crate::search::run::{prepare, search as run_search, Budget, SearchConfig, SearchResult};
-use crate::search::space::Space;
+use crate::search::space::{Candidate, Space};
 use crate::train::task::{head_kind, prepare_split, scorer};
 use candle_core::Device;
 use serde::Serialize;
@@ -82,90 +82,117 @@ pub fn search(spec: &SearchSpec, ctl: &Control) -> Result<SearchOutcome> {
     let dev = prepare_split(&task.dev, &enc)?;
     let cands = spec.space.candidates(&mut backbone)?;
     let total = backbone.num_params();
-    let budget = spec.budget.params(total);
-    let space_total: usize = cands.iter().map(|c| c.params).sum();
-    let mut outcome = SearchOutcome {
-        task: task.name.clone(),
-        space: spec.space.name.clone(),
-        candidates: cands.len(),
-        space_params: space_total,
-        budget,
-        budget_percent: 100.0 * budget / total as f64,
-        backbone_params: total,
-        selected: 0,
-        selected_params: 0,
-        supernet_dev: None,
-        best_step: None,
-        steps: 0,
-        seconds: 0.0,
-        config: spec.config.clone(),
-        second_order: spec.config.second_order,
-        structure: Vec::new(),
-        out: spec.out.clone(),
-    };
-    if spec.candidates_only {
-        let staging = StagedDir::new(&spec.out)?;
-        let rows: Vec<_> = cands
-            .iter()
-            .map(|c| json!({"id": c.id, "method": c.method, "path": c.path, "layer": c.layer, "position": c.position, "params": c.params}))
-            .collect();
-        crate::io::atomic::write_json_atomic(&staging.path().join("candidates.json"), &rows)?;
-        staging.commit(spec.overwrite)?;
-        return Ok(outcome);
-    }
-    // The budget is checked here, once, against what the space can hold.
-    let cheapest = cands.iter().map(|c| c.params).min().unwrap_or(0);
-    if budget < cheapest as f64 {
-        return Err(Error::arg(
-            "--budget",
-            format!(
-                "{budget:.0} parameters ({:.5}% of {total}) is smaller than the cheapest candidate of space {} ({cheapest} parameters)",
-                100.0 * budget / total as f64,
-                spec.space.name
-            ),
-        ));
-    }
-    ctl.message(format!(
-        "space {}: {} candidates, {} parameters in all; budget {budget:.0} ({:.5}% of the backbone's {total}; the head is outside the budget)",
-        spec.space.name,
-        cands.len(),
-        space_total,
-        100.0 * budget / total as f64
-    ));
     let head = Head::new(HeadConfig { kind: head_kind(task.kind), pooling: spec.pooling, hidden_size: backbone.hidden_size() }, spec.config.seed, backbone.device())?;
     let mut model = TaskModel { backbone, head, specs: Vec::new() };
-    // Everything is written into a staging directory moved into place at the end.
-    let staging = StagedDir::new(&spec.out)?;
-    let result = if budget >= space_total as f64 {
-        ctl.warn(format!(
-            "the budget ({budget:.0}) is at least what the whole space can use ({space_total}); every candidate is selected and no search is run"
-        ));
-        SearchResult {
-            budget,
-            steps: 0,
-            seconds: 0.0,
-            alphas: vec![0.0; cands.len()],
-            probs: vec![1.0; cands.len()],
-            selected: (0..cands.len()).collect(),
-            selected_params: space_total,
-            best_dev: None,
-            best_step: None,
-        }
-    } else {
+    let frame = Frame { spec, task: &task.name, space: &spec.space.name, cands: &cands, total, what: "the backbone's", note: "the head is outside the budget".into() };
+    frame.run(ctl, |budget, dir| {
         prepare(&mut model, &cands, spec.config.seed)?;
         let sc = scorer(&task);
-        run_search(&mut model, &cands, budget, &train, Some(&dev), &sc, &spec.config, staging.path(), enc.pad_id(), ctl)?
-    };
-    outcome.selected = result.selected.len();
-    outcome.selected_params = result.selected_params;
-    outcome.supernet_dev = result.best_dev;
-    outcome.best_step = result.best_step;
-    outcome.steps = result.steps;
-    outcome.seconds = result.seconds;
-    let summary = serde_json::to_value(&outcome).map_err(|e| Error::Delta(e.to_string()))?;
-    outcome.structure = output::write(staging.path(), &cands, &result, summary)?;
-    staging.commit(spec.overwrite)?;
-    Ok(outcome)
+        run_search(&mut model, &cands, budget, &train, Some(&dev), &sc, &spec.config, dir, enc.pad_id(), ctl)
+    })
+}
+
+/// What every search does around its loop: the summary, `candidates_only`, the budget checked
+/// against the space, the whole space taken without a search when the budget holds it, and the
+/// outputs written into a staging directory moved into place at the end.
+struct Frame<'a> {
+    spec: &'a SearchSpec,
+    task: &'a str,
+    space: &'a str,
+    cands: &'a [Candidate],
+    /// The backbone's parameters (the budget's base).
+    total: usize,
+    /// Whose parameters (for the message).
+    what: &'a str,
+    /// A last clause for the message.
+    note: String,
+}
+
+impl Frame<'_> {
+    fn run(self, ctl: &Control, search: impl FnOnce(f64, &std::path::Path) -> Result<SearchResult>) -> Result<SearchOutcome> {
+        let (spec, cands, total) = (self.spec, self.cands, self.total);
+        let budget = spec.budget.params(total);
+        let space_total: usize = cands.iter().map(|c| c.params).sum();
+        let mut outcome = SearchOutcome {
+            task: self.task.to_string(),
+            space: self.space.to_string(),
+            candidates: cands.len(),
+            space_params: space_total,
+            budget,
+            budget_percent: 100.0 * budget / total as f64,
+            backbone_params: total,
+            selected: 0,
+            selected_params: 0,
+            supernet_dev: None,
+            best_step: None,
+            steps: 0,
+            seconds: 0.0,
+            config: spec.config.clone(),
+            second_order: spec.config.second_order,
+            structure: Vec::new(),
+            out: spec.out.clone(),
+        };
+        if spec.candidates_only {
+            let staging = StagedDir::new(&spec.out)?;
+            let rows: Vec<_> = cands
+                .iter()
+                .map(|c| json!({"id": c.id, "method": c.method, "path": c.path, "layer": c.layer, "position": c.position, "params": c.params}))
+                .collect();
+            crate::io::atomic::write_json_atomic(&staging.path().join("candidates.json"), &rows)?;
+            staging.commit(spec.overwrite)?;
+            return Ok(outcome);
+        }
+        // The budget is checked here, once, against what the space can hold.
+        let cheapest = cands.iter().map(|c| c.params).min().unwrap_or(0);
+        if budget < cheapest as f64 {
+            return Err(Error::arg(
+                "--budget",
+                format!(
+                    "{budget:.0} parameters ({:.5}% of {total}) is smaller than the cheapest candidate of space {} ({cheapest} parameters)",
+                    100.0 * budget / total as f64,
+                    self.space
+                ),
+            ));
+        }
+        ctl.message(format!(
+            "space {}: {} candidates, {} parameters in all; budget {budget:.0} ({:.5}% of {} {total}; {})",
+            self.space,
+            cands.len(),
+            space_total,
+            100.0 * budget / total as f64,
+            self.what,
+            self.note
+        ));
+        let staging = StagedDir::new(&spec.out)?;
+        let result = if budget >= space_total as f64 {
+            ctl.warn(format!(
+                "the budget ({budget:.0}) is at least what the whole space can use ({space_total}); every candidate is selected and no search is run"
+            ));
+            SearchResult {
+                budget,
+                steps: 0,
+                seconds: 0.0,
+                alphas: vec![0.0; cands.len()],
+                probs: vec![1.0; cands.len()],
+                selected: (0..cands.len()).collect(),
+                selected_params: space_total,
+                best_dev: None,
+                best_step: None,
+            }
+        } else {
+            search(budget, staging.path())?
+        };
+        outcome.selected = result.selected.len();
+        outcome.selected_params = result.selected_params;
+        outcome.supernet_dev = result.best_dev;
+        outcome.best_step = result.best_step;
+        outcome.steps = result.steps;
+        outcome.seconds = result.seconds;
+        let summary = serde_json::to_value(&outcome).map_err(|e| Error::Delta(e.to_string()))?;
+        outcome.structure = output::write(staging.path(), cands, &result, summary)?;
+        staging.commit(spec.overwrite)?;
+        Ok(outcome)
+    }
 }
 
 /// The search on a decoder: a classification task as text-to-text (the task's default template
@@ -190,64 +217,16 @@ fn search_decoder(spec: &SearchSpec, path: &std::path::Path, ctl: &Control) -> R
     let rows = training_rows(&lm.tokenizer, &verbalizer.pairs(&task.train)?, &cfg)?;
     let cands = space.candidates(&mut lm.model)?;
     let total = lm.model.num_params();
-    let budget = spec.budget.params(total);
-    let space_total: usize = cands.iter().map(|c| c.params).sum();
-    let mut outcome = SearchOutcome {
-        task: task.name.clone(),
-        space: space.name.clone(),
-        candidates: cands.len(),
-        space_params: space_total,
-        budget,
-        budget_percent: 100.0 * budget / total as f64,
-        backbone_params: total,
-        selected: 0,
-        selected_params: 0,
-        supernet_dev: None,
-        best_step: None,
-        steps: 0,
-        seconds: 0.0,
-        config: spec.config.clone(),
-        second_order: spec.config.second_order,
-        structure: Vec::new(),
-        out: spec.out.clone(),
+    let frame = Frame {
+        spec,
+        task: &task.name,
+        space: &space.name,
+        cands: &cands,
+        total,
+        what: "the decoder's",
+        note: format!("{} training rows as text-to-text", rows.len()),
     };
-    if spec.candidates_only {
-        let staging = StagedDir::new(&spec.out)?;
-        let rows: Vec<_> = cands.iter().map(|c| json!({"id": c.id, "method": c.method, "path": c.path, "layer": c.layer, "position": c.position, "params": c.params})).collect();
-        crate::io::atomic::write_json_atomic(&staging.path().join("candidates.json"), &rows)?;
-        staging.commit(spec.overwrite)?;
-        return Ok(outcome);
-    }
-    let cheapest = cands.iter().map(|c| c.params).min().unwrap_or(0);
-    if budget < cheapest as f64 {
-        return Err(Error::arg(
-            "--budget",
-            format!("{budget:.0} parameters ({:.5}% of {total}) is smaller than the cheapest candidate of space {} ({cheapest} parameters)", 100.0 * budget / total as f64, space.name),
-        ));
-    }
-    ctl.message(format!(
-        "decoder space {}: {} candidates, {} parameters in all; budget {budget:.0} ({:.5}% of the decoder's {total}); {} training rows as text-to-text",
-        space.name,
-        cands.len(),
-        space_total,
-        100.0 * budget / total as f64,
-        rows.len()
-    ));
-    let staging = StagedDir::new(&spec.out)?;
-    let result = if budget >= space_total as f64 {
-        ctl.warn(format!("the budget ({budget:.0}) is at least what the whole space can use ({space_total}); every candidate is selected and no search is run"));
-        SearchResult {
-            budget,
-            steps: 0,
-            seconds: 0.0,
-            alphas: vec![0.0; cands.len()],
-            probs: vec![1.0; cands.len()],
-            selected: (0..cands.len()).collect(),
-            selected_params: space_total,
-            best_dev: None,
-            best_step: None,
-        }
-    } else {
+    frame.run(ctl, |budget, dir| {
         // Llama-family backbones have no dropout of their own; --no-dropout has nothing to turn off.
         prepare_backbone(&mut lm.model, &cands, spec.config.seed)?;
         let obj = DecoderObjective {
@@ -259,16 +238,6 @@ fn search_decoder(spec: &SearchSpec, path: &std::path::Path, ctl: &Control) -> R
             max_length: spec.max_length,
             eval_batch_size: spec.config.eval_batch_size,
         };
-        search_objective(&obj, &cands, budget, &spec.config, staging.path(), ctl)?
-    };
-    outcome.selected = result.selected.len();
-    outcome.selected_params = result.selected_params;
-    outcome.supernet_dev = result.best_dev;
-    outcome.best_step = result.best_step;
-    outcome.steps = result.steps;
-    outcome.seconds = result.seconds;
-    let summary = serde_json::to_value(&outcome).map_err(|e| Error::Delta(e.to_string()))?;
-    outcome.structure = output::write(staging.path(), &cands, &result, summary)?;
-    staging.commit(spec.overwrite)?;
-    Ok(outcome)
+        search_objective(&obj, &cands, budget, &spec.config, dir, ctl)
+    })
 }
