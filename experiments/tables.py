@@ -343,15 +343,21 @@ def combos_table(path, figure=None, binary="target/release/deltatune"):
                   f"{statistics.median(reach):.0f} | {statistics.median(r['wall_seconds'] for r in group):.0f} |")
         print()
         if figure:
-            series = []
-            for (combo, lr), group in sorted(by.items(), key=lambda kv: (len(kv[0][0].split("+")), kv[0][0])):
-                r = min(group, key=lambda r: r["seed"])
-                series.append({"name": combo.replace("+", " + "), "points": [[x, 100 * y] for x, y in r["curve"]]})
-            draw(figure if len(tasks) == 1 else f"{figure}_{t}",
-                 [{"title": f"{TASK_NAMES[t]}: dev {METRIC_NAMES.get(metric, metric)} during training, every combination "
-                            f"(seed {min(r['seed'] for r in rs)})",
-                   "x_label": "optimizer step", "y_label": f"dev {METRIC_NAMES.get(metric, metric)} ×100", "series": series}],
-                 binary)
+            # One panel per number of methods combined (singles, pairs, three or more), so that
+            # every panel stays readable.
+            panels = []
+            seed = min(r["seed"] for r in rs)
+            for label, sizes in (("one method", (1,)), ("two methods", (2,)), ("three and four methods", (3, 4))):
+                series = []
+                for (combo, lr), group in sorted(by.items(), key=lambda kv: kv[0][0]):
+                    if len(combo.split("+")) in sizes:
+                        r = min(group, key=lambda r: r["seed"])
+                        series.append({"name": combo.replace("+", " + "), "points": [[x, 100 * y] for x, y in r["curve"]]})
+                if series:
+                    panels.append({"title": f"{TASK_NAMES[t]}, {label}: dev {METRIC_NAMES.get(metric, metric)} against steps (seed {seed})",
+                                   "x_label": "optimizer step", "y_label": f"dev {METRIC_NAMES.get(metric, metric)} ×100",
+                                   "series": series})
+            draw(figure if len(tasks) == 1 else f"{figure}_{t}", panels, binary)
             print(f"Figure: `{figure}.png` / `.svg` (`python3 experiments/tables.py combos --figure {figure}`).")
             print()
 
