@@ -283,16 +283,19 @@ def learnable_table(path, protocol="learnable-3000x3"):
     print()
     if xfers:
         print("**Transfer**: the structure searched on the other task (same budget and seed), retrained here, "
-              "minus the task's own search, in points (ratio to the standard error in brackets)")
+              "against the task's own search and against its manual placement (LoRA on query,value), in points "
+              "(ratio to the standard error in brackets)")
         print()
-        print("| task | structure from | " + " | ".join(budgets) + " |")
-        print("|---|---|" + "---|" * len(budgets))
+        print("| task | structure from | against | " + " | ".join(budgets) + " |")
+        print("|---|---|---|" + "---|" * len(budgets))
         for t in tasks:
             for x in xfers:
                 src = x.split("-")[1]
                 if src == t:
                     continue
-                print(f"| {TASK_NAMES[t]} | {TASK_NAMES[src]} | " + " | ".join(diff(score[(t, b, x)], score[(t, b, 's3-L')]) for b in budgets) + " |")
+                for base, label in (("s3-L", "own search"), ("manual-lora", "manual-lora")):
+                    print(f"| {TASK_NAMES[t]} | {TASK_NAMES[src]} | {label} | "
+                          + " | ".join(diff(score[(t, b, x)], score[(t, b, base)]) for b in budgets) + " |")
         print()
     print("Wall time per run (median, seconds, one thread; searches include their retraining): " + ", ".join(
         f"{m} {statistics.median(v):.0f}" for m, v in sorted(secs.items()) if v) + f"; {len(rows)} runs, "
