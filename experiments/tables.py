@@ -407,7 +407,7 @@ def generative_table(path):
             print(f"| {TASK_NAMES[t]} | {b} | {diff(s3, score[(t, b, 'manual-lora')])} | {diff(s3, score[(t, b, 'random')])} | "
                   f"{diff(s3, u)} | {kept} |")
     print()
-    print("Wall time per run (median, seconds, one thread; the search row includes its retraining): " + ", ".join(
+    print("Wall time per run (median, seconds, two threads; the search row includes its retraining): " + ", ".join(
         f"{m} {statistics.median(v):.0f}" for m, v in sorted(secs.items()) if v) + f"; {len(rows)} runs, "
         f"{sum(sum(v) for v in secs.values()) / 3600:.1f} CPU-hours in all.")
 
