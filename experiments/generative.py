@@ -87,7 +87,8 @@ def main():
                     tag = f"{task}-{budget.rstrip('%')}-{method}-s{seed}"
                     rec = {"task": task, "budget": key_budget, "budget_params": None if ref else round(b), "method": method,
                            "seed": seed, "model": "SmolLM2-135M-Instruct Q4_1", "train_examples": a.train, "dev_examples": a.dev,
-                           "epochs": a.epochs, "search_epochs": a.search_epochs, "max_length": a.max_length}
+                           "epochs": a.epochs, "search_epochs": a.search_epochs, "max_length": a.max_length,
+                           "threads": a.threads}
                     try:
                         search_s = None
                         cfg = work / f"{tag}.json"

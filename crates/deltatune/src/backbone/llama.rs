@@ -546,21 +546,31 @@ impl Attention {
             None => (k, v),
         };
         *cache = Some((k.clone(), v.clone()));
-        let total = k.dim(1)?;
-        let rep = nh / nkv;
-        // Grouped-query attention: each key/value head serves `rep` consecutive query heads.
-        let expand = |y: &Tensor| -> Result<Tensor> {
-            if rep == 1 {
-                return Ok(y.clone());
-            }
-            Ok(y.reshape((b, total, nkv, 1, d))?.expand((b, total, nkv, rep, d))?.reshape((b, total, nh * d))?)
-        };
-        let out = match self.window {
-            Some(w) if total > w => sliding_attention(&q, &expand(&k)?, &expand(&v)?, key_bias, nh, w)?,
-            _ => ops::causal_attention(&q, &expand(&k)?, &expand(&v)?, key_bias, nh)?,
-        };
+        let out = self.attend(&q, &k, &v, key_bias)?;
         let y = self.o_proj.forward(&out, ctx, exact)?;
         self.site.post(&x, y, ctx)
+    }
+
+    /// Causal attention of `q` (b, tq, heads · d) over `k`, `v` (b, tk, kv_heads · d), through the
+    /// sliding window once the keys outgrow it. Grouped-query attention: each key/value head
+    /// serves `heads / kv_heads` consecutive query heads; the fused attention reads k and v in
+    /// place, the composed sliding window expands them.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, key_bias: &Tensor) -> Result<Tensor> {
+        let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let (b, total, _) = k.dims3()?;
+        match self.window {
+            Some(w) if total > w => {
+                let rep = nh / nkv;
+                let expand = |y: &Tensor| -> Result<Tensor> {
+                    if rep == 1 {
+                        return Ok(y.clone());
+                    }
+                    Ok(y.reshape((b, total, nkv, 1, d))?.expand((b, total, nkv, rep, d))?.reshape((b, total, nh * d))?)
+                };
+                sliding_attention(q, &expand(k)?, &expand(v)?, key_bias, nh, w)
+            }
+            _ => ops::causal_attention(q, k, v, key_bias, nh),
+        }
     }
 }
 
@@ -601,7 +611,6 @@ impl Attention {
         let x = self.site.pre(x, ctx)?;
         let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
         let (q, k, v) = self.project(&x, ctx, exact)?;
-        let rep = nh / nkv;
         let mut outs = Vec::with_capacity(caches.len());
         for (i, cache) in caches.iter_mut().enumerate() {
             let rope = &ropes[i];
@@ -616,14 +625,9 @@ impl Attention {
             };
             *slot = Some((ki.clone(), vi.clone()));
             let total = ki.dim(1)?;
-            let expand = |y: &Tensor| -> Result<Tensor> {
-                if rep == 1 {
-                    return Ok(y.clone());
-                }
-                Ok(y.reshape((1, total, nkv, 1, d))?.expand((1, total, nkv, rep, d))?.reshape((1, total, nh * d))?)
-            };
             let bias = Tensor::zeros((1, total), candle_core::DType::F32, x.device())?;
-            outs.push(ops::causal_attention(&qi, &expand(&ki)?, &expand(&vi)?, &bias, nh)?);
+            // Grouped-query attention reads the cached key/value heads in place.
+            outs.push(self.attend(&qi, &ki, &vi, &bias)?);
         }
         let out = Tensor::cat(&outs, 0)?;
         let y = self.o_proj.forward(&out, ctx, exact)?;

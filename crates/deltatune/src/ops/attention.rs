@@ -45,6 +45,10 @@ fn probs_for_rows(d: Option<(f32, DropoutKey)>, q: &Tensor, k: &Tensor, heads: u
 
 /// Causal multi-head attention (decoders): like [`attention`], with query i (of the last tq
 /// positions of tk) attending keys 0..=tk − tq + i only.
+///
+/// Grouped-query attention: `k` and `v` may have fewer heads than `q` (`kv_heads · d` columns, `d`
+/// = h / heads); each key/value head then serves `heads / kv_heads` consecutive query heads, read
+/// in place (nothing is expanded or copied), and its gradient sums theirs.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, key_bias: &Tensor, heads: usize) -> Result<Tensor> {
     Mode { heads, dropout: None, causal: true }.run(q, k, v, key_bias)
 }
@@ -64,6 +68,17 @@ pub fn attention_composed(
 /// Reference implementation of [`causal_attention`] from candle ops.
 pub fn causal_attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, key_bias: &Tensor, heads: usize) -> Result<Tensor> {
     Mode { heads, dropout: None, causal: true }.composed(q, k, v, key_bias)
+}
+
+/// Keys or values (b, t, kv_heads · d) repeated to (b, t, h): each key/value head once per query
+/// head of its group (the composition's grouped-query attention; the fused op reads them in place).
+fn expand_kv(x: &Tensor, h: usize, d: usize) -> Result<Tensor> {
+    let (b, t, hk) = x.dims3()?;
+    if hk == h || d == 0 || hk % d != 0 || h % hk != 0 {
+        return Ok(x.clone()); // equal, or a shape error the attention reports
+    }
+    let (nkv, rep) = (hk / d, h / hk);
+    Ok(x.reshape((b, t, nkv, 1, d))?.expand((b, t, nkv, rep, d))?.reshape((b, t, h))?)
 }
 
 /// Softmax over the last dimension from differentiable ops (max-subtracted for stability).
@@ -104,6 +119,7 @@ impl Mode {
         let tk = k.dim(1)?;
         let heads = self.heads;
         let d = h / heads;
+        let (k, v) = (&expand_kv(k, h, d)?, &expand_kv(v, h, d)?);
         let split = |t: &Tensor, len: usize| -> Result<Tensor> {
             Ok(t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()?) // (b, heads, t, d)
         };
@@ -144,13 +160,17 @@ struct Attention {
     key_bias: Tensor, // (b, tk)
 }
 
-/// Sizes of one call; a head's block of q (or k, v) starts at `q_at` (`kv_at`) with row stride h.
+/// Sizes of one call; a query head's block of q starts at `q_at` with row stride h, the block of k
+/// and v it reads at `kv_at` with row stride hk (= h, or kv_heads · d for grouped-query attention,
+/// query head hi reading key/value head hi / rep).
 struct AttnDims {
     b: usize,
     tq: usize,
     tk: usize,
     h: usize,
+    hk: usize,
     d: usize,
+    rep: usize,
 }
 
 impl AttnDims {
@@ -158,17 +178,17 @@ impl AttnDims {
         bi * self.tq * self.h + hi * self.d
     }
     fn kv_at(&self, bi: usize, hi: usize) -> usize {
-        bi * self.tk * self.h + hi * self.d
+        bi * self.tk * self.hk + (hi / self.rep) * self.d
     }
 }
 
 impl Attention {
     /// Softmax probabilities for one (batch, head) into `p` (tq × tk).
     fn probs(&self, dm: &AttnDims, q: &[f32], k: &[f32], bias: &[f32], bi: usize, hi: usize, p: &mut [f32]) {
-        let AttnDims { tq, tk, h, d, .. } = *dm;
+        let AttnDims { tq, tk, h, hk, d, .. } = *dm;
         let scale = 1.0 / (d as f32).sqrt();
         let (qo, ko) = (dm.q_at(bi, hi), dm.kv_at(bi, hi));
-        gemm(Out::rm(p, tk), [tq, tk, d], Mat::rm(&q[qo..], h), Mat::rm_t(&k[ko..], h), Gemm::SERIAL.scaled(scale));
+        gemm(Out::rm(p, tk), [tq, tk, d], Mat::rm(&q[qo..], h), Mat::rm_t(&k[ko..], hk), Gemm::SERIAL.scaled(scale));
         let brow = &bias[bi * tk..(bi + 1) * tk];
         let past = tk.saturating_sub(tq);
         for (qi, row) in p.chunks_mut(tk).enumerate() {
@@ -208,10 +228,12 @@ impl Attention {
         let (b, tq, h) = q.dims3()?;
         let (bk, tk, hk) = k.dims3()?;
         let heads = self.mode.heads;
-        if bk != b || hk != h || h % heads != 0 {
+        let d = if heads > 0 && h % heads == 0 { h / heads } else { 0 };
+        // hk = kv_heads · d with kv_heads dividing heads (hk = h without grouping).
+        if bk != b || d == 0 || hk == 0 || hk % d != 0 || h % hk != 0 {
             return Err(err(format!("attention: q {q:?} and k {k:?} do not match ({heads} heads)")));
         }
-        Ok(AttnDims { b, tq, tk, h, d: h / heads })
+        Ok(AttnDims { b, tq, tk, h, hk, d, rep: h / hk })
     }
 
     /// Runs `f(batch, head)` for every (batch, head) in parallel, each with its own scratch.
@@ -223,6 +245,18 @@ impl Attention {
     ) {
         let heads = self.mode.heads;
         (0..dm.b * heads).into_par_iter().for_each_init(scratch, |s, bh| f(s, bh / heads, bh % heads));
+    }
+
+    /// Runs `f(batch, key/value head)` for every (batch, key/value head) in parallel: the tasks
+    /// that own a key/value head's gradient (the query heads of its group run inside one task).
+    fn per_kv_head<S: Send>(
+        &self,
+        dm: &AttnDims,
+        scratch: impl Fn() -> S + Sync + Send,
+        f: impl Fn(&mut S, usize, usize) + Sync + Send,
+    ) {
+        let kv_heads = self.mode.heads / dm.rep;
+        (0..dm.b * kv_heads).into_par_iter().for_each_init(scratch, |s, bg| f(s, bg / kv_heads, bg % kv_heads));
     }
 }
 
@@ -238,7 +272,7 @@ impl CustomOp3 for Attention {
         if l3.shape() != l2.shape() {
             return Err(err("attention: k and v shapes differ"));
         }
-        let AttnDims { tq, tk, h, d, .. } = dm;
+        let AttnDims { tq, tk, h, hk, d, .. } = dm;
         let mut out = vec![0f32; dm.b * tq * h];
         let out_ptr = SyncPtr::of(&mut out);
         with_data([&self.key_bias], |[bias]| {
@@ -253,7 +287,7 @@ impl CustomOp3 for Attention {
                     self.mask_probs(&dm, bi, hi, p);
                     // Each (batch, head) writes its own d columns of its own rows: disjoint.
                     let o = out_ptr.out(dm.q_at(bi, hi), h);
-                    gemm(o, [tq, d, tk], Mat::rm(p, tk), Mat::rm(&v[dm.kv_at(bi, hi)..], h), Gemm::SERIAL);
+                    gemm(o, [tq, d, tk], Mat::rm(p, tk), Mat::rm(&v[dm.kv_at(bi, hi)..], hk), Gemm::SERIAL);
                 },
             );
             Ok(())
@@ -265,34 +299,46 @@ impl CustomOp3 for Attention {
         let _prof = timer("attention", "bwd");
         let grad = grad.contiguous()?;
         let dm = self.dims(q.shape(), k.shape())?;
-        let AttnDims { tq, tk, h, d, .. } = dm;
+        let AttnDims { tq, tk, h, hk, d, rep, .. } = dm;
         let scale = 1.0 / (d as f32).sqrt();
         let mut dq = vec![0f32; dm.b * tq * h];
-        let mut dk = vec![0f32; dm.b * tk * h];
-        let mut dv = vec![0f32; dm.b * tk * h];
+        let mut dk = vec![0f32; dm.b * tk * hk];
+        let mut dv = vec![0f32; dm.b * tk * hk];
         let (pq, pk, pv) = (SyncPtr::of(&mut dq), SyncPtr::of(&mut dk), SyncPtr::of(&mut dv));
         with_data([q, k, v, &grad, &self.key_bias], |[qs, ks, vs, gs, bias]| {
-            let scratch = || (vec![0f32; tq * tk], vec![0f32; tq * tk]);
-            self.per_head(&dm, scratch, |(p, dp), bi, hi| {
-                let (qo, ko) = (dm.q_at(bi, hi), dm.kv_at(bi, hi));
-                self.probs(&dm, qs, ks, bias, bi, hi, p);
-                // dP' = dO V^T  (tq × tk)
-                gemm(Out::rm(dp, tk), [tq, tk, d], Mat::rm(&gs[qo..], h), Mat::rm_t(&vs[ko..], h), Gemm::SERIAL);
-                // dV = P'^T dO  (tk × d), P' = dropped probabilities.
-                let mut pd = p.clone();
-                self.mask_probs(&dm, bi, hi, &mut pd);
-                gemm(pv.out(ko, h), [tk, d, tq], Mat::rm_t(&pd, tk), Mat::rm(&gs[qo..], h), Gemm::SERIAL);
-                // dP = mask(dP'); dS = P ⊙ (dP − rowsum(dP ⊙ P)).
-                self.mask_probs(&dm, bi, hi, dp);
-                for (dpr, pr) in dp.chunks_mut(tk).zip(p.chunks(tk)) {
-                    let dot = dot_lanes(dpr, pr);
-                    for (a, &b) in dpr.iter_mut().zip(pr) {
-                        *a = b * (*a - dot);
+            let scratch = || (vec![0f32; tq * tk], vec![0f32; tq * tk], vec![0f32; tq * tk]);
+            // One task per (batch, key/value head): the query heads of its group add their parts
+            // of dK and dV one after the other (the first overwrites), so no two tasks write the
+            // same element and nothing is zero-filled twice.
+            self.per_kv_head(&dm, scratch, |(p, dp, pd), bi, g| {
+                for r in 0..rep {
+                    let hi = g * rep + r;
+                    let (qo, ko) = (dm.q_at(bi, hi), dm.kv_at(bi, hi));
+                    let first = Gemm::SERIAL.accumulate(r > 0);
+                    self.probs(&dm, qs, ks, bias, bi, hi, p);
+                    // dP' = dO V^T  (tq × tk)
+                    gemm(Out::rm(dp, tk), [tq, tk, d], Mat::rm(&gs[qo..], h), Mat::rm_t(&vs[ko..], hk), Gemm::SERIAL);
+                    // dV += P'^T dO  (tk × d), P' = dropped probabilities.
+                    let probs_used: &[f32] = if self.mode.dropout.is_some() {
+                        pd.copy_from_slice(p);
+                        self.mask_probs(&dm, bi, hi, pd);
+                        pd
+                    } else {
+                        p
+                    };
+                    gemm(pv.out(ko, hk), [tk, d, tq], Mat::rm_t(probs_used, tk), Mat::rm(&gs[qo..], h), first);
+                    // dP = mask(dP'); dS = P ⊙ (dP − rowsum(dP ⊙ P)).
+                    self.mask_probs(&dm, bi, hi, dp);
+                    for (dpr, pr) in dp.chunks_mut(tk).zip(p.chunks(tk)) {
+                        let dot = dot_lanes(dpr, pr);
+                        for (a, &b) in dpr.iter_mut().zip(pr) {
+                            *a = b * (*a - dot);
+                        }
                     }
+                    // dQ = dS K * scale (tq × d); dK += dS^T Q * scale (tk × d).
+                    gemm(pq.out(qo, h), [tq, d, tk], Mat::rm(dp, tk), Mat::rm(&ks[ko..], hk), Gemm::SERIAL.scaled(scale));
+                    gemm(pk.out(ko, hk), [tk, d, tq], Mat::rm_t(dp, tk), Mat::rm(&qs[qo..], h), first.scaled(scale));
                 }
-                // dQ = dS K * scale (tq × d); dK = dS^T Q * scale (tk × d).
-                gemm(pq.out(qo, h), [tq, d, tk], Mat::rm(dp, tk), Mat::rm(&ks[ko..], h), Gemm::SERIAL.scaled(scale));
-                gemm(pk.out(ko, h), [tk, d, tq], Mat::rm_t(dp, tk), Mat::rm(&qs[qo..], h), Gemm::SERIAL.scaled(scale));
             });
             Ok(())
         })?;
@@ -309,10 +355,16 @@ mod tests {
     /// Attention through the fused op and through the composition agree, forward and backward,
     /// for queries (b, tq), keys (b, tk) and a padding mask; returns the fused output.
     fn check(mode: Mode, (b, tq, tk): (usize, usize, usize), seed: u64, masked_keys: &[usize]) -> Tensor {
+        check_grouped(mode, mode.heads, (b, tq, tk), seed, masked_keys)
+    }
+
+    /// [`check`] with keys and values of `kv_heads` heads (grouped-query attention when fewer
+    /// than the query heads): the composition expands them, the fused op reads them in place.
+    fn check_grouped(mode: Mode, kv_heads: usize, (b, tq, tk): (usize, usize, usize), seed: u64, masked_keys: &[usize]) -> Tensor {
         let (heads, d) = (mode.heads, 4);
         let q = var(&[b, tq, heads * d], seed, 1.0);
-        let k = var(&[b, tk, heads * d], seed + 1, 1.0);
-        let v = var(&[b, tk, heads * d], seed + 2, 1.0);
+        let k = var(&[b, tk, kv_heads * d], seed + 1, 1.0);
+        let v = var(&[b, tk, kv_heads * d], seed + 2, 1.0);
         let mut mask = vec![1f32; b * tk];
         for &i in masked_keys {
             mask[i] = 0.0;
@@ -357,6 +409,25 @@ mod tests {
         assert_eq!(max_diff(&part(&whole), &shard), 0.0);
         let plain = attention(&part(&q), &part(&k), &part(&v), &part(&bias), 2, d).unwrap();
         assert!(max_diff(&part(&whole), &plain) > 1e-3, "outside a shard the masks differ");
+    }
+
+    /// Grouped-query attention (6 query heads over 2 and over 3 key/value heads, and one
+    /// key/value head for all) agrees with the expanded composition, forward and backward (the
+    /// key/value gradients summed over each group), causal with cached keys and bidirectional
+    /// with dropout; and it is not the same as reading only the first heads.
+    #[test]
+    fn grouped_query_attention_matches_expansion() {
+        for kv in [1, 2, 3] {
+            let causal = Mode { heads: 6, dropout: None, causal: true };
+            check_grouped(causal, kv, (2, 5, 8), 31 + kv as u64, &[9]);
+            let drop = Mode { heads: 6, dropout: Some((0.25, DropoutKey(3))), causal: false };
+            check_grouped(drop, kv, (2, 7, 7), 41 + kv as u64, &[6]);
+        }
+        // Shapes that do not divide are refused with an error, not a panic.
+        let q = rand(&[1, 3, 6 * 4], 1);
+        let k = rand(&[1, 3, 4 * 4], 2);
+        let bias = Tensor::zeros((1, 3), DType::F32, &Device::Cpu).unwrap();
+        assert!(causal_attention(&q, &k, &k, &bias, 6).is_err());
     }
 
     #[test]
