@@ -297,6 +297,7 @@ def learnable_table(path, protocol="learnable-3000x3"):
                     print(f"| {TASK_NAMES[t]} | {TASK_NAMES[src]} | {label} | "
                           + " | ".join(diff(score[(t, b, x)], score[(t, b, base)]) for b in budgets) + " |")
         print()
+    search_settings_table(rows, tasks, budgets)
     print("Wall time per run (median, seconds, one thread; searches include their retraining): " + ", ".join(
         f"{m} {statistics.median(v):.0f}" for m, v in sorted(secs.items()) if v) + f"; {len(rows)} runs, "
         f"{sum(sum(v) for v in secs.values()) / 3600:.1f} CPU-hours in all.")
@@ -304,6 +305,44 @@ def learnable_table(path, protocol="learnable-3000x3"):
     if skipped:
         print()
         print("Not run (the placement does not fit the budget): " + ", ".join(f"{m} at {b}" for m, b in skipped) + ".")
+
+
+SEARCH_VARIANTS = [("s3-L", "first-order, 3 epochs (default)"), ("s3-L-2nd", "second-order (DARTS), 3 epochs"),
+                   ("s3-L-e10", "first-order, 10 epochs")]
+
+
+def search_settings_table(rows, tasks, budgets):
+    """Which search settings to default to: each variant's retrained score, its paired per-seed
+    difference from the default search (same task, budget, seed and retraining), and its search time."""
+    by = {(r["task"], r["budget"], r["method"], r["seed"]): r for r in rows}
+    cells = sorted({(t, b) for (t, b, m, _) in by if m in ("s3-L-2nd", "s3-L-e10")},
+                   key=lambda tb: (list(TASK_NAMES).index(tb[0]), float(tb[1].rstrip("%"))))
+    if not cells:
+        return
+    print("**Search settings** (retrained score ×100, mean ± sd over seeds; the difference from the default "
+          "search is paired by seed, in points, with its ratio to the standard error of the paired differences "
+          "in brackets; search time is the median over seeds, one thread, without the retraining)")
+    print()
+    print("| task | budget | search | score | − default (paired) | selected params | search s |")
+    print("|---|---|---|---|---|---|---|")
+    for t, b in cells:
+        base = {s: r for (t2, b2, m, s), r in by.items() if (t2, b2, m) == (t, b, "s3-L")}
+        for m, label in SEARCH_VARIANTS:
+            runs = {s: r for (t2, b2, m2, s), r in by.items() if (t2, b2, m2) == (t, b, m)}
+            if not runs:
+                continue
+            sc = [100 * runs[s]["score"] for s in sorted(runs)]
+            d = [100 * (runs[s]["score"] - base[s]["score"]) for s in sorted(runs) if s in base]
+            if m == "s3-L" or not d:
+                dcell = "—"
+            else:
+                md = statistics.mean(d)
+                se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else 0.0
+                dcell = f"{md:+.1f}" + (f" ({md / se:+.1f})" if se > 0 else "") + ("" if len(d) == 3 else f" [{len(d)} seeds]")
+            params = statistics.median(r["delta_params"] for r in runs.values() if "delta_params" in r)
+            secs = statistics.median(r.get("search_seconds", 0) for r in runs.values())
+            print(f"| {TASK_NAMES[t]} | {b} | {label} | {fmt_cell(sc)} | {dcell} | {params:,.0f} | {secs:.0f} |")
+    print()
 
 
 # The score of always answering the majority class on the dev examples the protocols read (the
@@ -407,7 +446,9 @@ def generative_table(path):
             print(f"| {TASK_NAMES[t]} | {b} | {diff(s3, score[(t, b, 'manual-lora')])} | {diff(s3, score[(t, b, 'random')])} | "
                   f"{diff(s3, u)} | {kept} |")
     print()
-    print("Wall time per run (median, seconds, two threads; the search row includes its retraining): " + ", ".join(
+    threads = sorted({r.get("threads", 2) for r in rows})
+    print(f"Wall time per run (median, seconds, {' or '.join(map(str, threads))} thread(s) per run; the search row "
+          "includes its retraining): " + ", ".join(
         f"{m} {statistics.median(v):.0f}" for m, v in sorted(secs.items()) if v) + f"; {len(rows)} runs, "
         f"{sum(sum(v) for v in secs.values()) / 3600:.1f} CPU-hours in all.")
 
