@@ -7,6 +7,7 @@
   python3 experiments/tables.py learnable [experiments/results/s3delta_learnable.jsonl] [--update docs/experiments.md]
   python3 experiments/tables.py generative [experiments/results/s3delta_generative.jsonl] [--update docs/experiments.md]
   python3 experiments/tables.py combos [experiments/results/combos.jsonl] [--update docs/experiments.md]
+  python3 experiments/tables.py summary --update README.md   # the README's front-page table (both grids)
       [--figure docs/images/combos_convergence --bin target/release/deltatune]
 
 Scores are printed ×100 (accuracy, Matthews correlation, Pearson). S3Delta cells are the mean and
@@ -418,9 +419,11 @@ def generative_table(path):
     print()
     score = defaultdict(list)
     secs = defaultdict(list)
+    cpu_seconds = []
     for r in sorted(rows, key=lambda r: r["seed"]):
         score[(r["task"], r["budget"], r["method"])].append(100 * r["score"])
         secs[r["method"]].append(r.get("wall_seconds", 0) + r.get("search_seconds", 0))
+        cpu_seconds.append(r.get("threads", 2) * (r.get("wall_seconds", 0) + r.get("search_seconds", 0)))
     tasks = [t for t in TASK_NAMES if any(r["task"] == t for r in rows)]
     budgets = sorted({r["budget"] for r in rows if r["budget"] != "-"}, key=lambda b: float(b.rstrip("%")))
     print("| task | method | " + " | ".join(f"{b} ({round(134_515_008 * float(b.rstrip('%')) / 100):,} params)" for b in budgets) + " |")
@@ -450,7 +453,65 @@ def generative_table(path):
     print(f"Wall time per run (median, seconds, {' or '.join(map(str, threads))} thread(s) per run; the search row "
           "includes its retraining): " + ", ".join(
         f"{m} {statistics.median(v):.0f}" for m, v in sorted(secs.items()) if v) + f"; {len(rows)} runs, "
-        f"{sum(sum(v) for v in secs.values()) / 3600:.1f} CPU-hours in all.")
+        f"{sum(cpu_seconds) / 3600:.1f} CPU-hours in all (wall time × threads).")
+
+
+def summary_table(learnable_path, generative_path, protocol="learnable-3000x3"):
+    """The README's front-page table: the searched structure's margins over the best manual
+    placement and over random structures, per task and budget, on the encoder (learnable protocol,
+    with the share of full fine-tuning kept) and on the decoder (text-to-text)."""
+    def scores(rows):
+        score = defaultdict(list)
+        for r in sorted(rows, key=lambda r: r["seed"]):
+            score[(r["task"], r["budget"], r["method"])].append(100 * r["score"])
+        return score
+
+    def margin(a, b):
+        return f"{statistics.mean(a) - statistics.mean(b):+.1f}".replace("-", "−") if a and b else "—"
+
+    def seeds(v):
+        return str(len(v)) if v else "0"
+
+    enc = [r for r in load(learnable_path) if r.get("protocol") == protocol and r.get("score") is not None
+           and "error" not in r and "skipped" not in r]
+    dec = [r for r in load(generative_path) if r.get("score") is not None and "error" not in r and "skipped" not in r]
+    for label, rows, manual, kept_ref in (("encoder (MiniLM-L6, 22.7 M)", enc, MANUAL_LIKE, "full"),
+                                          ("decoder (SmolLM2-135M, text-to-text)", dec, ["manual-lora"], "lora8")):
+        if not rows:
+            continue
+        score = scores(rows)
+        tasks = [t for t in TASK_NAMES if any(r["task"] == t and r["budget"] != "-" for r in rows)]
+        # TREC first: the task where the search's effect is largest reads first.
+        tasks.sort(key=lambda t: t != "trec")
+        budgets = sorted({r["budget"] for r in rows if r["budget"] != "-"}, key=lambda b: float(b.rstrip("%")))
+        head = " | ".join(f"{TASK_NAMES[t]} {' / '.join(budgets)}" for t in tasks)
+        print(f"| {label}: searched structure against | {head} |")
+        print("|---|" + "---|" * len(tasks))
+        lines = {"the best manual placement": [], "random structures": [],
+                 ("share of full fine-tuning kept" if kept_ref == "full" else "share of LoRA r=8's gain over the untuned model kept"): [],
+                 "seeds": []}
+        for t in tasks:
+            cells = {k: [] for k in lines}
+            for b in budgets:
+                s3 = score[(t, b, "s3-L")]
+                man = {m: score[(t, b, m)] for m in manual if score[(t, b, m)]}
+                best = max(man, key=lambda m: statistics.mean(man[m])) if man else None
+                cells["the best manual placement"].append(margin(s3, man[best]) if best else "—")
+                cells["random structures"].append(margin(s3, score[(t, b, "random")]))
+                ref = score[(t, "-", kept_ref)]
+                k = [k for k in lines if k.startswith("share")][0]
+                if kept_ref == "full":
+                    cells[k].append(f"{100 * statistics.mean(s3) / statistics.mean(ref):.0f}%" if s3 and ref else "—")
+                else:
+                    u = score[(t, "-", "untuned")]
+                    gain = statistics.mean(ref) - statistics.mean(u) if ref and u else 0
+                    cells[k].append(f"{100 * (statistics.mean(s3) - statistics.mean(u)) / gain:.0f}%" if s3 and gain else "—")
+                cells["seeds"].append(seeds(s3))
+            for k in lines:
+                lines[k].append(" / ".join(cells[k]))
+        for k, v in lines.items():
+            print(f"| {k} | " + " | ".join(v) + " |")
+        print()
 
 
 def draw(out, panels, binary):
@@ -514,7 +575,11 @@ if __name__ == "__main__":
     default = {"learnable": "experiments/results/s3delta_learnable.jsonl",
                "generative": "experiments/results/s3delta_generative.jsonl"}.get(what, f"experiments/results/{what}.jsonl")
     path = args[1] if len(args) > 1 else default
-    renders = {"methods": lambda: methods_table(path), "s3delta": lambda: s3delta_table(path),
+    if what == "summary":
+        path = "experiments/results/s3delta_learnable.jsonl"
+    renders = {"summary": lambda: summary_table("experiments/results/s3delta_learnable.jsonl",
+                                                "experiments/results/s3delta_generative.jsonl"),
+               "methods": lambda: methods_table(path), "s3delta": lambda: s3delta_table(path),
                "learnable": lambda: learnable_table(path), "combos": lambda: combos_table(path, figure, binary),
                "generative": lambda: generative_table(path)}
     if what not in renders:
