@@ -406,33 +406,50 @@ def combos_table(path, figure=None, binary="target/release/deltatune"):
 
 
 def generative_table(path):
-    """The decoder protocol: per task, the untuned model and LoRA r=8, then S3Delta, random and
-    manual placements at each budget (share of the decoder), with the margins over their spread."""
+    """The decoder protocol, per model: per task, the untuned model and LoRA r=8, then S3Delta,
+    random and manual placements at each budget (share of that decoder), with the margins over
+    their spread."""
     everything = load(path)
     rows = [r for r in everything if "error" not in r and "skipped" not in r and r.get("score") is not None]
     if not rows:
         sys.exit(f"{path}: no finished runs")
+    models = []
+    for r in rows:
+        if r["model"] not in models:
+            models.append(r["model"])
+    for model in models:
+        generative_model_table([r for r in rows if r["model"] == model])
+
+
+def generative_model_table(rows):
     r0 = rows[0]
-    print(f"Model: {r0['model']} (frozen quantized base); first {r0['train_examples']} training examples, first "
+    print(f"**{r0['model']}** (frozen quantized base); first {r0['train_examples']} training examples, first "
           f"{r0['dev_examples']} dev examples, max length {r0['max_length']}, batch 8, {r0['epochs']} epoch(s) of "
           f"retraining, {r0['search_epochs']} search epoch(s); accuracy by the label words' log-probability.")
     print()
     score = defaultdict(list)
     secs = defaultdict(list)
     cpu_seconds = []
+    budget_params = {}
+    lora8_params = None
     for r in sorted(rows, key=lambda r: r["seed"]):
         score[(r["task"], r["budget"], r["method"])].append(100 * r["score"])
         secs[r["method"]].append(r.get("wall_seconds", 0) + r.get("search_seconds", 0))
         cpu_seconds.append(r.get("threads", 2) * (r.get("wall_seconds", 0) + r.get("search_seconds", 0)))
+        if r["budget"] != "-":
+            budget_params[r["budget"]] = r["budget_params"]
+        if r["method"] == "lora8":
+            lora8_params = r.get("delta_params")
     tasks = [t for t in TASK_NAMES if any(r["task"] == t for r in rows)]
-    budgets = sorted({r["budget"] for r in rows if r["budget"] != "-"}, key=lambda b: float(b.rstrip("%")))
-    print("| task | method | " + " | ".join(f"{b} ({round(134_515_008 * float(b.rstrip('%')) / 100):,} params)" for b in budgets) + " |")
+    budgets = sorted(budget_params, key=lambda b: float(b.rstrip("%")))
+    print("| task | method | " + " | ".join(f"{b} ({budget_params[b]:,} params)" for b in budgets) + " |")
     print("|---|---|" + "---|" * len(budgets))
+    lora8 = f"LoRA r=8 q,v ({lora8_params:,} params)" if lora8_params else "LoRA r=8 q,v"
     for t in tasks:
         for m in ("s3-L", "random", "manual-lora"):
             print(f"| {TASK_NAMES[t]} | {m} | " + " | ".join(fmt_cell(score[(t, b, m)]) for b in budgets) + " |")
         print(f"| {TASK_NAMES[t]} | untuned model | {fmt_cell(score[(t, '-', 'untuned')])} (no training) |" + " |" * (len(budgets) - 1))
-        print(f"| {TASK_NAMES[t]} | LoRA r=8 q,v (460,800 params) | {fmt_cell(score[(t, '-', 'lora8')])} (no budget) |" + " |" * (len(budgets) - 1))
+        print(f"| {TASK_NAMES[t]} | {lora8} | {fmt_cell(score[(t, '-', 'lora8')])} (no budget) |" + " |" * (len(budgets) - 1))
     print()
 
     print("Margins (points; in brackets over the standard error): ")
@@ -454,6 +471,7 @@ def generative_table(path):
           "includes its retraining): " + ", ".join(
         f"{m} {statistics.median(v):.0f}" for m, v in sorted(secs.items()) if v) + f"; {len(rows)} runs, "
         f"{sum(cpu_seconds) / 3600:.1f} CPU-hours in all (wall time × threads).")
+    print()
 
 
 def summary_table(learnable_path, generative_path, protocol="learnable-3000x3"):
@@ -475,8 +493,13 @@ def summary_table(learnable_path, generative_path, protocol="learnable-3000x3"):
     enc = [r for r in load(learnable_path) if r.get("protocol") == protocol and r.get("score") is not None
            and "error" not in r and "skipped" not in r]
     dec = [r for r in load(generative_path) if r.get("score") is not None and "error" not in r and "skipped" not in r]
-    for label, rows, manual, kept_ref in (("encoder (MiniLM-L6, 22.7 M)", enc, MANUAL_LIKE, "full"),
-                                          ("decoder (SmolLM2-135M, text-to-text)", dec, ["manual-lora"], "lora8")):
+    models = []
+    for r in dec:
+        if r["model"] not in models:
+            models.append(r["model"])
+    grids = [("encoder (MiniLM-L6, 22.7 M)", enc, MANUAL_LIKE, "full")] + [
+        (f"decoder ({m}, text-to-text)", [r for r in dec if r["model"] == m], ["manual-lora"], "lora8") for m in models]
+    for label, rows, manual, kept_ref in grids:
         if not rows:
             continue
         score = scores(rows)
