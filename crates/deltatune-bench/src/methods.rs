@@ -27,6 +27,7 @@ pub const METHODS: &[BenchMethod] = &[
     BenchMethod { name: "prefix", specs: &["prefix:num_virtual_tokens=10"], lr: 1e-2, in_peft_baseline: true },
     BenchMethod { name: "prompt", specs: &["prompt:num_virtual_tokens=10"], lr: 3e-2, in_peft_baseline: true },
     // Not in peft_bench.py's DEFAULT_LR: rates as experiments/methods.py uses them.
+    BenchMethod { name: "bitfit", specs: &["bitfit"], lr: 3e-3, in_peft_baseline: false },
     BenchMethod { name: "loha", specs: &["loha"], lr: 1e-3, in_peft_baseline: false },
     BenchMethod { name: "lokr", specs: &["lokr"], lr: 3e-3, in_peft_baseline: false },
     BenchMethod { name: "oft", specs: &["oft"], lr: 1e-3, in_peft_baseline: false },

@@ -4,22 +4,26 @@
 //! op computes only the input gradient `dy W`, calling `gemm` on the row-major data directly.
 
 use super::activation::{gelu, gelu_composed, gelu_grad_into, gelu_into};
-use super::cpu::{err, fused_ok, gemm, rows_cols, slice, tensor_from, with_data, Fwd, Gemm, Mat, Out};
+use super::cpu::{err, fused_ok, gemm, rows_cols, slice, tensor_from, with_data, Fwd, Gemm, Grads2, Grads3, Mat, Out};
 use super::profile::timer;
 use crate::error::Result;
 use super::qmatmul;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
 /// `x W^T + b` for `x` of shape (..., in), `w` (out, in), `b` (out).
 ///
 /// When `w` and `b` are frozen (not derived from a `Var`), the fused kernel computes only the input
-/// gradient in backward; candle's matmul would also compute the (discarded) weight gradient.
+/// gradient in backward; candle's matmul would also compute the (discarded) weight gradient. When
+/// either trains (full fine-tuning, BitFit, a delta's own matrices), the trained-linear op computes
+/// in backward exactly the gradients whose tensors take part in the graph: `dx` only when `x`
+/// does, `dW` (one `gemm`, written straight into its buffer) only when `w` does, `db` (the column
+/// sums of `dy`) only when `b` does.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    if frozen(w, b) && fused_ok(x) {
-        return frozen_linear(x, w, b, false);
+    if fused_ok(x) {
+        return if frozen(w, b) { frozen_linear(x, w, b, false) } else { trained_linear(x, w, b, false) };
     }
     linear_composed(x, w, b)
 }
@@ -27,8 +31,8 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// `gelu(x W^T + b)` (exact GELU). With frozen `w`, `b` this is one fused op whose backward
 /// applies the GELU gradient on the way into the input-gradient matmul.
 pub fn linear_gelu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    if frozen(w, b) && fused_ok(x) {
-        return frozen_linear(x, w, b, true);
+    if fused_ok(x) {
+        return if frozen(w, b) { frozen_linear(x, w, b, true) } else { trained_linear(x, w, b, true) };
     }
     gelu(&linear(x, w, b)?)
 }
@@ -164,72 +168,200 @@ impl CustomOp1 for FrozenLinear {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Fwd {
         let _prof = timer("frozen-linear", "fwd");
         let x = slice(s, l)?;
-        let (rows, in_dim) = rows_cols(l.shape());
-        let (out_dim, w_in) = self.w.dims2()?;
-        if w_in != in_dim {
-            return Err(err(format!("linear: input has {in_dim} features, weight expects {w_in}")));
+        match &self.b {
+            Some(b) => with_data([&self.w, b], |[ws, bs]| dense_fwd(x, l.shape(), ws, self.w.dims2()?, Some(bs), self.gelu, &self.pre)),
+            None => with_data([&self.w], |[ws]| dense_fwd(x, l.shape(), ws, self.w.dims2()?, None, self.gelu, &self.pre)),
         }
-        let mut y = vec![0f32; rows * out_dim];
-        if let Some(b) = &self.b {
-            with_data([b], |[bs]| {
-                if bs.len() != out_dim {
-                    return Err(err("linear: bias length differs from weight rows"));
-                }
-                y.par_chunks_mut(out_dim.max(1)).for_each(|row| row.copy_from_slice(bs));
-                Ok(())
-            })?;
-        }
-        with_data([&self.w], |[ws]| {
-            let how = Gemm::PARALLEL.accumulate(self.b.is_some());
-            gemm(Out::rm(&mut y, out_dim), [rows, out_dim, in_dim], Mat::rm(x, in_dim), Mat::rm_t(ws, in_dim), how);
-            Ok(())
-        })?;
-        let mut dims = l.shape().dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = out_dim;
-        }
-        if self.gelu {
-            let _prof = timer("gelu-erf", "fwd");
-            let mut a = vec![0f32; y.len()];
-            gelu_into(&mut a, &y);
-            *self.pre.lock().map_err(|_| err("linear-gelu: poisoned lock"))? = Some(y);
-            return Ok((CpuStorage::F32(a), Shape::from(dims)));
-        }
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        let grad = if self.gelu {
-            let _prof = timer("gelu-erf", "bwd");
-            let pre = self.pre.lock().map_err(|_| err("linear-gelu: poisoned lock"))?;
-            let h = pre.as_ref().ok_or_else(|| err("linear-gelu: backward without forward"))?;
-            let mut dh = vec![0f32; h.len()];
-            with_data([&grad], |[gs]| {
-                gelu_grad_into(&mut dh, h, gs);
-                Ok(())
-            })?;
-            tensor_from(dh, grad.shape())?
-        } else {
-            grad
-        };
+        let grad = pre_activation_grad(grad, self.gelu, &self.pre)?;
         let _prof = timer("frozen-linear", "bwd");
-        let (out_dim, in_dim) = self.w.dims2()?;
-        let (rows, _) = rows_cols(grad.shape());
-        let mut dx = vec![0f32; rows * in_dim];
-        with_data([&grad, &self.w], |[gs, ws]| {
-            let dims = [rows, in_dim, out_dim];
-            gemm(Out::rm(&mut dx, in_dim), dims, Mat::rm(gs, out_dim), Mat::rm(ws, in_dim), Gemm::PARALLEL);
-            Ok(())
-        })?;
-        Ok(Some(tensor_from(dx, arg.shape())?))
+        Ok(Some(input_grad(&grad, &self.w, arg.shape())?))
     }
+}
+
+/// `y = [gelu](x W^T + b)` for `x` of `shape` (..., in) and `w` (out, in): the bias copied into
+/// each row, then one `gemm` adding `x W^T`. With GELU the pre-activation is kept in `pre` for
+/// the backward pass.
+fn dense_fwd(x: &[f32], shape: &Shape, ws: &[f32], (out_dim, w_in): (usize, usize), bs: Option<&[f32]>, gelu: bool, pre: &Mutex<Option<Vec<f32>>>) -> Fwd {
+    let (rows, in_dim) = rows_cols(shape);
+    if w_in != in_dim {
+        return Err(err(format!("linear: input has {in_dim} features, weight expects {w_in}")));
+    }
+    let mut y = vec![0f32; rows * out_dim];
+    if let Some(bs) = bs {
+        if bs.len() != out_dim {
+            return Err(err("linear: bias length differs from weight rows"));
+        }
+        y.par_chunks_mut(out_dim.max(1)).for_each(|row| row.copy_from_slice(bs));
+    }
+    let how = Gemm::PARALLEL.accumulate(bs.is_some());
+    gemm(Out::rm(&mut y, out_dim), [rows, out_dim, in_dim], Mat::rm(x, in_dim), Mat::rm_t(ws, in_dim), how);
+    let mut dims = shape.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out_dim;
+    }
+    if gelu {
+        let _prof = timer("gelu-erf", "fwd");
+        let mut a = vec![0f32; y.len()];
+        gelu_into(&mut a, &y);
+        *pre.lock().map_err(|_| err("linear-gelu: poisoned lock"))? = Some(y);
+        return Ok((CpuStorage::F32(a), Shape::from(dims)));
+    }
+    Ok((CpuStorage::F32(y), Shape::from(dims)))
+}
+
+/// The gradient at the linear map's output: `grad` itself, or through GELU from the kept
+/// pre-activation.
+fn pre_activation_grad(grad: &Tensor, gelu: bool, pre: &Mutex<Option<Vec<f32>>>) -> candle_core::Result<Tensor> {
+    let grad = grad.contiguous()?;
+    if !gelu {
+        return Ok(grad);
+    }
+    let _prof = timer("gelu-erf", "bwd");
+    let pre = pre.lock().map_err(|_| err("linear-gelu: poisoned lock"))?;
+    let h = pre.as_ref().ok_or_else(|| err("linear-gelu: backward without forward"))?;
+    let mut dh = vec![0f32; h.len()];
+    with_data([&grad], |[gs]| {
+        gelu_grad_into(&mut dh, h, gs);
+        Ok(())
+    })?;
+    tensor_from(dh, grad.shape())
+}
+
+/// `dx = dy W` for `dy` (..., out) and `w` (out, in), shaped as `x`.
+fn input_grad(grad: &Tensor, w: &Tensor, x_shape: &Shape) -> candle_core::Result<Tensor> {
+    let (out_dim, in_dim) = w.dims2()?;
+    let (rows, _) = rows_cols(grad.shape());
+    let mut dx = vec![0f32; rows * in_dim];
+    with_data([grad, w], |[gs, ws]| {
+        gemm(Out::rm(&mut dx, in_dim), [rows, in_dim, out_dim], Mat::rm(gs, out_dim), Mat::rm(ws, in_dim), Gemm::PARALLEL);
+        Ok(())
+    })?;
+    tensor_from(dx, x_shape.clone())
 }
 
 /// `[gelu](x W^T + b)` with frozen `w`, `b` as one op.
 fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
     let op = FrozenLinear { w: w.contiguous()?, b: b.map(|b| b.contiguous()).transpose()?, gelu, pre: Mutex::new(None) };
     Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+// ------------------------------------------------------------------------------------------------
+// The trained linear: y = [gelu](x W^T + b) where W or b trains; backward computes dx, dW and db
+// only for the arguments in the graph.
+
+struct TrainedLinear {
+    gelu: bool,
+    pre: Mutex<Option<Vec<f32>>>,
+}
+
+impl TrainedLinear {
+    fn name(&self) -> &'static str {
+        if self.gelu {
+            "trained-linear-gelu"
+        } else {
+            "trained-linear"
+        }
+    }
+
+    fn fwd(&self, x: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout), b: Option<(&CpuStorage, &Layout)>) -> Fwd {
+        let _prof = timer("trained-linear", "fwd");
+        let dims = w.1.shape().dims2()?;
+        let bs = b.map(|(s, l)| slice(s, l)).transpose()?;
+        dense_fwd(slice(x.0, x.1)?, x.1.shape(), slice(w.0, w.1)?, dims, bs, self.gelu, &self.pre)
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, grad: &Tensor) -> Grads3 {
+        let grad = pre_activation_grad(grad, self.gelu, &self.pre)?;
+        let _prof = timer("trained-linear", "bwd");
+        let dx = if x.track_op() { Some(input_grad(&grad, w, x.shape())?) } else { None };
+        let (out_dim, in_dim) = w.dims2()?;
+        let (rows, _) = rows_cols(grad.shape());
+        let dw = if w.track_op() {
+            // dW (out × in) = dyᵀ (out × rows) · x (rows × in), one gemm into a fresh buffer.
+            let mut dw = vec![0f32; out_dim * in_dim];
+            with_data([&grad, x], |[gs, xs]| {
+                gemm(Out::rm(&mut dw, in_dim), [out_dim, in_dim, rows], Mat::rm_t(gs, out_dim), Mat::rm(xs, in_dim), Gemm::PARALLEL);
+                Ok(())
+            })?;
+            Some(tensor_from(dw, w.shape())?)
+        } else {
+            None
+        };
+        let db = match b {
+            Some(b) if b.track_op() => {
+                // Column sums of dy, rows in order (the same sum every run).
+                let mut db = vec![0f32; out_dim];
+                with_data([&grad], |[gs]| {
+                    for row in gs.chunks_exact(out_dim.max(1)) {
+                        for (d, g) in db.iter_mut().zip(row) {
+                            *d += g;
+                        }
+                    }
+                    Ok(())
+                })?;
+                Some(tensor_from(db, b.shape())?)
+            }
+            _ => None,
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+/// [`TrainedLinear`] without a bias: arguments (x, W).
+struct TrainedLinear2(TrainedLinear);
+/// [`TrainedLinear`] with a bias: arguments (x, W, b).
+struct TrainedLinear3(TrainedLinear);
+
+impl CustomOp2 for TrainedLinear2 {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Fwd {
+        self.0.fwd((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Grads2 {
+        let (dx, dw, _) = self.0.bwd(x, w, None, grad)?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp3 for TrainedLinear3 {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Fwd {
+        self.0.fwd((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Grads3 {
+        self.0.bwd(x, w, Some(b), grad)
+    }
+}
+
+/// `[gelu](x W^T + b)` where `w` or `b` trains, as one op (see [`linear`]).
+fn trained_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
+    let (out_dim, in_dim) = w.dims2()?;
+    let features = x.dim(D::Minus1)?;
+    if features != in_dim {
+        return Err(crate::error::Error::Delta(format!("linear: input has {features} features, weight expects {in_dim}")));
+    }
+    if let Some(b) = b {
+        if b.dims() != [out_dim] {
+            return Err(crate::error::Error::Delta(format!("linear: bias of shape {:?} for {out_dim} outputs", b.dims())));
+        }
+    }
+    let op = TrainedLinear { gelu, pre: Mutex::new(None) };
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    Ok(match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, TrainedLinear3(op))?,
+        None => x.apply_op2(&w, TrainedLinear2(op))?,
+    })
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -309,6 +441,37 @@ mod tests {
         for i in 0..5 {
             let one: Vec<f32> = low_rank_rows(&x.narrow(0, i, 1).unwrap(), &a, &b).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(one, all[i * 72..(i + 1) * 72]);
+        }
+    }
+
+    /// The trained linear against candle's composition, for every mix of trained arguments
+    /// (full fine-tuning, BitFit's frozen weight with a trained bias, a bias-free delta matrix,
+    /// a frozen input), with and without GELU: outputs and every gradient that exists.
+    #[test]
+    fn trained_linear_matches_composition() {
+        for gelu in [false, true] {
+            for (x_trains, w_trains, bias) in [(true, true, Some(true)), (true, false, Some(true)), (true, true, None), (false, true, Some(false)), (false, false, Some(true))] {
+                let case = format!("gelu {gelu}, x {x_trains}, w {w_trains}, bias {bias:?}");
+                let x = var(&[3, 5, 16], 31, 1.5);
+                let w = var(&[24, 16], 32, 0.5);
+                let b = var(&[24], 33, 0.5);
+                let xt = if x_trains { x.as_tensor().clone() } else { x.as_tensor().detach() };
+                let wt = if w_trains { w.as_tensor().clone() } else { w.as_tensor().detach() };
+                let bt = bias.map(|trains| if trains { b.as_tensor().clone() } else { b.as_tensor().detach() });
+                let y1 = if gelu { linear_gelu(&xt, &wt, bt.as_ref()) } else { linear(&xt, &wt, bt.as_ref()) }.unwrap();
+                let y2 = if gelu { linear_gelu_composed(&xt, &wt, bt.as_ref()) } else { linear_composed(&xt, &wt, bt.as_ref()) }.unwrap();
+                assert!(max_diff(&y1, &y2) < 1e-5, "{case}: forward differs by {}", max_diff(&y1, &y2));
+                let up = rand(&[3, 5, 24], 34);
+                let (g1, g2) = (grads(&y1, &up), grads(&y2, &up));
+                for (v, trains, name) in [(&x, x_trains, "x"), (&w, w_trains, "w"), (&b, bias == Some(true), "b")] {
+                    if trains {
+                        let d = grad_diff(&g1, &g2, v);
+                        assert!(d < 1e-4, "{case}: gradient of {name} differs by {d}");
+                    } else {
+                        assert!(g1.get(v).is_none(), "{case}: {name} is frozen but got a gradient");
+                    }
+                }
+            }
         }
     }
 
