@@ -4,7 +4,7 @@
 //! op computes only the input gradient `dy W`, calling `gemm` on the row-major data directly.
 
 use super::activation::{gelu, gelu_composed, gelu_grad_into, gelu_into};
-use super::cpu::{err, fused_ok, gemm, rows_cols, slice, tensor_from, with_data, Fwd, Gemm, Grads2, Grads3, Mat, Out};
+use super::cpu::{column_sums, err, fused_ok, gemm, rows_cols, slice, tensor_from, with_data, Fwd, Gemm, Grads2, Grads3, Mat, Out};
 use super::profile::timer;
 use crate::error::Result;
 use super::qmatmul;
@@ -292,15 +292,9 @@ impl TrainedLinear {
         };
         let db = match b {
             Some(b) if b.track_op() => {
-                // Column sums of dy, rows in order (the same sum every run).
-                let mut db = vec![0f32; out_dim];
-                with_data([&grad], |[gs]| {
-                    for row in gs.chunks_exact(out_dim.max(1)) {
-                        for (d, g) in db.iter_mut().zip(row) {
-                            *d += g;
-                        }
-                    }
-                    Ok(())
+                // Column sums of dy (fixed blocks, combined in order: the same sum every run).
+                let db = with_data([&grad], |[gs]| {
+                    Ok(column_sums(gs, gs, out_dim.max(1), out_dim, |_, g, acc| acc.iter_mut().zip(g).for_each(|(a, g)| *a += g)))
                 })?;
                 Some(tensor_from(db, b.shape())?)
             }
