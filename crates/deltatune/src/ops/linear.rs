@@ -339,17 +339,8 @@ impl CustomOp3 for TrainedLinear3 {
 }
 
 /// `[gelu](x W^T + b)` where `w` or `b` trains, as one op (see [`linear`]).
+/// Shapes are checked by [`dense_fwd`], as for the frozen op.
 fn trained_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
-    let (out_dim, in_dim) = w.dims2()?;
-    let features = x.dim(D::Minus1)?;
-    if features != in_dim {
-        return Err(crate::error::Error::Delta(format!("linear: input has {features} features, weight expects {in_dim}")));
-    }
-    if let Some(b) = b {
-        if b.dims() != [out_dim] {
-            return Err(crate::error::Error::Delta(format!("linear: bias of shape {:?} for {out_dim} outputs", b.dims())));
-        }
-    }
     let op = TrainedLinear { gelu, pre: Mutex::new(None) };
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     Ok(match b {
