@@ -146,6 +146,14 @@ pub struct BenchDecoderArgs {
     /// Internal: measure our training step in this process and print its JSON.
     #[arg(long, hide = true)]
     pub single: bool,
+    /// Also time the training step on 1 thread (when --bench-threads is more), to show the
+    /// scaling.
+    #[arg(long)]
+    pub scaling: bool,
+    /// Also time the training step split over this many ranks inside the process (as `train-lm
+    /// --data-parallel N`); 1: not timed.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub ranks: u32,
     /// Also print where our training step's time goes (phases and fused ops).
     #[arg(long)]
     pub profile: bool,
@@ -262,6 +270,12 @@ pub struct BenchTrainArgs {
     /// Also time each method on 1 thread (when --bench-threads is more), to show the scaling.
     #[arg(long)]
     pub scaling: bool,
+    /// Also time each step split over this many ranks inside the process (as `train
+    /// --data-parallel N`): each rank computes its rows of the batch on its share of the threads
+    /// (single-threaded kernels over whole matrices), the gradients are summed in rank order and
+    /// one optimizer step follows. 1: not timed.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub ranks: u32,
     #[arg(long)]
     pub json: bool,
 }

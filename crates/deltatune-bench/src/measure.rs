@@ -127,6 +127,9 @@ pub struct TrainBench {
     /// Threads the step ran on.
     #[serde(default)]
     pub threads: usize,
+    /// Ranks the batch was split over inside the process (1: the whole batch at once).
+    #[serde(default)]
+    pub ranks: usize,
     /// With profiling: per-step milliseconds of each fused op's forward and backward, and of the
     /// phases (forward, backward, optimizer) over `steps` extra steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -144,6 +147,71 @@ pub struct StepProfile {
     pub ops: Vec<(String, String, f64, f64)>,
 }
 
+/// A training step's batch split over ranks inside the process, as `train --data-parallel N`
+/// does: each rank in a rayon pool of its own with its share of the threads computes a contiguous
+/// shard of the rows; the gradients are summed in rank order.
+pub struct Ranks {
+    batch: usize,
+    pools: Vec<rayon::ThreadPool>,
+}
+
+/// One rank's part of a step: (loss weighted by the rank's share, forward seconds, gradients).
+pub type Part = (f64, f64, std::collections::BTreeMap<String, Tensor>);
+
+impl Ranks {
+    /// `ranks` ranks (at most one per row; 1: the whole batch on the calling pool).
+    pub fn new(ranks: usize, batch: usize) -> Result<Self> {
+        let n = ranks.clamp(1, batch.max(1));
+        let per = (rayon::current_num_threads() / n).max(1);
+        let pools = (0..if n > 1 { n } else { 0 })
+            .map(|r| rayon::ThreadPoolBuilder::new().num_threads(per).thread_name(move |i| format!("rank{r}-{i}")).build())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| deltatune::Error::Distributed(format!("creating the ranks' thread pools: {e}")))?;
+        Ok(Self { batch, pools })
+    }
+
+    /// Runs `part(rows)` for every rank's rows at once and sums the parts (loss and gradients; the
+    /// forward time is the slowest rank's).
+    pub fn step(&self, part: impl Fn(std::ops::Range<usize>) -> Result<Part> + Sync) -> Result<Part> {
+        if self.pools.is_empty() {
+            return part(0..self.batch);
+        }
+        let n = self.pools.len();
+        let parts: Vec<Result<Part>> = std::thread::scope(|s| {
+            let hs: Vec<_> = self
+                .pools
+                .iter()
+                .enumerate()
+                .map(|(r, pool)| {
+                    let part = &part;
+                    s.spawn(move || pool.install(|| part(deltatune::dist::shard(self.batch, r, n))))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        });
+        // Summed in rank order: the result does not depend on which rank finished first.
+        let (mut lv, mut fwd, mut sum) = (0f64, 0f64, std::collections::BTreeMap::<String, Tensor>::new());
+        for p in parts {
+            let (l, f, g) = p?;
+            lv += l;
+            fwd = f64::max(fwd, f);
+            for (k, t) in g {
+                let t = match sum.remove(&k) {
+                    Some(acc) => (acc + t)?,
+                    None => t,
+                };
+                sum.insert(k, t);
+            }
+        }
+        Ok((lv, fwd, sum))
+    }
+
+    /// How many ranks a step is split over.
+    pub fn count(&self) -> usize {
+        self.pools.len().max(1)
+    }
+}
+
 /// Times training steps (zero grad + forward + loss + backward + AdamW) and eval forwards of one
 /// method on a synthetic batch, as the PEFT baseline's `--mode bench` does.
 pub fn train_step_bench(
@@ -154,6 +222,7 @@ pub fn train_step_bench(
     warmup: usize,
     steps: usize,
     profile: bool,
+    ranks: usize,
 ) -> Result<TrainBench> {
     use deltatune::head::{Head, HeadConfig, HeadKind};
     use deltatune::train::optim::{AdamW, AdamWConfig, DecayRule, GradAccumulator};
@@ -178,23 +247,42 @@ pub fn train_step_bench(
         "prompt" => 3e-2,
         _ => 5e-4,
     };
-    let (mut step_ms, mut fwd_ms, mut losses) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..warmup + steps {
+    // Ranks: each in a rayon pool of its own with its share of the threads, computing a
+    // contiguous shard of the batch's rows (with the dropout masks those rows get in the whole
+    // batch) and its loss weighted by its share, as `train --data-parallel` does.
+    let ranks = Ranks::new(ranks, batch)?;
+    // One rank's forward and backward on `rows` of the batch: (weighted loss, forward seconds,
+    // gradients of the trainable parameters).
+    let shard = |key: DropoutKey, rows: std::ops::Range<usize>| -> Result<Part> {
         let t0 = Instant::now();
-        let key = DropoutKey(42).derive_n(i as u64);
-        let logits = model.logits(&b, &ForwardCtx::train(key))?;
-        let loss = model.head.loss(&logits, &labels)?;
+        let n = rows.len();
+        let part = |t: &Tensor| -> Result<Tensor> { Ok(if n == batch { t.clone() } else { t.narrow(0, rows.start, n)? }) };
+        let sb = deltatune::data::tokenize::EncodedBatch {
+            input_ids: part(&b.input_ids)?,
+            token_type_ids: part(&b.token_type_ids)?,
+            attention_mask: part(&b.attention_mask)?,
+            lengths: b.lengths[rows.clone()].to_vec(),
+        };
+        let logits = deltatune::ops::in_batch_rows(rows.start, n, || model.logits(&sb, &ForwardCtx::train(key)))?;
+        let loss = (model.head.loss(&logits, &part(&labels)?)? * (n as f64 / batch as f64))?;
         let lv = loss.to_scalar::<f32>()? as f64;
-        let t1 = Instant::now();
+        let fwd = t0.elapsed().as_secs_f64();
         let grads = loss.backward()?;
         let mut acc = GradAccumulator::default();
         acc.add(&params, &grads)?;
         drop(grads);
-        opt.step(&acc.take(1.0)?, lr)?;
+        Ok((lv, fwd, acc.take(1.0)?))
+    };
+    let (mut step_ms, mut fwd_ms, mut losses) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..warmup + steps {
+        let t0 = Instant::now();
+        let key = DropoutKey(42).derive_n(i as u64);
+        let (lv, fwd, grads) = ranks.step(|rows| shard(key, rows))?;
+        opt.step(&grads, lr)?;
         let t2 = Instant::now();
         if i >= warmup {
             step_ms.push((t2 - t0).as_secs_f64() * 1e3);
-            fwd_ms.push((t1 - t0).as_secs_f64() * 1e3);
+            fwd_ms.push(fwd * 1e3);
         }
         losses.push(lv);
     }
@@ -251,6 +339,7 @@ pub fn train_step_bench(
         last_loss: losses.last().copied().unwrap_or(f64::NAN),
         step_gflop,
         threads: rayon::current_num_threads(),
+        ranks: ranks.count(),
         profile,
     })
 }
@@ -418,6 +507,11 @@ pub struct DecoderTrainBench {
     /// Floating-point operations of one step counted from the shapes ([`decoder_step_flops`]).
     #[serde(default)]
     pub step_gflop: f64,
+    /// Threads the step ran on, and the ranks the batch was split over inside the process.
+    #[serde(default)]
+    pub threads: usize,
+    #[serde(default)]
+    pub ranks: usize,
     /// With profiling: the timed steps' phases and fused ops.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<StepProfile>,
@@ -446,6 +540,7 @@ pub fn decoder_step_bench(
     warmup: usize,
     steps: usize,
     profile: bool,
+    ranks: usize,
 ) -> Result<DecoderTrainBench> {
     use deltatune::train::lm::{batch_nll, make_row_batch};
     use deltatune::train::optim::{AdamW, AdamWConfig};
@@ -456,8 +551,28 @@ pub fn decoder_step_bench(
     attach::attach(&mut lm.model, &specs, attach::AttachOptions { seed: 42, tokenizer: None })?;
     let params = attach::trainable_vars(&lm.model);
     let rows = synthetic_lm_rows(batch, seq_len, lm.model.config.vocab_size, 42);
-    let b = make_row_batch(&rows, 0, &dev)?;
+    let num_targets = make_row_batch(&rows, 0, &dev)?.num_targets;
     let mut opt = AdamW::new(params.clone(), AdamWConfig::default())?;
+    let ranks = Ranks::new(ranks, batch)?;
+    // One rank's rows (all of them alone): its summed loss over the whole batch's targets, so the
+    // ranks' gradients add up to the whole batch's.
+    let shards: Vec<(std::ops::Range<usize>, deltatune::train::lm::LmBatch)> = (0..ranks.count())
+        .map(|r| {
+            let span = deltatune::dist::shard(batch, r, ranks.count());
+            Ok((span.clone(), make_row_batch(&rows[span], 0, &dev)?))
+        })
+        .collect::<Result<_>>()?;
+    let part = |ctx: &ForwardCtx, rows: std::ops::Range<usize>| -> Result<Part> {
+        let t0 = Instant::now();
+        let sb = &shards.iter().find(|(span, _)| *span == rows).ok_or_else(|| deltatune::Error::Distributed("no such shard".into()))?.1;
+        let loss = deltatune::ops::in_batch_rows(rows.start, rows.len(), || batch_nll(&lm.model, sb, ctx))?;
+        let loss = (loss / num_targets as f64)?;
+        let lv = loss.to_scalar::<f32>()? as f64;
+        let fwd = t0.elapsed().as_secs_f64();
+        let grads = loss.backward()?;
+        let g = params.iter().filter_map(|(n, v)| grads.get(v).map(|t| (n.clone(), t.clone()))).collect();
+        Ok((lv, fwd, g))
+    };
     let (mut step_ms, mut fwd_ms, mut losses) = (Vec::new(), Vec::new(), Vec::new());
     let (mut bwd_s, mut opt_s) = (0f64, 0f64);
     for i in 0..warmup + steps {
@@ -467,20 +582,15 @@ pub fn decoder_step_bench(
         }
         let t0 = Instant::now();
         let ctx = ForwardCtx::train(DropoutKey(42).derive_n(i as u64));
-        let loss = (batch_nll(&lm.model, &b, &ctx)? / b.num_targets as f64)?;
-        losses.push(loss.to_scalar::<f32>()? as f64);
-        let t1 = Instant::now();
-        let grads = loss.backward()?;
-        let g: std::collections::BTreeMap<String, Tensor> =
-            params.iter().filter_map(|(n, v)| grads.get(v).map(|t| (n.clone(), t.clone()))).collect();
-        drop(grads);
+        let (lv, fwd, g) = ranks.step(|rows| part(&ctx, rows))?;
+        losses.push(lv);
         let t2 = Instant::now();
         opt.step(&g, 1e-4)?;
         let t3 = Instant::now();
         if i >= warmup {
             step_ms.push((t3 - t0).as_secs_f64() * 1e3);
-            fwd_ms.push((t1 - t0).as_secs_f64() * 1e3);
-            bwd_s += (t2 - t1).as_secs_f64();
+            fwd_ms.push(fwd * 1e3);
+            bwd_s += (t2 - t0).as_secs_f64() - fwd;
             opt_s += (t3 - t2).as_secs_f64();
         }
     }
@@ -495,7 +605,7 @@ pub fn decoder_step_bench(
     let (held, f32_bytes) = lm.model.weight_bytes();
     let step = median(&step_ms);
     let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
-    let step_gflop = decoder_step_flops(&lm.model.config, batch, seq_len, b.num_targets, attach::frozen_prefix_layers(&lm.model), trainable) / 1e9;
+    let step_gflop = decoder_step_flops(&lm.model.config, batch, seq_len, num_targets, attach::frozen_prefix_layers(&lm.model), trainable) / 1e9;
     Ok(DecoderTrainBench {
         delta: spec.to_string(),
         batch,
@@ -510,6 +620,8 @@ pub fn decoder_step_bench(
         first_loss: losses.first().copied().unwrap_or(f64::NAN),
         last_loss: losses.last().copied().unwrap_or(f64::NAN),
         step_gflop,
+        threads: rayon::current_num_threads(),
+        ranks: ranks.count(),
         profile,
     })
 }

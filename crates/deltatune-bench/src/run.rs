@@ -103,7 +103,7 @@ fn train(a: BenchTrainArgs) -> Result<()> {
     let methods: Vec<&str> = a.methods.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
     if a.single {
         let [m] = methods.as_slice() else { anyhow::bail!("--single takes one method") };
-        let r = crate::measure::train_step_bench(&dir, m, a.batch, a.seq_len, a.warmup, a.steps, a.profile)?;
+        let r = crate::measure::train_step_bench(&dir, m, a.batch, a.seq_len, a.warmup, a.steps, a.profile, a.ranks as usize)?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
@@ -113,13 +113,14 @@ fn train(a: BenchTrainArgs) -> Result<()> {
     let cpu = crate::measure::cpu_model();
     let peak = crate::measure::fma_peak(a.bench_threads);
     let peak1 = if a.scaling && a.bench_threads > 1 { crate::measure::fma_peak(1) } else { peak };
-    let measure = |m: &str, threads: usize| -> Result<Value> {
+    let measure = |m: &str, threads: usize, ranks: u32| -> Result<Value> {
         // One process per method, so peak memory is per method.
         let out = Command::new(&exe)
             .args(["--threads", &threads.to_string(), "bench", "train", "--single", "--methods", m])
+            .args(["--ranks", &ranks.to_string()])
             .args(["--batch", &a.batch.to_string(), "--seq-len", &a.seq_len.to_string()])
             .args(["--warmup", &a.warmup.to_string(), "--steps", &a.steps.to_string()])
-            .args((a.profile && threads == a.bench_threads).then_some("--profile"))
+            .args((a.profile && threads == a.bench_threads && ranks == 1).then_some("--profile"))
             .arg("--model")
             .arg(&dir)
             .output()?;
@@ -138,11 +139,15 @@ fn train(a: BenchTrainArgs) -> Result<()> {
     let mut rows = Vec::new();
     for m in &methods {
         eprintln!("deltatune: {m} ...");
-        let mut ours = measure(m, a.bench_threads)?;
+        let mut ours = measure(m, a.bench_threads, 1)?;
         if a.scaling && a.bench_threads > 1 {
             eprintln!("deltatune: {m} on 1 thread ...");
-            let one = measure(m, 1)?;
+            let one = measure(m, 1, 1)?;
             ours["one_thread"] = one;
+        }
+        if a.ranks > 1 {
+            eprintln!("deltatune: {m} split over {} ranks ...", a.ranks);
+            ours["ranks"] = measure(m, a.bench_threads, a.ranks)?;
         }
         let theirs = match (&a.torch_python, *m) {
             (Some(py), m) if methods::find(m)?.in_peft_baseline => {
@@ -177,6 +182,7 @@ fn train(a: BenchTrainArgs) -> Result<()> {
             .map(|r| {
                 let mut r = r.clone();
                 r["ratio_step"] = json!(ratio(&r, "step_ms_median", "step_ms_median"));
+                r["ratio_step_ranks"] = json!(r["deltatune"]["ranks"]["step_ms_median"].as_f64().zip(r["pytorch"]["step_ms_median"].as_f64()).map(|(a, b)| a / b));
                 r["ratio_fwd"] = json!(ratio(&r, "fwd_ms_median", "fwd_ms_median"));
                 r["ratio_rss"] = json!(ratio(&r, "peak_rss_mb", "peak_rss_mb"));
                 r
@@ -215,6 +221,33 @@ fn train(a: BenchTrainArgs) -> Result<()> {
             line += &format!("   | {:>8.1} {:>6.1}% {:>5.2}x", g(one, "step_ms_median"), 100.0 * g(one, "fraction_of_peak"), g(one, "step_ms_median") / g(d, "step_ms_median"));
         }
         println!("{line}");
+    }
+    if a.ranks > 1 {
+        println!(
+            "\nthe batch split over {} ranks in the process ({} thread(s) each, as `train --data-parallel {}`), against the same peak:",
+            a.ranks,
+            (a.bench_threads / a.ranks as usize).max(1),
+            a.ranks
+        );
+        println!("{:<8} {:>10} {:>9} {:>8} {:>10} {:>12} {:>10}", "method", "step ms", "GFLOP/s", "% peak", "RSS MB", "vs threads", "vs PyTorch");
+        for r in &rows {
+            let (d, k) = (&r["deltatune"], &r["deltatune"]["ranks"]);
+            if k.is_null() {
+                continue;
+            }
+            let g = |v: &Value, key: &str| v[key].as_f64().unwrap_or(f64::NAN);
+            let pt = r["pytorch"]["step_ms_median"].as_f64().map(|p| format!("{:.2}", g(k, "step_ms_median") / p)).unwrap_or_else(|| "-".into());
+            println!(
+                "{:<8} {:>10.1} {:>9.0} {:>7.1}% {:>10.1} {:>11.2}x {:>10}",
+                r["method"].as_str().unwrap_or(""),
+                g(k, "step_ms_median"),
+                g(k, "gflops"),
+                100.0 * g(k, "fraction_of_peak"),
+                g(k, "peak_rss_mb"),
+                g(d, "step_ms_median") / g(k, "step_ms_median"),
+                pt
+            );
+        }
     }
     for r in &rows {
         let p = &r["deltatune"]["profile"];
@@ -500,7 +533,7 @@ fn decoder(a: BenchDecoderArgs) -> Result<()> {
         None => deltatune::assets::default_decoder(&mut |m: &str| eprintln!("{m}"))?,
     };
     if a.single {
-        let r = crate::measure::decoder_step_bench(&path, &a.delta, a.batch, a.seq_len, a.warmup, a.steps, a.profile)?;
+        let r = crate::measure::decoder_step_bench(&path, &a.delta, a.batch, a.seq_len, a.warmup, a.steps, a.profile, a.ranks as usize)?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
@@ -538,24 +571,41 @@ fn decoder(a: BenchDecoderArgs) -> Result<()> {
         }
     }
     if !a.no_train {
-        eprintln!("deltatune: train {} at {} x {} ...", a.delta, a.batch, a.seq_len);
-        let o = Command::new(std::env::current_exe()?)
-            .args(["--threads", &a.bench_threads.to_string(), "bench", "decoder", "--single", "--delta", &a.delta])
-            .args(["--batch", &a.batch.to_string(), "--seq-len", &a.seq_len.to_string()])
-            .args(["--warmup", &a.warmup.to_string(), "--steps", &a.steps.to_string()])
-            .args(a.profile.then_some("--profile"))
-            .arg("--model")
-            .arg(&path)
-            .output()?;
-        if !o.status.success() {
-            anyhow::bail!("decoder training benchmark failed: {}", String::from_utf8_lossy(&o.stderr));
-        }
-        let mut ours: Value = serde_json::from_slice(o.stdout.split(|&b| b == b'\n').rev().find(|l| l.starts_with(b"{")).unwrap_or(b"{}"))?;
-        // The machine's limit: the FMA peak at the same threads, measured after the run.
+        // One process per measurement, so peak memory is per measurement.
+        let step = |threads: usize, ranks: u32| -> Result<Value> {
+            eprintln!("deltatune: train {} at {} x {}, {threads} thread(s), {ranks} rank(s) ...", a.delta, a.batch, a.seq_len);
+            let o = Command::new(std::env::current_exe()?)
+                .args(["--threads", &threads.to_string(), "bench", "decoder", "--single", "--delta", &a.delta])
+                .args(["--batch", &a.batch.to_string(), "--seq-len", &a.seq_len.to_string(), "--ranks", &ranks.to_string()])
+                .args(["--warmup", &a.warmup.to_string(), "--steps", &a.steps.to_string()])
+                .args((a.profile && threads == a.bench_threads && ranks == 1).then_some("--profile"))
+                .arg("--model")
+                .arg(&path)
+                .output()?;
+            if !o.status.success() {
+                anyhow::bail!("decoder training benchmark failed: {}", String::from_utf8_lossy(&o.stderr));
+            }
+            Ok(serde_json::from_slice(o.stdout.split(|&b| b == b'\n').rev().find(|l| l.starts_with(b"{")).unwrap_or(b"{}"))?)
+        };
+        let mut ours = step(a.bench_threads, 1)?;
+        let mut one = (a.scaling && a.bench_threads > 1).then(|| step(1, 1)).transpose()?;
+        let mut split = (a.ranks > 1).then(|| step(a.bench_threads, a.ranks)).transpose()?;
+        // The machine's limit: the FMA peak at the same threads, measured after the runs.
         let peak = crate::measure::fma_peak(a.bench_threads);
-        if let (Some(g), Some(ms)) = (ours["step_gflop"].as_f64(), ours["step_ms_median"].as_f64()) {
-            ours["gflops"] = json!(g / (ms / 1e3));
-            ours["fraction_of_peak"] = json!(g / (ms / 1e3) / peak);
+        let peak1 = if one.is_some() { crate::measure::fma_peak(1) } else { peak };
+        for (v, p) in [(Some(&mut ours), peak), (one.as_mut(), peak1), (split.as_mut(), peak)] {
+            let Some(v) = v else { continue };
+            if let (Some(g), Some(ms)) = (v["step_gflop"].as_f64(), v["step_ms_median"].as_f64()) {
+                v["gflops"] = json!(g / (ms / 1e3));
+                v["fraction_of_peak"] = json!(g / (ms / 1e3) / p);
+            }
+        }
+        if let Some(o) = one {
+            ours["one_thread"] = o;
+            ours["fma_peak_gflops_1_thread"] = json!(peak1);
+        }
+        if let Some(s) = split {
+            ours["ranks"] = s;
         }
         out["cpu"] = json!(crate::measure::cpu_model());
         out["fma_peak_gflops"] = json!(peak);
@@ -566,6 +616,7 @@ fn decoder(a: BenchDecoderArgs) -> Result<()> {
             let ratio = |k: &str| ours[k].as_f64().zip(theirs[k].as_f64()).map(|(x, y)| x / y);
             out["train"]["ratio_step_time"] = json!(ratio("step_ms_median"));
             out["train"]["ratio_peak_rss"] = json!(ratio("peak_rss_mb"));
+            out["train"]["ratio_step_time_ranks"] = json!(ours["ranks"]["step_ms_median"].as_f64().zip(theirs["step_ms_median"].as_f64()).map(|(x, y)| x / y));
             out["train"]["pytorch"] = theirs;
         }
     }
@@ -607,6 +658,20 @@ fn decoder(a: BenchDecoderArgs) -> Result<()> {
             f(&d["step_gflop"]), f(&d["gflops"]), 100.0 * d["fraction_of_peak"].as_f64().unwrap_or(f64::NAN),
             f(&out["fma_peak_gflops"]), a.bench_threads, out["cpu"].as_str().unwrap_or("?")
         );
+        if let Some(o) = d.get("one_thread") {
+            println!(
+                "  1 thread: step {} ms = {:.1}% of the 1-thread peak ({} GFLOP/s); {} threads are {:.2}x faster",
+                f(&o["step_ms_median"]), 100.0 * o["fraction_of_peak"].as_f64().unwrap_or(f64::NAN), f(&d["fma_peak_gflops_1_thread"]),
+                a.bench_threads, o["step_ms_median"].as_f64().unwrap_or(f64::NAN) / d["step_ms_median"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+        if let Some(k) = d.get("ranks") {
+            println!(
+                "  split over {} ranks in the process (as `train-lm --data-parallel {}`): step {} ms = {:.1}% of the peak, {:.2}x the threads' speed, peak RSS {} MiB",
+                k["ranks"], k["ranks"], f(&k["step_ms_median"]), 100.0 * k["fraction_of_peak"].as_f64().unwrap_or(f64::NAN),
+                d["step_ms_median"].as_f64().unwrap_or(f64::NAN) / k["step_ms_median"].as_f64().unwrap_or(f64::NAN), f(&k["peak_rss_mb"])
+            );
+        }
         if let Some(p) = d.get("profile") {
             println!(
                 "  profile per step: forward {} ms, backward {} ms, optimizer {} ms; fused ops:",
@@ -622,6 +687,9 @@ fn decoder(a: BenchDecoderArgs) -> Result<()> {
                 f(&p["step_ms_median"]), f(&p["fwd_ms_median"]), f(&p["tokens_per_second"]), f(&p["peak_rss_mb"]), p["torch"]
             );
             println!("  ratios deltatune / pytorch: step time {:.2}, peak RSS {:.2}", t["ratio_step_time"].as_f64().unwrap_or(f64::NAN), t["ratio_peak_rss"].as_f64().unwrap_or(f64::NAN));
+            if let Some(r) = t["ratio_step_time_ranks"].as_f64() {
+                println!("  step time split over ranks / pytorch: {r:.2}");
+            }
         } else {
             println!("  (pass --torch-python PYTHON to run PyTorch + PEFT side by side)");
         }

@@ -101,6 +101,10 @@ impl Linear {
         let x = s.pre(x, ctx)?;
         let w = s.require("weight", ctx)?;
         let b = s.resolve("bias", ctx)?;
+        if let Some((a, bm)) = s.sole_low_rank(ctx)? {
+            // LoRA alone on this layer: base product and update as one op.
+            return ops::lora_linear(&x, &w, b.as_ref(), &a, &bm);
+        }
         let y = ops::linear(&x, &w, b.as_ref())?;
         s.post(&x, y, ctx)
     }

@@ -304,13 +304,25 @@ impl Linear {
             // Training always multiplies by the dequantized weight: a row's numbers then do not
             // depend on how many rows the batch has (data-parallel shards, accumulation).
             Some(q) => {
+                if ctx.train {
+                    if let Some((a, bm)) = s.sole_low_rank(ctx)? {
+                        // LoRA alone on this layer: base product and update as one op.
+                        return ops::lora_qlinear(&x, q, s.resolve("bias", ctx)?.as_ref(), &a, &bm);
+                    }
+                }
                 let y = ops::qlinear(&x, q, exact || ctx.train)?;
                 match s.resolve("bias", ctx)? {
                     Some(b) => y.broadcast_add(&b)?,
                     None => y,
                 }
             }
-            None => ops::linear(&x, &s.require("weight", ctx)?, s.resolve("bias", ctx)?.as_ref())?,
+            None => {
+                let (w, b) = (s.require("weight", ctx)?, s.resolve("bias", ctx)?);
+                if let Some((a, bm)) = s.sole_low_rank(ctx)? {
+                    return ops::lora_linear(&x, &w, b.as_ref(), &a, &bm);
+                }
+                ops::linear(&x, &w, b.as_ref())?
+            }
         };
         s.post(&x, y, ctx)
     }

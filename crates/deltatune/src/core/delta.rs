@@ -79,6 +79,14 @@ pub trait Delta: std::fmt::Debug + Send + Sync {
         Ok(None)
     }
 
+    /// When this delta's [`Self::post`] is exactly `y + (x Aᵀ) Bᵀ` for this forward (LoRA without
+    /// dropout, outside inference): `(A, B)`, with any scale and gate folded into `B`. A linear
+    /// layer whose only delta this is then runs base and update as one op
+    /// ([`crate::ops::lora_linear`]) instead of calling `post`.
+    fn low_rank(&self, _h: &HookCtx) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+
     /// Replaces a base parameter of the site (`weight`, `bias`) for this forward: specification
     /// methods (BitFit, LayerNorm tuning, fine-tuning). `base` is the current value, if any.
     fn reparam(&self, _name: &str, _base: Option<&Tensor>, _h: &HookCtx) -> Result<Option<Tensor>> {

@@ -257,6 +257,18 @@ impl Site {
         self.deltas.iter().enumerate().filter(|(_, a)| a.active())
     }
 
+    /// The low-rank update `(A, B)` of this site's only active delta when its output hook is
+    /// exactly `y + (x Aᵀ) Bᵀ` on every row of this forward ([`super::delta::Delta::low_rank`]); the
+    /// linear layer then runs base and update as one op instead of calling [`Self::post`].
+    pub fn sole_low_rank(&self, ctx: &ForwardCtx) -> Result<Option<(Tensor, Tensor)>> {
+        let mut active = self.active();
+        let (Some((i, a)), None) = (active.next(), active.next()) else { return Ok(None) };
+        if self.rows(a, ctx) != Rows::All {
+            return Ok(None);
+        }
+        a.delta.low_rank(&self.hook_ctx(i, a, ctx)?)
+    }
+
     /// Whether any delta would run at this site.
     pub fn has_active(&self) -> bool {
         self.active().next().is_some()

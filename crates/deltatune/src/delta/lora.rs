@@ -163,6 +163,13 @@ impl Delta for Lora {
         vec![("lora_A.weight".into(), self.a.clone()), ("lora_B.weight".into(), self.b.clone())]
     }
 
+    fn low_rank(&self, h: &HookCtx) -> Result<Option<(Tensor, Tensor)>> {
+        if h.inference || (h.train && self.dropout > 0.0) {
+            return Ok(None);
+        }
+        Ok(Some((self.a.as_tensor().clone(), h.gated((self.b.as_tensor() * self.scale)?)?)))
+    }
+
     fn post(&self, x: &Tensor, y: &Tensor, h: &HookCtx) -> Result<Option<Tensor>> {
         let x = if h.train && self.dropout > 0.0 { ops::dropout(x, self.dropout, h.key)? } else { x.clone() };
         // The scale (and a search gate) folded into the small B: (x A^T)(s·B)^T = s·(x A^T B^T),

@@ -350,6 +350,173 @@ fn trained_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, gelu: bool) -> Res
 }
 
 // ------------------------------------------------------------------------------------------------
+// Frozen linear with a low-rank update (LoRA): y = x W^T + b + (x A^T) B^T with W, b constants
+// and A, B trained, as one op.
+
+/// `x W^T + b + (x A^T) B^T` for `x` (..., in), frozen `w` (out, in) and `b` (out), and the
+/// low-rank pair `a` (r, in), `bm` (out, r) — LoRA with its scale folded into `bm`.
+///
+/// One op instead of five nodes (the base product, two low-rank products, the sum, and candle's
+/// gradient sums for each): the forward adds the update into the base product's buffer; the
+/// backward computes `dx = dy W + (dy B) A` into one buffer (only when `x` needs it), `dA =
+/// (dy B)ᵀ x` and `dB = dyᵀ (x Aᵀ)` (only for those in the graph), keeping `x Aᵀ` (rows × r) from
+/// the forward. With a trained `w` or `b`, or off the CPU, the composition.
+pub fn lora_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, a: &Tensor, bm: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) && frozen(w, b) {
+        let op = LoraLinear { w: Base::Dense(w.contiguous()?), b: b.map(|b| b.contiguous()).transpose()?, u: Mutex::new(None) };
+        return Ok(x.contiguous()?.apply_op3(&a.contiguous()?, &bm.contiguous()?, op)?);
+    }
+    lora_linear_composed(x, w, b, a, bm)
+}
+
+/// [`lora_linear`] with a frozen quantized weight (training on a GGUF decoder): the weight is
+/// dequantized into a transient f32 matrix in forward and again in backward, as
+/// [`qlinear`]`(.., exact)` does, so the numbers are those of the dequantized base.
+pub fn lora_qlinear(x: &Tensor, w: &Arc<QTensor>, b: Option<&Tensor>, a: &Tensor, bm: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) && b.is_none_or(|b| !b.track_op()) {
+        let op = LoraLinear { w: Base::Quant(w.clone()), b: b.map(|b| b.contiguous()).transpose()?, u: Mutex::new(None) };
+        return Ok(x.contiguous()?.apply_op3(&a.contiguous()?, &bm.contiguous()?, op)?);
+    }
+    let y = qlinear(x, w, true)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    Ok(y.add(&linear(&linear(x, a, None)?, bm, None)?)?)
+}
+
+/// A frozen weight as held: f32, or quantized blocks dequantized when used.
+enum Base {
+    Dense(Tensor),
+    Quant(Arc<QTensor>),
+}
+
+impl Base {
+    fn dense(&self) -> candle_core::Result<Tensor> {
+        match self {
+            Base::Dense(w) => Ok(w.clone()),
+            Base::Quant(q) => q.dequantize(&Device::Cpu),
+        }
+    }
+}
+
+/// Reference implementation of [`lora_linear`] from candle ops.
+pub fn lora_linear_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>, a: &Tensor, bm: &Tensor) -> Result<Tensor> {
+    Ok(linear(x, w, b)?.add(&linear(&linear(x, a, None)?, bm, None)?)?)
+}
+
+struct LoraLinear {
+    w: Base,
+    b: Option<Tensor>,
+    /// `x Aᵀ` (rows × r) from the forward, for `dB`.
+    u: Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Fwd {
+        let _prof = timer("lora-linear", "fwd");
+        let (x, a, bm) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (rows, in_dim) = rows_cols(l1.shape());
+        let w = self.w.dense()?;
+        let (out_dim, _) = w.dims2()?;
+        let (r, a_in) = l2.shape().dims2()?;
+        if a_in != in_dim || l3.shape().dims2()? != (out_dim, r) {
+            return Err(err(format!(
+                "lora linear: input {:?}, weight {:?}, A {:?}, B {:?} do not match",
+                l1.shape(),
+                w.shape(),
+                l2.shape(),
+                l3.shape()
+            )));
+        }
+        // u = x Aᵀ (rows × r); y = u Bᵀ, + b, + x Wᵀ. The products with the short inner
+        // dimension r write their buffer and the long one accumulates onto it: `gemm` adds onto
+        // a destination at full speed for a long inner dimension, not for r.
+        let mut u = vec![0f32; rows * r];
+        gemm(Out::rm(&mut u, r), [rows, r, in_dim], Mat::rm(x, in_dim), Mat::rm_t(a, in_dim), Gemm::PARALLEL);
+        let mut y = vec![0f32; rows * out_dim];
+        gemm(Out::rm(&mut y, out_dim), [rows, out_dim, r], Mat::rm(&u, r), Mat::rm_t(bm, r), Gemm::PARALLEL);
+        let done = match &self.b {
+            Some(b) => with_data([&w, b], |[ws, bs]| {
+                if bs.len() != out_dim {
+                    return Err(err("lora linear: bias length differs from weight rows"));
+                }
+                y.par_chunks_mut(out_dim.max(1)).for_each(|row| row.iter_mut().zip(bs).for_each(|(v, b)| *v += b));
+                gemm(Out::rm(&mut y, out_dim), [rows, out_dim, in_dim], Mat::rm(x, in_dim), Mat::rm_t(ws, in_dim), Gemm::PARALLEL.accumulate(true));
+                Ok(())
+            }),
+            None => with_data([&w], |[ws]| {
+                gemm(Out::rm(&mut y, out_dim), [rows, out_dim, in_dim], Mat::rm(x, in_dim), Mat::rm_t(ws, in_dim), Gemm::PARALLEL.accumulate(true));
+                Ok(())
+            }),
+        };
+        done?;
+        let mut dims = l1.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out_dim;
+        }
+        *self.u.lock().map_err(|_| err("lora linear: poisoned lock"))? = Some(u);
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, a: &Tensor, bm: &Tensor, _res: &Tensor, grad: &Tensor) -> Grads3 {
+        let _prof = timer("lora-linear", "bwd");
+        let grad = grad.contiguous()?;
+        let (r, in_dim) = a.dims2()?;
+        let out_dim = grad.dim(D::Minus1)?;
+        let (rows, _) = rows_cols(grad.shape());
+        // gu = dy B (rows × r): the gradient at x Aᵀ.
+        let mut gu = vec![0f32; rows * r];
+        with_data([&grad, bm], |[gs, bs]| {
+            gemm(Out::rm(&mut gu, r), [rows, r, out_dim], Mat::rm(gs, out_dim), Mat::rm(bs, r), Gemm::PARALLEL);
+            Ok(())
+        })?;
+        let dx = if x.track_op() {
+            let w = self.w.dense()?;
+            let mut dx = vec![0f32; rows * in_dim];
+            // dx = gu A (short inner dimension, written), += dy W (long, accumulated).
+            with_data([&grad, &w, a], |[gs, ws, az]| {
+                gemm(Out::rm(&mut dx, in_dim), [rows, in_dim, r], Mat::rm(&gu, r), Mat::rm(az, in_dim), Gemm::PARALLEL);
+                gemm(Out::rm(&mut dx, in_dim), [rows, in_dim, out_dim], Mat::rm(gs, out_dim), Mat::rm(ws, in_dim), Gemm::PARALLEL.accumulate(true));
+                Ok(())
+            })?;
+            Some(tensor_from(dx, x.shape().clone())?)
+        } else {
+            None
+        };
+        let da = if a.track_op() {
+            // dA (r × in) = guᵀ (r × rows) · x (rows × in)
+            let mut da = vec![0f32; r * in_dim];
+            with_data([x], |[xs]| {
+                gemm(Out::rm(&mut da, in_dim), [r, in_dim, rows], Mat::rm_t(&gu, r), Mat::rm(xs, in_dim), Gemm::PARALLEL);
+                Ok(())
+            })?;
+            Some(tensor_from(da, a.shape().clone())?)
+        } else {
+            None
+        };
+        let db = if bm.track_op() {
+            // dB (out × r) = dyᵀ (out × rows) · u (rows × r)
+            let kept = self.u.lock().map_err(|_| err("lora linear: poisoned lock"))?;
+            let u = kept.as_ref().ok_or_else(|| err("lora linear: backward without forward"))?;
+            let mut db = vec![0f32; out_dim * r];
+            with_data([&grad], |[gs]| {
+                gemm(Out::rm(&mut db, r), [out_dim, r, rows], Mat::rm_t(gs, out_dim), Mat::rm(u, r), Gemm::PARALLEL);
+                Ok(())
+            })?;
+            Some(tensor_from(db, bm.shape().clone())?)
+        } else {
+            None
+        };
+        Ok((dx, da, db))
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
 // Frozen quantized linear: y = x W^T with W in GGUF blocks; backward dx = dy W (dequantized).
 
 /// At most this many rows use the quantized dot-product kernels (unless exact) when the input
@@ -457,6 +624,62 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The LoRA linear against its composition: output and the gradients of x, A and B, with
+    /// and without a bias, with a frozen input (no gradient computed for it), and twice through
+    /// the same graph (the kept x Aᵀ survives the first backward).
+    #[test]
+    fn lora_linear_matches_composition() {
+        for (bias, x_trains) in [(true, true), (false, true), (true, false)] {
+            let case = format!("bias {bias}, x trains {x_trains}");
+            let x = var(&[3, 5, 16], 41, 1.5);
+            let w = rand(&[24, 16], 42);
+            let b = rand(&[24], 43);
+            let a = var(&[4, 16], 44, 0.5);
+            let bm = var(&[24, 4], 45, 0.5);
+            let xt = if x_trains { x.as_tensor().clone() } else { x.as_tensor().detach() };
+            let bias = bias.then_some(&b);
+            let y1 = lora_linear(&xt, &w, bias, a.as_tensor(), bm.as_tensor()).unwrap();
+            let y2 = lora_linear_composed(&xt, &w, bias, a.as_tensor(), bm.as_tensor()).unwrap();
+            assert!(max_diff(&y1, &y2) < 1e-5, "{case}: forward differs by {}", max_diff(&y1, &y2));
+            // The update is not zero here: the op must include it.
+            let base = linear_composed(&xt, &w, bias).unwrap();
+            assert!(max_diff(&y1, &base) > 1e-2, "{case}: the low-rank update is missing");
+            let up = rand(&[3, 5, 24], 46);
+            for _ in 0..2 {
+                let (g1, g2) = (grads(&y1, &up), grads(&y2, &up));
+                for (v, name) in [(&a, "A"), (&bm, "B")] {
+                    let d = grad_diff(&g1, &g2, v);
+                    assert!(d < 1e-4, "{case}: gradient of {name} differs by {d}");
+                }
+                if x_trains {
+                    assert!(grad_diff(&g1, &g2, &x) < 1e-4, "{case}: gradient of x differs");
+                } else {
+                    assert!(g1.get(&x).is_none(), "{case}: x is frozen but got a gradient");
+                }
+            }
+        }
+    }
+
+    /// With a quantized base weight: the same as the f32 op on the dequantized weight.
+    #[test]
+    fn lora_qlinear_matches_dequantized() {
+        let x = var(&[2, 5, 64], 51, 1.0);
+        let w = rand(&[32, 64], 52);
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1).unwrap());
+        let wd = q.dequantize(&Device::Cpu).unwrap();
+        let a = var(&[4, 64], 53, 0.5);
+        let bm = var(&[32, 4], 54, 0.5);
+        let y1 = lora_qlinear(x.as_tensor(), &q, None, a.as_tensor(), bm.as_tensor()).unwrap();
+        let y2 = lora_linear_composed(x.as_tensor(), &wd, None, a.as_tensor(), bm.as_tensor()).unwrap();
+        assert!(max_diff(&y1, &y2) < 1e-4, "forward differs by {}", max_diff(&y1, &y2));
+        let up = rand(&[2, 5, 32], 55);
+        let (g1, g2) = (grads(&y1, &up), grads(&y2, &up));
+        for (v, name) in [(&x, "x"), (&a, "A"), (&bm, "B")] {
+            let d = grad_diff(&g1, &g2, v);
+            assert!(d < 1e-4, "gradient of {name} differs by {d}");
         }
     }
 

@@ -9,7 +9,7 @@
 //!
 //! | file | ops |
 //! |---|---|
-//! | `linear.rs` | `linear`, `linear_gelu`, `qlinear` (frozen weights: input gradient only), `low_rank_rows` (inference) |
+//! | `linear.rs` | `linear`, `linear_gelu`, `qlinear` (frozen weights: input gradient only), `lora_linear` (frozen weights with a trained low-rank update, one op), `low_rank_rows` (inference) |
 //! | `qmatmul.rs` | the Q4_1 quantized matmul behind `qlinear` (inference rows, AVX2) |
 //! | `combine.rs` | `add_frozen`, `scale_last` (a delta joining frozen activations) |
 //! | `norm.rs` | `layer_norm`, `rms_norm` |
@@ -38,7 +38,7 @@ pub use attention::{attention, attention_composed, causal_attention, causal_atte
 pub use combine::{add_frozen, add_frozen_composed, scale_last, scale_last_composed};
 pub use cpu::{in_pool, set_threads};
 pub use dropout::{dropout, dropout_composed};
-pub use linear::{linear, linear_composed, linear_gelu, linear_gelu_composed, low_rank_rows, qlinear, LOW_RANK_ROWS};
+pub use linear::{linear, linear_composed, linear_gelu, linear_gelu_composed, lora_linear, lora_linear_composed, lora_qlinear, low_rank_rows, qlinear, LOW_RANK_ROWS};
 pub use loss::{log_softmax, picked_log_prob, picked_log_prob_composed};
 pub use norm::{layer_norm, layer_norm_composed, rms_norm, rms_norm_composed};
 pub use rng::{hash_str, in_batch_rows, DropoutKey};
