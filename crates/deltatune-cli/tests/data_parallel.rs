@@ -125,6 +125,14 @@ mod with_mpi {
     use std::process::{Command, Output, Stdio};
     use std::time::{Duration, Instant};
 
+    /// How far the deltas of an encoder run split over ranks may end from one process's. The
+    /// ranks sum each gradient over the rows in another order, and AdamW divides a gradient by
+    /// its own running size, so a parameter whose gradient is still tiny — LoRA's A while B is
+    /// near its zero start — turns that rounding into updates of a few 1e-5 (2.1e-5 measured, in
+    /// one value-projection A, after 5 steps at lr 3e-3; the losses agree to 1e-7). A wrong
+    /// shard weighting or dropout mask is off by about 1e-2 (3.5e-2 measured).
+    const RANKS_TOL: f32 = 1e-4;
+
     /// `mpirun` with what every run here needs: running as root is allowed in containers, two ranks
     /// may share two cores, and no rank is pinned to one core.
     fn mpirun() -> Option<Command> {
@@ -218,7 +226,7 @@ mod with_mpi {
         assert!(summary["comm_seconds"].as_f64().unwrap() > 0.0);
         assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1, "only rank 0 prints the summary");
         let d = max_diff(&path("one/final/delta.safetensors"), &path("two/final/delta.safetensors"));
-        assert!(d <= 1e-5, "two ranks end {d} away from one process");
+        assert!(d <= RANKS_TOL, "two ranks end {d} away from one process");
         let (a, b) = (train_losses(&path("one")), train_losses(&path("two")));
         assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().zip(&b) {
@@ -279,7 +287,7 @@ mod with_mpi {
         let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(r["steps"], 30);
         let d = max_diff(&path("long-ref/final/delta.safetensors"), &long.join("final/delta.safetensors"));
-        assert!(d <= 1e-5, "killed and resumed on 2, 1, 2 ranks: {d} away from the uninterrupted run");
+        assert!(d <= RANKS_TOL, "killed and resumed on 2, 1, 2 ranks: {d} away from the uninterrupted run");
     }
 
     #[test]
