@@ -369,6 +369,15 @@ pub(crate) fn zip_map_into(y: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, 
     });
 }
 
+/// `y[i] += x[i]` in parallel chunks.
+pub(crate) fn add_into(y: &mut [f32], x: &[f32]) {
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(yc, xc)| {
+        for (y, &x) in yc.iter_mut().zip(xc) {
+            *y += x;
+        }
+    });
+}
+
 /// `f(row index, y row, x row)` for every row of `h` values, in parallel.
 pub(crate) fn rows_into(y: &mut [f32], x: &[f32], h: usize, f: impl Fn(usize, &mut [f32], &[f32]) + Sync) {
     let h = h.max(1);

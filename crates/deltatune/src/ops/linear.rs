@@ -4,7 +4,7 @@
 //! op computes only the input gradient `dy W`, calling `gemm` on the row-major data directly.
 
 use super::activation::{gelu, gelu_composed, gelu_grad_into, gelu_into};
-use super::cpu::{column_sums, err, fused_ok, gemm, rows_cols, slice, tensor_from, with_data, Fwd, Gemm, Grads2, Grads3, Mat, Out};
+use super::cpu::{add_into, column_sums, err, fused_ok, gemm, rows_cols, slice, tensor_from, with_data, Fwd, Gemm, Grads2, Grads3, Mat, Out};
 use super::profile::timer;
 use crate::error::Result;
 use super::qmatmul;
@@ -357,10 +357,10 @@ fn trained_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, gelu: bool) -> Res
 /// low-rank pair `a` (r, in), `bm` (out, r) — LoRA with its scale folded into `bm`.
 ///
 /// One op instead of five nodes (the base product, two low-rank products, the sum, and candle's
-/// gradient sums for each): the forward adds the update into the base product's buffer; the
-/// backward computes `dx = dy W + (dy B) A` into one buffer (only when `x` needs it), `dA =
-/// (dy B)ᵀ x` and `dB = dyᵀ (x Aᵀ)` (only for those in the graph), keeping `x Aᵀ` (rows × r) from
-/// the forward. With a trained `w` or `b`, or off the CPU, the composition.
+/// gradient sums for each): the forward adds the update onto the base product; the backward
+/// computes `dx = dy W + (dy B) A` (only when `x` needs it), `dA = (dy B)ᵀ x` and `dB = dyᵀ (x
+/// Aᵀ)` (only for those in the graph), keeping `x Aᵀ` (rows × r) from the forward. Every number
+/// is the composition's, to the bit. With a trained `w` or `b`, or off the CPU, the composition.
 pub fn lora_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, a: &Tensor, bm: &Tensor) -> Result<Tensor> {
     if fused_ok(x) && frozen(w, b) {
         let op = LoraLinear { w: Base::Dense(w.contiguous()?), b: b.map(|b| b.contiguous()).transpose()?, u: Mutex::new(None) };
@@ -403,11 +403,6 @@ impl Base {
 /// Reference implementation of [`lora_linear`] from candle ops.
 pub fn lora_linear_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>, a: &Tensor, bm: &Tensor) -> Result<Tensor> {
     Ok(linear(x, w, b)?.add(&linear(&linear(x, a, None)?, bm, None)?)?)
-}
-
-/// `acc += x`, element by element, in parallel over blocks.
-fn add_into(acc: &mut [f32], x: &[f32]) {
-    acc.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
 }
 
 struct LoraLinear {
