@@ -2,7 +2,7 @@
 //! probabilities) and causal (decoders, with cached keys): one composition, one fused op.
 
 use super::cpu::{
-    dot_lanes, err, exp_f32, fused_ok, gemm, grad_for, max_lanes, slice, sum_lanes, with_data, Fwd, Gemm, Grads3, Mat, Out,
+    dot_lanes, err, exp_f32, exp_sum_lanes, fused_ok, gemm, grad_for, max_lanes, slice, sum_lanes, with_data, Fwd, Gemm, Grads3, Mat, Out,
     SyncPtr,
 };
 use super::dropout::{dropout_composed, masked};
@@ -204,10 +204,7 @@ impl Attention {
                 *v += bb;
             }
             let max = max_lanes(row);
-            for v in row.iter_mut() {
-                *v = exp_f32(*v - max);
-            }
-            let inv = 1.0 / sum_lanes(row);
+            let inv = 1.0 / exp_sum_lanes(row, max);
             for v in row.iter_mut() {
                 *v *= inv;
             }
@@ -437,3 +434,4 @@ mod tests {
         }
     }
 }
+
