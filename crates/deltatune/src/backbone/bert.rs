@@ -271,6 +271,14 @@ impl ResidualOutput {
     fn forward(&self, hidden: &Tensor, input: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let hidden = self.site.pre(hidden, ctx)?;
         let h = self.dense.forward(&hidden, ctx)?;
+        let ln = &self.layer_norm;
+        if !self.site.has_active() && !ln.site.has_active() {
+            // Nothing attached between the dense layer and the norm: dropout, residual sum and
+            // layer norm as one op.
+            let drop = ctx.train.then(|| (self.dropout, self.site.dropout_key(ctx, 0)));
+            let (g, b) = (ln.site.require("weight", ctx)?, ln.site.require("bias", ctx)?);
+            return ops::residual_layer_norm(&h, input, &g, &b, ln.eps, drop);
+        }
         let h = if ctx.train { ops::dropout(&h, self.dropout, self.site.dropout_key(ctx, 0))? } else { h };
         let h = self.site.post(input, h, ctx)?;
         self.layer_norm.forward(&(h + input)?, ctx)

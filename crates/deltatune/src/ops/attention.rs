@@ -2,7 +2,7 @@
 //! probabilities) and causal (decoders, with cached keys): one composition, one fused op.
 
 use super::cpu::{
-    dot_lanes, err, exp_f32, exp_sum_lanes, fused_ok, gemm, grad_for, max_lanes, slice, sum_lanes, with_data, Fwd, Gemm, Grads3, Mat, Out,
+    dot_lanes, err, exp_sum_lanes, fused_ok, gemm, grad_for, max_lanes, slice, with_data, Fwd, Gemm, Grads3, Mat, Out,
     SyncPtr,
 };
 use super::dropout::{dropout_composed, masked};

@@ -3,11 +3,14 @@
 
 use super::cpu::{
     column_sums, dot_lanes, err, fused_ok, grad_for, row_op, rows2_into, rows_cols, rows_into, slice, sum_lanes, with_data, Fwd,
-    Grads3, RowKernel, LANES,
+    Grads2, Grads3, RowKernel, LANES,
 };
+use super::dropout::{dropout, masked};
 use super::profile::timer;
+use super::rng::DropoutKey;
 use crate::error::Result;
-use candle_core::{CpuStorage, CustomOp3, Layout, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Tensor, D};
+use rayon::prelude::*;
 
 /// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) * gamma + beta`.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
@@ -24,6 +27,47 @@ pub fn layer_norm_composed(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) 
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let xhat = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
     Ok(xhat.broadcast_mul(gamma)?.broadcast_add(beta)?)
+}
+
+/// `layer_norm(dropout(h) + input)`: a residual sublayer's output (dropout on the sublayer,
+/// the residual sum, layer normalisation) as one op with frozen `gamma`, `beta` — the same
+/// numbers as the three ops it replaces, without their intermediate tensors or gradient sums.
+/// The sum is recomputed in backward. Trained `gamma` / `beta` (LN tuning) take the composition.
+pub fn residual_layer_norm(
+    h: &Tensor,
+    input: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    dropout_p: Option<(f32, DropoutKey)>,
+) -> Result<Tensor> {
+    let drop = dropout_p.filter(|(p, _)| *p > 0.0);
+    if fused_ok(h) && !gamma.track_op() && !beta.track_op() && h.shape() == input.shape() {
+        let op = ResidualLayerNorm {
+            eps: eps as f32,
+            drop: drop.map(|(p, key)| (p, key.for_rows(h.elem_count()))),
+            gamma: gamma.contiguous()?,
+            beta: beta.contiguous()?,
+        };
+        return Ok(h.contiguous()?.apply_op2(&input.contiguous()?, op)?);
+    }
+    residual_layer_norm_composed(h, input, gamma, beta, eps, drop)
+}
+
+/// Reference implementation of [`residual_layer_norm`]: dropout, sum and layer norm as three ops.
+pub fn residual_layer_norm_composed(
+    h: &Tensor,
+    input: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    dropout_p: Option<(f32, DropoutKey)>,
+) -> Result<Tensor> {
+    let h = match dropout_p {
+        Some((p, key)) => dropout(h, p, key)?,
+        None => h.clone(),
+    };
+    layer_norm(&(h + input)?, gamma, beta, eps)
 }
 
 /// RMS normalisation over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`. Fused on
@@ -153,6 +197,96 @@ impl CustomOp3 for LayerNorm {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Dropout, residual sum and layer norm.
+
+struct ResidualLayerNorm {
+    eps: f32,
+    /// Dropout on `h` (rate, key for this tensor's rows), as [`dropout`] applies it.
+    drop: Option<(f32, DropoutKey)>,
+    gamma: Tensor,
+    beta: Tensor,
+}
+
+impl ResidualLayerNorm {
+    /// One row of `dropout(h) + input` (row `r` of width `hr.len()`) into `s`.
+    #[inline]
+    fn sum_row(&self, r: usize, s: &mut [f32], hr: &[f32], ir: &[f32]) {
+        match self.drop {
+            Some((p, key)) => {
+                let base = (r * hr.len()) as u64;
+                for (i, (sv, (&hv, &iv))) in s.iter_mut().zip(hr.iter().zip(ir)).enumerate() {
+                    *sv = masked(key, p, base + i as u64, hv) + iv;
+                }
+            }
+            None => {
+                for (sv, (&hv, &iv)) in s.iter_mut().zip(hr.iter().zip(ir)) {
+                    *sv = hv + iv;
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp2 for ResidualLayerNorm {
+    fn name(&self) -> &'static str {
+        "residual-layer-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Fwd {
+        let _prof = timer("residual-layer-norm", "fwd");
+        let (hs, is) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (_, h) = rows_cols(l1.shape());
+        if hs.len() != is.len() {
+            return Err(err(format!("residual layer norm: {:?} and {:?} differ", l1.shape(), l2.shape())));
+        }
+        let mut y = vec![0f32; hs.len()];
+        with_data([&self.gamma, &self.beta], |[g, b]| {
+            if g.len() != h || b.len() != h {
+                return Err(err(format!("layer norm: gamma/beta have {} / {} elements, rows have {h}", g.len(), b.len())));
+            }
+            rows_into(&mut y, hs, h, |r, yr, hr| {
+                self.sum_row(r, yr, hr, &is[r * h..(r + 1) * h]);
+                let (mean, rstd) = row_stats(yr, self.eps);
+                for i in 0..h {
+                    yr[i] = (yr[i] - mean) * rstd * g[i] + b[i];
+                }
+            });
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    /// d(input) = the layer norm's input gradient at the recomputed sum; dh = its dropout.
+    fn bwd(&self, hid: &Tensor, input: &Tensor, _res: &Tensor, grad: &Tensor) -> Grads2 {
+        let _prof = timer("residual-layer-norm", "bwd");
+        let grad = grad.contiguous()?;
+        let h = self.gamma.elem_count().max(1);
+        let n = hid.elem_count();
+        // The sum goes into dh's buffer as scratch, then dh is overwritten row by row.
+        let (mut dh, mut di) = (vec![0f32; n], vec![0f32; n]);
+        let ln = LayerNorm { eps: self.eps };
+        with_data([hid, input, &grad, &self.gamma], |[hs, is, dys, gs]| {
+            dh.par_chunks_mut(h).zip(di.par_chunks_mut(h)).enumerate().for_each(|(r, (dhr, dir))| {
+                let rows = r * h..(r + 1) * h;
+                self.sum_row(r, dhr, &hs[rows.clone()], &is[rows.clone()]);
+                ln.backward_row(dir, dhr, gs, &dys[rows]);
+                match self.drop {
+                    Some((p, key)) => {
+                        let base = (r * h) as u64;
+                        for (i, (d, &g)) in dhr.iter_mut().zip(dir.iter()).enumerate() {
+                            *d = masked(key, p, base + i as u64, g);
+                        }
+                    }
+                    None => dhr.copy_from_slice(dir),
+                }
+            });
+            Ok(())
+        })?;
+        Ok((grad_for(hid, dh)?, grad_for(input, di)?))
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
 // RMS norm.
 
 struct RmsNorm {
@@ -218,6 +352,42 @@ mod tests {
             let d = grad_diff(&g1, &g2, v);
             assert!(d < 1e-4, "grad diff {d}");
         }
+    }
+
+    /// Dropout, residual sum and layer norm as one op give the composition's numbers to the bit,
+    /// forward and both input gradients, with dropout and without; inside a shard of the batch
+    /// they use the whole batch's masks; LN tuning (trained gamma) takes the composition.
+    #[test]
+    fn residual_layer_norm_is_the_composition() {
+        use crate::ops::cpu::testing::grads;
+        let (b, t, h) = (3, 5, 40);
+        let x = var(&[b, t, h], 51, 2.0);
+        let inp = var(&[b, t, h], 52, 1.0);
+        let g = rand(&[h], 53);
+        let be = rand(&[h], 54);
+        for drop in [None, Some((0.25f32, DropoutKey(11)))] {
+            let y1 = residual_layer_norm(x.as_tensor(), inp.as_tensor(), &g, &be, 1e-12, drop).unwrap();
+            let y2 = residual_layer_norm_composed(x.as_tensor(), inp.as_tensor(), &g, &be, 1e-12, drop).unwrap();
+            assert_eq!(max_diff(&y1, &y2), 0.0);
+            let up = rand(&[b, t, h], 55);
+            let (g1, g2) = (grads(&y1, &up), grads(&y2, &up));
+            for v in [&x, &inp] {
+                assert_eq!(grad_diff(&g1, &g2, v), 0.0);
+            }
+        }
+        let drop = Some((0.3f32, DropoutKey(4)));
+        let part = |t: &Tensor| t.narrow(0, 1, 2).unwrap();
+        let whole = residual_layer_norm(x.as_tensor(), inp.as_tensor(), &g, &be, 1e-12, drop).unwrap();
+        let shard = crate::ops::in_batch_rows(1, 2, || {
+            residual_layer_norm(&part(x.as_tensor()), &part(inp.as_tensor()), &g, &be, 1e-12, drop)
+        })
+        .unwrap();
+        assert_eq!(max_diff(&part(&whole), &shard), 0.0);
+        // A trained gamma gets its gradient (through the composition).
+        let gv = var(&[h], 56, 1.0);
+        let y = residual_layer_norm(x.as_tensor(), inp.as_tensor(), gv.as_tensor(), &be, 1e-12, drop).unwrap();
+        let gs = grads(&y, &rand(&[b, t, h], 57));
+        assert!(gs.get(gv.as_tensor()).is_some());
     }
 
     #[test]
