@@ -658,14 +658,14 @@ fn decoder(a: BenchDecoderArgs) -> Result<()> {
             f(&d["step_gflop"]), f(&d["gflops"]), 100.0 * d["fraction_of_peak"].as_f64().unwrap_or(f64::NAN),
             f(&out["fma_peak_gflops"]), a.bench_threads, out["cpu"].as_str().unwrap_or("?")
         );
-        if let Some(o) = d.get("one_thread") {
+        if let Some(o) = d.get("one_thread").filter(|o| !o.is_null()) {
             println!(
                 "  1 thread: step {} ms = {:.1}% of the 1-thread peak ({} GFLOP/s); {} threads are {:.2}x faster",
                 f(&o["step_ms_median"]), 100.0 * o["fraction_of_peak"].as_f64().unwrap_or(f64::NAN), f(&d["fma_peak_gflops_1_thread"]),
                 a.bench_threads, o["step_ms_median"].as_f64().unwrap_or(f64::NAN) / d["step_ms_median"].as_f64().unwrap_or(f64::NAN)
             );
         }
-        if let Some(k) = d.get("ranks") {
+        if let Some(k) = d.get("ranks").filter(|k| k["ranks"].as_u64().is_some_and(|r| r > 1)) {
             println!(
                 "  split over {} ranks in the process (as `train-lm --data-parallel {}`): step {} ms = {:.1}% of the peak, {:.2}x the threads' speed, peak RSS {} MiB",
                 k["ranks"], k["ranks"], f(&k["step_ms_median"]), 100.0 * k["fraction_of_peak"].as_f64().unwrap_or(f64::NAN),

@@ -1235,6 +1235,28 @@ impl LlamaModel {
         }
     }
 
+    /// In training, the head's weight when the logits are a plain product with a frozen matrix
+    /// (no delta on the head or, for tied embeddings, on the embedding; not trained): then the
+    /// loss takes [`ops::head_log_prob`] instead of [`Self::logits`]. Evaluation keeps the
+    /// logits (few target rows there, which the quantized kernels serve without dequantizing).
+    pub fn frozen_head(&self, ctx: &ForwardCtx) -> Result<Option<ops::HeadWeight>> {
+        if !ctx.train {
+            return Ok(None);
+        }
+        let site = match &self.lm_head {
+            Some(head) => &head.site,
+            None => &self.embed_tokens,
+        };
+        if site.has_active() {
+            return Ok(None);
+        }
+        if let Some(q) = site.quantized("weight") {
+            return Ok(Some(ops::HeadWeight::Quantized(q.clone())));
+        }
+        let w = site.require("weight", ctx)?;
+        Ok((!w.track_op()).then_some(ops::HeadWeight::Dense(w)))
+    }
+
     /// Every site in forward order.
     pub fn sites(&self) -> Vec<&Site> {
         let mut v: Vec<&Site> = vec![&self.root, &self.model, &self.embed_tokens, &self.layers_site];

@@ -39,7 +39,7 @@ pub use combine::{add_frozen, add_frozen_composed, scale_last, scale_last_compos
 pub use cpu::{in_pool, set_threads};
 pub use dropout::{dropout, dropout_composed};
 pub use linear::{linear, linear_composed, linear_gelu, linear_gelu_composed, lora_linear, lora_linear_composed, lora_qlinear, low_rank_rows, qlinear, LOW_RANK_ROWS};
-pub use loss::{log_softmax, picked_log_prob, picked_log_prob_composed};
+pub use loss::{head_log_prob, head_log_prob_composed, log_softmax, picked_log_prob, picked_log_prob_composed, HeadWeight};
 pub use norm::{layer_norm, layer_norm_composed, residual_layer_norm, residual_layer_norm_composed, rms_norm, rms_norm_composed};
 pub use rng::{hash_str, in_batch_rows, DropoutKey};
 pub use rope::{rope, rope_composed};

@@ -274,7 +274,11 @@ fn target_logprobs(model: &LlamaModel, batch: &LmBatch, ctx: &ForwardCtx) -> Res
     let hidden = model.forward(&batch.ids, Some(&batch.mask), None, ctx)?;
     let (b, t, h) = hidden.dims3()?;
     let sel = hidden.reshape((b * t, h))?.index_select(&batch.positions, 0)?;
-    ops::picked_log_prob(&model.logits(&sel, ctx)?, &batch.targets)
+    match model.frozen_head(ctx)? {
+        // Head and loss as one op: no (targets, vocabulary) logits or gradient.
+        Some(w) => ops::head_log_prob(&sel, &w, &batch.targets),
+        None => ops::picked_log_prob(&model.logits(&sel, ctx)?, &batch.targets),
+    }
 }
 
 /// Summed negative log-likelihood of the batch's targets.
