@@ -12,12 +12,12 @@
 //! | `linear.rs` | `linear`, `linear_gelu`, `qlinear` (frozen weights: input gradient only), `lora_linear` (frozen weights with a trained low-rank update, one op), `low_rank_rows` (inference) |
 //! | `qmatmul.rs` | the Q4_1 quantized matmul behind `qlinear` (inference rows, AVX2) |
 //! | `combine.rs` | `add_frozen`, `scale_last` (a delta joining frozen activations) |
-//! | `norm.rs` | `layer_norm`, `rms_norm` |
+//! | `norm.rs` | `layer_norm`, `residual_layer_norm` (dropout + residual sum + layer norm, one op), `rms_norm` |
 //! | `activation.rs` | `gelu`, `gelu_tanh`, `swiglu` |
 //! | `dropout.rs` | `dropout` (counter-based mask, regenerated in backward) |
 //! | `attention.rs` | `attention`, `causal_attention`, `mask_to_bias`, `softmax_composed` |
 //! | `rope.rs` | `rope` |
-//! | `loss.rs` | `picked_log_prob`, `log_softmax` |
+//! | `loss.rs` | `picked_log_prob`, `head_log_prob` (frozen LM head + picked log-probability, one op, no logits kept), `log_softmax` |
 //! | [`cpu`] (`cpu.rs`) | what the kernels share: `gemm`, vectorised maths, parallel loops, generic ops |
 
 mod activation;
