@@ -325,6 +325,18 @@ pub fn exp_sum_lanes(x: &mut [f32], shift: f32) -> f32 {
     s
 }
 
+/// Sum of f32 values in f64 (long rows: a vocabulary), in 8 lanes (vectorises; fixed order).
+pub(crate) fn sum_f64_lanes(x: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for j in 0..8 {
+            acc[j] += c[j] as f64;
+        }
+    }
+    it.remainder().iter().map(|&v| v as f64).sum::<f64>() + acc.iter().sum::<f64>()
+}
+
 /// Maximum of a slice in 16 lanes (NaN-agnostic compare, so it vectorises).
 #[inline(always)]
 pub fn max_lanes(x: &[f32]) -> f32 {

@@ -1,7 +1,7 @@
 //! Losses over a vocabulary or label set: log-softmax and the log-probability of one target per
 //! row (fused: no (rows, vocabulary) intermediate besides the gradient).
 
-use super::cpu::{err, exp_f32, fused_ok, gemm, max_lanes, slice, tensor_from, with_data, Fwd, Gemm, Mat, Out};
+use super::cpu::{err, exp_f32, fused_ok, gemm, max_lanes, slice, sum_f64_lanes, tensor_from, with_data, Fwd, Gemm, Mat, Out};
 use super::linear::{linear_composed, qlinear};
 use super::profile::timer;
 use crate::error::Result;
@@ -208,18 +208,6 @@ impl CustomOp1 for HeadLogProb {
         });
         Ok(Some(tensor_from(dx, (n, h))?))
     }
-}
-
-/// Sum of f32 values in f64, in 8 lanes (vectorises; fixed order).
-fn sum_f64_lanes(x: &[f32]) -> f64 {
-    let mut acc = [0f64; 8];
-    let mut it = x.chunks_exact(8);
-    for c in &mut it {
-        for j in 0..8 {
-            acc[j] += c[j] as f64;
-        }
-    }
-    it.remainder().iter().map(|&v| v as f64).sum::<f64>() + acc.iter().sum::<f64>()
 }
 
 #[cfg(test)]
