@@ -340,11 +340,63 @@ struct BertLayer {
 
 impl BertLayer {
     fn forward(&self, x: &Tensor, bias: &Tensor, prefix: Option<&(Tensor, Tensor)>, ctx: &ForwardCtx) -> Result<Tensor> {
+        if prefix.is_none() {
+            if let Some(y) = self.engine_forward(x, bias, ctx)? {
+                return Ok(y);
+            }
+        }
         let x = self.site.pre(x, ctx)?;
         let a = self.attention.forward(&x, bias, prefix, ctx)?;
         let i = self.intermediate.forward(&a, ctx)?;
         let y = self.output.forward(&i, &a, ctx)?;
         self.site.post(&x, y, ctx)
+    }
+}
+
+impl BertLayer {
+    /// The layer as one op of the block engine ([`ops::encoder_block`]) when every delta on it is
+    /// a LoRA alone on one of its six linear maps, nothing else is attached anywhere in it, its
+    /// weights and norms are frozen, and a backward may follow (the input or a LoRA takes part in
+    /// a graph). `None`: the module-by-module path.
+    fn engine_forward(&self, x: &Tensor, bias: &Tensor, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
+        if !ops::engine_enabled() || ctx.inference || ctx.route.is_some() || !matches!(self.intermediate.act, HiddenAct::Gelu) {
+            return Ok(None);
+        }
+        let (att, sa) = (&self.attention, &self.attention.self_attn);
+        let (o, out) = (&att.output, &self.output);
+        let containers = [&self.site, &att.site, &sa.site, &o.site, &o.layer_norm.site, &self.intermediate.site, &out.site, &out.layer_norm.site];
+        if containers.iter().any(|s| s.has_active()) {
+            return Ok(None);
+        }
+        let maps = [&sa.query, &sa.key, &sa.value, &o.dense, &self.intermediate.dense, &out.dense];
+        let mut linears = Vec::with_capacity(6);
+        let mut lora: [Option<ops::LowRank>; 6] = Default::default();
+        for (j, m) in maps.iter().enumerate() {
+            let s = &m.site;
+            if s.has_active() {
+                match s.sole_low_rank(ctx)? {
+                    Some(pair) => lora[j] = Some(pair),
+                    None => return Ok(None),
+                }
+            }
+            linears.push((s.require("weight", ctx)?, s.resolve("bias", ctx)?));
+        }
+        if !x.track_op() && lora.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let Ok(linears) = <[ops::Dense; 6]>::try_from(linears) else { return Ok(None) };
+        let norm = |ln: &LayerNorm| -> Result<(Tensor, Tensor, f64)> {
+            Ok((ln.site.require("weight", ctx)?, ln.site.require("bias", ctx)?, ln.eps))
+        };
+        let drop = |p: f32, s: &Site| (ctx.train && p > 0.0).then(|| (p, s.dropout_key(ctx, 0)));
+        let block = ops::EncoderBlock {
+            heads: sa.heads,
+            linears,
+            ln1: norm(&o.layer_norm)?,
+            ln2: norm(&out.layer_norm)?,
+            dropout: [drop(sa.dropout, &sa.site), drop(o.dropout, &o.site), drop(out.dropout, &out.site)],
+        };
+        Ok(Some(ops::encoder_block(x, bias, &block, &lora)?))
     }
 }
 

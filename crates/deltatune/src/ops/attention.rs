@@ -155,7 +155,7 @@ impl Mode {
 // The fused op: softmax(q k^T / sqrt(d) + bias) v, heads interleaved along h. The probabilities
 // are recomputed in backward instead of stored (memory over a few % of FLOPs).
 
-struct Attention {
+pub(super) struct Attention {
     mode: Mode,
     key_bias: Tensor, // (b, tk)
 }
@@ -163,7 +163,11 @@ struct Attention {
 /// Sizes of one call; a query head's block of q starts at `q_at` with row stride h, the block of k
 /// and v it reads at `kv_at` with row stride hk (= h, or kv_heads · d for grouped-query attention,
 /// query head hi reading key/value head hi / rep).
-struct AttnDims {
+///
+/// q, k and v may be column blocks of wider rows (a block's fused QKV projection): `qs` and `kvs`
+/// are their row strides (`h` and `hk` for tensors of their own). The output and its gradient
+/// always have row stride `h`.
+pub(super) struct AttnDims {
     b: usize,
     tq: usize,
     tk: usize,
@@ -171,24 +175,30 @@ struct AttnDims {
     hk: usize,
     d: usize,
     rep: usize,
+    qs: usize,
+    kvs: usize,
 }
 
 impl AttnDims {
     fn q_at(&self, bi: usize, hi: usize) -> usize {
-        bi * self.tq * self.h + hi * self.d
+        bi * self.tq * self.qs + hi * self.d
     }
     fn kv_at(&self, bi: usize, hi: usize) -> usize {
-        bi * self.tk * self.hk + (hi / self.rep) * self.d
+        bi * self.tk * self.kvs + (hi / self.rep) * self.d
+    }
+    /// Where head `hi` of batch row `bi` starts in the output (and its gradient).
+    fn out_at(&self, bi: usize, hi: usize) -> usize {
+        bi * self.tq * self.h + hi * self.d
     }
 }
 
 impl Attention {
     /// Softmax probabilities for one (batch, head) into `p` (tq × tk).
     fn probs(&self, dm: &AttnDims, q: &[f32], k: &[f32], bias: &[f32], bi: usize, hi: usize, p: &mut [f32]) {
-        let AttnDims { tq, tk, h, hk, d, .. } = *dm;
+        let AttnDims { tq, tk, qs, kvs, d, .. } = *dm;
         let scale = 1.0 / (d as f32).sqrt();
         let (qo, ko) = (dm.q_at(bi, hi), dm.kv_at(bi, hi));
-        gemm(Out::rm(p, tk), [tq, tk, d], Mat::rm(&q[qo..], h), Mat::rm_t(&k[ko..], hk), Gemm::SERIAL.scaled(scale));
+        gemm(Out::rm(p, tk), [tq, tk, d], Mat::rm(&q[qo..], qs), Mat::rm_t(&k[ko..], kvs), Gemm::SERIAL.scaled(scale));
         let brow = &bias[bi * tk..(bi + 1) * tk];
         let past = tk.saturating_sub(tq);
         for (qi, row) in p.chunks_mut(tk).enumerate() {
@@ -221,7 +231,7 @@ impl Attention {
         }
     }
 
-    fn dims(&self, q: &Shape, k: &Shape) -> candle_core::Result<AttnDims> {
+    pub(super) fn dims(&self, q: &Shape, k: &Shape) -> candle_core::Result<AttnDims> {
         let (b, tq, h) = q.dims3()?;
         let (bk, tk, hk) = k.dims3()?;
         let heads = self.mode.heads;
@@ -230,7 +240,7 @@ impl Attention {
         if bk != b || d == 0 || hk == 0 || hk % d != 0 || h % hk != 0 {
             return Err(err(format!("attention: q {q:?} and k {k:?} do not match ({heads} heads)")));
         }
-        Ok(AttnDims { b, tq, tk, h, hk, d, rep: h / hk })
+        Ok(AttnDims { b, tq, tk, h, hk, d, rep: h / hk, qs: h, kvs: hk })
     }
 
     /// Runs `f(batch, head)` for every (batch, head) in parallel, each with its own scratch.
@@ -257,6 +267,104 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// An encoder block's attention (see [`attention`]) for the block engine.
+    pub(super) fn bidirectional(heads: usize, dropout: Option<(f32, DropoutKey)>, key_bias: Tensor) -> Self {
+        Attention { mode: Mode { heads, dropout: dropout.filter(|(p, _)| *p > 0.0), causal: false }, key_bias }
+    }
+
+    /// [`Self::dims`] for q, k and v read as column blocks of rows `qs` and `kvs` wide.
+    pub(super) fn strided_dims(&self, q: &Shape, k: &Shape, qs: usize, kvs: usize) -> candle_core::Result<AttnDims> {
+        let dm = self.dims(q, k)?;
+        if qs < dm.h || kvs < dm.hk {
+            return Err(err("attention: row stride narrower than the rows"));
+        }
+        Ok(AttnDims { qs, kvs, ..dm })
+    }
+
+    /// The output (b · tq rows of h) from q, k, v (slices starting at their first element, rows
+    /// `dm.qs` / `dm.kvs` apart).
+    pub(super) fn forward_into(&self, dm: &AttnDims, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) -> candle_core::Result<()> {
+        let AttnDims { tq, tk, h, kvs, d, .. } = *dm;
+        if out.len() != dm.b * tq * h {
+            return Err(err("attention: output buffer does not match q"));
+        }
+        let out_ptr = SyncPtr::of(out);
+        with_data([&self.key_bias], |[bias]| {
+            if bias.len() != dm.b * tk {
+                return Err(err("attention: key bias shape does not match keys"));
+            }
+            self.per_head(
+                dm,
+                || vec![0f32; tq * tk],
+                |p, bi, hi| {
+                    self.probs(dm, q, k, bias, bi, hi, p);
+                    self.mask_probs(dm, bi, hi, p);
+                    // Each (batch, head) writes its own d columns of its own rows: disjoint.
+                    let o = out_ptr.out(dm.out_at(bi, hi), h);
+                    gemm(o, [tq, d, tk], Mat::rm(p, tk), Mat::rm(&v[dm.kv_at(bi, hi)..], kvs), Gemm::SERIAL);
+                },
+            );
+            Ok(())
+        })
+    }
+
+    /// dq, dk, dv from the output gradient `gs` (rows of h): each written (overwritten) at its
+    /// (pointer, first element), with the row strides of q and k/v (`dm.qs`, `dm.kvs`).
+    pub(super) fn backward_into(
+        &self,
+        dm: &AttnDims,
+        qs: &[f32],
+        ks: &[f32],
+        vs: &[f32],
+        gs: &[f32],
+        [(pq, q0), (pk, k0), (pv, v0)]: [(SyncPtr, usize); 3],
+    ) -> candle_core::Result<()> {
+        let AttnDims { tq, tk, h, d, rep, qs: qrs, kvs, .. } = *dm;
+        let scale = 1.0 / (d as f32).sqrt();
+        with_data([&self.key_bias], |[bias]| {
+            if bias.len() != dm.b * tk {
+                return Err(err("attention: key bias shape does not match keys"));
+            }
+            let scratch = || (vec![0f32; tq * tk], vec![0f32; tq * tk], vec![0f32; tq * tk]);
+            // One task per (batch, key/value head): the query heads of its group add their parts
+            // of dK and dV one after the other (the first overwrites), so no two tasks write the
+            // same element and nothing is zero-filled twice.
+            self.per_kv_head(dm, scratch, |(p, dp, pd), bi, g| {
+                for r in 0..rep {
+                    let hi = g * rep + r;
+                    let (qo, ko, oo) = (dm.q_at(bi, hi), dm.kv_at(bi, hi), dm.out_at(bi, hi));
+                    let first = Gemm::SERIAL.accumulate(r > 0);
+                    self.probs(dm, qs, ks, bias, bi, hi, p);
+                    // dP' = dO V^T  (tq × tk)
+                    gemm(Out::rm(dp, tk), [tq, tk, d], Mat::rm(&gs[oo..], h), Mat::rm_t(&vs[ko..], kvs), Gemm::SERIAL);
+                    // dV += P'^T dO  (tk × d), P' = dropped probabilities.
+                    let probs_used: &[f32] = if self.mode.dropout.is_some() {
+                        pd.copy_from_slice(p);
+                        self.mask_probs(dm, bi, hi, pd);
+                        pd
+                    } else {
+                        p
+                    };
+                    gemm(pv.out(v0 + ko, kvs), [tk, d, tq], Mat::rm_t(probs_used, tk), Mat::rm(&gs[oo..], h), first);
+                    // dP = mask(dP'); dS = P ⊙ (dP − rowsum(dP ⊙ P)).
+                    self.mask_probs(dm, bi, hi, dp);
+                    for (dpr, pr) in dp.chunks_mut(tk).zip(p.chunks(tk)) {
+                        let dot = dot_lanes(dpr, pr);
+                        for (a, &b) in dpr.iter_mut().zip(pr) {
+                            *a = b * (*a - dot);
+                        }
+                    }
+                    // dQ = dS K * scale (tq × d); dK += dS^T Q * scale (tk × d).
+                    gemm(pq.out(q0 + qo, qrs), [tq, d, tk], Mat::rm(dp, tk), Mat::rm(&ks[ko..], kvs), Gemm::SERIAL.scaled(scale));
+                    gemm(pk.out(k0 + ko, kvs), [tk, d, tq], Mat::rm_t(dp, tk), Mat::rm(&qs[qo..], qrs), first.scaled(scale));
+                }
+            });
+            Ok(())
+        })
+    }
+}
+
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "attention"
@@ -269,26 +377,8 @@ impl CustomOp3 for Attention {
         if l3.shape() != l2.shape() {
             return Err(err("attention: k and v shapes differ"));
         }
-        let AttnDims { tq, tk, h, hk, d, .. } = dm;
-        let mut out = vec![0f32; dm.b * tq * h];
-        let out_ptr = SyncPtr::of(&mut out);
-        with_data([&self.key_bias], |[bias]| {
-            if bias.len() != dm.b * tk {
-                return Err(err("attention: key bias shape does not match keys"));
-            }
-            self.per_head(
-                &dm,
-                || vec![0f32; tq * tk],
-                |p, bi, hi| {
-                    self.probs(&dm, q, k, bias, bi, hi, p);
-                    self.mask_probs(&dm, bi, hi, p);
-                    // Each (batch, head) writes its own d columns of its own rows: disjoint.
-                    let o = out_ptr.out(dm.q_at(bi, hi), h);
-                    gemm(o, [tq, d, tk], Mat::rm(p, tk), Mat::rm(&v[dm.kv_at(bi, hi)..], hk), Gemm::SERIAL);
-                },
-            );
-            Ok(())
-        })?;
+        let mut out = vec![0f32; dm.b * dm.tq * dm.h];
+        self.forward_into(&dm, q, k, v, &mut out)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -296,49 +386,11 @@ impl CustomOp3 for Attention {
         let _prof = timer("attention", "bwd");
         let grad = grad.contiguous()?;
         let dm = self.dims(q.shape(), k.shape())?;
-        let AttnDims { tq, tk, h, hk, d, rep, .. } = dm;
-        let scale = 1.0 / (d as f32).sqrt();
-        let mut dq = vec![0f32; dm.b * tq * h];
-        let mut dk = vec![0f32; dm.b * tk * hk];
-        let mut dv = vec![0f32; dm.b * tk * hk];
-        let (pq, pk, pv) = (SyncPtr::of(&mut dq), SyncPtr::of(&mut dk), SyncPtr::of(&mut dv));
-        with_data([q, k, v, &grad, &self.key_bias], |[qs, ks, vs, gs, bias]| {
-            let scratch = || (vec![0f32; tq * tk], vec![0f32; tq * tk], vec![0f32; tq * tk]);
-            // One task per (batch, key/value head): the query heads of its group add their parts
-            // of dK and dV one after the other (the first overwrites), so no two tasks write the
-            // same element and nothing is zero-filled twice.
-            self.per_kv_head(&dm, scratch, |(p, dp, pd), bi, g| {
-                for r in 0..rep {
-                    let hi = g * rep + r;
-                    let (qo, ko) = (dm.q_at(bi, hi), dm.kv_at(bi, hi));
-                    let first = Gemm::SERIAL.accumulate(r > 0);
-                    self.probs(&dm, qs, ks, bias, bi, hi, p);
-                    // dP' = dO V^T  (tq × tk)
-                    gemm(Out::rm(dp, tk), [tq, tk, d], Mat::rm(&gs[qo..], h), Mat::rm_t(&vs[ko..], hk), Gemm::SERIAL);
-                    // dV += P'^T dO  (tk × d), P' = dropped probabilities.
-                    let probs_used: &[f32] = if self.mode.dropout.is_some() {
-                        pd.copy_from_slice(p);
-                        self.mask_probs(&dm, bi, hi, pd);
-                        pd
-                    } else {
-                        p
-                    };
-                    gemm(pv.out(ko, hk), [tk, d, tq], Mat::rm_t(probs_used, tk), Mat::rm(&gs[qo..], h), first);
-                    // dP = mask(dP'); dS = P ⊙ (dP − rowsum(dP ⊙ P)).
-                    self.mask_probs(&dm, bi, hi, dp);
-                    for (dpr, pr) in dp.chunks_mut(tk).zip(p.chunks(tk)) {
-                        let dot = dot_lanes(dpr, pr);
-                        for (a, &b) in dpr.iter_mut().zip(pr) {
-                            *a = b * (*a - dot);
-                        }
-                    }
-                    // dQ = dS K * scale (tq × d); dK += dS^T Q * scale (tk × d).
-                    gemm(pq.out(qo, h), [tq, d, tk], Mat::rm(dp, tk), Mat::rm(&ks[ko..], hk), Gemm::SERIAL.scaled(scale));
-                    gemm(pk.out(ko, hk), [tk, d, tq], Mat::rm_t(dp, tk), Mat::rm(&qs[qo..], h), first.scaled(scale));
-                }
-            });
-            Ok(())
-        })?;
+        let mut dq = vec![0f32; dm.b * dm.tq * dm.h];
+        let mut dk = vec![0f32; dm.b * dm.tk * dm.hk];
+        let mut dv = vec![0f32; dm.b * dm.tk * dm.hk];
+        let outs = [(SyncPtr::of(&mut dq), 0), (SyncPtr::of(&mut dk), 0), (SyncPtr::of(&mut dv), 0)];
+        with_data([q, k, v, &grad], |[qs, ks, vs, gs]| self.backward_into(&dm, qs, ks, vs, gs, outs))?;
         Ok((grad_for(q, dq)?, grad_for(k, dk)?, grad_for(v, dv)?))
     }
 }

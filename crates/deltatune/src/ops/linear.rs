@@ -190,14 +190,7 @@ fn dense_fwd(x: &[f32], shape: &Shape, ws: &[f32], (out_dim, w_in): (usize, usiz
         return Err(err(format!("linear: input has {in_dim} features, weight expects {w_in}")));
     }
     let mut y = vec![0f32; rows * out_dim];
-    if let Some(bs) = bs {
-        if bs.len() != out_dim {
-            return Err(err("linear: bias length differs from weight rows"));
-        }
-        y.par_chunks_mut(out_dim.max(1)).for_each(|row| row.copy_from_slice(bs));
-    }
-    let how = Gemm::PARALLEL.accumulate(bs.is_some());
-    gemm(Out::rm(&mut y, out_dim), [rows, out_dim, in_dim], Mat::rm(x, in_dim), Mat::rm_t(ws, in_dim), how);
+    dense_into(&mut y, x, in_dim, ws, out_dim, bs)?;
     let mut dims = shape.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = out_dim;
@@ -210,6 +203,24 @@ fn dense_fwd(x: &[f32], shape: &Shape, ws: &[f32], (out_dim, w_in): (usize, usiz
         return Ok((CpuStorage::F32(a), Shape::from(dims)));
     }
     Ok((CpuStorage::F32(y), Shape::from(dims)))
+}
+
+/// `y = x Wᵀ + b` into `y` (rows × out) for `x` (rows × in) and `ws` (out × in): the bias copied
+/// into each row, then one `gemm` adding `x Wᵀ`.
+pub(super) fn dense_into(y: &mut [f32], x: &[f32], in_dim: usize, ws: &[f32], out_dim: usize, bs: Option<&[f32]>) -> candle_core::Result<()> {
+    let rows = if in_dim == 0 { 0 } else { x.len() / in_dim };
+    if y.len() != rows * out_dim || ws.len() != out_dim * in_dim {
+        return Err(err("linear: buffer sizes do not match the weight"));
+    }
+    if let Some(bs) = bs {
+        if bs.len() != out_dim {
+            return Err(err("linear: bias length differs from weight rows"));
+        }
+        y.par_chunks_mut(out_dim.max(1)).for_each(|row| row.copy_from_slice(bs));
+    }
+    let how = Gemm::PARALLEL.accumulate(bs.is_some());
+    gemm(Out::rm(y, out_dim), [rows, out_dim, in_dim], Mat::rm(x, in_dim), Mat::rm_t(ws, in_dim), how);
+    Ok(())
 }
 
 /// The gradient at the linear map's output: `grad` itself, or through GELU from the kept

@@ -16,12 +16,14 @@
 //! | `activation.rs` | `gelu`, `gelu_tanh`, `swiglu` |
 //! | `dropout.rs` | `dropout` (counter-based mask, regenerated in backward) |
 //! | `attention.rs` | `attention`, `causal_attention`, `mask_to_bias`, `softmax_composed` |
+//! | `block.rs` | `encoder_block`: a whole BERT-family layer (frozen maps with any LoRA, attention, GELU, both residual norms) as one op with a hand-written backward — the block engine |
 //! | `rope.rs` | `rope` |
 //! | `loss.rs` | `picked_log_prob`, `head_log_prob` (frozen LM head + picked log-probability, one op, no logits kept), `log_softmax` |
 //! | [`cpu`] (`cpu.rs`) | what the kernels share: `gemm`, vectorised maths, parallel loops, generic ops |
 
 mod activation;
 mod attention;
+mod block;
 mod combine;
 pub mod cpu;
 mod dropout;
@@ -34,6 +36,7 @@ pub(crate) mod rng;
 mod rope;
 
 pub use activation::{gelu, gelu_composed, gelu_tanh, swiglu, swiglu_composed};
+pub use block::{encoder_block, encoder_block_composed, engine_enabled, Dense, EncoderBlock, LowRank, BLOCK_LINEARS};
 pub use attention::{attention, attention_composed, causal_attention, causal_attention_composed, mask_to_bias, softmax_composed};
 pub use combine::{add_frozen, add_frozen_composed, scale_last, scale_last_composed};
 pub use cpu::{in_pool, set_threads};

@@ -43,12 +43,7 @@ pub fn residual_layer_norm(
 ) -> Result<Tensor> {
     let drop = dropout_p.filter(|(p, _)| *p > 0.0);
     if fused_ok(h) && !gamma.track_op() && !beta.track_op() && h.shape() == input.shape() {
-        let op = ResidualLayerNorm {
-            eps: eps as f32,
-            drop: drop.map(|(p, key)| (p, key.for_rows(h.elem_count()))),
-            gamma: gamma.contiguous()?,
-            beta: beta.contiguous()?,
-        };
+        let op = ResidualLayerNorm::new(eps, drop, h.elem_count(), gamma.contiguous()?, beta.contiguous()?);
         return Ok(h.contiguous()?.apply_op2(&input.contiguous()?, op)?);
     }
     residual_layer_norm_composed(h, input, gamma, beta, eps, drop)
@@ -199,7 +194,7 @@ impl CustomOp3 for LayerNorm {
 // ------------------------------------------------------------------------------------------------
 // Dropout, residual sum and layer norm.
 
-struct ResidualLayerNorm {
+pub(super) struct ResidualLayerNorm {
     eps: f32,
     /// Dropout on `h` (rate, key for this tensor's rows), as [`dropout`] applies it.
     drop: Option<(f32, DropoutKey)>,
@@ -240,19 +235,7 @@ impl CustomOp2 for ResidualLayerNorm {
             return Err(err(format!("residual layer norm: {:?} and {:?} differ", l1.shape(), l2.shape())));
         }
         let mut y = vec![0f32; hs.len()];
-        with_data([&self.gamma, &self.beta], |[g, b]| {
-            if g.len() != h || b.len() != h {
-                return Err(err(format!("layer norm: gamma/beta have {} / {} elements, rows have {h}", g.len(), b.len())));
-            }
-            rows_into(&mut y, hs, h, |r, yr, hr| {
-                self.sum_row(r, yr, hr, &is[r * h..(r + 1) * h]);
-                let (mean, rstd) = row_stats(yr, self.eps);
-                for i in 0..h {
-                    yr[i] = (yr[i] - mean) * rstd * g[i] + b[i];
-                }
-            });
-            Ok(())
-        })?;
+        self.forward_into(&mut y, hs, is, h)?;
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -260,12 +243,51 @@ impl CustomOp2 for ResidualLayerNorm {
     fn bwd(&self, hid: &Tensor, input: &Tensor, _res: &Tensor, grad: &Tensor) -> Grads2 {
         let _prof = timer("residual-layer-norm", "bwd");
         let grad = grad.contiguous()?;
-        let h = self.gamma.elem_count().max(1);
         let n = hid.elem_count();
-        // The sum goes into dh's buffer as scratch, then dh is overwritten row by row.
         let (mut dh, mut di) = (vec![0f32; n], vec![0f32; n]);
+        with_data([hid, input, &grad], |[hs, is, dys]| self.backward_into(&mut dh, &mut di, hs, is, dys))?;
+        Ok((grad_for(hid, dh)?, grad_for(input, di)?))
+    }
+}
+
+impl ResidualLayerNorm {
+    /// The op for the block engine: `drop` keyed for the rows of this call's tensors.
+    pub(super) fn new(eps: f64, drop: Option<(f32, DropoutKey)>, elems: usize, gamma: Tensor, beta: Tensor) -> Self {
+        let drop = drop.filter(|(p, _)| *p > 0.0);
+        ResidualLayerNorm { eps: eps as f32, drop: drop.map(|(p, key)| (p, key.for_rows(elems))), gamma, beta }
+    }
+
+    /// `y = layer_norm(dropout(hs) + is)` over rows of `h`.
+    pub(super) fn forward_into(&self, y: &mut [f32], hs: &[f32], is: &[f32], h: usize) -> candle_core::Result<()> {
+        if hs.len() != is.len() || y.len() != hs.len() {
+            return Err(err("residual layer norm: buffers differ in length"));
+        }
+        with_data([&self.gamma, &self.beta], |[g, b]| {
+            if g.len() != h || b.len() != h {
+                return Err(err(format!("layer norm: gamma/beta have {} / {} elements, rows have {h}", g.len(), b.len())));
+            }
+            rows_into(y, hs, h, |r, yr, hr| {
+                self.sum_row(r, yr, hr, &is[r * h..(r + 1) * h]);
+                let (mean, rstd) = row_stats(yr, self.eps);
+                for i in 0..h {
+                    yr[i] = (yr[i] - mean) * rstd * g[i] + b[i];
+                }
+            });
+            Ok(())
+        })
+    }
+
+    /// `dh` (through the dropout) and `di` (the residual's) from the output gradient `dys`; the
+    /// sum is recomputed from `hs` and `is`.
+    pub(super) fn backward_into(&self, dh: &mut [f32], di: &mut [f32], hs: &[f32], is: &[f32], dys: &[f32]) -> candle_core::Result<()> {
+        let h = self.gamma.elem_count().max(1);
+        let n = hs.len();
+        if is.len() != n || dys.len() != n || dh.len() != n || di.len() != n {
+            return Err(err("residual layer norm: buffers differ in length"));
+        }
+        // The sum goes into dh's buffer as scratch, then dh is overwritten row by row.
         let ln = LayerNorm { eps: self.eps };
-        with_data([hid, input, &grad, &self.gamma], |[hs, is, dys, gs]| {
+        with_data([&self.gamma], |[gs]| {
             dh.par_chunks_mut(h).zip(di.par_chunks_mut(h)).enumerate().for_each(|(r, (dhr, dir))| {
                 let rows = r * h..(r + 1) * h;
                 self.sum_row(r, dhr, &hs[rows.clone()], &is[rows.clone()]);
@@ -281,8 +303,7 @@ impl CustomOp2 for ResidualLayerNorm {
                 }
             });
             Ok(())
-        })?;
-        Ok((grad_for(hid, dh)?, grad_for(input, di)?))
+        })
     }
 }
 
