@@ -379,7 +379,11 @@ impl BertLayer {
                     None => return Ok(None),
                 }
             }
-            linears.push((s.require("weight", ctx)?, s.resolve("bias", ctx)?));
+            let (w, b) = (s.require("weight", ctx)?, s.resolve("bias", ctx)?);
+            if w.track_op() || b.as_ref().is_some_and(|b| b.track_op()) {
+                return Ok(None); // a trained weight or bias (full fine-tuning, BitFit)
+            }
+            linears.push((w, b));
         }
         if !x.track_op() && lora.iter().all(Option::is_none) {
             return Ok(None);
