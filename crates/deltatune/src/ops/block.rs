@@ -22,7 +22,7 @@
 use super::activation::{gelu, gelu_grad_into, gelu_into};
 use super::attention::{attention, Attention};
 use super::cpu::{err, fused_ok, gemm, slice, tensor_from, with_data, Fwd, Gemm, Grads2, Mat, Out, SyncPtr};
-use super::linear::{dense_into, linear, linear_gelu, lora_linear};
+use super::linear::{dense_into, input_grad_into, linear, linear_gelu, lora_linear};
 use super::norm::{residual_layer_norm, ResidualLayerNorm};
 use super::profile::timer;
 use super::rng::DropoutKey;
@@ -252,16 +252,6 @@ fn dense(x: &[f32], in_dim: usize, (w, b): &Dense) -> candle_core::Result<Vec<f3
         None => with_data([w], |[ws]| dense_into(&mut y, x, in_dim, ws, out_dim, None))?,
     }
     Ok(y)
-}
-
-/// `dx [+]= dy W` for a frozen map `w` (out × in) and `dy` (rows × out).
-fn input_grad_into(dx: &mut [f32], dy: &[f32], w: &Tensor, accumulate: bool) -> candle_core::Result<()> {
-    let (out_dim, in_dim) = w.dims2()?;
-    let rows = dy.len() / out_dim.max(1);
-    with_data([w], |[ws]| {
-        gemm(Out::rm(dx, in_dim), [rows, in_dim, out_dim], Mat::rm(dy, out_dim), Mat::rm(ws, in_dim), Gemm::PARALLEL.accumulate(accumulate));
-        Ok(())
-    })
 }
 
 impl BlockOp {

@@ -262,14 +262,21 @@ fn weight_grad_into(dw: &mut [f32], gs: &[f32], xs: &[f32], out_dim: usize, in_d
 
 /// `dx = dy W` for `dy` (..., out) and `w` (out, in), shaped as `x`.
 fn input_grad(grad: &Tensor, w: &Tensor, x_shape: &Shape) -> candle_core::Result<Tensor> {
-    let (out_dim, in_dim) = w.dims2()?;
+    let in_dim = w.dim(1)?;
     let (rows, _) = rows_cols(grad.shape());
     let mut dx = vec![0f32; rows * in_dim];
-    with_data([grad, w], |[gs, ws]| {
-        gemm(Out::rm(&mut dx, in_dim), [rows, in_dim, out_dim], Mat::rm(gs, out_dim), Mat::rm(ws, in_dim), Gemm::PARALLEL);
-        Ok(())
-    })?;
+    with_data([grad], |[gs]| input_grad_into(&mut dx, gs, w, false))?;
     tensor_from(dx, x_shape.clone())
+}
+
+/// `dx [+]= dy W` into `dx` (rows × in) for `dy` (rows × out) and a frozen `w` (out × in).
+pub(super) fn input_grad_into(dx: &mut [f32], dy: &[f32], w: &Tensor, accumulate: bool) -> candle_core::Result<()> {
+    let (out_dim, in_dim) = w.dims2()?;
+    let rows = dy.len() / out_dim.max(1);
+    with_data([w], |[ws]| {
+        gemm(Out::rm(dx, in_dim), [rows, in_dim, out_dim], Mat::rm(dy, out_dim), Mat::rm(ws, in_dim), Gemm::PARALLEL.accumulate(accumulate));
+        Ok(())
+    })
 }
 
 /// `[gelu](x W^T + b)` with frozen `w`, `b` as one op.
