@@ -155,6 +155,10 @@ impl Mode {
 // The fused op: softmax(q k^T / sqrt(d) + bias) v, heads interleaved along h. The probabilities
 // are recomputed in backward instead of stored (memory over a few % of FLOPs).
 
+/// Query rows (and keys) per block of a causal attention's products: small enough that little of
+/// the upper triangle is computed, large enough for full-width matrix kernels.
+const CAUSAL_BLOCK: usize = 64;
+
 pub(super) struct Attention {
     mode: Mode,
     key_bias: Tensor, // (b, tk)
@@ -195,21 +199,20 @@ impl AttnDims {
 impl Attention {
     /// Softmax probabilities for one (batch, head) into `p` (tq × tk).
     fn probs(&self, dm: &AttnDims, q: &[f32], k: &[f32], bias: &[f32], bi: usize, hi: usize, p: &mut [f32]) {
-        let AttnDims { tq, tk, qs, kvs, d, .. } = *dm;
+        let AttnDims { tk, qs, kvs, d, .. } = *dm;
         let scale = 1.0 / (d as f32).sqrt();
         let (qo, ko) = (dm.q_at(bi, hi), dm.kv_at(bi, hi));
-        gemm(Out::rm(p, tk), [tq, tk, d], Mat::rm(&q[qo..], qs), Mat::rm_t(&k[ko..], kvs), Gemm::SERIAL.scaled(scale));
+        // Causal: each block of query rows against the keys its last row sees (the rest of its
+        // rows is filled with 0 below).
+        for (r0, r1, kmax) in self.query_blocks(dm) {
+            let o = Out::rm(&mut p[r0 * tk..], tk);
+            gemm(o, [r1 - r0, kmax, d], Mat::rm(&q[qo + r0 * qs..], qs), Mat::rm_t(&k[ko..], kvs), Gemm::SERIAL.scaled(scale));
+        }
         let brow = &bias[bi * tk..(bi + 1) * tk];
-        let past = tk.saturating_sub(tq);
         for (qi, row) in p.chunks_mut(tk).enumerate() {
             // Causal rows stop at their own position; later keys get probability 0.
-            let row = if self.mode.causal {
-                let (seen, later) = row.split_at_mut((past + qi + 1).min(tk));
-                later.fill(0.0);
-                seen
-            } else {
-                row
-            };
+            let (row, later) = row.split_at_mut(self.seen(dm, qi));
+            later.fill(0.0);
             for (v, &bb) in row.iter_mut().zip(brow) {
                 *v += bb;
             }
@@ -219,6 +222,41 @@ impl Attention {
                 *v *= inv;
             }
         }
+    }
+
+    /// How many keys query row `qi` sees: all of them, or (causal) those up to its own position.
+    fn seen(&self, dm: &AttnDims, qi: usize) -> usize {
+        if self.mode.causal {
+            (dm.tk.saturating_sub(dm.tq) + qi + 1).min(dm.tk)
+        } else {
+            dm.tk
+        }
+    }
+
+    /// Blocks of query rows (r0, r1, keys the block's rows see at most): one block of all rows
+    /// bidirectionally; causally, blocks of [`CAUSAL_BLOCK`] rows, each taking the products over
+    /// the keys its last row sees only, so that the upper triangle (about half of each product)
+    /// is not computed.
+    fn query_blocks(&self, dm: &AttnDims) -> impl Iterator<Item = (usize, usize, usize)> {
+        let causal = self.mode.causal;
+        let step = if causal { CAUSAL_BLOCK } else { dm.tq.max(1) };
+        let (tq, tk, past) = (dm.tq, dm.tk, dm.tk.saturating_sub(dm.tq));
+        (0..tq).step_by(step).map(move |r0| {
+            let r1 = (r0 + step).min(tq);
+            (r0, r1, if causal { (past + r1).min(tk) } else { tk })
+        })
+    }
+
+    /// Blocks of keys (c0, c1, first query row that sees any of them): the products whose output
+    /// rows are keys (dK, dV) over the query rows that see the block only.
+    fn key_blocks(&self, dm: &AttnDims) -> impl Iterator<Item = (usize, usize, usize)> {
+        let causal = self.mode.causal;
+        let step = if causal { CAUSAL_BLOCK } else { dm.tk.max(1) };
+        let (tq, tk, past) = (dm.tq, dm.tk, dm.tk.saturating_sub(dm.tq));
+        (0..tk).step_by(step).map(move |c0| {
+            let qmin = if causal { c0.saturating_sub(past).min(tq.saturating_sub(1)) } else { 0 };
+            (c0, (c0 + step).min(tk), qmin)
+        })
     }
 
     /// Dropout on one (batch, head)'s probabilities (or their gradient), if any.
@@ -301,8 +339,10 @@ impl Attention {
                     self.probs(dm, q, k, bias, bi, hi, p);
                     self.mask_probs(dm, bi, hi, p);
                     // Each (batch, head) writes its own d columns of its own rows: disjoint.
-                    let o = out_ptr.out(dm.out_at(bi, hi), h);
-                    gemm(o, [tq, d, tk], Mat::rm(p, tk), Mat::rm(&v[dm.kv_at(bi, hi)..], kvs), Gemm::SERIAL);
+                    for (r0, r1, kmax) in self.query_blocks(dm) {
+                        let o = out_ptr.out(dm.out_at(bi, hi) + r0 * h, h);
+                        gemm(o, [r1 - r0, d, kmax], Mat::rm(&p[r0 * tk..], tk), Mat::rm(&v[dm.kv_at(bi, hi)..], kvs), Gemm::SERIAL);
+                    }
                 },
             );
             Ok(())
@@ -336,9 +376,13 @@ impl Attention {
                     let (qo, ko, oo) = (dm.q_at(bi, hi), dm.kv_at(bi, hi), dm.out_at(bi, hi));
                     let first = Gemm::SERIAL.accumulate(r > 0);
                     self.probs(dm, qs, ks, bias, bi, hi, p);
-                    // dP' = dO V^T  (tq × tk)
-                    gemm(Out::rm(dp, tk), [tq, tk, d], Mat::rm(&gs[oo..], h), Mat::rm_t(&vs[ko..], kvs), Gemm::SERIAL);
-                    // dV += P'^T dO  (tk × d), P' = dropped probabilities.
+                    // dP' = dO V^T  (tq × tk; causal: the keys each query block sees)
+                    for (r0, r1, kmax) in self.query_blocks(dm) {
+                        let o = Out::rm(&mut dp[r0 * tk..], tk);
+                        gemm(o, [r1 - r0, kmax, d], Mat::rm(&gs[oo + r0 * h..], h), Mat::rm_t(&vs[ko..], kvs), Gemm::SERIAL);
+                    }
+                    // dV += P'^T dO  (tk × d), P' = dropped probabilities; causal: each block of
+                    // keys from the queries that see it.
                     let probs_used: &[f32] = if self.mode.dropout.is_some() {
                         pd.copy_from_slice(p);
                         self.mask_probs(dm, bi, hi, pd);
@@ -346,18 +390,33 @@ impl Attention {
                     } else {
                         p
                     };
-                    gemm(pv.out(v0 + ko, kvs), [tk, d, tq], Mat::rm_t(probs_used, tk), Mat::rm(&gs[oo..], h), first);
-                    // dP = mask(dP'); dS = P ⊙ (dP − rowsum(dP ⊙ P)).
+                    for (c0, c1, qmin) in self.key_blocks(dm) {
+                        let (o, rows) = (pv.out(v0 + ko + c0 * kvs, kvs), tq - qmin);
+                        gemm(o, [c1 - c0, d, rows], Mat::rm_t(&probs_used[qmin * tk + c0..], tk), Mat::rm(&gs[oo + qmin * h..], h), first);
+                    }
+                    // dP = mask(dP'); dS = P ⊙ (dP − rowsum(dP ⊙ P)), 0 where P is (a causal
+                    // row's later keys, whose dP' was not computed).
                     self.mask_probs(dm, bi, hi, dp);
-                    for (dpr, pr) in dp.chunks_mut(tk).zip(p.chunks(tk)) {
+                    for (qi, (dpr, pr)) in dp.chunks_mut(tk).zip(p.chunks(tk)).enumerate() {
+                        let seen = self.seen(dm, qi);
+                        let (dpr, later) = dpr.split_at_mut(seen);
+                        later.fill(0.0);
+                        let pr = &pr[..seen];
                         let dot = dot_lanes(dpr, pr);
                         for (a, &b) in dpr.iter_mut().zip(pr) {
                             *a = b * (*a - dot);
                         }
                     }
                     // dQ = dS K * scale (tq × d); dK += dS^T Q * scale (tk × d).
-                    gemm(pq.out(q0 + qo, qrs), [tq, d, tk], Mat::rm(dp, tk), Mat::rm(&ks[ko..], kvs), Gemm::SERIAL.scaled(scale));
-                    gemm(pk.out(k0 + ko, kvs), [tk, d, tq], Mat::rm_t(dp, tk), Mat::rm(&qs[qo..], qrs), first.scaled(scale));
+                    for (r0, r1, kmax) in self.query_blocks(dm) {
+                        let o = pq.out(q0 + qo + r0 * qrs, qrs);
+                        gemm(o, [r1 - r0, d, kmax], Mat::rm(&dp[r0 * tk..], tk), Mat::rm(&ks[ko..], kvs), Gemm::SERIAL.scaled(scale));
+                    }
+                    for (c0, c1, qmin) in self.key_blocks(dm) {
+                        let (o, rows) = (pk.out(k0 + ko + c0 * kvs, kvs), tq - qmin);
+                        let (a, b) = (Mat::rm_t(&dp[qmin * tk + c0..], tk), Mat::rm(&qs[qo + qmin * qrs..], qrs));
+                        gemm(o, [c1 - c0, d, rows], a, b, first.scaled(scale));
+                    }
                 }
             });
             Ok(())
@@ -441,6 +500,17 @@ mod tests {
         // Not the non-causal result.
         let y3 = check(Mode { causal: false, ..causal }, (b, tq, tk), 21, &[tk + 1]);
         assert!(max_diff(&y1, &y3) > 1e-2);
+    }
+
+    /// Causal attention over several blocks of rows (the products skip each block's upper
+    /// triangle): equal to the composition forward and backward, without and with cached keys,
+    /// with lengths that do and do not divide into blocks, grouped-query and not.
+    #[test]
+    fn causal_blocks_match_composition() {
+        let causal = Mode { heads: 4, dropout: None, causal: true };
+        for (kv, (b, tq, tk)) in [(4, (2, 2 * CAUSAL_BLOCK, 2 * CAUSAL_BLOCK)), (2, (1, 2 * CAUSAL_BLOCK + 7, 2 * CAUSAL_BLOCK + 7)), (1, (2, CAUSAL_BLOCK + 5, CAUSAL_BLOCK + 30))] {
+            check_grouped(causal, kv, (b, tq, tk), 61 + tq as u64, &[tk - 1]);
+        }
     }
 
     /// A shard of the batch, computed inside `in_batch_rows`, gets the probabilities' dropout
