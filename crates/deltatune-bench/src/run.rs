@@ -108,11 +108,10 @@ fn train(a: BenchTrainArgs) -> Result<()> {
         return Ok(());
     }
     let exe = std::env::current_exe()?;
-    // The machine's limit, measured before the runs: the FMA peak at the benchmark's threads and
-    // at one thread.
+    // The machine's limit: the FMA peak at the benchmark's threads and at one thread, measured
+    // before and after the runs (the larger of each: see `measure::fma_peaks_after`).
     let cpu = crate::measure::cpu_model();
-    let peak = crate::measure::fma_peak(a.bench_threads);
-    let peak1 = if a.scaling && a.bench_threads > 1 { crate::measure::fma_peak(1) } else { peak };
+    let peaks_before = crate::measure::fma_peaks(a.bench_threads, a.scaling);
     let measure = |m: &str, threads: usize, ranks: u32| -> Result<Value> {
         // One process per method, so peak memory is per method.
         let out = Command::new(&exe)
@@ -127,14 +126,7 @@ fn train(a: BenchTrainArgs) -> Result<()> {
         if !out.status.success() {
             anyhow::bail!("benchmark of {m} failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let mut v: Value = serde_json::from_slice(out.stdout.split(|&b| b == b'\n').rev().find(|l| l.starts_with(b"{")).unwrap_or(b"{}"))?;
-        // Achieved GFLOP/s and the share of the FMA peak at the same thread count.
-        if let (Some(g), Some(ms)) = (v["step_gflop"].as_f64(), v["step_ms_median"].as_f64()) {
-            let rate = g / (ms / 1e3);
-            v["gflops"] = json!(rate);
-            v["fraction_of_peak"] = json!(rate / if threads == a.bench_threads { peak } else { peak1 });
-        }
-        Ok(v)
+        Ok(serde_json::from_slice(out.stdout.split(|&b| b == b'\n').rev().find(|l| l.starts_with(b"{")).unwrap_or(b"{}"))?)
     };
     let mut rows = Vec::new();
     for m in &methods {
@@ -172,6 +164,17 @@ fn train(a: BenchTrainArgs) -> Result<()> {
             _ => None,
         };
         rows.push(json!({"method": m, "deltatune": ours, "pytorch": theirs}));
+    }
+    let (peak, peak1) = crate::measure::fma_peaks_after(peaks_before, a.bench_threads, a.scaling);
+    // Achieved GFLOP/s and the share of the FMA peak at the same thread count.
+    for r in &mut rows {
+        let ours = &mut r["deltatune"];
+        crate::measure::set_fraction_of_peak(ours, peak);
+        for (key, p) in [("one_thread", peak1), ("ranks", peak)] {
+            if let Some(v) = ours.get_mut(key) {
+                crate::measure::set_fraction_of_peak(v, p);
+            }
+        }
     }
     let ratio = |r: &Value, k_ours: &str, k_theirs: &str| -> Option<f64> {
         Some(r["deltatune"][k_ours].as_f64()? / r["pytorch"][k_theirs].as_f64()?)
@@ -587,17 +590,16 @@ fn decoder(a: BenchDecoderArgs) -> Result<()> {
             }
             Ok(serde_json::from_slice(o.stdout.split(|&b| b == b'\n').rev().find(|l| l.starts_with(b"{")).unwrap_or(b"{}"))?)
         };
+        // The machine's limit: the FMA peak at the same threads, before and after the runs.
+        let scaling = a.scaling && a.bench_threads > 1;
+        let peaks_before = crate::measure::fma_peaks(a.bench_threads, scaling);
         let mut ours = step(a.bench_threads, 1)?;
-        let mut one = (a.scaling && a.bench_threads > 1).then(|| step(1, 1)).transpose()?;
+        let mut one = scaling.then(|| step(1, 1)).transpose()?;
         let mut split = (a.ranks > 1).then(|| step(a.bench_threads, a.ranks)).transpose()?;
-        // The machine's limit: the FMA peak at the same threads, measured after the runs.
-        let peak = crate::measure::fma_peak(a.bench_threads);
-        let peak1 = if one.is_some() { crate::measure::fma_peak(1) } else { peak };
+        let (peak, peak1) = crate::measure::fma_peaks_after(peaks_before, a.bench_threads, scaling);
         for (v, p) in [(Some(&mut ours), peak), (one.as_mut(), peak1), (split.as_mut(), peak)] {
-            let Some(v) = v else { continue };
-            if let (Some(g), Some(ms)) = (v["step_gflop"].as_f64(), v["step_ms_median"].as_f64()) {
-                v["gflops"] = json!(g / (ms / 1e3));
-                v["fraction_of_peak"] = json!(g / (ms / 1e3) / p);
+            if let Some(v) = v {
+                crate::measure::set_fraction_of_peak(v, p);
             }
         }
         if let Some(o) = one {
