@@ -190,6 +190,10 @@ impl AttnDims {
     fn kv_at(&self, bi: usize, hi: usize) -> usize {
         bi * self.tk * self.kvs + (hi / self.rep) * self.d
     }
+    /// Cached keys before the first query (a causal query i sees keys 0..=past + i).
+    fn past(&self) -> usize {
+        self.tk.saturating_sub(self.tq)
+    }
     /// Where head `hi` of batch row `bi` starts in the output (and its gradient).
     fn out_at(&self, bi: usize, hi: usize) -> usize {
         bi * self.tq * self.h + hi * self.d
@@ -227,7 +231,7 @@ impl Attention {
     /// How many keys query row `qi` sees: all of them, or (causal) those up to its own position.
     fn seen(&self, dm: &AttnDims, qi: usize) -> usize {
         if self.mode.causal {
-            (dm.tk.saturating_sub(dm.tq) + qi + 1).min(dm.tk)
+            (dm.past() + qi + 1).min(dm.tk)
         } else {
             dm.tk
         }
@@ -237,13 +241,11 @@ impl Attention {
     /// bidirectionally; causally, blocks of [`CAUSAL_BLOCK`] rows, each taking the products over
     /// the keys its last row sees only, so that the upper triangle (about half of each product)
     /// is not computed.
-    fn query_blocks(&self, dm: &AttnDims) -> impl Iterator<Item = (usize, usize, usize)> {
-        let causal = self.mode.causal;
-        let step = if causal { CAUSAL_BLOCK } else { dm.tq.max(1) };
-        let (tq, tk, past) = (dm.tq, dm.tk, dm.tk.saturating_sub(dm.tq));
-        (0..tq).step_by(step).map(move |r0| {
-            let r1 = (r0 + step).min(tq);
-            (r0, r1, if causal { (past + r1).min(tk) } else { tk })
+    fn query_blocks<'a>(&'a self, dm: &'a AttnDims) -> impl Iterator<Item = (usize, usize, usize)> + 'a {
+        let step = if self.mode.causal { CAUSAL_BLOCK } else { dm.tq.max(1) };
+        (0..dm.tq).step_by(step).map(move |r0| {
+            let r1 = (r0 + step).min(dm.tq);
+            (r0, r1, self.seen(dm, r1 - 1))
         })
     }
 
@@ -252,8 +254,9 @@ impl Attention {
     fn key_blocks(&self, dm: &AttnDims) -> impl Iterator<Item = (usize, usize, usize)> {
         let causal = self.mode.causal;
         let step = if causal { CAUSAL_BLOCK } else { dm.tk.max(1) };
-        let (tq, tk, past) = (dm.tq, dm.tk, dm.tk.saturating_sub(dm.tq));
+        let (tq, tk, past) = (dm.tq, dm.tk, dm.past());
         (0..tk).step_by(step).map(move |c0| {
+            // Query row qi sees key c0 from past + qi >= c0 on.
             let qmin = if causal { c0.saturating_sub(past).min(tq.saturating_sub(1)) } else { 0 };
             (c0, (c0 + step).min(tk), qmin)
         })
