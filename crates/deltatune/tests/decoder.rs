@@ -309,6 +309,60 @@ mod deltas {
         let after = batch_nll(&lm.model, &batch, &ctx).unwrap().to_scalar::<f32>().unwrap();
         assert!(after < before * 0.8, "loss {before} -> {after}");
     }
+
+    /// The block engine (one op per layer in training) against the module-by-module path on the
+    /// real quantized decoder: LoRA on all seven maps of the top three layers with B made
+    /// non-zero, two rows of different lengths (padding). The module-by-module path is forced by
+    /// routing every row to the delta (the engine declines routed batches; the maths is the same).
+    /// Loss and every LoRA gradient agree; the engine's own timers show that it ran.
+    #[test]
+    fn block_engine_matches_the_module_path_on_the_decoder() {
+        use deltatune::core::RowRoute;
+        let Some(mut lm) = fresh() else {
+            eprintln!("SKIP block_engine_matches_the_module_path_on_the_decoder: decoder unavailable");
+            return;
+        };
+        let spec = DeltaSpec::parse_cli("lora:r=4,lora_alpha=8,target=q_proj+k_proj+v_proj+o_proj+gate_proj+up_proj+down_proj,layers=27-29").unwrap();
+        let name = spec.name.clone();
+        attach::attach(&mut lm.model, &[spec], AttachOptions { seed: 7, tokenizer: None }).unwrap();
+        let vars = attach::trainable_vars(&lm.model);
+        assert_eq!(vars.len(), 3 * 7 * 2);
+        for (i, (n, v)) in vars.iter().enumerate() {
+            if n.contains("lora_B") {
+                let (o, r) = v.as_tensor().dims2().unwrap();
+                let vals: Vec<f32> = (0..o * r).map(|j| ((j * 7 + i * 13) % 17) as f32 * 0.004 - 0.032).collect();
+                v.set(&Tensor::from_vec(vals, (o, r), &Device::Cpu).unwrap()).unwrap();
+            }
+        }
+        let pairs = [
+            LmPair { prompt: "Review: a wonderful, moving film\nSentiment:".into(), completion: " positive".into() },
+            LmPair { prompt: "Review: dull\nSentiment:".into(), completion: " negative".into() },
+        ];
+        let rows: Vec<_> = pairs.iter().map(|p| encode_pair(&lm.tokenizer, p, 64).unwrap()).collect();
+        let batch = make_batch(&rows, 2, &Device::Cpu).unwrap();
+        let train = ForwardCtx { train: true, ..ForwardCtx::eval() };
+        let route = RowRoute::new(2).with(name, 0, 2);
+        let routed = ForwardCtx { route: Some(&route), ..train.clone() };
+        deltatune::ops::profile::set_enabled(true);
+        let run = |ctx: &ForwardCtx| {
+            let loss = batch_nll(&lm.model, &batch, ctx).unwrap();
+            let grads = loss.backward().unwrap();
+            (loss.to_scalar::<f32>().unwrap(), grads)
+        };
+        let (l1, g1) = run(&train);
+        let engine_ran = deltatune::ops::profile::take().iter().any(|e| e.op == "decoder-linear" && e.phase == "bwd");
+        deltatune::ops::profile::set_enabled(false);
+        assert!(engine_ran, "the block engine did not run");
+        let (l2, g2) = run(&routed);
+        assert!((l1 - l2).abs() <= 1e-5 * l2.abs(), "loss {l1} (engine) vs {l2} (module by module)");
+        for (n, v) in &vars {
+            let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+            let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(scale > 0.0, "zero gradient for {n}");
+            let d = max_diff(a, b);
+            assert!(d <= 1e-4 * scale, "{n}: gradients differ by {d:e} (scale {scale:e})");
+        }
+    }
 }
 
 /// Prefix tuning (keys and values in the attention cache) and prompt tuning (soft tokens before

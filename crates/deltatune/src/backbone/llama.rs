@@ -1055,6 +1055,7 @@ impl LlamaModel {
     /// for later steps, and real positions start after them.
     pub fn forward(&self, ids: &Tensor, key_mask: Option<&Tensor>, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {
         let mut local = KvCache::default();
+        let caller_cache = cache.is_some();
         let cache = cache.unwrap_or(&mut local);
         if cache.layers.len() != self.layers.len() {
             *cache = KvCache::new(self.layers.len());
@@ -1096,7 +1097,7 @@ impl LlamaModel {
         let x = self.root.pre(&x, ctx)?;
         let mut x = self.model.pre(&x, ctx)?;
         for (n, l) in self.layers.iter().enumerate() {
-            x = self.layer_forward(l, &x, &rope, &bias, &mut cache.layers[n], ctx)?;
+            x = self.layer_forward(l, &x, &rope, &bias, &mut cache.layers[n], ctx, !caller_cache)?;
         }
         let x = if prompts > 0 { x.narrow(1, prompts, t)? } else { x };
         self.norm.forward(&x, ctx)
@@ -1175,7 +1176,7 @@ impl LlamaModel {
         let bias = self.key_bias(b, past + t, self.with_virtual_keys(Some(mask), b, past)?.as_ref())?;
         for n in range {
             let mut slot = self.model.prefixes(n, b, ctx)?;
-            x = self.layer_forward(&self.layers[n], &x, &rope, &bias, &mut slot, ctx)?;
+            x = self.layer_forward(&self.layers[n], &x, &rope, &bias, &mut slot, ctx, true)?;
             if ctx.output_hidden_states {
                 collected.push(x.clone());
             }
@@ -1194,6 +1195,10 @@ impl LlamaModel {
         })
     }
 
+    /// Layer `l` over `x` (b, t, h). `slot` holds the layer's cached (or prefix) keys and values
+    /// and receives this step's; with `engine_ok` (the caller keeps no cache) and an empty slot the
+    /// layer may run as one op of the block engine, which leaves the slot empty.
+    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         l: &DecoderLayer,
@@ -1202,9 +1207,15 @@ impl LlamaModel {
         bias: &Tensor,
         slot: &mut Option<(Tensor, Tensor)>,
         ctx: &ForwardCtx,
+        engine_ok: bool,
     ) -> Result<Tensor> {
-        let x = l.site.pre(x, ctx)?;
         let rope = if l.self_attn.window.is_some() && self.config.arch == Arch::Gemma3 { &ropes.1 } else { &ropes.0 };
+        if engine_ok && slot.is_none() {
+            if let Some(y) = self.engine_forward(l, x, rope, bias, ctx)? {
+                return Ok(y);
+            }
+        }
+        let x = l.site.pre(x, ctx)?;
         let a = l.self_attn.forward(&l.input_layernorm.forward(&x, ctx)?, rope, bias, slot, ctx, self.exact)?;
         let y = match (&l.pre_feedforward_layernorm, &l.post_feedforward_layernorm) {
             (Some(pre), Some(post)) => {
@@ -1219,6 +1230,68 @@ impl LlamaModel {
             }
         };
         l.site.post(&x, y, ctx)
+    }
+
+    /// The layer as one op of the block engine ([`ops::decoder_block`]) when it is a plain
+    /// Llama layer (q, k, v and gate, up as separate maps, SwiGLU; no q/k norms, query scale or
+    /// feed-forward norms; no sliding window reached), every delta on it is a LoRA alone on one of
+    /// its seven maps and nothing else is attached anywhere in it, its weights, biases and norms
+    /// are frozen, it trains (quantized weights are then multiplied dequantized, as the engine
+    /// does) and a backward may follow. `None`: the module-by-module path.
+    fn engine_forward(&self, l: &DecoderLayer, x: &Tensor, rope: &Rope, bias: &Tensor, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
+        if !ops::engine_enabled() || !ctx.train || ctx.inference || ctx.route.is_some() {
+            return Ok(None);
+        }
+        let (sa, mlp) = (&l.self_attn, &l.mlp);
+        let plain = !mlp.gelu
+            && sa.q_norm.is_none()
+            && sa.k_norm.is_none()
+            && sa.q_scale.is_none()
+            && l.pre_feedforward_layernorm.is_none()
+            && l.post_feedforward_layernorm.is_none();
+        let (Qkv::Split { q_proj, k_proj, v_proj }, GateUp::Split { gate_proj, up_proj }) = (&sa.qkv, &mlp.gate_up) else {
+            return Ok(None);
+        };
+        let (b, t, _) = x.dims3()?;
+        if !plain || sa.window.is_some_and(|w| t > w) || bias.dims() != [b, t] {
+            return Ok(None);
+        }
+        let containers = [&l.site, &sa.site, &mlp.site, &l.input_layernorm.site, &l.post_attention_layernorm.site];
+        if containers.iter().any(|s| s.has_active()) {
+            return Ok(None);
+        }
+        let maps = [q_proj, k_proj, v_proj, &sa.o_proj, gate_proj, up_proj, &mlp.down_proj];
+        let mut linears = Vec::with_capacity(maps.len());
+        let mut lora: [Option<ops::LowRank>; 7] = Default::default();
+        for (j, m) in maps.iter().enumerate() {
+            let s = &m.site;
+            if s.has_active() {
+                match s.sole_low_rank(ctx)? {
+                    Some(pair) => lora[j] = Some(pair),
+                    None => return Ok(None),
+                }
+            }
+            let weight = match s.quantized("weight") {
+                Some(q) => ops::FrozenWeight::Quant(q.clone()),
+                None => ops::FrozenWeight::Dense(s.require("weight", ctx)?),
+            };
+            let b = s.resolve("bias", ctx)?;
+            if weight.trains() || b.as_ref().is_some_and(|b| b.track_op()) {
+                return Ok(None); // a trained weight or bias (full fine-tuning, BitFit)
+            }
+            linears.push((weight, b));
+        }
+        if !x.track_op() && lora.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let Ok(linears) = <[_; 7]>::try_from(linears) else { return Ok(None) };
+        let norm = |n: &RmsNorm| -> Result<(Tensor, f64)> { Ok((n.site.require("weight", ctx)?, n.eps)) };
+        let (norm1, norm2) = (norm(&l.input_layernorm)?, norm(&l.post_attention_layernorm)?);
+        if norm1.0.track_op() || norm2.0.track_op() {
+            return Ok(None);
+        }
+        let block = ops::DecoderBlock { heads: sa.heads, kv_heads: sa.kv_heads, head_dim: sa.head_dim, linears, norm1, norm2, rope: rope.clone() };
+        Ok(Some(ops::decoder_block(x, bias, &block, &lora)?))
     }
 
     /// Next-token logits (..., vocab) from final hidden states (..., h).

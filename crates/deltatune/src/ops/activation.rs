@@ -77,6 +77,25 @@ pub(crate) fn gelu_grad_into(dx: &mut [f32], x: &[f32], g: &[f32]) {
 // ------------------------------------------------------------------------------------------------
 // SwiGLU gate: silu(g) ⊙ u, with gradients for both.
 
+/// `y = silu(g) ⊙ u`, elementwise, in parallel chunks.
+pub(crate) fn swiglu_into(y: &mut [f32], g: &[f32], u: &[f32]) {
+    zip_map_into(y, g, u, |g, u| g * sigmoid(g) * u);
+}
+
+/// `dg` and `du` of `silu(g) ⊙ u` from the output gradient `dy`, elementwise, in parallel chunks.
+pub(crate) fn swiglu_grad_into(dg: &mut [f32], du: &mut [f32], gs: &[f32], us: &[f32], dy: &[f32]) {
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
+        .for_each(|((dgc, duc), ((gc, uc), dyc))| {
+            for i in 0..gc.len() {
+                let s = sigmoid(gc[i]);
+                duc[i] = dyc[i] * gc[i] * s;
+                dgc[i] = dyc[i] * uc[i] * s * (1.0 + gc[i] * (1.0 - s));
+            }
+        });
+}
+
 struct SwiGlu;
 
 impl CustomOp2 for SwiGlu {
@@ -91,7 +110,7 @@ impl CustomOp2 for SwiGlu {
             return Err(err("swiglu: gate and up shapes differ"));
         }
         let mut y = vec![0f32; g.len()];
-        zip_map_into(&mut y, g, u, |g, u| g * sigmoid(g) * u);
+        swiglu_into(&mut y, g, u);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -101,16 +120,7 @@ impl CustomOp2 for SwiGlu {
         let n = g.elem_count();
         let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
         with_data([g, u, &grad], |[gs, us, dy]| {
-            dg.par_chunks_mut(CHUNK)
-                .zip(du.par_chunks_mut(CHUNK))
-                .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
-                .for_each(|((dgc, duc), ((gc, uc), dyc))| {
-                    for i in 0..gc.len() {
-                        let s = sigmoid(gc[i]);
-                        duc[i] = dyc[i] * gc[i] * s;
-                        dgc[i] = dyc[i] * uc[i] * s * (1.0 + gc[i] * (1.0 - s));
-                    }
-                });
+            swiglu_grad_into(&mut dg, &mut du, gs, us, dy);
             Ok(())
         })?;
         Ok((grad_for(g, dg)?, grad_for(u, du)?))

@@ -314,6 +314,11 @@ impl Attention {
         Attention { mode: Mode { heads, dropout: dropout.filter(|(p, _)| *p > 0.0), causal: false }, key_bias }
     }
 
+    /// A decoder block's causal attention (see [`causal_attention`]) for the block engine.
+    pub(super) fn causal(heads: usize, key_bias: Tensor) -> Self {
+        Attention { mode: Mode { heads, dropout: None, causal: true }, key_bias }
+    }
+
     /// [`Self::dims`] for q, k and v read as column blocks of rows `qs` and `kvs` wide.
     pub(super) fn strided_dims(&self, q: &Shape, k: &Shape, qs: usize, kvs: usize) -> candle_core::Result<AttnDims> {
         let dm = self.dims(q, k)?;

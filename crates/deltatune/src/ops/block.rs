@@ -82,22 +82,8 @@ fn block_op(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, lora: &[Option<
     let x = x.contiguous()?;
     let (b, t, h) = x.dims3()?;
     let elems = b * t * h;
-    let mut parts = Vec::new();
-    let mut slots: [Option<Slot>; 6] = Default::default();
-    let mut off = 0;
-    for (j, l) in lora.iter().enumerate() {
-        let Some((a, bm)) = l else { continue };
-        let (r, in_dim) = a.dims2()?;
-        let (out_dim, r2) = bm.dims2()?;
-        let (w_out, w_in) = block.linears[j].0.dims2()?;
-        if r2 != r || in_dim != w_in || out_dim != w_out {
-            return Err(err(format!("encoder block: LoRA on {} is A {:?}, B {:?} for a weight {:?}", BLOCK_LINEARS[j], a.shape(), bm.shape(), block.linears[j].0.shape())).into());
-        }
-        slots[j] = Some(Slot { r, in_dim, out_dim, a_at: off, b_at: off + r * in_dim });
-        off += r * (in_dim + out_dim);
-        parts.push(a.flatten_all()?);
-        parts.push(bm.flatten_all()?);
-    }
+    let dims = block.linears.iter().map(|(w, _)| w.dims2()).collect::<candle_core::Result<Vec<_>>>()?;
+    let (slots, packed) = pack_lora("encoder block", &BLOCK_LINEARS, &dims, lora)?;
     let [q, k, v, o, i, out] = &block.linears;
     let wqkv = Tensor::cat(&[&q.0, &k.0, &v.0], 0)?.contiguous()?;
     // A bias on some of q, k, v but not all: zeros for the others.
@@ -127,11 +113,34 @@ fn block_op(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, lora: &[Option<
         slots,
         kept: Mutex::new(None),
     };
-    if parts.is_empty() {
-        return Ok(Some(x.apply_op1(op)?));
+    Ok(Some(match packed {
+        Some(packed) => x.apply_op2(&packed, op)?,
+        None => x.apply_op1(op)?,
+    }))
+}
+
+/// A block's LoRA matrices as one packed vector (each map's flattened A then B, in the order of
+/// the maps) and where each map's sit in it; `dims[j]` is map j's weight (out, in). `None` for
+/// the vector when no map has a LoRA.
+pub(super) fn pack_lora(what: &str, names: &[&str], dims: &[(usize, usize)], lora: &[Option<LowRank>]) -> Result<(Vec<Option<Slot>>, Option<Tensor>)> {
+    let mut parts = Vec::new();
+    let mut slots = vec![None; lora.len()];
+    let mut off = 0;
+    for (j, l) in lora.iter().enumerate() {
+        let Some((a, bm)) = l else { continue };
+        let (r, in_dim) = a.dims2()?;
+        let (out_dim, r2) = bm.dims2()?;
+        let (w_out, w_in) = dims[j];
+        if r2 != r || in_dim != w_in || out_dim != w_out {
+            return Err(err(format!("{what}: LoRA on {} is A {:?}, B {:?} for a weight ({w_out}, {w_in})", names[j], a.shape(), bm.shape())).into());
+        }
+        slots[j] = Some(Slot { r, in_dim, out_dim, a_at: off, b_at: off + r * in_dim });
+        off += r * (in_dim + out_dim);
+        parts.push(a.flatten_all()?);
+        parts.push(bm.flatten_all()?);
     }
-    let packed = Tensor::cat(&parts, 0)?;
-    Ok(Some(x.apply_op2(&packed, op)?))
+    let packed = if parts.is_empty() { None } else { Some(Tensor::cat(&parts, 0)?) };
+    Ok((slots, packed))
 }
 
 /// Reference implementation of [`encoder_block`]: the layer from the per-op kernels (the path a
@@ -158,7 +167,7 @@ pub fn encoder_block_composed(x: &Tensor, key_bias: &Tensor, block: &EncoderBloc
 
 /// Where one map's LoRA sits in the packed vector.
 #[derive(Clone, Copy)]
-struct Slot {
+pub(super) struct Slot {
     r: usize,
     in_dim: usize,
     out_dim: usize,
@@ -177,7 +186,7 @@ impl Slot {
     /// Forward: `u = x Aᵀ` (rows × r, returned), then `u Bᵀ` added to the columns `col..col + out`
     /// of `y` (rows `ys` apart) — the update computed into a buffer of its own and added once, as
     /// the LoRA op does.
-    fn forward(&self, x: &[f32], p: &[f32], y: &mut [f32], ys: usize, col: usize) -> Vec<f32> {
+    pub(super) fn forward(&self, x: &[f32], p: &[f32], y: &mut [f32], ys: usize, col: usize) -> Vec<f32> {
         let _prof = timer("block-lora", "fwd");
         let Slot { r, in_dim, out_dim, .. } = *self;
         let rows = x.len() / in_dim.max(1);
@@ -193,7 +202,7 @@ impl Slot {
 
     /// Backward from `dy` (rows `ds` apart, from its first element): `dA = (dy B)ᵀ x` and
     /// `dB = dyᵀ u` into the packed gradient `dp`, and `dx += (dy B) A` when asked.
-    fn backward(&self, dy: &[f32], ds: usize, x: &[f32], u: &[f32], p: &[f32], dp: &mut [f32], dx: Option<&mut [f32]>) {
+    pub(super) fn backward(&self, dy: &[f32], ds: usize, x: &[f32], u: &[f32], p: &[f32], dp: &mut [f32], dx: Option<&mut [f32]>) {
         let _prof = timer("block-lora", "bwd");
         let Slot { r, in_dim, out_dim, .. } = *self;
         let rows = x.len() / in_dim.max(1);
@@ -238,7 +247,7 @@ struct BlockOp {
     ln1: ResidualLayerNorm,
     ln2: ResidualLayerNorm,
     attn: Attention,
-    slots: [Option<Slot>; 6],
+    slots: Vec<Option<Slot>>,
     kept: Mutex<Option<Kept>>,
 }
 

@@ -401,7 +401,7 @@ fn trained_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, gelu: bool) -> Res
 /// is the composition's, to the bit. With a trained `w` or `b`, or off the CPU, the composition.
 pub fn lora_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, a: &Tensor, bm: &Tensor) -> Result<Tensor> {
     if fused_ok(x) && frozen(w, b) {
-        let op = LoraLinear { w: Base::Dense(w.contiguous()?), b: b.map(|b| b.contiguous()).transpose()?, u: Mutex::new(None) };
+        let op = LoraLinear { w: FrozenWeight::Dense(w.contiguous()?), b: b.map(|b| b.contiguous()).transpose()?, u: Mutex::new(None) };
         return Ok(x.contiguous()?.apply_op3(&a.contiguous()?, &bm.contiguous()?, op)?);
     }
     lora_linear_composed(x, w, b, a, bm)
@@ -412,7 +412,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, a: &Tensor, bm: &
 /// [`qlinear`]`(.., exact)` does, so the numbers are those of the dequantized base.
 pub fn lora_qlinear(x: &Tensor, w: &Arc<QTensor>, b: Option<&Tensor>, a: &Tensor, bm: &Tensor) -> Result<Tensor> {
     if fused_ok(x) && b.is_none_or(|b| !b.track_op()) {
-        let op = LoraLinear { w: Base::Quant(w.clone()), b: b.map(|b| b.contiguous()).transpose()?, u: Mutex::new(None) };
+        let op = LoraLinear { w: FrozenWeight::Quant(w.clone()), b: b.map(|b| b.contiguous()).transpose()?, u: Mutex::new(None) };
         return Ok(x.contiguous()?.apply_op3(&a.contiguous()?, &bm.contiguous()?, op)?);
     }
     let y = qlinear(x, w, true)?;
@@ -424,17 +424,35 @@ pub fn lora_qlinear(x: &Tensor, w: &Arc<QTensor>, b: Option<&Tensor>, a: &Tensor
 }
 
 /// A frozen weight as held: f32, or quantized blocks dequantized when used.
-enum Base {
+#[derive(Clone)]
+pub enum FrozenWeight {
     Dense(Tensor),
     Quant(Arc<QTensor>),
 }
 
-impl Base {
-    fn dense(&self) -> candle_core::Result<Tensor> {
+impl FrozenWeight {
+    /// The weight in f32 (a transient dequantized copy for quantized blocks).
+    pub(super) fn dense(&self) -> candle_core::Result<Tensor> {
         match self {
-            Base::Dense(w) => Ok(w.clone()),
-            Base::Quant(q) => q.dequantize(&Device::Cpu),
+            FrozenWeight::Dense(w) => w.contiguous(),
+            FrozenWeight::Quant(q) => {
+                let _prof = timer("dequantize", "any");
+                q.dequantize(&Device::Cpu)
+            }
         }
+    }
+
+    /// (out, in).
+    pub fn dims2(&self) -> candle_core::Result<(usize, usize)> {
+        match self {
+            FrozenWeight::Dense(w) => w.dims2(),
+            FrozenWeight::Quant(q) => q.shape().dims2(),
+        }
+    }
+
+    /// Whether the weight takes part in a graph (a dense weight being trained).
+    pub fn trains(&self) -> bool {
+        matches!(self, FrozenWeight::Dense(w) if w.track_op())
     }
 }
 
@@ -444,7 +462,7 @@ pub fn lora_linear_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>, a: &Tens
 }
 
 struct LoraLinear {
-    w: Base,
+    w: FrozenWeight,
     b: Option<Tensor>,
     /// `x Aᵀ` (rows × r) from the forward, for `dB`.
     u: Mutex<Option<Vec<f32>>>,

@@ -17,6 +17,7 @@
 //! | `dropout.rs` | `dropout` (counter-based mask, regenerated in backward) |
 //! | `attention.rs` | `attention`, `causal_attention`, `mask_to_bias`, `softmax_composed` |
 //! | `block.rs` | `encoder_block`: a whole BERT-family layer (frozen maps with any LoRA, attention, GELU, both residual norms) as one op with a hand-written backward — the block engine |
+//! | `decoder_block.rs` | `decoder_block`: a whole Llama-family layer (RMS norms, q/k/v with rotary, causal grouped-query attention, SwiGLU, f32 or quantized maps with any LoRA) as one op — the block engine for decoders |
 //! | `rope.rs` | `rope` |
 //! | `loss.rs` | `picked_log_prob`, `head_log_prob` (frozen LM head + picked log-probability, one op, no logits kept), `log_softmax` |
 //! | [`cpu`] (`cpu.rs`) | what the kernels share: `gemm`, vectorised maths, parallel loops, generic ops |
@@ -24,6 +25,7 @@
 mod activation;
 mod attention;
 mod block;
+mod decoder_block;
 mod combine;
 pub mod cpu;
 mod dropout;
@@ -36,12 +38,13 @@ pub(crate) mod rng;
 mod rope;
 
 pub use activation::{gelu, gelu_composed, gelu_tanh, swiglu, swiglu_composed};
+pub use decoder_block::{decoder_block, decoder_block_composed, DecoderBlock, DECODER_LINEARS};
 pub use block::{encoder_block, encoder_block_composed, engine_enabled, Dense, EncoderBlock, LowRank, BLOCK_LINEARS};
 pub use attention::{attention, attention_composed, causal_attention, causal_attention_composed, mask_to_bias, softmax_composed};
 pub use combine::{add_frozen, add_frozen_composed, scale_last, scale_last_composed};
 pub use cpu::{in_pool, set_threads};
 pub use dropout::{dropout, dropout_composed};
-pub use linear::{linear, linear_composed, linear_gelu, linear_gelu_composed, lora_linear, lora_linear_composed, lora_qlinear, low_rank_rows, qlinear, LOW_RANK_ROWS};
+pub use linear::{FrozenWeight, linear, linear_composed, linear_gelu, linear_gelu_composed, lora_linear, lora_linear_composed, lora_qlinear, low_rank_rows, qlinear, LOW_RANK_ROWS};
 pub use loss::{head_log_prob, head_log_prob_composed, log_softmax, picked_log_prob, picked_log_prob_composed, HeadWeight};
 pub use norm::{layer_norm, layer_norm_composed, residual_layer_norm, residual_layer_norm_composed, rms_norm, rms_norm_composed};
 pub use rng::{hash_str, in_batch_rows, DropoutKey};

@@ -354,6 +354,28 @@ impl RowKernel for RmsNorm {
     }
 }
 
+/// `y = x / rms(x) ⊙ w` row by row (rows of `w.len()`): the fused op's forward into a buffer.
+pub(super) fn rms_norm_into(y: &mut [f32], x: &[f32], w: &[f32], eps: f64) {
+    let k = RmsNorm { eps: eps as f32 };
+    rows_into(y, x, w.len().max(1), |_, yr, xr| k.forward(yr, xr, w));
+}
+
+/// `dx += ∂(x / rms(x) ⊙ w)/∂x · g` row by row: the fused op's input gradient added onto `dx`
+/// (where a residual's gradient already is).
+pub(super) fn rms_norm_grad_add(dx: &mut [f32], x: &[f32], w: &[f32], g: &[f32], eps: f64) {
+    let k = RmsNorm { eps: eps as f32 };
+    let h = w.len().max(1);
+    dx.par_chunks_mut(h).zip(x.par_chunks(h).zip(g.par_chunks(h))).for_each_init(
+        || vec![0f32; h],
+        |row, (dr, (xr, gr))| {
+            k.backward_x(row, xr, w, gr);
+            for (d, &r) in dr.iter_mut().zip(row.iter()) {
+                *d += r;
+            }
+        },
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

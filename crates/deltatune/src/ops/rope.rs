@@ -3,6 +3,7 @@
 use super::cpu::{fused_ok, rows_into, unary, UnaryKernel};
 use crate::error::Result;
 use candle_core::{Tensor, D};
+use rayon::prelude::*;
 
 /// Rotary position embedding, HF layout (`rotate_half`): `x cos + rotate_half(x) sin` for `x`
 /// (..., d) and tables that broadcast to it (the decoder: x (b, t, heads, d), tables (t, 1, d)).
@@ -27,11 +28,7 @@ pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// The fused op for x (b, t, n, d) and tables (t, 1, d).
 fn rope_fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (_, t, n, d) = x.dims4()?;
-    let table = |c: &Tensor| -> Result<Vec<f32>> { Ok(c.flatten_all()?.to_vec1::<f32>()?) };
-    let (cos, sin) = (table(cos)?, table(sin)?);
-    if cos.len() != t * d || sin.len() != t * d || d % 2 != 0 {
-        return Err(crate::error::Error::Delta(format!("rope: tables of {} for {t} positions of {d}", cos.len())));
-    }
+    let (cos, sin) = rope_tables(cos, sin, t, d)?;
     unary(x, Rope { cos, sin, t, n, d })
 }
 
@@ -48,19 +45,54 @@ struct Rope {
 impl Rope {
     /// Applies the rotation (`sign` 1) or its transpose (`sign` −1, the backward) to `x` into `y`.
     fn apply(&self, y: &mut [f32], x: &[f32], sign: f32) {
-        let (d, half) = (self.d, self.d / 2);
+        let d = self.d;
         rows_into(y, x, d, |row, yr, xr| {
             let p = (row / self.n) % self.t;
-            let (c, s) = (&self.cos[p * d..(p + 1) * d], &self.sin[p * d..(p + 1) * d]);
-            for i in 0..half {
-                // Forward reads the partner's sine at the output index; the transpose at the
-                // partner's index.
-                let (si, sh) = if sign > 0.0 { (s[i], s[i + half]) } else { (s[i + half], s[i]) };
-                yr[i] = xr[i] * c[i] - sign * xr[i + half] * si;
-                yr[i + half] = xr[i + half] * c[i + half] + sign * xr[i] * sh;
-            }
+            rotate(yr, xr, &self.cos[p * d..(p + 1) * d], &self.sin[p * d..(p + 1) * d], sign);
         });
     }
+}
+
+/// One head's rotation (`sign` 1) or its transpose (`sign` −1) of `x` into `y`, with the tables'
+/// row `c`, `s` of its position.
+#[inline]
+fn rotate(y: &mut [f32], x: &[f32], c: &[f32], s: &[f32], sign: f32) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        // Forward reads the partner's sine at the output index; the transpose at the partner's
+        // index.
+        let (si, sh) = if sign > 0.0 { (s[i], s[i + half]) } else { (s[i + half], s[i]) };
+        y[i] = x[i] * c[i] - sign * x[i + half] * si;
+        y[i + half] = x[i + half] * c[i + half] + sign * x[i] * sh;
+    }
+}
+
+/// Rotary tables (t × d each) as flat vectors, checked against the head size.
+pub(super) fn rope_tables(cos: &Tensor, sin: &Tensor, t: usize, d: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let table = |c: &Tensor| -> Result<Vec<f32>> { Ok(c.flatten_all()?.to_vec1::<f32>()?) };
+    let (cos, sin) = (table(cos)?, table(sin)?);
+    if cos.len() != t * d || sin.len() != t * d || !d.is_multiple_of(2) {
+        return Err(crate::error::Error::Delta(format!("rope: tables of {} for {t} positions of {d}", cos.len())));
+    }
+    Ok((cos, sin))
+}
+
+/// The rotation (`sign` 1) or its transpose (`sign` −1) in place on `heads` heads of `d` columns
+/// starting at column `col` of rows `stride` apart, row r at position r mod t of the tables (t × d):
+/// the fused op's numbers on a column block of wider rows (a block's q, k, v side by side).
+pub(super) fn rope_in_place(buf: &mut [f32], stride: usize, col: usize, heads: usize, d: usize, (cos, sin): (&[f32], &[f32]), sign: f32) {
+    let t = cos.len() / d.max(1);
+    buf.par_chunks_mut(stride.max(1)).enumerate().for_each_init(
+        || vec![0f32; d],
+        |x, (row, r)| {
+            let p = row % t.max(1);
+            let (c, s) = (&cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d]);
+            for hd in r[col..col + heads * d].chunks_exact_mut(d) {
+                x.copy_from_slice(hd);
+                rotate(hd, x, c, s, sign);
+            }
+        },
+    );
 }
 
 impl UnaryKernel for Rope {

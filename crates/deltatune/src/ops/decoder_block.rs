@@ -1,0 +1,611 @@
+//! The block engine for decoders: a whole Llama-family layer — the input RMS norm, the q, k, v
+//! projections with the rotary embedding, causal grouped-query attention, the output projection
+//! and its residual sum, the second RMS norm, the SwiGLU feed-forward and its residual sum, with
+//! any LoRA on the seven linear maps — as one op with a hand-written forward and backward.
+//!
+//! What it removes from a training step, as the encoder's engine ([`super::block`]) does: candle's
+//! gradient store zero-fills a buffer for every input of every node and adds each gradient into it
+//! (a layer was about twenty nodes: the norms, seven maps, two reshapes and rotations, the
+//! attention, the gate, two residual sums); here every gradient is written once by the kernel
+//! that computes it, the residual stream's gradient accumulating in one buffer. q, k and v are
+//! products into column blocks of one buffer, rotated in place, read in place by the attention
+//! (grouped-query: each key/value head serves its group of query heads without being copied) and
+//! their gradient comes back in the same layout, un-rotated in place and taken through the three
+//! weights into one input gradient. A quantized weight (GGUF) is dequantized into a transient f32
+//! matrix just before its product, forward and backward, as the per-op path does.
+//!
+//! Kept for the backward: q, k (rotated) and v side by side, the residual stream after attention,
+//! the gate's and up's outputs, and only where a LoRA needs its input: the first norm's output
+//! (q, k, v), the attention context (o), the second norm's output (gate, up), the gated product
+//! (down); and each LoRA's `x Aᵀ`. The input and the first norm's statistics are recomputed from
+//! the op's argument.
+//!
+//! The forward gives the per-op path's numbers to the bit ([`decoder_block_composed`], what a layer
+//! runs without the engine); gradients sum in another order (within 1e-4 relative, tested).
+
+use super::activation::{swiglu, swiglu_grad_into, swiglu_into};
+use super::attention::{causal_attention, Attention};
+use super::block::{engine_enabled, pack_lora, LowRank, Slot};
+use super::cpu::{err, fused_ok, gemm, slice, tensor_from, with_data, Fwd, Gemm, Grads2, Mat, Out, SyncPtr};
+use super::linear::{dense_into, input_grad_into, linear, lora_linear, lora_qlinear, qlinear, FrozenWeight};
+use super::norm::{rms_norm, rms_norm_grad_add, rms_norm_into};
+use super::profile::timer;
+use super::rope::{rope, rope_in_place, rope_tables};
+use crate::error::Result;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// The seven linear maps of a Llama-family layer, in the engine's order.
+pub const DECODER_LINEARS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// A decoder layer's frozen tensors and settings.
+pub struct DecoderBlock {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// q, k, v, o, gate, up, down: (out, in) weights, f32 or quantized, and optional biases.
+    pub linears: [(FrozenWeight, Option<Tensor>); 7],
+    /// The input norm's weight and epsilon.
+    pub norm1: (Tensor, f64),
+    /// The norm before the feed-forward.
+    pub norm2: (Tensor, f64),
+    /// Rotary tables (cos, sin) for the block's positions, (t, 1, head_dim) each.
+    pub rope: (Tensor, Tensor),
+}
+
+/// The decoder layer `x` (b, t, h) → (b, t, h) over the key mask `key_bias` (b, t) (attention is
+/// causal on top of it), with LoRA on any of its maps (`lora[j]` for map j of
+/// [`DECODER_LINEARS`]), as one op (see the module docs). Falls back to
+/// [`decoder_block_composed`] off the CPU, with the engine switched off, or when a weight, bias or
+/// norm trains.
+pub fn decoder_block(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, lora: &[Option<LowRank>; 7]) -> Result<Tensor> {
+    match block_op(x, key_bias, block, lora)? {
+        Some(y) => Ok(y),
+        None => decoder_block_composed(x, key_bias, block, lora),
+    }
+}
+
+/// The engine's op, or `None` where it does not apply.
+fn block_op(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, lora: &[Option<LowRank>; 7]) -> Result<Option<Tensor>> {
+    let frozen = block.linears.iter().all(|(w, b)| !w.trains() && b.as_ref().is_none_or(|b| !b.track_op()))
+        && !block.norm1.0.track_op()
+        && !block.norm2.0.track_op();
+    if !(fused_ok(x) && engine_enabled() && frozen && x.rank() == 3) {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let (_, t, _) = x.dims3()?;
+    let dims = block.linears.iter().map(|(w, _)| w.dims2()).collect::<candle_core::Result<Vec<_>>>()?;
+    let (slots, packed) = pack_lora("decoder block", &DECODER_LINEARS, &dims, lora)?;
+    let rope = rope_tables(&block.rope.0, &block.rope.1, t, block.head_dim)?;
+    let vec = |v: &Tensor| -> Result<Vec<f32>> { Ok(v.flatten_all()?.to_vec1::<f32>()?) };
+    let mut maps = Vec::with_capacity(7);
+    for (w, b) in &block.linears {
+        maps.push((w.clone(), b.as_ref().map(|b| b.contiguous()).transpose()?));
+    }
+    let Ok(maps) = <[_; 7]>::try_from(maps) else { return Ok(None) };
+    let op = BlockOp {
+        heads: block.heads,
+        kv_heads: block.kv_heads,
+        d: block.head_dim,
+        maps,
+        norm1: (vec(&block.norm1.0)?, block.norm1.1),
+        norm2: (vec(&block.norm2.0)?, block.norm2.1),
+        rope,
+        attn: Attention::causal(block.heads, key_bias.to_dtype(DType::F32)?.contiguous()?),
+        slots,
+        kept: Mutex::new(None),
+    };
+    op.shapes(x.shape())?;
+    Ok(Some(match packed {
+        Some(packed) => x.apply_op2(&packed, op)?,
+        None => x.apply_op1(op)?,
+    }))
+}
+
+/// Reference implementation of [`decoder_block`]: the layer from the per-op kernels, as a layer
+/// runs without the engine.
+pub fn decoder_block_composed(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, lora: &[Option<LowRank>; 7]) -> Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    let (nh, nkv, d) = (block.heads, block.kv_heads, block.head_dim);
+    let map = |j: usize, x: &Tensor| -> Result<Tensor> {
+        let (w, bias) = &block.linears[j];
+        match (w, &lora[j]) {
+            (FrozenWeight::Quant(q), Some((a, bm))) => lora_qlinear(x, q, bias.as_ref(), a, bm),
+            (FrozenWeight::Quant(q), None) => {
+                let y = qlinear(x, q, true)?;
+                Ok(match bias {
+                    Some(bias) => y.broadcast_add(bias)?,
+                    None => y,
+                })
+            }
+            (FrozenWeight::Dense(w), Some((a, bm))) => lora_linear(x, w, bias.as_ref(), a, bm),
+            (FrozenWeight::Dense(w), None) => linear(x, w, bias.as_ref()),
+        }
+    };
+    let rotated = |y: Tensor, n: usize| -> Result<Tensor> {
+        Ok(rope(&y.reshape((b, t, n, d))?, &block.rope.0, &block.rope.1)?.reshape((b, t, n * d))?)
+    };
+    let n1 = rms_norm(x, &block.norm1.0, block.norm1.1)?;
+    let q = rotated(map(0, &n1)?, nh)?;
+    let k = rotated(map(1, &n1)?, nkv)?;
+    let v = map(2, &n1)?;
+    let c = causal_attention(&q, &k, &v, key_bias, nh)?;
+    let h = (x + map(3, &c)?)?;
+    let n2 = rms_norm(&h, &block.norm2.0, block.norm2.1)?;
+    let act = swiglu(&map(4, &n2)?, &map(5, &n2)?)?;
+    Ok((h + map(6, &act)?)?)
+}
+
+/// What the forward keeps for the backward.
+struct Kept {
+    /// q, k (rotated) and v side by side (rows × (q + 2 kv) columns).
+    qkv: Vec<f32>,
+    /// The first norm's output, when a LoRA on q, k or v needs it.
+    n1: Option<Vec<f32>>,
+    /// The attention context, when a LoRA on o needs it.
+    ctx: Option<Vec<f32>>,
+    /// The residual stream after attention (the second norm's input).
+    h1: Vec<f32>,
+    /// The second norm's output, when a LoRA on gate or up needs it.
+    n2: Option<Vec<f32>>,
+    /// The gate's and up's outputs (rows × intermediate each).
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// The gated product, when a LoRA on down needs it.
+    act: Option<Vec<f32>>,
+    /// Each LoRA's `x Aᵀ`.
+    u: [Option<Vec<f32>>; 7],
+}
+
+struct BlockOp {
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    maps: [(FrozenWeight, Option<Tensor>); 7],
+    /// Norm weights (flat) and epsilons.
+    norm1: (Vec<f32>, f64),
+    norm2: (Vec<f32>, f64),
+    /// Rotary tables, t × d each.
+    rope: (Vec<f32>, Vec<f32>),
+    attn: Attention,
+    slots: Vec<Option<Slot>>,
+    kept: Mutex<Option<Kept>>,
+}
+
+/// Sizes of one call.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    h: usize,
+    /// Query columns (heads · d) and key/value columns (kv_heads · d).
+    qw: usize,
+    kw: usize,
+    /// The q, k, v buffer's row: qw + 2 kw.
+    w: usize,
+    inter: usize,
+}
+
+/// `y = x Wᵀ (+ b)` for a frozen map into a fresh buffer (the weight dequantized if need be).
+fn dense(x: &[f32], in_dim: usize, (w, b): &(FrozenWeight, Option<Tensor>)) -> candle_core::Result<Vec<f32>> {
+    let _prof = timer("decoder-linear", "fwd");
+    let w = w.dense()?;
+    let out_dim = w.dim(0)?;
+    let mut y = vec![0f32; x.len() / in_dim.max(1) * out_dim];
+    match b {
+        Some(b) => with_data([&w, b], |[ws, bs]| dense_into(&mut y, x, in_dim, ws, out_dim, Some(bs)))?,
+        None => with_data([&w], |[ws]| dense_into(&mut y, x, in_dim, ws, out_dim, None))?,
+    }
+    Ok(y)
+}
+
+/// `dx [+]= dy W` through a frozen map (the weight dequantized if need be).
+fn input_grad(dx: &mut [f32], dy: &[f32], (w, _): &(FrozenWeight, Option<Tensor>), accumulate: bool) -> candle_core::Result<()> {
+    let _prof = timer("decoder-linear", "bwd");
+    input_grad_into(dx, dy, &w.dense()?, accumulate)
+}
+
+impl BlockOp {
+    fn shapes(&self, x: &Shape) -> candle_core::Result<Dims> {
+        let (b, t, h) = x.dims3()?;
+        let (qw, kw) = (self.heads * self.d, self.kv_heads * self.d);
+        let inter = self.maps[4].0.dims2()?.0;
+        let want = [(qw, h), (kw, h), (kw, h), (h, qw), (inter, h), (inter, h), (h, inter)];
+        let ok = self.maps.iter().zip(want).all(|((w, _), dims)| w.dims2().ok() == Some(dims))
+            && self.norm1.0.len() == h
+            && self.norm2.0.len() == h
+            && self.rope.0.len() == t * self.d
+            && self.kv_heads > 0
+            && self.heads.is_multiple_of(self.kv_heads);
+        if !ok {
+            return Err(err(format!("decoder block: input {x:?} does not match the layer's weights, norms or rotary tables")));
+        }
+        Ok(Dims { b, t, h, qw, kw, w: qw + 2 * kw, inter })
+    }
+
+    /// Where map j (of q, k, v) writes in the q, k, v buffer: first column and width.
+    fn qkv_cols(dm: &Dims, j: usize) -> (usize, usize) {
+        match j {
+            0 => (0, dm.qw),
+            1 => (dm.qw, dm.kw),
+            _ => (dm.qw + dm.kw, dm.kw),
+        }
+    }
+
+    fn attn_dims(&self, dm: &Dims) -> candle_core::Result<super::attention::AttnDims> {
+        let (q, k) = (Shape::from((dm.b, dm.t, dm.qw)), Shape::from((dm.b, dm.t, dm.kw)));
+        self.attn.strided_dims(&q, &k, dm.w, dm.w)
+    }
+
+    fn fwd(&self, x: &[f32], shape: &Shape, p: &[f32]) -> Fwd {
+        let dm = self.shapes(shape)?;
+        let Dims { b, t, h, qw, kw, w, inter } = dm;
+        let rows = b * t;
+        let s = &self.slots;
+        let mut u: [Option<Vec<f32>>; 7] = Default::default();
+        let mut n1 = vec![0f32; rows * h];
+        {
+            let _prof = timer("rms-norm", "fwd");
+            rms_norm_into(&mut n1, x, &self.norm1.0, self.norm1.1);
+        }
+        // q, k, v: each map's product into its column block (the bias first, where there is one),
+        // then any LoRA onto it.
+        let mut qkv = vec![0f32; rows * w];
+        for j in 0..3 {
+            let (col, width) = Self::qkv_cols(&dm, j);
+            let (wt, bias) = &self.maps[j];
+            let _prof = timer("decoder-linear", "fwd");
+            let wt = wt.dense()?;
+            let mut fill = |ws: &[f32], bs: Option<&[f32]>| {
+                if let Some(bs) = bs {
+                    qkv.par_chunks_mut(w).for_each(|row| row[col..col + width].copy_from_slice(bs));
+                }
+                let dst = SyncPtr::of(&mut qkv);
+                gemm(dst.out(col, w), [rows, width, h], Mat::rm(&n1, h), Mat::rm_t(ws, h), Gemm::PARALLEL.accumulate(bs.is_some()));
+                Ok(())
+            };
+            match bias {
+                Some(bs) => with_data([&wt, bs], |[ws, bs]| fill(ws, Some(bs)))?,
+                None => with_data([&wt], |[ws]| fill(ws, None))?,
+            }
+        }
+        for j in 0..3 {
+            if let Some(sl) = &s[j] {
+                let (col, _) = Self::qkv_cols(&dm, j);
+                u[j] = Some(sl.forward(&n1, p, &mut qkv, w, col));
+            }
+        }
+        {
+            let _prof = timer("rope", "fwd");
+            let tables = (&self.rope.0[..], &self.rope.1[..]);
+            rope_in_place(&mut qkv, w, 0, self.heads, self.d, tables, 1.0);
+            rope_in_place(&mut qkv, w, qw, self.kv_heads, self.d, tables, 1.0);
+        }
+        let mut c = vec![0f32; rows * qw];
+        {
+            let _prof = timer("attention", "fwd");
+            self.attn.forward_into(&self.attn_dims(&dm)?, &qkv, &qkv[qw..], &qkv[qw + kw..], &mut c)?;
+        }
+        // h1 = x + (c Woᵀ + LoRA).
+        let mut h1 = dense(&c, qw, &self.maps[3])?;
+        if let Some(sl) = &s[3] {
+            u[3] = Some(sl.forward(&c, p, &mut h1, h, 0));
+        }
+        h1.par_iter_mut().zip(x.par_iter()).for_each(|(a, &xi)| *a += xi);
+        let mut n2 = vec![0f32; rows * h];
+        {
+            let _prof = timer("rms-norm", "fwd");
+            rms_norm_into(&mut n2, &h1, &self.norm2.0, self.norm2.1);
+        }
+        let mut gate = dense(&n2, h, &self.maps[4])?;
+        if let Some(sl) = &s[4] {
+            u[4] = Some(sl.forward(&n2, p, &mut gate, inter, 0));
+        }
+        let mut up = dense(&n2, h, &self.maps[5])?;
+        if let Some(sl) = &s[5] {
+            u[5] = Some(sl.forward(&n2, p, &mut up, inter, 0));
+        }
+        let mut act = vec![0f32; rows * inter];
+        {
+            let _prof = timer("swiglu", "fwd");
+            swiglu_into(&mut act, &gate, &up);
+        }
+        // y = h1 + (act Wdᵀ + LoRA).
+        let mut y = dense(&act, inter, &self.maps[6])?;
+        if let Some(sl) = &s[6] {
+            u[6] = Some(sl.forward(&act, p, &mut y, h, 0));
+        }
+        y.par_iter_mut().zip(h1.par_iter()).for_each(|(m, &hi)| *m += hi);
+        let any = |js: &[usize]| js.iter().any(|&j| s[j].is_some());
+        let kept = Kept {
+            qkv,
+            n1: any(&[0, 1, 2]).then_some(n1),
+            ctx: any(&[3]).then_some(c),
+            h1,
+            n2: any(&[4, 5]).then_some(n2),
+            gate,
+            up,
+            act: any(&[6]).then_some(act),
+            u,
+        };
+        *self.kept.lock().map_err(|_| err("decoder block: poisoned lock"))? = Some(kept);
+        Ok((CpuStorage::F32(y), shape.clone()))
+    }
+
+    /// The input gradient (when `x` takes part in the graph) and the packed LoRA gradient (when
+    /// there is one).
+    fn bwd(&self, x: &Tensor, packed: Option<&Tensor>, grad: &Tensor) -> Grads2 {
+        let grad = grad.contiguous()?;
+        let dm = self.shapes(x.shape())?;
+        let Dims { b, t, h, qw, kw, w, inter } = dm;
+        let rows = b * t;
+        let kept = self.kept.lock().map_err(|_| err("decoder block: poisoned lock"))?;
+        let k = kept.as_ref().ok_or_else(|| err("decoder block: backward without forward"))?;
+        let s = &self.slots;
+        let need_dx = x.track_op();
+        // Below the feed-forward: needed for dx or for a LoRA on the attention's maps.
+        let below_ffn = need_dx || (0..4).any(|j| s[j].is_some());
+        let below_o = need_dx || (0..3).any(|j| s[j].is_some());
+        let mut dp = vec![0f32; packed.map(|p| p.elem_count()).unwrap_or(0)];
+        let p_data: Vec<f32> = match packed {
+            Some(p) => p.flatten_all()?.to_vec1::<f32>()?,
+            None => Vec::new(),
+        };
+        let p = &p_data[..];
+        let missing = || err("decoder block: an activation the backward needs was not kept");
+        let dx = with_data([x, &grad], |[xs, dy]| {
+            // Down: dact = dy Wd (+ its LoRA).
+            let mut dact = vec![0f32; rows * inter];
+            input_grad(&mut dact, dy, &self.maps[6], false)?;
+            if let Some(sl) = &s[6] {
+                let (u, act) = (k.u[6].as_ref().ok_or_else(missing)?, k.act.as_ref().ok_or_else(missing)?);
+                sl.backward(dy, h, act, u, p, &mut dp, Some(&mut dact));
+            }
+            // The gate.
+            let (mut dg, mut du) = (vec![0f32; rows * inter], vec![0f32; rows * inter]);
+            {
+                let _prof = timer("swiglu", "bwd");
+                swiglu_grad_into(&mut dg, &mut du, &k.gate, &k.up, &dact);
+            }
+            drop(dact);
+            // Gate and up: dn2 = dg Wg + du Wu (+ their LoRAs).
+            let mut dn2 = Vec::new();
+            if below_ffn {
+                dn2 = vec![0f32; rows * h];
+                input_grad(&mut dn2, &dg, &self.maps[4], false)?;
+                input_grad(&mut dn2, &du, &self.maps[5], true)?;
+            }
+            for (j, dz) in [(4, &dg), (5, &du)] {
+                if let Some(sl) = &s[j] {
+                    let (u, n2) = (k.u[j].as_ref().ok_or_else(missing)?, k.n2.as_ref().ok_or_else(missing)?);
+                    sl.backward(dz, inter, n2, u, p, &mut dp, below_ffn.then_some(&mut dn2[..]));
+                }
+            }
+            drop((dg, du));
+            if !below_ffn {
+                return Ok(Vec::new());
+            }
+            // The residual stream's gradient: dy, plus the second norm's.
+            let mut dh = dy.to_vec();
+            {
+                let _prof = timer("rms-norm", "bwd");
+                rms_norm_grad_add(&mut dh, &k.h1, &self.norm2.0, &dn2, self.norm2.1);
+            }
+            drop(dn2);
+            // Attention output: dc = dh Wo (+ its LoRA).
+            let mut dc = Vec::new();
+            if below_o {
+                dc = vec![0f32; rows * qw];
+                input_grad(&mut dc, &dh, &self.maps[3], false)?;
+            }
+            if let Some(sl) = &s[3] {
+                let (u, c) = (k.u[3].as_ref().ok_or_else(missing)?, k.ctx.as_ref().ok_or_else(missing)?);
+                sl.backward(&dh, h, c, u, p, &mut dp, below_o.then_some(&mut dc[..]));
+            }
+            if !below_o {
+                return Ok(Vec::new());
+            }
+            // Attention: dq, dk, dv side by side, as q, k, v were; then un-rotated in place.
+            let mut dqkv = vec![0f32; rows * w];
+            {
+                let _prof = timer("attention", "bwd");
+                let ptr = SyncPtr::of(&mut dqkv);
+                let targets = [(ptr, 0), (ptr, qw), (ptr, qw + kw)];
+                self.attn.backward_into(&self.attn_dims(&dm)?, &k.qkv, &k.qkv[qw..], &k.qkv[qw + kw..], &dc, targets)?;
+            }
+            drop(dc);
+            {
+                let _prof = timer("rope", "bwd");
+                let tables = (&self.rope.0[..], &self.rope.1[..]);
+                rope_in_place(&mut dqkv, w, 0, self.heads, self.d, tables, -1.0);
+                rope_in_place(&mut dqkv, w, qw, self.kv_heads, self.d, tables, -1.0);
+            }
+            // dn1 = dq Wq + dk Wk + dv Wv (+ their LoRAs), then dx = dh + the first norm's.
+            let mut dn1 = if need_dx { vec![0f32; rows * h] } else { Vec::new() };
+            if need_dx {
+                for j in 0..3 {
+                    let (col, width) = Self::qkv_cols(&dm, j);
+                    let _prof = timer("decoder-linear", "bwd");
+                    let wt = self.maps[j].0.dense()?;
+                    with_data([&wt], |[ws]| {
+                        gemm(Out::rm(&mut dn1, h), [rows, h, width], Mat::rm(&dqkv[col..], w), Mat::rm(ws, h), Gemm::PARALLEL.accumulate(j > 0));
+                        Ok(())
+                    })?;
+                }
+            }
+            for j in 0..3 {
+                if let Some(sl) = &s[j] {
+                    let (col, _) = Self::qkv_cols(&dm, j);
+                    let (u, n1) = (k.u[j].as_ref().ok_or_else(missing)?, k.n1.as_ref().ok_or_else(missing)?);
+                    sl.backward(&dqkv[col..], w, n1, u, p, &mut dp, need_dx.then_some(&mut dn1[..]));
+                }
+            }
+            if need_dx {
+                let _prof = timer("rms-norm", "bwd");
+                rms_norm_grad_add(&mut dh, xs, &self.norm1.0, &dn1, self.norm1.1);
+            }
+            Ok(dh)
+        })?;
+        let dx = if need_dx { Some(tensor_from(dx, x.shape().clone())?) } else { None };
+        let dp = match packed {
+            Some(p) if p.track_op() => Some(tensor_from(dp, p.shape().clone())?),
+            _ => None,
+        };
+        Ok((dx, dp))
+    }
+}
+
+impl CustomOp1 for BlockOp {
+    fn name(&self) -> &'static str {
+        "decoder-block"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Fwd {
+        self.fwd(slice(s, l)?, l.shape(), &[])
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(BlockOp::bwd(self, arg, None, grad)?.0)
+    }
+}
+
+impl CustomOp2 for BlockOp {
+    fn name(&self) -> &'static str {
+        "decoder-block"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Fwd {
+        self.fwd(slice(s1, l1)?, l1.shape(), slice(s2, l2)?)
+    }
+
+    fn bwd(&self, x: &Tensor, packed: &Tensor, _res: &Tensor, grad: &Tensor) -> Grads2 {
+        BlockOp::bwd(self, x, Some(packed), grad)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::cpu::testing::{grad_diff, grads, max_diff, rand, var};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Var};
+    use std::sync::Arc;
+
+    fn rel(d: f32, t: &Tensor) -> f32 {
+        let scale = t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        d / scale.max(1e-12)
+    }
+
+    /// Rotary tables for positions 0..t of heads of d (the decoder's layout: (t, 1, d)).
+    fn tables(t: usize, d: usize) -> (Tensor, Tensor) {
+        let half = d / 2;
+        let ang: Vec<f32> = (0..t).flat_map(|p| (0..d).map(move |i| p as f32 * 0.5f32.powi((i % half) as i32))).collect();
+        let make = |f: fn(f32) -> f32| Tensor::from_vec(ang.iter().map(|&a| f(a)).collect::<Vec<_>>(), (t, 1, d), &Device::Cpu).unwrap();
+        (make(f32::cos), make(f32::sin))
+    }
+
+    /// The engine against the per-op composition: the output to the bit, every gradient (x and
+    /// each LoRA matrix) within 1e-4 relative; grouped-query attention (4 query heads on 2
+    /// key/value heads), the second sequence's last keys padded, more rows than one causal block.
+    fn check(lora_on: &[usize], x_grad: bool, quantized: bool, bias: bool) {
+        let (b, t, h, heads, kv, d, inter, r) = (2, 70, 64, 4, 2, 16, 96, 3);
+        let lin = |out: usize, inp: usize, seed: u64| -> (FrozenWeight, Option<Tensor>) {
+            let w = (rand(&[out, inp], seed) * 0.3).unwrap();
+            let w = if quantized {
+                FrozenWeight::Quant(Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()))
+            } else {
+                FrozenWeight::Dense(w)
+            };
+            (w, bias.then(|| (rand(&[out], seed + 100) * 0.1).unwrap()))
+        };
+        let (qw, kw) = (heads * d, kv * d);
+        let block = DecoderBlock {
+            heads,
+            kv_heads: kv,
+            head_dim: d,
+            linears: [lin(qw, h, 1), lin(kw, h, 2), lin(kw, h, 3), lin(h, qw, 4), lin(inter, h, 5), lin(inter, h, 6), lin(h, inter, 7)],
+            norm1: (((rand(&[h], 8) * 0.2).unwrap() + 1.0).unwrap(), 1e-5),
+            norm2: (((rand(&[h], 9) * 0.2).unwrap() + 1.0).unwrap(), 1e-6),
+            rope: tables(t, d),
+        };
+        let dims = |j: usize| block.linears[j].0.dims2().unwrap();
+        let vars: Vec<(usize, Var, Var)> = lora_on
+            .iter()
+            .map(|&j| {
+                let (out, inp) = dims(j);
+                (j, var(&[r, inp], 20 + j as u64, 0.3), var(&[out, r], 40 + j as u64, 0.3))
+            })
+            .collect();
+        let mut lora: [Option<LowRank>; 7] = Default::default();
+        for (j, a, bm) in &vars {
+            lora[*j] = Some((a.as_tensor().clone(), (bm.as_tensor() * 2.0).unwrap()));
+        }
+        let xv = var(&[b, t, h], 11, 1.0);
+        let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
+        let mut mask = vec![1f32; b * t];
+        mask[2 * t - 3..].fill(0.0);
+        let key_bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
+        let y1 = block_op(&x, &key_bias, &block, &lora).unwrap().expect("the engine applies");
+        let y2 = decoder_block_composed(&x, &key_bias, &block, &lora).unwrap();
+        assert_eq!(max_diff(&y1, &y2), 0.0, "output differs");
+        let up = rand(&[b, t, h], 12);
+        let (g1, g2) = (grads(&y1, &up), grads(&y2, &up));
+        if x_grad {
+            let dd = grad_diff(&g1, &g2, &xv);
+            assert!(rel(dd, g2.get(xv.as_tensor()).unwrap()) <= 1e-4, "dx differs by {dd:e}");
+        } else {
+            assert!(g1.get(xv.as_tensor()).is_none());
+        }
+        for (j, a, bm) in &vars {
+            for v in [a, bm] {
+                let dd = grad_diff(&g1, &g2, v);
+                let reference = g2.get(v.as_tensor()).unwrap();
+                assert!(rel(dd, reference) <= 1e-4, "LoRA on {}: gradient differs by {dd:e}", DECODER_LINEARS[*j]);
+            }
+        }
+    }
+
+    #[test]
+    fn decoder_block_matches_composition_with_lora_on_q_and_v() {
+        check(&[0, 2], true, true, false);
+        check(&[0, 2], true, false, false);
+    }
+
+    #[test]
+    fn decoder_block_matches_composition_with_lora_everywhere_and_biases() {
+        check(&[0, 1, 2, 3, 4, 5, 6], true, true, true);
+        check(&[3, 6], true, false, true);
+    }
+
+    #[test]
+    fn decoder_block_without_input_gradient_or_lora() {
+        // The lowest LoRA layer: no gradient for x, only for the LoRA (on the feed-forward only:
+        // nothing below it runs backward).
+        check(&[1, 5], false, true, false);
+        check(&[4], false, false, false);
+        // A frozen layer above the lowest LoRA: only dx.
+        check(&[], true, true, false);
+    }
+
+    /// Shapes that do not fit the weights are refused with the block named.
+    #[test]
+    fn decoder_block_refuses_mismatched_input() {
+        let (t, d) = (5, 8);
+        let lin = |out: usize, inp: usize| (FrozenWeight::Dense(rand(&[out, inp], 3)), None);
+        let block = DecoderBlock {
+            heads: 2,
+            kv_heads: 1,
+            head_dim: d,
+            linears: [lin(16, 16), lin(8, 16), lin(8, 16), lin(16, 16), lin(24, 16), lin(24, 16), lin(16, 24)],
+            norm1: (rand(&[16], 4), 1e-5),
+            norm2: (rand(&[16], 5), 1e-5),
+            rope: tables(t, d),
+        };
+        let x = var(&[1, t, 12], 6, 1.0);
+        let bias = Tensor::zeros((1, t), DType::F32, &Device::Cpu).unwrap();
+        let e = block_op(x.as_tensor(), &bias, &block, &Default::default()).unwrap_err().to_string();
+        assert!(e.contains("decoder block"), "{e}");
+    }
+}
