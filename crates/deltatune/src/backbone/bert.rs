@@ -373,12 +373,8 @@ impl BertLayer {
         let mut lora: [Option<ops::LowRank>; 6] = Default::default();
         for (j, m) in maps.iter().enumerate() {
             let s = &m.site;
-            if s.has_active() {
-                match s.sole_low_rank(ctx)? {
-                    Some(pair) => lora[j] = Some(pair),
-                    None => return Ok(None),
-                }
-            }
+            let Some(pair) = s.engine_low_rank(ctx)? else { return Ok(None) };
+            lora[j] = pair;
             let (w, b) = (s.require("weight", ctx)?, s.resolve("bias", ctx)?);
             if w.track_op() || b.as_ref().is_some_and(|b| b.track_op()) {
                 return Ok(None); // a trained weight or bias (full fine-tuning, BitFit)

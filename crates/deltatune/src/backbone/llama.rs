@@ -1265,12 +1265,8 @@ impl LlamaModel {
         let mut lora: [Option<ops::LowRank>; 7] = Default::default();
         for (j, m) in maps.iter().enumerate() {
             let s = &m.site;
-            if s.has_active() {
-                match s.sole_low_rank(ctx)? {
-                    Some(pair) => lora[j] = Some(pair),
-                    None => return Ok(None),
-                }
-            }
+            let Some(pair) = s.engine_low_rank(ctx)? else { return Ok(None) };
+            lora[j] = pair;
             let weight = match s.quantized("weight") {
                 Some(q) => ops::FrozenWeight::Quant(q.clone()),
                 None => ops::FrozenWeight::Dense(s.require("weight", ctx)?),

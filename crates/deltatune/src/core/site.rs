@@ -269,6 +269,16 @@ impl Site {
         a.delta.low_rank(&self.hook_ctx(i, a, ctx)?)
     }
 
+    /// What a block engine may run here: `Some(None)` with no active delta, `Some(Some((A, B)))`
+    /// when the only one is a plain low-rank update ([`Self::sole_low_rank`]), `None` when
+    /// anything else is attached (the layer then runs module by module).
+    pub fn engine_low_rank(&self, ctx: &ForwardCtx) -> Result<Option<Option<(Tensor, Tensor)>>> {
+        if !self.has_active() {
+            return Ok(Some(None));
+        }
+        Ok(self.sole_low_rank(ctx)?.map(Some))
+    }
+
     /// Whether any delta would run at this site.
     pub fn has_active(&self) -> bool {
         self.active().next().is_some()

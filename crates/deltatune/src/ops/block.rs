@@ -113,10 +113,77 @@ fn block_op(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, lora: &[Option<
         slots,
         kept: Mutex::new(None),
     };
-    Ok(Some(match packed {
-        Some(packed) => x.apply_op2(&packed, op)?,
-        None => x.apply_op1(op)?,
-    }))
+    Ok(Some(run_layer(&x, packed, op)?))
+}
+
+/// A layer of the block engine: its forward from the input and the packed LoRA vector (empty
+/// without LoRA), its backward to both; [`run_layer`] runs it as a candle op of one argument (no
+/// LoRA) or two.
+pub(super) trait LayerOp: Send + Sync + 'static {
+    const NAME: &'static str;
+    fn fwd(&self, x: &[f32], shape: &Shape, p: &[f32]) -> Fwd;
+    /// The input gradient when `x` takes part in a graph (else `None`); the packed gradient into
+    /// `dp` (zeros, the length of `p`).
+    fn bwd(&self, x: &Tensor, p: &[f32], dp: &mut [f32], grad: &Tensor) -> candle_core::Result<Option<Vec<f32>>>;
+}
+
+/// `op` on the contiguous input `x` and the packed LoRA vector, if any.
+pub(super) fn run_layer<K: LayerOp>(x: &Tensor, packed: Option<Tensor>, op: K) -> Result<Tensor> {
+    Ok(match packed {
+        Some(packed) => x.apply_op2(&packed, Layer(op))?,
+        None => x.apply_op1(Layer(op))?,
+    })
+}
+
+/// The candle op of a [`LayerOp`].
+struct Layer<K>(K);
+
+impl<K: LayerOp> Layer<K> {
+    fn grads(&self, x: &Tensor, packed: Option<&Tensor>, grad: &Tensor) -> Grads2 {
+        let p = match packed {
+            Some(p) => p.flatten_all()?.to_vec1::<f32>()?,
+            None => Vec::new(),
+        };
+        let mut dp = vec![0f32; p.len()];
+        let dx = self.0.bwd(x, &p, &mut dp, grad)?;
+        let dx = match dx {
+            Some(dx) if x.track_op() => Some(tensor_from(dx, x.shape().clone())?),
+            _ => None,
+        };
+        let dp = match packed {
+            Some(pk) if pk.track_op() => Some(tensor_from(dp, pk.shape().clone())?),
+            _ => None,
+        };
+        Ok((dx, dp))
+    }
+}
+
+impl<K: LayerOp> CustomOp1 for Layer<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Fwd {
+        self.0.fwd(slice(s, l)?, l.shape(), &[])
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(self.grads(arg, None, grad)?.0)
+    }
+}
+
+impl<K: LayerOp> CustomOp2 for Layer<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Fwd {
+        self.0.fwd(slice(s1, l1)?, l1.shape(), slice(s2, l2)?)
+    }
+
+    fn bwd(&self, x: &Tensor, packed: &Tensor, _res: &Tensor, grad: &Tensor) -> Grads2 {
+        self.grads(x, Some(packed), grad)
+    }
 }
 
 /// A block's LoRA matrices as one packed vector (each map's flattened A then B, in the order of
@@ -277,6 +344,11 @@ impl BlockOp {
         Ok((b, t, h, inter))
     }
 
+}
+
+impl LayerOp for BlockOp {
+    const NAME: &'static str = "encoder-block";
+
     fn fwd(&self, x: &[f32], shape: &Shape, p: &[f32]) -> Fwd {
         let (b, t, h, _) = self.shapes(shape)?;
         let s = &self.slots;
@@ -357,9 +429,9 @@ impl BlockOp {
         Ok((CpuStorage::F32(y), shape.clone()))
     }
 
-    /// The input gradient (when `x` takes part in the graph) and the packed LoRA gradient (when
-    /// there is one).
-    fn bwd(&self, x: &Tensor, packed: Option<&Tensor>, grad: &Tensor) -> Grads2 {
+    /// The input gradient (when `x` takes part in the graph) from the output gradient `grad`,
+    /// the packed LoRA gradient into `dp` from the packed values `p`.
+    fn bwd(&self, x: &Tensor, p: &[f32], dp: &mut [f32], grad: &Tensor) -> candle_core::Result<Option<Vec<f32>>> {
         let grad = grad.contiguous()?;
         let (b, t, h, inter) = self.shapes(x.shape())?;
         let rows = b * t;
@@ -367,13 +439,6 @@ impl BlockOp {
         let k = kept.as_ref().ok_or_else(|| err("encoder block: backward without forward"))?;
         let s = &self.slots;
         let need_dx = x.track_op();
-        let n_packed = packed.map(|p| p.elem_count()).unwrap_or(0);
-        let mut dp = vec![0f32; n_packed];
-        let p_data: Vec<f32> = match packed {
-            Some(p) => p.flatten_all()?.to_vec1::<f32>()?,
-            None => Vec::new(),
-        };
-        let p = &p_data[..];
         let dx = with_data([x, &grad], |[xs, dy]| {
             // Second residual norm: dh2 through its dropout, da from the residual.
             let (mut dh2, mut da) = (vec![0f32; rows * h], vec![0f32; rows * h]);
@@ -388,7 +453,7 @@ impl BlockOp {
                 input_grad_into(&mut dg, &dh2, &self.out.0, false)?;
             }
             if let (Some(sl), Some(u), Some(g)) = (&s[5], &k.u[5], &k.g) {
-                sl.backward(&dh2, h, g, u, p, &mut dp, Some(&mut dg));
+                sl.backward(&dh2, h, g, u, p, dp, Some(&mut dg));
             }
             drop(dh2);
             // GELU, then the intermediate map: da += dpre W_i (+ its LoRA).
@@ -399,7 +464,7 @@ impl BlockOp {
             }
             drop(dg);
             if let (Some(sl), Some(u)) = (&s[4], &k.u[4]) {
-                sl.backward(&dpre, inter, &k.a, u, p, &mut dp, Some(&mut da));
+                sl.backward(&dpre, inter, &k.a, u, p, dp, Some(&mut da));
             }
             {
                 let _prof = timer("frozen-linear", "bwd");
@@ -420,7 +485,7 @@ impl BlockOp {
                 input_grad_into(&mut dc, &dh1, &self.o.0, false)?;
             }
             if let (Some(sl), Some(u), Some(c)) = (&s[3], &k.u[3], &k.ctx) {
-                sl.backward(&dh1, h, c, u, p, &mut dp, Some(&mut dc));
+                sl.backward(&dh1, h, c, u, p, dp, Some(&mut dc));
             }
             drop(dh1);
             // Attention: dq, dk, dv side by side, as q, k, v were.
@@ -434,7 +499,7 @@ impl BlockOp {
             // The LoRAs on q, k, v, then dx += dqkv W_qkv (one product over 3h).
             for j in 0..3 {
                 if let (Some(sl), Some(u)) = (&s[j], &k.u[j]) {
-                    sl.backward(&dqkv[j * h..], 3 * h, xs, u, p, &mut dp, need_dx.then_some(&mut dx[..]));
+                    sl.backward(&dqkv[j * h..], 3 * h, xs, u, p, dp, need_dx.then_some(&mut dx[..]));
                 }
             }
             if need_dx {
@@ -443,53 +508,15 @@ impl BlockOp {
             }
             Ok(dx)
         })?;
-        let dx = if need_dx { Some(tensor_from(dx, x.shape().clone())?) } else { None };
-        let dp = match packed {
-            Some(p) if p.track_op() => Some(tensor_from(dp, p.shape().clone())?),
-            _ => None,
-        };
-        Ok((dx, dp))
-    }
-}
-
-impl CustomOp1 for BlockOp {
-    fn name(&self) -> &'static str {
-        "encoder-block"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Fwd {
-        self.fwd(slice(s, l)?, l.shape(), &[])
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(BlockOp::bwd(self, arg, None, grad)?.0)
-    }
-}
-
-impl CustomOp2 for BlockOp {
-    fn name(&self) -> &'static str {
-        "encoder-block"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Fwd {
-        self.fwd(slice(s1, l1)?, l1.shape(), slice(s2, l2)?)
-    }
-
-    fn bwd(&self, x: &Tensor, packed: &Tensor, _res: &Tensor, grad: &Tensor) -> Grads2 {
-        BlockOp::bwd(self, x, Some(packed), grad)
+        Ok(need_dx.then_some(dx))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::cpu::testing::{grad_diff, grads, max_diff, rand, var};
-    use candle_core::{Device, Var};
-
-    fn rel(d: f32, t: &Tensor) -> f32 {
-        let scale = t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        d / scale.max(1e-12)
-    }
+    use crate::ops::cpu::testing::{check_layer, layer_lora, rand, var};
+    use candle_core::Device;
 
     /// The engine against the per-op composition: output and every gradient (x and each LoRA
     /// matrix) within 1e-4 relative, with dropout, padding, LoRA on a subset of the maps and
@@ -511,18 +538,7 @@ mod tests {
                 [None, None, None]
             },
         };
-        let dims = |j: usize| block.linears[j].0.dims2().unwrap();
-        let vars: Vec<(usize, Var, Var)> = lora_on
-            .iter()
-            .map(|&j| {
-                let (out, inp) = dims(j);
-                (j, var(&[r, inp], 20 + j as u64, 0.3), var(&[out, r], 40 + j as u64, 0.3))
-            })
-            .collect();
-        let mut lora: [Option<LowRank>; 6] = Default::default();
-        for (j, a, bm) in &vars {
-            lora[*j] = Some((a.as_tensor().clone(), (bm.as_tensor() * 2.0).unwrap()));
-        }
+        let (vars, lora) = layer_lora::<6>(lora_on, |j| block.linears[j].0.dims2().unwrap(), r);
         let xv = var(&[b, t, h], 11, 1.0);
         let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
         // The second sequence has its last two keys padded.
@@ -532,22 +548,7 @@ mod tests {
         let y1 = block_op(&x, &bias, &block, &lora).unwrap().expect("the engine applies");
         let y2 = encoder_block_composed(&x, &bias, &block, &lora).unwrap();
         // The forward is the per-op path's, to the bit.
-        assert_eq!(max_diff(&y1, &y2), 0.0, "output differs");
-        let up = rand(&[b, t, h], 12);
-        let (g1, g2) = (grads(&y1, &up), grads(&y2, &up));
-        if x_grad {
-            let d = grad_diff(&g1, &g2, &xv);
-            assert!(rel(d, g2.get(xv.as_tensor()).unwrap()) <= 1e-4, "dx differs by {d:e}");
-        } else {
-            assert!(g1.get(xv.as_tensor()).is_none());
-        }
-        for (j, a, bm) in &vars {
-            for v in [a, bm] {
-                let d = grad_diff(&g1, &g2, v);
-                let reference = g2.get(v.as_tensor()).unwrap();
-                assert!(rel(d, reference) <= 1e-4, "LoRA on {}: gradient differs by {d:e}", BLOCK_LINEARS[*j]);
-            }
-        }
+        check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS);
     }
 
     #[test]

@@ -592,6 +592,54 @@ pub(crate) mod testing {
         (y * up).unwrap().sum_all().unwrap().backward().unwrap()
     }
 
+    /// A map's index and its LoRA's A and B as variables.
+    pub type MapLora = (usize, Var, Var);
+
+    /// A LoRA (A (r × in), B (out × r), seeded by the map's index) on each map in `on`, whose
+    /// weight is `dims(j)` = (out, in); and the layer's LoRA slots (B scaled by 2, as a LoRA's
+    /// scale folds into it).
+    pub fn layer_lora<const N: usize>(on: &[usize], dims: impl Fn(usize) -> (usize, usize), r: usize) -> (Vec<MapLora>, [Option<crate::ops::LowRank>; N]) {
+        let vars: Vec<MapLora> = on
+            .iter()
+            .map(|&j| {
+                let (out, inp) = dims(j);
+                (j, var(&[r, inp], 20 + j as u64, 0.3), var(&[out, r], 40 + j as u64, 0.3))
+            })
+            .collect();
+        let mut lora: [Option<crate::ops::LowRank>; N] = std::array::from_fn(|_| None);
+        for (j, a, bm) in &vars {
+            lora[*j] = Some((a.as_tensor().clone(), (bm.as_tensor() * 2.0).unwrap()));
+        }
+        (vars, lora)
+    }
+
+    /// A block engine's layer `y1` against its composition `y2`: the output to the bit, the
+    /// input's gradient (when `x_grad`; none otherwise) and each LoRA matrix's within 1e-4
+    /// relative, for the upstream gradient `up`.
+    pub fn check_layer(y1: &Tensor, y2: &Tensor, up: &Tensor, xv: &Var, x_grad: bool, vars: &[MapLora], names: &[&str]) {
+        assert_eq!(max_diff(y1, y2), 0.0, "output differs");
+        let (g1, g2) = (grads(y1, up), grads(y2, up));
+        if x_grad {
+            let d = grad_diff(&g1, &g2, xv);
+            assert!(rel(d, g2.get(xv.as_tensor()).unwrap()) <= 1e-4, "dx differs by {d:e}");
+        } else {
+            assert!(g1.get(xv.as_tensor()).is_none());
+        }
+        for (j, a, bm) in vars {
+            for v in [a, bm] {
+                let d = grad_diff(&g1, &g2, v);
+                let reference = g2.get(v.as_tensor()).unwrap();
+                assert!(rel(d, reference) <= 1e-4, "LoRA on {}: gradient differs by {d:e}", names[*j]);
+            }
+        }
+    }
+
+    /// A difference `d` relative to the largest magnitude in `t`.
+    pub fn rel(d: f32, t: &Tensor) -> f32 {
+        let scale = t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        d / scale.max(1e-12)
+    }
+
     /// The largest difference between `v`'s gradients in two stores.
     pub fn grad_diff(g1: &GradStore, g2: &GradStore, v: &Var) -> f32 {
         max_diff(g1.get(v).unwrap(), g2.get(v).unwrap())

@@ -25,14 +25,14 @@
 
 use super::activation::{swiglu, swiglu_grad_into, swiglu_into};
 use super::attention::{causal_attention, Attention};
-use super::block::{engine_enabled, pack_lora, LowRank, Slot};
-use super::cpu::{err, fused_ok, gemm, slice, tensor_from, with_data, Fwd, Gemm, Grads2, Mat, Out, SyncPtr};
+use super::block::{engine_enabled, pack_lora, run_layer, LayerOp, LowRank, Slot};
+use super::cpu::{err, fused_ok, gemm, with_data, Fwd, Gemm, Mat, Out, SyncPtr};
 use super::linear::{dense_into, input_grad_into, linear, lora_linear, lora_qlinear, qlinear, FrozenWeight};
 use super::norm::{rms_norm, rms_norm_grad_add, rms_norm_into};
 use super::profile::timer;
 use super::rope::{rope, rope_in_place, rope_tables};
 use crate::error::Result;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -98,10 +98,7 @@ fn block_op(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, lora: &[Option<
         kept: Mutex::new(None),
     };
     op.shapes(x.shape())?;
-    Ok(Some(match packed {
-        Some(packed) => x.apply_op2(&packed, op)?,
-        None => x.apply_op1(op)?,
-    }))
+    Ok(Some(run_layer(&x, packed, op)?))
 }
 
 /// Reference implementation of [`decoder_block`]: the layer from the per-op kernels, as a layer
@@ -239,6 +236,11 @@ impl BlockOp {
         self.attn.strided_dims(&q, &k, dm.w, dm.w)
     }
 
+}
+
+impl LayerOp for BlockOp {
+    const NAME: &'static str = "decoder-block";
+
     fn fwd(&self, x: &[f32], shape: &Shape, p: &[f32]) -> Fwd {
         let dm = self.shapes(shape)?;
         let Dims { b, t, h, qw, kw, w, inter } = dm;
@@ -334,9 +336,9 @@ impl BlockOp {
         Ok((CpuStorage::F32(y), shape.clone()))
     }
 
-    /// The input gradient (when `x` takes part in the graph) and the packed LoRA gradient (when
-    /// there is one).
-    fn bwd(&self, x: &Tensor, packed: Option<&Tensor>, grad: &Tensor) -> Grads2 {
+    /// The input gradient (when `x` takes part in the graph) from the output gradient `grad`,
+    /// the packed LoRA gradient into `dp` from the packed values `p`.
+    fn bwd(&self, x: &Tensor, p: &[f32], dp: &mut [f32], grad: &Tensor) -> candle_core::Result<Option<Vec<f32>>> {
         let grad = grad.contiguous()?;
         let dm = self.shapes(x.shape())?;
         let Dims { b, t, h, qw, kw, w, inter } = dm;
@@ -348,12 +350,6 @@ impl BlockOp {
         // Below the feed-forward: needed for dx or for a LoRA on the attention's maps.
         let below_ffn = need_dx || (0..4).any(|j| s[j].is_some());
         let below_o = need_dx || (0..3).any(|j| s[j].is_some());
-        let mut dp = vec![0f32; packed.map(|p| p.elem_count()).unwrap_or(0)];
-        let p_data: Vec<f32> = match packed {
-            Some(p) => p.flatten_all()?.to_vec1::<f32>()?,
-            None => Vec::new(),
-        };
-        let p = &p_data[..];
         let missing = || err("decoder block: an activation the backward needs was not kept");
         let dx = with_data([x, &grad], |[xs, dy]| {
             // Down: dact = dy Wd (+ its LoRA).
@@ -361,7 +357,7 @@ impl BlockOp {
             input_grad(&mut dact, dy, &self.maps[6], false)?;
             if let Some(sl) = &s[6] {
                 let (u, act) = (k.u[6].as_ref().ok_or_else(missing)?, k.act.as_ref().ok_or_else(missing)?);
-                sl.backward(dy, h, act, u, p, &mut dp, Some(&mut dact));
+                sl.backward(dy, h, act, u, p, dp, Some(&mut dact));
             }
             // The gate.
             let (mut dg, mut du) = (vec![0f32; rows * inter], vec![0f32; rows * inter]);
@@ -380,7 +376,7 @@ impl BlockOp {
             for (j, dz) in [(4, &dg), (5, &du)] {
                 if let Some(sl) = &s[j] {
                     let (u, n2) = (k.u[j].as_ref().ok_or_else(missing)?, k.n2.as_ref().ok_or_else(missing)?);
-                    sl.backward(dz, inter, n2, u, p, &mut dp, below_ffn.then_some(&mut dn2[..]));
+                    sl.backward(dz, inter, n2, u, p, dp, below_ffn.then_some(&mut dn2[..]));
                 }
             }
             drop((dg, du));
@@ -402,7 +398,7 @@ impl BlockOp {
             }
             if let Some(sl) = &s[3] {
                 let (u, c) = (k.u[3].as_ref().ok_or_else(missing)?, k.ctx.as_ref().ok_or_else(missing)?);
-                sl.backward(&dh, h, c, u, p, &mut dp, below_o.then_some(&mut dc[..]));
+                sl.backward(&dh, h, c, u, p, dp, below_o.then_some(&mut dc[..]));
             }
             if !below_o {
                 return Ok(Vec::new());
@@ -439,7 +435,7 @@ impl BlockOp {
                 if let Some(sl) = &s[j] {
                     let (col, _) = Self::qkv_cols(&dm, j);
                     let (u, n1) = (k.u[j].as_ref().ok_or_else(missing)?, k.n1.as_ref().ok_or_else(missing)?);
-                    sl.backward(&dqkv[col..], w, n1, u, p, &mut dp, need_dx.then_some(&mut dn1[..]));
+                    sl.backward(&dqkv[col..], w, n1, u, p, dp, need_dx.then_some(&mut dn1[..]));
                 }
             }
             if need_dx {
@@ -448,55 +444,17 @@ impl BlockOp {
             }
             Ok(dh)
         })?;
-        let dx = if need_dx { Some(tensor_from(dx, x.shape().clone())?) } else { None };
-        let dp = match packed {
-            Some(p) if p.track_op() => Some(tensor_from(dp, p.shape().clone())?),
-            _ => None,
-        };
-        Ok((dx, dp))
-    }
-}
-
-impl CustomOp1 for BlockOp {
-    fn name(&self) -> &'static str {
-        "decoder-block"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Fwd {
-        self.fwd(slice(s, l)?, l.shape(), &[])
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(BlockOp::bwd(self, arg, None, grad)?.0)
-    }
-}
-
-impl CustomOp2 for BlockOp {
-    fn name(&self) -> &'static str {
-        "decoder-block"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Fwd {
-        self.fwd(slice(s1, l1)?, l1.shape(), slice(s2, l2)?)
-    }
-
-    fn bwd(&self, x: &Tensor, packed: &Tensor, _res: &Tensor, grad: &Tensor) -> Grads2 {
-        BlockOp::bwd(self, x, Some(packed), grad)
+        Ok(need_dx.then_some(dx))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::cpu::testing::{grad_diff, grads, max_diff, rand, var};
+    use crate::ops::cpu::testing::{check_layer, layer_lora, rand, var};
     use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Var};
+    use candle_core::Device;
     use std::sync::Arc;
-
-    fn rel(d: f32, t: &Tensor) -> f32 {
-        let scale = t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        d / scale.max(1e-12)
-    }
 
     /// Rotary tables for positions 0..t of heads of d (the decoder's layout: (t, 1, d)).
     fn tables(t: usize, d: usize) -> (Tensor, Tensor) {
@@ -530,18 +488,7 @@ mod tests {
             norm2: (((rand(&[h], 9) * 0.2).unwrap() + 1.0).unwrap(), 1e-6),
             rope: tables(t, d),
         };
-        let dims = |j: usize| block.linears[j].0.dims2().unwrap();
-        let vars: Vec<(usize, Var, Var)> = lora_on
-            .iter()
-            .map(|&j| {
-                let (out, inp) = dims(j);
-                (j, var(&[r, inp], 20 + j as u64, 0.3), var(&[out, r], 40 + j as u64, 0.3))
-            })
-            .collect();
-        let mut lora: [Option<LowRank>; 7] = Default::default();
-        for (j, a, bm) in &vars {
-            lora[*j] = Some((a.as_tensor().clone(), (bm.as_tensor() * 2.0).unwrap()));
-        }
+        let (vars, lora) = layer_lora::<7>(lora_on, |j| block.linears[j].0.dims2().unwrap(), r);
         let xv = var(&[b, t, h], 11, 1.0);
         let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
         let mut mask = vec![1f32; b * t];
@@ -549,22 +496,7 @@ mod tests {
         let key_bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
         let y1 = block_op(&x, &key_bias, &block, &lora).unwrap().expect("the engine applies");
         let y2 = decoder_block_composed(&x, &key_bias, &block, &lora).unwrap();
-        assert_eq!(max_diff(&y1, &y2), 0.0, "output differs");
-        let up = rand(&[b, t, h], 12);
-        let (g1, g2) = (grads(&y1, &up), grads(&y2, &up));
-        if x_grad {
-            let dd = grad_diff(&g1, &g2, &xv);
-            assert!(rel(dd, g2.get(xv.as_tensor()).unwrap()) <= 1e-4, "dx differs by {dd:e}");
-        } else {
-            assert!(g1.get(xv.as_tensor()).is_none());
-        }
-        for (j, a, bm) in &vars {
-            for v in [a, bm] {
-                let dd = grad_diff(&g1, &g2, v);
-                let reference = g2.get(v.as_tensor()).unwrap();
-                assert!(rel(dd, reference) <= 1e-4, "LoRA on {}: gradient differs by {dd:e}", DECODER_LINEARS[*j]);
-            }
-        }
+        check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS);
     }
 
     #[test]
