@@ -27,7 +27,10 @@ impl Session {
     /// waiting.
     pub fn fail(self, e: &anyhow::Error) -> ExitCode {
         let w = self.collective();
-        eprintln!("rank {} of {}: error: {e:#}", w.rank(), w.size());
+        // One write of the whole line: stderr is unbuffered, so a formatted print would go out in
+        // pieces, and the launcher may forward another rank's output between them.
+        let line = format!("rank {} of {}: error: {e:#}\n", w.rank(), w.size());
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
         let agreed = e.chain().any(|c| matches!(c.downcast_ref::<deltatune::Error>(), Some(deltatune::Error::AllRanksStopped(_))));
         if agreed {
             drop(self);
