@@ -122,8 +122,8 @@ fn block_op(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, lora: &[Option<
 pub(super) trait LayerOp: Send + Sync + 'static {
     const NAME: &'static str;
     fn fwd(&self, x: &[f32], shape: &Shape, p: &[f32]) -> Fwd;
-    /// The input gradient when `x` takes part in a graph (else `None`); the packed gradient into
-    /// `dp` (zeros, the length of `p`).
+    /// The input gradient when `x` takes part in a graph (else `None`) from the output gradient
+    /// `grad` (contiguous); the packed gradient into `dp` (zeros, the length of `p`).
     fn bwd(&self, x: &Tensor, p: &[f32], dp: &mut [f32], grad: &Tensor) -> candle_core::Result<Option<Vec<f32>>>;
 }
 
@@ -145,7 +145,7 @@ impl<K: LayerOp> Layer<K> {
             None => Vec::new(),
         };
         let mut dp = vec![0f32; p.len()];
-        let dx = self.0.bwd(x, &p, &mut dp, grad)?;
+        let dx = self.0.bwd(x, &p, &mut dp, &grad.contiguous()?)?;
         let dx = match dx {
             Some(dx) if x.track_op() => Some(tensor_from(dx, x.shape().clone())?),
             _ => None,
@@ -319,7 +319,7 @@ struct BlockOp {
 }
 
 /// `y = x Wᵀ + b` for a frozen map into a fresh buffer.
-fn dense(x: &[f32], in_dim: usize, (w, b): &Dense) -> candle_core::Result<Vec<f32>> {
+pub(super) fn dense(x: &[f32], in_dim: usize, (w, b): &Dense) -> candle_core::Result<Vec<f32>> {
     let out_dim = w.dim(0)?;
     let rows = x.len() / in_dim.max(1);
     let mut y = vec![0f32; rows * out_dim];
@@ -343,7 +343,6 @@ impl BlockOp {
         }
         Ok((b, t, h, inter))
     }
-
 }
 
 impl LayerOp for BlockOp {
@@ -432,14 +431,13 @@ impl LayerOp for BlockOp {
     /// The input gradient (when `x` takes part in the graph) from the output gradient `grad`,
     /// the packed LoRA gradient into `dp` from the packed values `p`.
     fn bwd(&self, x: &Tensor, p: &[f32], dp: &mut [f32], grad: &Tensor) -> candle_core::Result<Option<Vec<f32>>> {
-        let grad = grad.contiguous()?;
         let (b, t, h, inter) = self.shapes(x.shape())?;
         let rows = b * t;
         let kept = self.kept.lock().map_err(|_| err("encoder block: poisoned lock"))?;
         let k = kept.as_ref().ok_or_else(|| err("encoder block: backward without forward"))?;
         let s = &self.slots;
         let need_dx = x.track_op();
-        let dx = with_data([x, &grad], |[xs, dy]| {
+        let dx = with_data([x, grad], |[xs, dy]| {
             // Second residual norm: dh2 through its dropout, da from the residual.
             let (mut dh2, mut da) = (vec![0f32; rows * h], vec![0f32; rows * h]);
             {

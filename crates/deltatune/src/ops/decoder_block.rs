@@ -27,7 +27,7 @@ use super::activation::{swiglu, swiglu_grad_into, swiglu_into};
 use super::attention::{causal_attention, Attention};
 use super::block::{engine_enabled, pack_lora, run_layer, LayerOp, LowRank, Slot};
 use super::cpu::{err, fused_ok, gemm, with_data, Fwd, Gemm, Mat, Out, SyncPtr};
-use super::linear::{dense_into, input_grad_into, linear, lora_linear, lora_qlinear, qlinear, FrozenWeight};
+use super::linear::{input_grad_into, linear, lora_linear, lora_qlinear, qlinear, FrozenWeight};
 use super::norm::{rms_norm, rms_norm_grad_add, rms_norm_into};
 use super::profile::timer;
 use super::rope::{rope, rope_in_place, rope_tables};
@@ -188,14 +188,7 @@ struct Dims {
 /// `y = x Wᵀ (+ b)` for a frozen map into a fresh buffer (the weight dequantized if need be).
 fn dense(x: &[f32], in_dim: usize, (w, b): &(FrozenWeight, Option<Tensor>)) -> candle_core::Result<Vec<f32>> {
     let _prof = timer("decoder-linear", "fwd");
-    let w = w.dense()?;
-    let out_dim = w.dim(0)?;
-    let mut y = vec![0f32; x.len() / in_dim.max(1) * out_dim];
-    match b {
-        Some(b) => with_data([&w, b], |[ws, bs]| dense_into(&mut y, x, in_dim, ws, out_dim, Some(bs)))?,
-        None => with_data([&w], |[ws]| dense_into(&mut y, x, in_dim, ws, out_dim, None))?,
-    }
-    Ok(y)
+    super::block::dense(x, in_dim, &(w.dense()?, b.clone()))
 }
 
 /// `dx [+]= dy W` through a frozen map (the weight dequantized if need be).
@@ -339,7 +332,6 @@ impl LayerOp for BlockOp {
     /// The input gradient (when `x` takes part in the graph) from the output gradient `grad`,
     /// the packed LoRA gradient into `dp` from the packed values `p`.
     fn bwd(&self, x: &Tensor, p: &[f32], dp: &mut [f32], grad: &Tensor) -> candle_core::Result<Option<Vec<f32>>> {
-        let grad = grad.contiguous()?;
         let dm = self.shapes(x.shape())?;
         let Dims { b, t, h, qw, kw, w, inter } = dm;
         let rows = b * t;
@@ -351,7 +343,7 @@ impl LayerOp for BlockOp {
         let below_ffn = need_dx || (0..4).any(|j| s[j].is_some());
         let below_o = need_dx || (0..3).any(|j| s[j].is_some());
         let missing = || err("decoder block: an activation the backward needs was not kept");
-        let dx = with_data([x, &grad], |[xs, dy]| {
+        let dx = with_data([x, grad], |[xs, dy]| {
             // Down: dact = dy Wd (+ its LoRA).
             let mut dact = vec![0f32; rows * inter];
             input_grad(&mut dact, dy, &self.maps[6], false)?;
