@@ -311,28 +311,27 @@ mod deltas {
     }
 
     /// The block engine (one op per layer in training) against the module-by-module path on the
-    /// real quantized decoder: LoRA on all seven maps of the top three layers with B made
-    /// non-zero, two rows of different lengths (padding). The module-by-module path is forced by
-    /// routing every row to the delta (the engine declines routed batches; the maths is the same).
-    /// Loss and every LoRA gradient agree; the engine's own timers show that it ran.
-    #[test]
-    fn block_engine_matches_the_module_path_on_the_decoder() {
+    /// real quantized decoder with the deltas `specs` on it, every trained tensor moved off its
+    /// initial value (so LoRA's B is not zero, (IA)³'s scales not one, BitFit's biases not zero),
+    /// two rows of different lengths (padding). The module-by-module path is forced by routing
+    /// every row to every delta (the engine declines routed batches; the maths is the same). Loss
+    /// and every gradient agree; the engine's own timers show that it ran. The number of trained
+    /// tensors is `count`.
+    fn engine_against_modules(specs: &[&str], count: usize) {
         use deltatune::core::RowRoute;
         let Some(mut lm) = fresh() else {
-            eprintln!("SKIP block_engine_matches_the_module_path_on_the_decoder: decoder unavailable");
+            eprintln!("SKIP block engine test: decoder unavailable");
             return;
         };
-        let spec = DeltaSpec::parse_cli("lora:r=4,lora_alpha=8,target=q_proj+k_proj+v_proj+o_proj+gate_proj+up_proj+down_proj,layers=27-29").unwrap();
-        let name = spec.name.clone();
-        attach::attach(&mut lm.model, &[spec], AttachOptions { seed: 7, tokenizer: None }).unwrap();
+        let specs: Vec<_> = specs.iter().map(|s| DeltaSpec::parse_cli(s).unwrap()).collect();
+        attach::attach(&mut lm.model, &specs, AttachOptions { seed: 7, tokenizer: None }).unwrap();
         let vars = attach::trainable_vars(&lm.model);
-        assert_eq!(vars.len(), 3 * 7 * 2);
-        for (i, (n, v)) in vars.iter().enumerate() {
-            if n.contains("lora_B") {
-                let (o, r) = v.as_tensor().dims2().unwrap();
-                let vals: Vec<f32> = (0..o * r).map(|j| ((j * 7 + i * 13) % 17) as f32 * 0.004 - 0.032).collect();
-                v.set(&Tensor::from_vec(vals, (o, r), &Device::Cpu).unwrap()).unwrap();
-            }
+        assert_eq!(vars.len(), count, "{:?}", vars.iter().map(|v| &v.0).collect::<Vec<_>>());
+        for (i, (_, v)) in vars.iter().enumerate() {
+            let n = v.elem_count();
+            let step: Vec<f32> = (0..n).map(|j| ((j * 7 + i * 13) % 17) as f32 * 0.004 - 0.032).collect();
+            let step = Tensor::from_vec(step, v.dims(), &Device::Cpu).unwrap();
+            v.set(&(v.as_tensor() + step).unwrap()).unwrap();
         }
         let pairs = [
             LmPair { prompt: "Review: a wonderful, moving film\nSentiment:".into(), completion: " positive".into() },
@@ -341,7 +340,7 @@ mod deltas {
         let rows: Vec<_> = pairs.iter().map(|p| encode_pair(&lm.tokenizer, p, 64).unwrap()).collect();
         let batch = make_batch(&rows, 2, &Device::Cpu).unwrap();
         let train = ForwardCtx { train: true, ..ForwardCtx::eval() };
-        let route = RowRoute::new(2).with(name, 0, 2);
+        let route = specs.iter().fold(RowRoute::new(2), |r, s| r.with(s.name.clone(), 0, 2));
         let routed = ForwardCtx { route: Some(&route), ..train.clone() };
         deltatune::ops::profile::set_enabled(true);
         let run = |ctx: &ForwardCtx| {
@@ -362,6 +361,28 @@ mod deltas {
             let d = max_diff(a, b);
             assert!(d <= 1e-4 * scale, "{n}: gradients differ by {d:e} (scale {scale:e})");
         }
+    }
+
+    /// LoRA on all seven maps of the top three layers.
+    #[test]
+    fn block_engine_matches_the_module_path_on_the_decoder() {
+        engine_against_modules(&["lora:r=4,lora_alpha=8,target=q_proj+k_proj+v_proj+o_proj+gate_proj+up_proj+down_proj,layers=27-29"], 3 * 7 * 2);
+    }
+
+    /// (IA)³ with its defaults (outputs of k and v, input of down), BitFit on every map (biases
+    /// added to a Llama layer) and LayerNorm tuning of both norms, in the top two layers, with a
+    /// LoRA on o.
+    #[test]
+    fn block_engine_matches_the_module_path_with_ia3_bitfit_and_norms() {
+        engine_against_modules(
+            &[
+                "ia3:layers=28-29",
+                "bitfit:target=q_proj+k_proj+v_proj+o_proj+gate_proj+up_proj+down_proj,layers=28-29",
+                "ln_tuning:target=input_layernorm+post_attention_layernorm,layers=28-29",
+                "lora:r=2,target=o_proj,layers=28-29",
+            ],
+            2 * (3 + 7 + 2 + 2),
+        );
     }
 }
 

@@ -355,48 +355,57 @@ impl BertLayer {
 
 impl BertLayer {
     /// The layer as one op of the block engine ([`ops::encoder_block`]) when every delta on it is
-    /// a LoRA alone on one of its six linear maps, nothing else is attached anywhere in it, its
-    /// weights and norms are frozen, and a backward may follow (the input or a LoRA takes part in
-    /// a graph). `None`: the module-by-module path.
+    /// one the engine computes — a LoRA or an (IA)³ scale on one of its six linear maps (at most
+    /// one per map), trained biases or layer-norm parameters (BitFit, LayerNorm tuning) — nothing
+    /// is attached to its containers, its weights are frozen, and a backward may follow (the input
+    /// or a delta takes part in a graph). `None`: the module-by-module path.
     fn engine_forward(&self, x: &Tensor, bias: &Tensor, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
         if !ops::engine_enabled() || ctx.inference || ctx.route.is_some() || !matches!(self.intermediate.act, HiddenAct::Gelu) {
             return Ok(None);
         }
         let (att, sa) = (&self.attention, &self.attention.self_attn);
         let (o, out) = (&att.output, &self.output);
-        let containers = [&self.site, &att.site, &sa.site, &o.site, &o.layer_norm.site, &self.intermediate.site, &out.site, &out.layer_norm.site];
+        let containers = [&self.site, &att.site, &sa.site, &o.site, &self.intermediate.site, &out.site];
         if containers.iter().any(|s| s.has_active()) {
             return Ok(None);
         }
         let maps = [&sa.query, &sa.key, &sa.value, &o.dense, &self.intermediate.dense, &out.dense];
         let mut linears = Vec::with_capacity(6);
-        let mut lora: [Option<ops::LowRank>; 6] = Default::default();
+        let mut deltas: [ops::MapDelta; 6] = Default::default();
         for (j, m) in maps.iter().enumerate() {
             let s = &m.site;
-            let Some(pair) = s.engine_low_rank(ctx)? else { return Ok(None) };
-            lora[j] = pair;
-            let (w, b) = (s.require("weight", ctx)?, s.resolve("bias", ctx)?);
-            if w.track_op() || b.as_ref().is_some_and(|b| b.track_op()) {
-                return Ok(None); // a trained weight or bias (full fine-tuning, BitFit)
+            let Some(d) = s.engine_delta(ctx)? else { return Ok(None) };
+            deltas[j] = d;
+            let w = s.require("weight", ctx)?;
+            if w.track_op() {
+                return Ok(None); // a trained weight (full fine-tuning)
             }
-            linears.push((w, b));
-        }
-        if !x.track_op() && lora.iter().all(Option::is_none) {
-            return Ok(None);
+            linears.push((w, s.resolve("bias", ctx)?));
         }
         let Ok(linears) = <[ops::Dense; 6]>::try_from(linears) else { return Ok(None) };
-        let norm = |ln: &LayerNorm| -> Result<(Tensor, Tensor, f64)> {
-            Ok((ln.site.require("weight", ctx)?, ln.site.require("bias", ctx)?, ln.eps))
+        let norm = |ln: &LayerNorm| -> Result<Option<(Tensor, Tensor, f64)>> {
+            // Only parameter changes on a norm (BitFit, LayerNorm tuning).
+            match ln.site.engine_delta(ctx)? {
+                Some(d) if !d.is_some() => Ok(Some((ln.site.require("weight", ctx)?, ln.site.require("bias", ctx)?, ln.eps))),
+                _ => Ok(None),
+            }
         };
+        let (Some(ln1), Some(ln2)) = (norm(&o.layer_norm)?, norm(&out.layer_norm)?) else { return Ok(None) };
+        let trains = deltas.iter().any(ops::MapDelta::is_some)
+            || linears.iter().any(|(_, b)| b.as_ref().is_some_and(Tensor::track_op))
+            || [&ln1.0, &ln1.1, &ln2.0, &ln2.1].iter().any(|t| t.track_op());
+        if !x.track_op() && !trains {
+            return Ok(None);
+        }
         let drop = |p: f32, s: &Site| (ctx.train && p > 0.0).then(|| (p, s.dropout_key(ctx, 0)));
         let block = ops::EncoderBlock {
             heads: sa.heads,
             linears,
-            ln1: norm(&o.layer_norm)?,
-            ln2: norm(&out.layer_norm)?,
+            ln1,
+            ln2,
             dropout: [drop(sa.dropout, &sa.site), drop(o.dropout, &o.site), drop(out.dropout, &out.site)],
         };
-        Ok(Some(ops::encoder_block(x, bias, &block, &lora)?))
+        Ok(Some(ops::encoder_block(x, bias, &block, &deltas)?))
     }
 }
 

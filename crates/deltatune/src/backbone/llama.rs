@@ -1234,10 +1234,11 @@ impl LlamaModel {
 
     /// The layer as one op of the block engine ([`ops::decoder_block`]) when it is a plain
     /// Llama layer (q, k, v and gate, up as separate maps, SwiGLU; no q/k norms, query scale or
-    /// feed-forward norms; no sliding window reached), every delta on it is a LoRA alone on one of
-    /// its seven maps and nothing else is attached anywhere in it, its weights, biases and norms
-    /// are frozen, it trains (quantized weights are then multiplied dequantized, as the engine
-    /// does) and a backward may follow. `None`: the module-by-module path.
+    /// feed-forward norms; no sliding window reached), every delta on it is one the engine
+    /// computes — a LoRA or an (IA)³ scale on one of its seven maps (at most one per map), trained
+    /// biases or norm weights (BitFit, LayerNorm tuning) — nothing is attached to its containers,
+    /// its weights are frozen, it trains (quantized weights are then multiplied dequantized, as the
+    /// engine does) and a backward may follow. `None`: the module-by-module path.
     fn engine_forward(&self, l: &DecoderLayer, x: &Tensor, rope: &Rope, bias: &Tensor, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
         if !ops::engine_enabled() || !ctx.train || ctx.inference || ctx.route.is_some() {
             return Ok(None);
@@ -1256,38 +1257,44 @@ impl LlamaModel {
         if !plain || sa.window.is_some_and(|w| t > w) || bias.dims() != [b, t] {
             return Ok(None);
         }
-        let containers = [&l.site, &sa.site, &mlp.site, &l.input_layernorm.site, &l.post_attention_layernorm.site];
+        let containers = [&l.site, &sa.site, &mlp.site];
         if containers.iter().any(|s| s.has_active()) {
             return Ok(None);
         }
         let maps = [q_proj, k_proj, v_proj, &sa.o_proj, gate_proj, up_proj, &mlp.down_proj];
         let mut linears = Vec::with_capacity(maps.len());
-        let mut lora: [Option<ops::LowRank>; 7] = Default::default();
+        let mut deltas: [ops::MapDelta; 7] = Default::default();
         for (j, m) in maps.iter().enumerate() {
             let s = &m.site;
-            let Some(pair) = s.engine_low_rank(ctx)? else { return Ok(None) };
-            lora[j] = pair;
+            let Some(d) = s.engine_delta(ctx)? else { return Ok(None) };
+            deltas[j] = d;
             let weight = match s.quantized("weight") {
                 Some(q) => ops::FrozenWeight::Quant(q.clone()),
                 None => ops::FrozenWeight::Dense(s.require("weight", ctx)?),
             };
-            let b = s.resolve("bias", ctx)?;
-            if weight.trains() || b.as_ref().is_some_and(|b| b.track_op()) {
-                return Ok(None); // a trained weight or bias (full fine-tuning, BitFit)
+            if weight.trains() {
+                return Ok(None); // a trained weight (full fine-tuning)
             }
-            linears.push((weight, b));
-        }
-        if !x.track_op() && lora.iter().all(Option::is_none) {
-            return Ok(None);
+            linears.push((weight, s.resolve("bias", ctx)?));
         }
         let Ok(linears) = <[_; 7]>::try_from(linears) else { return Ok(None) };
-        let norm = |n: &RmsNorm| -> Result<(Tensor, f64)> { Ok((n.site.require("weight", ctx)?, n.eps)) };
-        let (norm1, norm2) = (norm(&l.input_layernorm)?, norm(&l.post_attention_layernorm)?);
-        if norm1.0.track_op() || norm2.0.track_op() {
+        let norm = |n: &RmsNorm| -> Result<Option<(Tensor, f64)>> {
+            // Only parameter changes on a norm (LayerNorm tuning).
+            match n.site.engine_delta(ctx)? {
+                Some(d) if !d.is_some() => Ok(Some((n.site.require("weight", ctx)?, n.eps))),
+                _ => Ok(None),
+            }
+        };
+        let (Some(norm1), Some(norm2)) = (norm(&l.input_layernorm)?, norm(&l.post_attention_layernorm)?) else { return Ok(None) };
+        let trains = deltas.iter().any(ops::MapDelta::is_some)
+            || linears.iter().any(|(_, b)| b.as_ref().is_some_and(Tensor::track_op))
+            || norm1.0.track_op()
+            || norm2.0.track_op();
+        if !x.track_op() && !trains {
             return Ok(None);
         }
         let block = ops::DecoderBlock { heads: sa.heads, kv_heads: sa.kv_heads, head_dim: sa.head_dim, linears, norm1, norm2, rope: rope.clone() };
-        Ok(Some(ops::decoder_block(x, bias, &block, &lora)?))
+        Ok(Some(ops::decoder_block(x, bias, &block, &deltas)?))
     }
 
     /// Next-token logits (..., vocab) from final hidden states (..., h).

@@ -87,6 +87,13 @@ pub trait Delta: std::fmt::Debug + Send + Sync {
         Ok(None)
     }
 
+    /// What this delta amounts to in this forward when a block engine can compute it itself
+    /// (see [`EngineHook`]); `None` sends the layer module by module. The default: a plain
+    /// low-rank update ([`Self::low_rank`]) or nothing an engine runs.
+    fn engine_hook(&self, h: &HookCtx) -> Result<Option<EngineHook>> {
+        Ok(self.low_rank(h)?.map(|(a, b)| EngineHook::LowRank(a, b)))
+    }
+
     /// Replaces a base parameter of the site (`weight`, `bias`) for this forward: specification
     /// methods (BitFit, LayerNorm tuning, fine-tuning). `base` is the current value, if any.
     fn reparam(&self, _name: &str, _base: Option<&Tensor>, _h: &HookCtx) -> Result<Option<Tensor>> {
@@ -115,6 +122,22 @@ pub trait Delta: std::fmt::Debug + Send + Sync {
     fn merged(&self, _base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {
         Ok(None)
     }
+}
+
+/// A delta as a block engine runs it on a linear map or a norm (the engine computes its forward
+/// and backward itself instead of calling the hooks).
+#[derive(Clone, Debug)]
+pub enum EngineHook {
+    /// `post` is exactly `y + (x Aᵀ) Bᵀ` (see [`Delta::low_rank`]).
+    LowRank(Tensor, Tensor),
+    /// `pre` is exactly `l ⊙ x` over the last dimension, `post` does nothing ((IA)³ on a
+    /// feed-forward map); `l` flat, with any gate folded in.
+    ScaleIn(Tensor),
+    /// `post` is exactly `l ⊙ y` over the last dimension (bias included), `pre` does nothing.
+    ScaleOut(Tensor),
+    /// No hook: the delta only changes the site's parameters through [`Delta::reparam`], which
+    /// the site resolves (BitFit, LayerNorm tuning).
+    Reparam,
 }
 
 /// One delta as attached to a site.

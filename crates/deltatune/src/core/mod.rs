@@ -11,7 +11,7 @@ pub mod site;
 pub mod tree;
 
 pub use backbone::Backbone;
-pub use delta::{Attached, BackboneInfo, Delta, GroupTensors, GroupTrainer, HookCtx};
+pub use delta::{Attached, BackboneInfo, Delta, EngineHook, GroupTensors, GroupTrainer, HookCtx};
 pub use forward::{l2_normalize, mean_pool, ForwardCtx, ModelOutput, Pooling, RowRoute};
 pub use site::{Site, SiteKind};
 pub use tree::{fmt_count, fold_paths, ModuleTree, SiteInfo};

@@ -4,7 +4,7 @@
 //! `Tensor`s (never variables), so no gradient is computed for them unless a delta replaces them
 //! with trainable copies.
 
-use super::delta::{Attached, HookCtx};
+use super::delta::{Attached, EngineHook, HookCtx};
 use super::forward::ForwardCtx;
 use crate::error::{Error, Result};
 use crate::ops::{hash_str, DropoutKey};
@@ -269,14 +269,28 @@ impl Site {
         a.delta.low_rank(&self.hook_ctx(i, a, ctx)?)
     }
 
-    /// What a block engine may run here: `Some(None)` with no active delta, `Some(Some((A, B)))`
-    /// when the only one is a plain low-rank update ([`Self::sole_low_rank`]), `None` when
-    /// anything else is attached (the layer then runs module by module).
-    pub fn engine_low_rank(&self, ctx: &ForwardCtx) -> Result<Option<Option<(Tensor, Tensor)>>> {
-        if !self.has_active() {
-            return Ok(Some(None));
+    /// What a block engine runs at this site besides its (resolved) parameters: `None` when a
+    /// delta here is one no engine computes, or runs on some rows only; else the site's low-rank
+    /// update or (IA)³ scale — at most one of them — with any number of deltas that only change
+    /// the parameters ([`EngineHook::Reparam`]: BitFit, LayerNorm tuning), which
+    /// [`Self::resolve`] applies.
+    pub fn engine_delta(&self, ctx: &ForwardCtx) -> Result<Option<crate::ops::MapDelta>> {
+        let mut out = crate::ops::MapDelta::default();
+        for (i, a) in self.active() {
+            if self.rows(a, ctx) != Rows::All {
+                return Ok(None);
+            }
+            let hook = a.delta.engine_hook(&self.hook_ctx(i, a, ctx)?)?;
+            let taken = out.lora.is_some() || out.scale.is_some();
+            match hook {
+                Some(EngineHook::Reparam) => {}
+                Some(EngineHook::LowRank(a, b)) if !taken => out.lora = Some((a, b)),
+                Some(EngineHook::ScaleIn(l)) if !taken => out.scale = Some(crate::ops::Scale::In(l)),
+                Some(EngineHook::ScaleOut(l)) if !taken => out.scale = Some(crate::ops::Scale::Out(l)),
+                _ => return Ok(None),
+            }
         }
-        Ok(self.sole_low_rank(ctx)?.map(Some))
+        Ok(Some(out))
     }
 
     /// Whether any delta would run at this site.

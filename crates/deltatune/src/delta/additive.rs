@@ -2,7 +2,7 @@
 //! additive, zero-initialised updates ([`super::bitfit`], [`super::ln_tuning`]): a fresh delta is
 //! an exact no-op, can be gated by the structure search, and merges exactly. Not a method itself.
 
-use crate::core::{Delta, HookCtx};
+use crate::core::{Delta, EngineHook, HookCtx};
 use crate::error::Result;
 use candle_core::{Tensor, Var};
 
@@ -47,6 +47,10 @@ impl Delta for Additive {
             Some(b) => crate::ops::add_frozen(&d, b)?,
             None => d,
         }))
+    }
+
+    fn engine_hook(&self, _h: &HookCtx) -> Result<Option<EngineHook>> {
+        Ok(Some(EngineHook::Reparam))
     }
 
     fn merged(&self, base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {

@@ -9,7 +9,7 @@ use super::method::{site_dims, BuildCtx, Family, Method};
 use super::peft_fields::{PeftIn, PeftOut, PEFT_VERSION};
 use super::targets::{is_decoder, targets, TargetModules, Targets};
 use crate::core::init;
-use crate::core::{Delta, HookCtx, Site, SiteKind};
+use crate::core::{Delta, EngineHook, HookCtx, Site, SiteKind};
 use crate::error::{Error, Result};
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -145,6 +145,11 @@ impl Delta for Ia3 {
             return Ok(None);
         }
         Ok(Some(crate::ops::scale_last(y, &self.vector(h)?)?))
+    }
+
+    fn engine_hook(&self, h: &HookCtx) -> Result<Option<EngineHook>> {
+        let l = self.vector(h)?;
+        Ok(Some(if self.feedforward { EngineHook::ScaleIn(l) } else { EngineHook::ScaleOut(l) }))
     }
 
     fn merged(&self, base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {

@@ -21,7 +21,10 @@
 
 use super::activation::{gelu, gelu_grad_into, gelu_into};
 use super::attention::{attention, Attention};
-use super::cpu::{err, fused_ok, gemm, slice, tensor_from, with_data, Fwd, Gemm, Grads2, Mat, Out, SyncPtr};
+use super::combine::scale_last;
+use super::cpu::{err, fused_ok, gemm, slice, tensor_from, with_data, Fwd, Gemm, Grads2, Mat, SyncPtr};
+use super::engine_hooks::{MapDelta, MapHooks, Pack, Scale};
+pub use super::engine_hooks::LowRank;
 use super::linear::{dense_into, input_grad_into, linear, linear_gelu, lora_linear};
 use super::norm::{residual_layer_norm, ResidualLayerNorm};
 use super::profile::timer;
@@ -58,32 +61,36 @@ pub struct EncoderBlock {
     pub dropout: [Option<(f32, DropoutKey)>; 3],
 }
 
-/// A LoRA on one of the six maps: `a` (r, in) and `bm` (out, r), the scale folded into `bm`.
-pub type LowRank = (Tensor, Tensor);
-
-/// The encoder layer `x` (b, t, h) → (b, t, h) with the key mask `key_bias` (b, t) and LoRA on
-/// any of its linear maps (`lora[j]` for map j of [`BLOCK_LINEARS`]), as one op (see the module
-/// docs). Falls back to [`encoder_block_composed`] off the CPU, with the engine switched off, or
-/// when a weight or norm trains.
-pub fn encoder_block(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, lora: &[Option<LowRank>; 6]) -> Result<Tensor> {
-    match block_op(x, key_bias, block, lora)? {
+/// The encoder layer `x` (b, t, h) → (b, t, h) with the key mask `key_bias` (b, t) and the
+/// deltas `deltas[j]` on map j of [`BLOCK_LINEARS`] (a LoRA or an (IA)³ scale), trained biases
+/// or norm parameters where those tensors take part in a graph (BitFit, LayerNorm tuning), as one
+/// op (see the module docs). Falls back to [`encoder_block_composed`] off the CPU, with the engine
+/// switched off, when a weight trains, or with an input scale on q, k or v (the three share their
+/// input).
+pub fn encoder_block(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, deltas: &[MapDelta; 6]) -> Result<Tensor> {
+    match block_op(x, key_bias, block, deltas)? {
         Some(y) => Ok(y),
-        None => encoder_block_composed(x, key_bias, block, lora),
+        None => encoder_block_composed(x, key_bias, block, deltas),
     }
 }
 
 /// The engine's op, or `None` where it does not apply.
-fn block_op(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, lora: &[Option<LowRank>; 6]) -> Result<Option<Tensor>> {
-    let frozen = block.linears.iter().all(|(w, b)| !w.track_op() && b.as_ref().is_none_or(|b| !b.track_op()))
-        && [&block.ln1.0, &block.ln1.1, &block.ln2.0, &block.ln2.1].iter().all(|t| !t.track_op());
-    if !(fused_ok(x) && engine_enabled() && frozen && x.rank() == 3) {
+fn block_op(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, deltas: &[MapDelta; 6]) -> Result<Option<Tensor>> {
+    let frozen = block.linears.iter().all(|(w, _)| !w.track_op());
+    let shared_input_scaled = deltas[..3].iter().any(|d| matches!(d.scale, Some(Scale::In(_))));
+    if !(fused_ok(x) && engine_enabled() && frozen && !shared_input_scaled && x.rank() == 3) {
         return Ok(None);
     }
     let x = x.contiguous()?;
     let (b, t, h) = x.dims3()?;
     let elems = b * t * h;
-    let dims = block.linears.iter().map(|(w, _)| w.dims2()).collect::<candle_core::Result<Vec<_>>>()?;
-    let (slots, packed) = pack_lora("encoder block", &BLOCK_LINEARS, &dims, lora)?;
+    let mut pack = Pack::default();
+    let mut hooks = Vec::with_capacity(6);
+    for (j, ((w, bias), d)) in block.linears.iter().zip(deltas).enumerate() {
+        hooks.push(MapHooks::new("encoder block", BLOCK_LINEARS[j], w.dims2()?, d, bias.as_ref(), &mut pack)?);
+    }
+    let ln_at = [(pack.trained(&block.ln1.0)?, pack.trained(&block.ln1.1)?), (pack.trained(&block.ln2.0)?, pack.trained(&block.ln2.1)?)];
+    let packed = pack.finish()?;
     let [q, k, v, o, i, out] = &block.linears;
     let wqkv = Tensor::cat(&[&q.0, &k.0, &v.0], 0)?.contiguous()?;
     // A bias on some of q, k, v but not all: zeros for the others.
@@ -110,7 +117,8 @@ fn block_op(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, lora: &[Option<
         ln1: ResidualLayerNorm::new(block.ln1.2, d_o, elems, block.ln1.0.contiguous()?, block.ln1.1.contiguous()?),
         ln2: ResidualLayerNorm::new(block.ln2.2, d_out, elems, block.ln2.0.contiguous()?, block.ln2.1.contiguous()?),
         attn: Attention::bidirectional(block.heads, probs, key_bias.to_dtype(candle_core::DType::F32)?.contiguous()?),
-        slots,
+        hooks,
+        ln_at,
         kept: Mutex::new(None),
     };
     Ok(Some(run_layer(&x, packed, op)?))
@@ -186,102 +194,35 @@ impl<K: LayerOp> CustomOp2 for Layer<K> {
     }
 }
 
-/// A block's LoRA matrices as one packed vector (each map's flattened A then B, in the order of
-/// the maps) and where each map's sit in it; `dims[j]` is map j's weight (out, in). `None` for
-/// the vector when no map has a LoRA.
-pub(super) fn pack_lora(what: &str, names: &[&str], dims: &[(usize, usize)], lora: &[Option<LowRank>]) -> Result<(Vec<Option<Slot>>, Option<Tensor>)> {
-    let mut parts = Vec::new();
-    let mut slots = vec![None; lora.len()];
-    let mut off = 0;
-    for (j, l) in lora.iter().enumerate() {
-        let Some((a, bm)) = l else { continue };
-        let (r, in_dim) = a.dims2()?;
-        let (out_dim, r2) = bm.dims2()?;
-        let (w_out, w_in) = dims[j];
-        if r2 != r || in_dim != w_in || out_dim != w_out {
-            return Err(err(format!("{what}: LoRA on {} is A {:?}, B {:?} for a weight ({w_out}, {w_in})", names[j], a.shape(), bm.shape())).into());
-        }
-        slots[j] = Some(Slot { r, in_dim, out_dim, a_at: off, b_at: off + r * in_dim });
-        off += r * (in_dim + out_dim);
-        parts.push(a.flatten_all()?);
-        parts.push(bm.flatten_all()?);
-    }
-    let packed = if parts.is_empty() { None } else { Some(Tensor::cat(&parts, 0)?) };
-    Ok((slots, packed))
-}
-
 /// Reference implementation of [`encoder_block`]: the layer from the per-op kernels (the path a
 /// layer takes without the engine).
-pub fn encoder_block_composed(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, lora: &[Option<LowRank>; 6]) -> Result<Tensor> {
+pub fn encoder_block_composed(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, deltas: &[MapDelta; 6]) -> Result<Tensor> {
     let map = |j: usize, x: &Tensor| -> Result<Tensor> {
         let (w, b) = &block.linears[j];
-        match &lora[j] {
+        composed_map(x, deltas, j, |x| match &deltas[j].lora {
             Some((a, bm)) => lora_linear(x, w, b.as_ref(), a, bm),
             None => linear(x, w, b.as_ref()),
-        }
+        })
     };
     let (q, k, v) = (map(0, x)?, map(1, x)?, map(2, x)?);
     let c = attention(&q, &k, &v, key_bias, block.heads, block.dropout[0])?;
     let h1 = map(3, &c)?;
     let a = residual_layer_norm(&h1, x, &block.ln1.0, &block.ln1.1, block.ln1.2, block.dropout[1])?;
-    let g = match &lora[4] {
-        Some(_) => gelu(&map(4, &a)?)?,
-        None => linear_gelu(&a, &block.linears[4].0, block.linears[4].1.as_ref())?,
+    let g = match deltas[4].is_some() {
+        true => gelu(&map(4, &a)?)?,
+        false => linear_gelu(&a, &block.linears[4].0, block.linears[4].1.as_ref())?,
     };
     let h2 = map(5, &g)?;
     residual_layer_norm(&h2, &a, &block.ln2.0, &block.ln2.1, block.ln2.2, block.dropout[2])
 }
 
-/// Where one map's LoRA sits in the packed vector.
-#[derive(Clone, Copy)]
-pub(super) struct Slot {
-    r: usize,
-    in_dim: usize,
-    out_dim: usize,
-    a_at: usize,
-    b_at: usize,
-}
-
-impl Slot {
-    fn a<'a>(&self, p: &'a [f32]) -> &'a [f32] {
-        &p[self.a_at..self.a_at + self.r * self.in_dim]
-    }
-    fn b<'a>(&self, p: &'a [f32]) -> &'a [f32] {
-        &p[self.b_at..self.b_at + self.out_dim * self.r]
-    }
-
-    /// Forward: `u = x Aᵀ` (rows × r, returned), then `u Bᵀ` added to the columns `col..col + out`
-    /// of `y` (rows `ys` apart) — the update computed into a buffer of its own and added once, as
-    /// the LoRA op does.
-    pub(super) fn forward(&self, x: &[f32], p: &[f32], y: &mut [f32], ys: usize, col: usize) -> Vec<f32> {
-        let _prof = timer("block-lora", "fwd");
-        let Slot { r, in_dim, out_dim, .. } = *self;
-        let rows = x.len() / in_dim.max(1);
-        let mut u = vec![0f32; rows * r];
-        gemm(Out::rm(&mut u, r), [rows, r, in_dim], Mat::rm(x, in_dim), Mat::rm_t(self.a(p), in_dim), Gemm::PARALLEL);
-        let mut d = vec![0f32; rows * out_dim];
-        gemm(Out::rm(&mut d, out_dim), [rows, out_dim, r], Mat::rm(&u, r), Mat::rm_t(self.b(p), r), Gemm::PARALLEL);
-        y.par_chunks_mut(ys).zip(d.par_chunks(out_dim)).for_each(|(yr, dr)| {
-            yr[col..col + out_dim].iter_mut().zip(dr).for_each(|(y, d)| *y += d);
-        });
-        u
-    }
-
-    /// Backward from `dy` (rows `ds` apart, from its first element): `dA = (dy B)ᵀ x` and
-    /// `dB = dyᵀ u` into the packed gradient `dp`, and `dx += (dy B) A` when asked.
-    pub(super) fn backward(&self, dy: &[f32], ds: usize, x: &[f32], u: &[f32], p: &[f32], dp: &mut [f32], dx: Option<&mut [f32]>) {
-        let _prof = timer("block-lora", "bwd");
-        let Slot { r, in_dim, out_dim, .. } = *self;
-        let rows = x.len() / in_dim.max(1);
-        let mut gu = vec![0f32; rows * r];
-        gemm(Out::rm(&mut gu, r), [rows, r, out_dim], Mat::rm(dy, ds), Mat::rm(self.b(p), r), Gemm::PARALLEL);
-        if let Some(dx) = dx {
-            gemm(Out::rm(dx, in_dim), [rows, in_dim, r], Mat::rm(&gu, r), Mat::rm(self.a(p), in_dim), Gemm::PARALLEL.accumulate(true));
-        }
-        let da = &mut dp[self.a_at..self.a_at + r * in_dim];
-        gemm(Out::rm(da, in_dim), [r, in_dim, rows], Mat::rm_t(&gu, r), Mat::rm(x, in_dim), Gemm::PARALLEL);
-        let db = &mut dp[self.b_at..self.b_at + out_dim * r];
-        gemm(Out::rm(db, r), [out_dim, r, rows], Mat::rm_t(dy, ds), Mat::rm(u, r), Gemm::PARALLEL);
+/// Map j's output from its input in the composed path, `product` being the map (with any LoRA):
+/// its (IA)³ scale applied to the input or the output as the hooks do.
+pub(super) fn composed_map(x: &Tensor, deltas: &[MapDelta], j: usize, product: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    match &deltas[j].scale {
+        Some(Scale::In(l)) => product(&scale_last(x, l)?),
+        Some(Scale::Out(l)) => scale_last(&product(x)?, l),
+        None => product(x),
     }
 }
 
@@ -289,7 +230,7 @@ impl Slot {
 struct Kept {
     /// q, k, v side by side (rows × 3h).
     qkv: Vec<f32>,
-    /// The attention context (rows × h), when a LoRA on the attention output needs it.
+    /// The attention context (rows × h), when a delta on the attention output reads it.
     ctx: Option<Vec<f32>>,
     /// The attention output projection before dropout and the residual sum (rows × h).
     h1: Vec<f32>,
@@ -297,12 +238,14 @@ struct Kept {
     a: Vec<f32>,
     /// GELU's input (rows × i).
     pre: Vec<f32>,
-    /// GELU's output (rows × i), when a LoRA on the output map needs it.
+    /// GELU's output (rows × i), when a delta on the output map reads it.
     g: Option<Vec<f32>>,
     /// The output map before dropout and the residual sum (rows × h).
     h2: Vec<f32>,
     /// Each LoRA's `x Aᵀ`.
     u: [Option<Vec<f32>>; 6],
+    /// Each trained output scale's unscaled output.
+    y0: [Option<Vec<f32>>; 6],
 }
 
 struct BlockOp {
@@ -314,7 +257,10 @@ struct BlockOp {
     ln1: ResidualLayerNorm,
     ln2: ResidualLayerNorm,
     attn: Attention,
-    slots: Vec<Option<Slot>>,
+    /// The deltas on the six maps.
+    hooks: Vec<MapHooks>,
+    /// Where the two norms' γ and β gradients go, when they train.
+    ln_at: [(Option<usize>, Option<usize>); 2],
     kept: Mutex<Option<Kept>>,
 }
 
@@ -350,8 +296,9 @@ impl LayerOp for BlockOp {
 
     fn fwd(&self, x: &[f32], shape: &Shape, p: &[f32]) -> Fwd {
         let (b, t, h, _) = self.shapes(shape)?;
-        let s = &self.slots;
+        let s = &self.hooks;
         let mut u: [Option<Vec<f32>>; 6] = Default::default();
+        let mut y0: [Option<Vec<f32>>; 6] = Default::default();
         // q, k, v side by side: each map's product into its column block (three products, not
         // one with the stacked weights, so that every number is the per-op path's — a longer
         // output row may change `gemm`'s blocking and so its rounding), then any LoRA onto it.
@@ -376,9 +323,10 @@ impl LayerOp for BlockOp {
             }
         }
         for j in 0..3 {
-            if let Some(sl) = &s[j] {
+            if let Some(sl) = &s[j].lora {
                 u[j] = Some(sl.forward(x, p, &mut qkv, 3 * h, j * h));
             }
+            y0[j] = s[j].scale_output(&mut qkv, 3 * h, j * h);
         }
         let dm = self.attn.strided_dims(shape, shape, 3 * h, 3 * h)?;
         let mut c = vec![0f32; b * t * h];
@@ -386,71 +334,69 @@ impl LayerOp for BlockOp {
             let _prof = timer("attention", "fwd");
             self.attn.forward_into(&dm, &qkv, &qkv[h..], &qkv[2 * h..], &mut c)?;
         }
-        let mut h1 = {
-            let _prof = timer("frozen-linear", "fwd");
-            dense(&c, h, &self.o)?
+        // Map j on its input `x` (of width `w`): the input scale, the product, the LoRA, the
+        // output scale.
+        let mut map = |j: usize, x: &[f32], w: usize, d: &Dense| -> candle_core::Result<Vec<f32>> {
+            let mut y = {
+                let _prof = timer("frozen-linear", "fwd");
+                dense(s[j].scaled_input(x).as_deref().unwrap_or(x), w, d)?
+            };
+            let out = d.0.dim(0)?;
+            if let Some(sl) = &s[j].lora {
+                u[j] = Some(sl.forward(x, p, &mut y, out, 0));
+            }
+            y0[j] = s[j].scale_output(&mut y, out, 0);
+            Ok(y)
         };
-        if let Some(sl) = &s[3] {
-            u[3] = Some(sl.forward(&c, p, &mut h1, h, 0));
-        }
+        let h1 = map(3, &c, h, &self.o)?;
         let mut a = vec![0f32; h1.len()];
         {
             let _prof = timer("residual-layer-norm", "fwd");
             self.ln1.forward_into(&mut a, &h1, x, h)?;
         }
-        let mut pre = {
-            let _prof = timer("frozen-linear", "fwd");
-            dense(&a, h, &self.inter)?
-        };
+        let pre = map(4, &a, h, &self.inter)?;
         let inter = self.inter.0.dim(0)?;
-        if let Some(sl) = &s[4] {
-            u[4] = Some(sl.forward(&a, p, &mut pre, inter, 0));
-        }
         let mut g = vec![0f32; pre.len()];
         {
             let _prof = timer("gelu-erf", "fwd");
             gelu_into(&mut g, &pre);
         }
-        let mut h2 = {
-            let _prof = timer("frozen-linear", "fwd");
-            dense(&g, inter, &self.out)?
-        };
-        if let Some(sl) = &s[5] {
-            u[5] = Some(sl.forward(&g, p, &mut h2, h, 0));
-        }
+        let h2 = map(5, &g, inter, &self.out)?;
         let mut y = vec![0f32; h2.len()];
         {
             let _prof = timer("residual-layer-norm", "fwd");
             self.ln2.forward_into(&mut y, &h2, &a, h)?;
         }
-        let kept = Kept { qkv, ctx: s[3].is_some().then_some(c), h1, a, pre, g: s[5].is_some().then_some(g), h2, u };
+        let kept = Kept { qkv, ctx: s[3].needs_input().then_some(c), h1, a, pre, g: s[5].needs_input().then_some(g), h2, u, y0 };
         *self.kept.lock().map_err(|_| err("encoder block: poisoned lock"))? = Some(kept);
         Ok((CpuStorage::F32(y), shape.clone()))
     }
 
     /// The input gradient (when `x` takes part in the graph) from the output gradient `grad`,
-    /// the packed LoRA gradient into `dp` from the packed values `p`.
+    /// the packed gradient (LoRAs, scales, biases, norms) into `dp` from the packed values `p`.
     fn bwd(&self, x: &Tensor, p: &[f32], dp: &mut [f32], grad: &Tensor) -> candle_core::Result<Option<Vec<f32>>> {
         let (b, t, h, inter) = self.shapes(x.shape())?;
         let rows = b * t;
         let kept = self.kept.lock().map_err(|_| err("encoder block: poisoned lock"))?;
         let k = kept.as_ref().ok_or_else(|| err("encoder block: backward without forward"))?;
-        let s = &self.slots;
+        let s = &self.hooks;
         let need_dx = x.track_op();
         let dx = with_data([x, grad], |[xs, dy]| {
-            // Second residual norm: dh2 through its dropout, da from the residual.
+            // Second residual norm: dh2 through its dropout, da from the residual; γ, β.
             let (mut dh2, mut da) = (vec![0f32; rows * h], vec![0f32; rows * h]);
             {
                 let _prof = timer("residual-layer-norm", "bwd");
                 self.ln2.backward_into(&mut dh2, &mut da, &k.h2, &k.a, dy)?;
+                self.ln2.param_grads_into(dp, self.ln_at[1], &k.h2, &k.a, dy)?;
             }
-            // Output map: dg = dh2 W_out (+ its LoRA).
+            // Output map: its scale and bias, dg = dh2 W_out (+ its LoRA).
+            s[5].output_grads(&mut dh2, h, 0, h, k.y0[5].as_deref(), dp)?;
             let mut dg = vec![0f32; rows * inter];
             {
                 let _prof = timer("frozen-linear", "bwd");
-                input_grad_into(&mut dg, &dh2, &self.out.0, false)?;
+                s[5].input_grad(&mut dg, false, k.g.as_deref(), dp, |buf, acc| input_grad_into(buf, &dh2, &self.out.0, acc))?;
             }
-            if let (Some(sl), Some(u), Some(g)) = (&s[5], &k.u[5], &k.g) {
+            if let (Some(sl), Some(u), Some(g)) = (&s[5].lora, &k.u[5], &k.g) {
                 sl.backward(&dh2, h, g, u, p, dp, Some(&mut dg));
             }
             drop(dh2);
@@ -461,28 +407,31 @@ impl LayerOp for BlockOp {
                 gelu_grad_into(&mut dpre, &k.pre, &dg);
             }
             drop(dg);
-            if let (Some(sl), Some(u)) = (&s[4], &k.u[4]) {
+            s[4].output_grads(&mut dpre, inter, 0, inter, k.y0[4].as_deref(), dp)?;
+            if let (Some(sl), Some(u)) = (&s[4].lora, &k.u[4]) {
                 sl.backward(&dpre, inter, &k.a, u, p, dp, Some(&mut da));
             }
             {
                 let _prof = timer("frozen-linear", "bwd");
-                input_grad_into(&mut da, &dpre, &self.inter.0, true)?;
+                s[4].input_grad(&mut da, true, Some(&k.a), dp, |buf, acc| input_grad_into(buf, &dpre, &self.inter.0, acc))?;
             }
             drop(dpre);
-            // First residual norm: dh1 through its dropout, dx from the residual.
+            // First residual norm: dh1 through its dropout, dx from the residual; γ, β.
             let (mut dh1, mut dx) = (vec![0f32; rows * h], vec![0f32; rows * h]);
             {
                 let _prof = timer("residual-layer-norm", "bwd");
                 self.ln1.backward_into(&mut dh1, &mut dx, &k.h1, xs, &da)?;
+                self.ln1.param_grads_into(dp, self.ln_at[0], &k.h1, xs, &da)?;
             }
             drop(da);
-            // Attention output map: dc = dh1 W_o (+ its LoRA).
+            // Attention output map: its scale and bias, dc = dh1 W_o (+ its LoRA).
+            s[3].output_grads(&mut dh1, h, 0, h, k.y0[3].as_deref(), dp)?;
             let mut dc = vec![0f32; rows * h];
             {
                 let _prof = timer("frozen-linear", "bwd");
-                input_grad_into(&mut dc, &dh1, &self.o.0, false)?;
+                s[3].input_grad(&mut dc, false, k.ctx.as_deref(), dp, |buf, acc| input_grad_into(buf, &dh1, &self.o.0, acc))?;
             }
-            if let (Some(sl), Some(u), Some(c)) = (&s[3], &k.u[3], &k.ctx) {
+            if let (Some(sl), Some(u), Some(c)) = (&s[3].lora, &k.u[3], &k.ctx) {
                 sl.backward(&dh1, h, c, u, p, dp, Some(&mut dc));
             }
             drop(dh1);
@@ -494,9 +443,10 @@ impl LayerOp for BlockOp {
                 let ptr = SyncPtr::of(&mut dqkv);
                 self.attn.backward_into(&dm, &k.qkv, &k.qkv[h..], &k.qkv[2 * h..], &dc, [(ptr, 0), (ptr, h), (ptr, 2 * h)])?;
             }
-            // The LoRAs on q, k, v, then dx += dqkv W_qkv (one product over 3h).
+            // The scales, biases and LoRAs on q, k, v, then dx += dqkv W_qkv (one product over 3h).
             for j in 0..3 {
-                if let (Some(sl), Some(u)) = (&s[j], &k.u[j]) {
+                s[j].output_grads(&mut dqkv, 3 * h, j * h, h, k.y0[j].as_deref(), dp)?;
+                if let (Some(sl), Some(u)) = (&s[j].lora, &k.u[j]) {
                     sl.backward(&dqkv[j * h..], 3 * h, xs, u, p, dp, need_dx.then_some(&mut dx[..]));
                 }
             }
@@ -513,7 +463,7 @@ impl LayerOp for BlockOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::cpu::testing::{check_layer, layer_lora, rand, var};
+    use crate::ops::cpu::testing::{around, check_layer, layer_lora, rand, var};
     use candle_core::Device;
 
     /// The engine against the per-op composition: output and every gradient (x and each LoRA
@@ -546,7 +496,7 @@ mod tests {
         let y1 = block_op(&x, &bias, &block, &lora).unwrap().expect("the engine applies");
         let y2 = encoder_block_composed(&x, &bias, &block, &lora).unwrap();
         // The forward is the per-op path's, to the bit.
-        check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS);
+        check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS, &[]);
     }
 
     #[test]
@@ -566,5 +516,86 @@ mod tests {
         check(&[1, 4], true, false);
         // A frozen layer above the lowest LoRA: only dx.
         check(&[], true, true);
+    }
+
+    /// Every delta the engine computes besides LoRA, against the composition: (IA)³ scales on the
+    /// outputs of k, v and the intermediate map and on the inputs of the attention output and the
+    /// output map, a LoRA on q, trained biases on all six maps (BitFit) and trained γ and β on
+    /// both norms (LayerNorm tuning); with and without dropout and the input's gradient.
+    fn check_deltas(dropout: bool, x_grad: bool) {
+        let (b, t, h, heads, inter, r) = (2, 7, 16, 4, 24, 3);
+        let mut trained = Vec::new();
+        let mut lin = |out: usize, inp: usize, seed: u64| -> Dense {
+            let bias = (rand(&[out], seed + 100) * 0.1).unwrap();
+            ((rand(&[out, inp], seed) * 0.3).unwrap(), Some(around(&bias, seed + 200, 0.1, &format!("bias of map {seed}"), &mut trained)))
+        };
+        let linears = [lin(h, h, 1), lin(h, h, 2), lin(h, h, 3), lin(h, h, 4), lin(inter, h, 5), lin(h, inter, 6)];
+        let mut norm = |seed: u64| {
+            let g = ((rand(&[h], seed) * 0.2).unwrap() + 1.0).unwrap();
+            let beta = (rand(&[h], seed + 1) * 0.1).unwrap();
+            (around(&g, seed + 300, 0.1, &format!("gamma {seed}"), &mut trained), around(&beta, seed + 301, 0.1, &format!("beta {seed}"), &mut trained), 1e-12)
+        };
+        let (ln1, ln2) = (norm(7), norm(9));
+        let block = EncoderBlock {
+            heads,
+            linears,
+            ln1,
+            ln2,
+            dropout: if dropout {
+                let k = DropoutKey(42);
+                [Some((0.1, k.derive("p"))), Some((0.1, k.derive("o"))), Some((0.1, k.derive("out")))]
+            } else {
+                [None, None, None]
+            },
+        };
+        let (vars, mut deltas) = layer_lora::<6>(&[0], |j| block.linears[j].0.dims2().unwrap(), r);
+        let ones = |n: usize| Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let mut scale = |j: usize, n: usize, input: bool| {
+            let l = around(&ones(n), 60 + j as u64, 0.3, &format!("scale on {}", BLOCK_LINEARS[j]), &mut trained);
+            deltas[j].scale = Some(if input { Scale::In(l) } else { Scale::Out(l) });
+        };
+        scale(1, h, false);
+        scale(2, h, false);
+        scale(3, h, true);
+        scale(4, inter, false);
+        scale(5, inter, true);
+        let xv = var(&[b, t, h], 11, 1.0);
+        let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
+        let mut mask = vec![1f32; b * t];
+        mask[2 * t - 2..].fill(0.0);
+        let bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
+        let y1 = block_op(&x, &bias, &block, &deltas).unwrap().expect("the engine applies");
+        let y2 = encoder_block_composed(&x, &bias, &block, &deltas).unwrap();
+        check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS, &trained);
+    }
+
+    #[test]
+    fn block_matches_composition_with_scales_biases_and_norms() {
+        check_deltas(true, true);
+        check_deltas(false, false);
+    }
+
+    /// An input scale on q, k or v (their input is shared) and a LoRA with a scale on one map are
+    /// not the engine's: the first falls back to the composition, the second is refused.
+    #[test]
+    fn block_leaves_what_it_does_not_compute() {
+        let (h, inter) = (8, 12);
+        let lin = |out: usize, inp: usize| -> Dense { (rand(&[out, inp], out as u64), None) };
+        let block = EncoderBlock {
+            heads: 2,
+            linears: [lin(h, h), lin(h, h), lin(h, h), lin(h, h), lin(inter, h), lin(h, inter)],
+            ln1: (Tensor::ones(h, candle_core::DType::F32, &Device::Cpu).unwrap(), rand(&[h], 3), 1e-12),
+            ln2: (Tensor::ones(h, candle_core::DType::F32, &Device::Cpu).unwrap(), rand(&[h], 4), 1e-12),
+            dropout: [None, None, None],
+        };
+        let x = var(&[1, 3, h], 5, 1.0);
+        let bias = Tensor::zeros((1, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let mut deltas: [MapDelta; 6] = Default::default();
+        deltas[1].scale = Some(Scale::In(var(&[h], 6, 1.0).as_tensor().clone()));
+        assert!(block_op(x.as_tensor(), &bias, &block, &deltas).unwrap().is_none());
+        let (_, mut both) = layer_lora::<6>(&[2], |j| block.linears[j].0.dims2().unwrap(), 2);
+        both[2].scale = Some(Scale::Out(var(&[h], 7, 1.0).as_tensor().clone()));
+        let e = block_op(x.as_tensor(), &bias, &block, &both).unwrap_err().to_string();
+        assert!(e.contains("value") && e.contains("both"), "{e}");
     }
 }

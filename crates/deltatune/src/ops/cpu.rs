@@ -598,7 +598,7 @@ pub(crate) mod testing {
     /// A LoRA (A (r × in), B (out × r), seeded by the map's index) on each map in `on`, whose
     /// weight is `dims(j)` = (out, in); and the layer's LoRA slots (B scaled by 2, as a LoRA's
     /// scale folds into it).
-    pub fn layer_lora<const N: usize>(on: &[usize], dims: impl Fn(usize) -> (usize, usize), r: usize) -> (Vec<MapLora>, [Option<crate::ops::LowRank>; N]) {
+    pub fn layer_lora<const N: usize>(on: &[usize], dims: impl Fn(usize) -> (usize, usize), r: usize) -> (Vec<MapLora>, [crate::ops::MapDelta; N]) {
         let vars: Vec<MapLora> = on
             .iter()
             .map(|&j| {
@@ -606,17 +606,26 @@ pub(crate) mod testing {
                 (j, var(&[r, inp], 20 + j as u64, 0.3), var(&[out, r], 40 + j as u64, 0.3))
             })
             .collect();
-        let mut lora: [Option<crate::ops::LowRank>; N] = std::array::from_fn(|_| None);
+        let mut lora: [crate::ops::MapDelta; N] = std::array::from_fn(|_| Default::default());
         for (j, a, bm) in &vars {
-            lora[*j] = Some((a.as_tensor().clone(), (bm.as_tensor() * 2.0).unwrap()));
+            lora[*j].lora = Some((a.as_tensor().clone(), (bm.as_tensor() * 2.0).unwrap()));
         }
         (vars, lora)
     }
 
+    /// A trained vector `base + Δ` around `base` (Δ a variable of [`rand`] values times `scale`),
+    /// named for the failure message; the tensor the layer reads and the variable.
+    pub fn around(base: &Tensor, seed: u64, scale: f64, name: &str, trained: &mut Vec<(String, Var)>) -> Tensor {
+        let v = var(base.dims(), seed, scale);
+        let t = (base + v.as_tensor()).unwrap();
+        trained.push((name.to_string(), v));
+        t
+    }
+
     /// A block engine's layer `y1` against its composition `y2`: the output to the bit, the
-    /// input's gradient (when `x_grad`; none otherwise) and each LoRA matrix's within 1e-4
-    /// relative, for the upstream gradient `up`.
-    pub fn check_layer(y1: &Tensor, y2: &Tensor, up: &Tensor, xv: &Var, x_grad: bool, vars: &[MapLora], names: &[&str]) {
+    /// input's gradient (when `x_grad`; none otherwise), each LoRA matrix's and each other trained
+    /// tensor's (`trained`) within 1e-4 relative, for the upstream gradient `up`.
+    pub fn check_layer(y1: &Tensor, y2: &Tensor, up: &Tensor, xv: &Var, x_grad: bool, vars: &[MapLora], names: &[&str], trained: &[(String, Var)]) {
         assert_eq!(max_diff(y1, y2), 0.0, "output differs");
         let (g1, g2) = (grads(y1, up), grads(y2, up));
         if x_grad {
@@ -631,6 +640,12 @@ pub(crate) mod testing {
                 let reference = g2.get(v.as_tensor()).unwrap();
                 assert!(rel(d, reference) <= 1e-4, "LoRA on {}: gradient differs by {d:e}", names[*j]);
             }
+        }
+        for (name, v) in trained {
+            let reference = g2.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient in the composition"));
+            let got = g1.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient from the engine"));
+            let d = max_diff(got, reference);
+            assert!(rel(d, reference) <= 1e-4, "{name}: gradient differs by {d:e}");
         }
     }
 

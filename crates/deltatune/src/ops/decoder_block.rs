@@ -25,10 +25,11 @@
 
 use super::activation::{swiglu, swiglu_grad_into, swiglu_into};
 use super::attention::{causal_attention, Attention};
-use super::block::{engine_enabled, pack_lora, run_layer, LayerOp, LowRank, Slot};
+use super::block::{composed_map, engine_enabled, run_layer, LayerOp};
+use super::engine_hooks::{MapDelta, MapHooks, Pack, Scale};
 use super::cpu::{err, fused_ok, gemm, with_data, Fwd, Gemm, Mat, Out, SyncPtr};
 use super::linear::{input_grad_into, linear, lora_linear, lora_qlinear, qlinear, FrozenWeight};
-use super::norm::{rms_norm, rms_norm_grad_add, rms_norm_into};
+use super::norm::{rms_norm, rms_norm_grad_add, rms_norm_into, rms_norm_weight_grad_add};
 use super::profile::timer;
 use super::rope::{rope, rope_in_place, rope_tables};
 use crate::error::Result;
@@ -55,29 +56,34 @@ pub struct DecoderBlock {
 }
 
 /// The decoder layer `x` (b, t, h) → (b, t, h) over the key mask `key_bias` (b, t) (attention is
-/// causal on top of it), with LoRA on any of its maps (`lora[j]` for map j of
-/// [`DECODER_LINEARS`]), as one op (see the module docs). Falls back to
-/// [`decoder_block_composed`] off the CPU, with the engine switched off, or when a weight, bias or
-/// norm trains.
-pub fn decoder_block(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, lora: &[Option<LowRank>; 7]) -> Result<Tensor> {
-    match block_op(x, key_bias, block, lora)? {
+/// causal on top of it), with the deltas `deltas[j]` on map j of [`DECODER_LINEARS`] (a LoRA or
+/// an (IA)³ scale), trained biases or norm weights where those tensors take part in a graph
+/// (BitFit, LayerNorm tuning), as one op (see the module docs). Falls back to
+/// [`decoder_block_composed`] off the CPU, with the engine switched off, when a weight trains, or
+/// with an input scale on a map that shares its input (q, k, v, gate, up).
+pub fn decoder_block(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, deltas: &[MapDelta; 7]) -> Result<Tensor> {
+    match block_op(x, key_bias, block, deltas)? {
         Some(y) => Ok(y),
-        None => decoder_block_composed(x, key_bias, block, lora),
+        None => decoder_block_composed(x, key_bias, block, deltas),
     }
 }
 
 /// The engine's op, or `None` where it does not apply.
-fn block_op(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, lora: &[Option<LowRank>; 7]) -> Result<Option<Tensor>> {
-    let frozen = block.linears.iter().all(|(w, b)| !w.trains() && b.as_ref().is_none_or(|b| !b.track_op()))
-        && !block.norm1.0.track_op()
-        && !block.norm2.0.track_op();
-    if !(fused_ok(x) && engine_enabled() && frozen && x.rank() == 3) {
+fn block_op(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, deltas: &[MapDelta; 7]) -> Result<Option<Tensor>> {
+    let frozen = block.linears.iter().all(|(w, _)| !w.trains());
+    let shared_input_scaled = [0, 1, 2, 4, 5].iter().any(|&j| matches!(deltas[j].scale, Some(Scale::In(_))));
+    if !(fused_ok(x) && engine_enabled() && frozen && !shared_input_scaled && x.rank() == 3) {
         return Ok(None);
     }
     let x = x.contiguous()?;
     let (_, t, _) = x.dims3()?;
-    let dims = block.linears.iter().map(|(w, _)| w.dims2()).collect::<candle_core::Result<Vec<_>>>()?;
-    let (slots, packed) = pack_lora("decoder block", &DECODER_LINEARS, &dims, lora)?;
+    let mut pack = Pack::default();
+    let mut hooks = Vec::with_capacity(7);
+    for (j, ((w, bias), d)) in block.linears.iter().zip(deltas).enumerate() {
+        hooks.push(MapHooks::new("decoder block", DECODER_LINEARS[j], w.dims2()?, d, bias.as_ref(), &mut pack)?);
+    }
+    let norm_at = [pack.trained(&block.norm1.0)?, pack.trained(&block.norm2.0)?];
+    let packed = pack.finish()?;
     let rope = rope_tables(&block.rope.0, &block.rope.1, t, block.head_dim)?;
     let vec = |v: &Tensor| -> Result<Vec<f32>> { Ok(v.flatten_all()?.to_vec1::<f32>()?) };
     let mut maps = Vec::with_capacity(7);
@@ -94,7 +100,8 @@ fn block_op(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, lora: &[Option<
         norm2: (vec(&block.norm2.0)?, block.norm2.1),
         rope,
         attn: Attention::causal(block.heads, key_bias.to_dtype(DType::F32)?.contiguous()?),
-        slots,
+        hooks,
+        norm_at,
         kept: Mutex::new(None),
     };
     op.shapes(x.shape())?;
@@ -103,12 +110,12 @@ fn block_op(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, lora: &[Option<
 
 /// Reference implementation of [`decoder_block`]: the layer from the per-op kernels, as a layer
 /// runs without the engine.
-pub fn decoder_block_composed(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, lora: &[Option<LowRank>; 7]) -> Result<Tensor> {
+pub fn decoder_block_composed(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, deltas: &[MapDelta; 7]) -> Result<Tensor> {
     let (b, t, _) = x.dims3()?;
     let (nh, nkv, d) = (block.heads, block.kv_heads, block.head_dim);
-    let map = |j: usize, x: &Tensor| -> Result<Tensor> {
+    let product = |j: usize, x: &Tensor| -> Result<Tensor> {
         let (w, bias) = &block.linears[j];
-        match (w, &lora[j]) {
+        match (w, &deltas[j].lora) {
             (FrozenWeight::Quant(q), Some((a, bm))) => lora_qlinear(x, q, bias.as_ref(), a, bm),
             (FrozenWeight::Quant(q), None) => {
                 let y = qlinear(x, q, true)?;
@@ -121,6 +128,7 @@ pub fn decoder_block_composed(x: &Tensor, key_bias: &Tensor, block: &DecoderBloc
             (FrozenWeight::Dense(w), None) => linear(x, w, bias.as_ref()),
         }
     };
+    let map = |j: usize, x: &Tensor| -> Result<Tensor> { composed_map(x, deltas, j, |x| product(j, x)) };
     let rotated = |y: Tensor, n: usize| -> Result<Tensor> {
         Ok(rope(&y.reshape((b, t, n, d))?, &block.rope.0, &block.rope.1)?.reshape((b, t, n * d))?)
     };
@@ -141,7 +149,7 @@ struct Kept {
     qkv: Vec<f32>,
     /// The first norm's output, when a LoRA on q, k or v needs it.
     n1: Option<Vec<f32>>,
-    /// The attention context, when a LoRA on o needs it.
+    /// The attention context, when a delta on o reads it.
     ctx: Option<Vec<f32>>,
     /// The residual stream after attention (the second norm's input).
     h1: Vec<f32>,
@@ -150,10 +158,12 @@ struct Kept {
     /// The gate's and up's outputs (rows × intermediate each).
     gate: Vec<f32>,
     up: Vec<f32>,
-    /// The gated product, when a LoRA on down needs it.
+    /// The gated product, when a delta on down reads it.
     act: Option<Vec<f32>>,
     /// Each LoRA's `x Aᵀ`.
     u: [Option<Vec<f32>>; 7],
+    /// Each trained output scale's unscaled output.
+    y0: [Option<Vec<f32>>; 7],
 }
 
 struct BlockOp {
@@ -167,7 +177,10 @@ struct BlockOp {
     /// Rotary tables, t × d each.
     rope: (Vec<f32>, Vec<f32>),
     attn: Attention,
-    slots: Vec<Option<Slot>>,
+    /// The deltas on the seven maps.
+    hooks: Vec<MapHooks>,
+    /// Where the two norms' weight gradients go, when they train.
+    norm_at: [Option<usize>; 2],
     kept: Mutex<Option<Kept>>,
 }
 
@@ -238,15 +251,16 @@ impl LayerOp for BlockOp {
         let dm = self.shapes(shape)?;
         let Dims { b, t, h, qw, kw, w, inter } = dm;
         let rows = b * t;
-        let s = &self.slots;
+        let s = &self.hooks;
         let mut u: [Option<Vec<f32>>; 7] = Default::default();
+        let mut y0: [Option<Vec<f32>>; 7] = Default::default();
         let mut n1 = vec![0f32; rows * h];
         {
             let _prof = timer("rms-norm", "fwd");
             rms_norm_into(&mut n1, x, &self.norm1.0, self.norm1.1);
         }
         // q, k, v: each map's product into its column block (the bias first, where there is one),
-        // then any LoRA onto it.
+        // then any LoRA onto it, or its output scale.
         let mut qkv = vec![0f32; rows * w];
         for j in 0..3 {
             let (col, width) = Self::qkv_cols(&dm, j);
@@ -267,10 +281,11 @@ impl LayerOp for BlockOp {
             }
         }
         for j in 0..3 {
-            if let Some(sl) = &s[j] {
-                let (col, _) = Self::qkv_cols(&dm, j);
+            let (col, _) = Self::qkv_cols(&dm, j);
+            if let Some(sl) = &s[j].lora {
                 u[j] = Some(sl.forward(&n1, p, &mut qkv, w, col));
             }
+            y0[j] = s[j].scale_output(&mut qkv, w, col);
         }
         {
             let _prof = timer("rope", "fwd");
@@ -283,81 +298,89 @@ impl LayerOp for BlockOp {
             let _prof = timer("attention", "fwd");
             self.attn.forward_into(&self.attn_dims(&dm)?, &qkv, &qkv[qw..], &qkv[qw + kw..], &mut c)?;
         }
-        // h1 = x + (c Woᵀ + LoRA).
-        let mut h1 = dense(&c, qw, &self.maps[3])?;
-        if let Some(sl) = &s[3] {
-            u[3] = Some(sl.forward(&c, p, &mut h1, h, 0));
-        }
+        // Map j on its input `x` (of width `iw`): the input scale, the product, the LoRA, the
+        // output scale.
+        let mut map = |j: usize, x: &[f32], iw: usize| -> candle_core::Result<Vec<f32>> {
+            let mut y = dense(s[j].scaled_input(x).as_deref().unwrap_or(x), iw, &self.maps[j])?;
+            let out = self.maps[j].0.dims2()?.0;
+            if let Some(sl) = &s[j].lora {
+                u[j] = Some(sl.forward(x, p, &mut y, out, 0));
+            }
+            y0[j] = s[j].scale_output(&mut y, out, 0);
+            Ok(y)
+        };
+        // h1 = x + o(c).
+        let mut h1 = map(3, &c, qw)?;
         h1.par_iter_mut().zip(x.par_iter()).for_each(|(a, &xi)| *a += xi);
         let mut n2 = vec![0f32; rows * h];
         {
             let _prof = timer("rms-norm", "fwd");
             rms_norm_into(&mut n2, &h1, &self.norm2.0, self.norm2.1);
         }
-        let mut gate = dense(&n2, h, &self.maps[4])?;
-        if let Some(sl) = &s[4] {
-            u[4] = Some(sl.forward(&n2, p, &mut gate, inter, 0));
-        }
-        let mut up = dense(&n2, h, &self.maps[5])?;
-        if let Some(sl) = &s[5] {
-            u[5] = Some(sl.forward(&n2, p, &mut up, inter, 0));
-        }
+        let gate = map(4, &n2, h)?;
+        let up = map(5, &n2, h)?;
         let mut act = vec![0f32; rows * inter];
         {
             let _prof = timer("swiglu", "fwd");
             swiglu_into(&mut act, &gate, &up);
         }
-        // y = h1 + (act Wdᵀ + LoRA).
-        let mut y = dense(&act, inter, &self.maps[6])?;
-        if let Some(sl) = &s[6] {
-            u[6] = Some(sl.forward(&act, p, &mut y, h, 0));
-        }
+        // y = h1 + down(act).
+        let mut y = map(6, &act, inter)?;
         y.par_iter_mut().zip(h1.par_iter()).for_each(|(m, &hi)| *m += hi);
-        let any = |js: &[usize]| js.iter().any(|&j| s[j].is_some());
+        let lora = |js: &[usize]| js.iter().any(|&j| s[j].lora.is_some());
         let kept = Kept {
             qkv,
-            n1: any(&[0, 1, 2]).then_some(n1),
-            ctx: any(&[3]).then_some(c),
+            n1: lora(&[0, 1, 2]).then_some(n1),
+            ctx: s[3].needs_input().then_some(c),
             h1,
-            n2: any(&[4, 5]).then_some(n2),
+            n2: lora(&[4, 5]).then_some(n2),
             gate,
             up,
-            act: any(&[6]).then_some(act),
+            act: s[6].needs_input().then_some(act),
             u,
+            y0,
         };
         *self.kept.lock().map_err(|_| err("decoder block: poisoned lock"))? = Some(kept);
         Ok((CpuStorage::F32(y), shape.clone()))
     }
 
     /// The input gradient (when `x` takes part in the graph) from the output gradient `grad`,
-    /// the packed LoRA gradient into `dp` from the packed values `p`.
+    /// the packed gradient (LoRAs, scales, biases, norm weights) into `dp` from the packed values
+    /// `p`.
     fn bwd(&self, x: &Tensor, p: &[f32], dp: &mut [f32], grad: &Tensor) -> candle_core::Result<Option<Vec<f32>>> {
         let dm = self.shapes(x.shape())?;
         let Dims { b, t, h, qw, kw, w, inter } = dm;
         let rows = b * t;
         let kept = self.kept.lock().map_err(|_| err("decoder block: poisoned lock"))?;
         let k = kept.as_ref().ok_or_else(|| err("decoder block: backward without forward"))?;
-        let s = &self.slots;
+        let s = &self.hooks;
         let need_dx = x.track_op();
-        // Below the feed-forward: needed for dx or for a LoRA on the attention's maps.
-        let below_ffn = need_dx || (0..4).any(|j| s[j].is_some());
-        let below_o = need_dx || (0..3).any(|j| s[j].is_some());
+        // The first norm's output gradient: for dx or the norm's weight.
+        let need_dn1 = need_dx || self.norm_at[0].is_some();
+        // Below the attention output: for dn1 or a delta on q, k, v; below the feed-forward: for
+        // those, a delta on o or the second norm's weight.
+        let below_o = need_dn1 || (0..3).any(|j| s[j].trains());
+        let below_ffn = below_o || s[3].trains() || self.norm_at[1].is_some();
         let missing = || err("decoder block: an activation the backward needs was not kept");
         let dx = with_data([x, grad], |[xs, dy]| {
-            // Down: dact = dy Wd (+ its LoRA).
+            // Down: its scale and bias, dact = dy Wd (+ its LoRA).
+            let dyd = s[6].output_grads_of(dy, h, k.y0[6].as_deref(), dp)?;
             let mut dact = vec![0f32; rows * inter];
-            input_grad(&mut dact, dy, &self.maps[6], false)?;
-            if let Some(sl) = &s[6] {
+            s[6].input_grad(&mut dact, false, k.act.as_deref(), dp, |buf, acc| input_grad(buf, &dyd, &self.maps[6], acc))?;
+            if let Some(sl) = &s[6].lora {
                 let (u, act) = (k.u[6].as_ref().ok_or_else(missing)?, k.act.as_ref().ok_or_else(missing)?);
-                sl.backward(dy, h, act, u, p, dp, Some(&mut dact));
+                sl.backward(&dyd, h, act, u, p, dp, Some(&mut dact));
             }
-            // The gate.
+            drop(dyd);
+            // The gate, then the scales and biases of gate and up.
             let (mut dg, mut du) = (vec![0f32; rows * inter], vec![0f32; rows * inter]);
             {
                 let _prof = timer("swiglu", "bwd");
                 swiglu_grad_into(&mut dg, &mut du, &k.gate, &k.up, &dact);
             }
             drop(dact);
+            s[4].output_grads(&mut dg, inter, 0, inter, k.y0[4].as_deref(), dp)?;
+            s[5].output_grads(&mut du, inter, 0, inter, k.y0[5].as_deref(), dp)?;
             // Gate and up: dn2 = dg Wg + du Wu (+ their LoRAs).
             let mut dn2 = Vec::new();
             if below_ffn {
@@ -366,7 +389,7 @@ impl LayerOp for BlockOp {
                 input_grad(&mut dn2, &du, &self.maps[5], true)?;
             }
             for (j, dz) in [(4, &dg), (5, &du)] {
-                if let Some(sl) = &s[j] {
+                if let Some(sl) = &s[j].lora {
                     let (u, n2) = (k.u[j].as_ref().ok_or_else(missing)?, k.n2.as_ref().ok_or_else(missing)?);
                     sl.backward(dz, inter, n2, u, p, dp, below_ffn.then_some(&mut dn2[..]));
                 }
@@ -375,27 +398,33 @@ impl LayerOp for BlockOp {
             if !below_ffn {
                 return Ok(Vec::new());
             }
-            // The residual stream's gradient: dy, plus the second norm's.
+            // The residual stream's gradient: dy, plus the second norm's; its weight's.
             let mut dh = dy.to_vec();
             {
                 let _prof = timer("rms-norm", "bwd");
                 rms_norm_grad_add(&mut dh, &k.h1, &self.norm2.0, &dn2, self.norm2.1);
+                if let Some(at) = self.norm_at[1] {
+                    rms_norm_weight_grad_add(&mut dp[at..at + h], &k.h1, &dn2, self.norm2.1);
+                }
             }
             drop(dn2);
-            // Attention output: dc = dh Wo (+ its LoRA).
+            // Attention output: its scale and bias, dc = dh Wo (+ its LoRA).
+            let dho = s[3].output_grads_of(&dh, h, k.y0[3].as_deref(), dp)?;
             let mut dc = Vec::new();
             if below_o {
                 dc = vec![0f32; rows * qw];
-                input_grad(&mut dc, &dh, &self.maps[3], false)?;
+                s[3].input_grad(&mut dc, false, k.ctx.as_deref(), dp, |buf, acc| input_grad(buf, &dho, &self.maps[3], acc))?;
             }
-            if let Some(sl) = &s[3] {
+            if let Some(sl) = &s[3].lora {
                 let (u, c) = (k.u[3].as_ref().ok_or_else(missing)?, k.ctx.as_ref().ok_or_else(missing)?);
-                sl.backward(&dh, h, c, u, p, dp, below_o.then_some(&mut dc[..]));
+                sl.backward(&dho, h, c, u, p, dp, below_o.then_some(&mut dc[..]));
             }
+            drop(dho);
             if !below_o {
                 return Ok(Vec::new());
             }
-            // Attention: dq, dk, dv side by side, as q, k, v were; then un-rotated in place.
+            // Attention: dq, dk, dv side by side, as q, k, v were; then un-rotated in place and
+            // through the scales and biases of q, k, v.
             let mut dqkv = vec![0f32; rows * w];
             {
                 let _prof = timer("attention", "bwd");
@@ -410,9 +439,13 @@ impl LayerOp for BlockOp {
                 rope_in_place(&mut dqkv, w, 0, self.heads, self.d, tables, -1.0);
                 rope_in_place(&mut dqkv, w, qw, self.kv_heads, self.d, tables, -1.0);
             }
+            for j in 0..3 {
+                let (col, width) = Self::qkv_cols(&dm, j);
+                s[j].output_grads(&mut dqkv, w, col, width, k.y0[j].as_deref(), dp)?;
+            }
             // dn1 = dq Wq + dk Wk + dv Wv (+ their LoRAs), then dx = dh + the first norm's.
-            let mut dn1 = if need_dx { vec![0f32; rows * h] } else { Vec::new() };
-            if need_dx {
+            let mut dn1 = if need_dn1 { vec![0f32; rows * h] } else { Vec::new() };
+            if need_dn1 {
                 for j in 0..3 {
                     let (col, width) = Self::qkv_cols(&dm, j);
                     let _prof = timer("decoder-linear", "bwd");
@@ -424,14 +457,17 @@ impl LayerOp for BlockOp {
                 }
             }
             for j in 0..3 {
-                if let Some(sl) = &s[j] {
+                if let Some(sl) = &s[j].lora {
                     let (col, _) = Self::qkv_cols(&dm, j);
                     let (u, n1) = (k.u[j].as_ref().ok_or_else(missing)?, k.n1.as_ref().ok_or_else(missing)?);
-                    sl.backward(&dqkv[col..], w, n1, u, p, dp, need_dx.then_some(&mut dn1[..]));
+                    sl.backward(&dqkv[col..], w, n1, u, p, dp, need_dn1.then_some(&mut dn1[..]));
                 }
             }
+            let _prof = timer("rms-norm", "bwd");
+            if let Some(at) = self.norm_at[0] {
+                rms_norm_weight_grad_add(&mut dp[at..at + h], xs, &dn1, self.norm1.1);
+            }
             if need_dx {
-                let _prof = timer("rms-norm", "bwd");
                 rms_norm_grad_add(&mut dh, xs, &self.norm1.0, &dn1, self.norm1.1);
             }
             Ok(dh)
@@ -443,7 +479,7 @@ impl LayerOp for BlockOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::cpu::testing::{check_layer, layer_lora, rand, var};
+    use crate::ops::cpu::testing::{around, check_layer, layer_lora, rand, var};
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::Device;
     use std::sync::Arc;
@@ -488,7 +524,60 @@ mod tests {
         let key_bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
         let y1 = block_op(&x, &key_bias, &block, &lora).unwrap().expect("the engine applies");
         let y2 = decoder_block_composed(&x, &key_bias, &block, &lora).unwrap();
-        check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS);
+        check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &[]);
+    }
+
+    /// Every delta the engine computes besides LoRA, against the composition: (IA)³ scales on the
+    /// outputs of k, v and gate (k's before its rotation) and on the inputs of o and down, LoRA on
+    /// q and up, trained biases on all seven maps (BitFit adds them to a Llama layer) and trained
+    /// weights on both norms (LayerNorm tuning); f32 and quantized maps, with and without the
+    /// input's gradient.
+    fn check_deltas(x_grad: bool, quantized: bool) {
+        let (b, t, h, heads, kv, d, inter, r) = (2, 70, 64, 4, 2, 16, 96, 3);
+        let mut trained = Vec::new();
+        let mut lin = |out: usize, inp: usize, seed: u64| -> (FrozenWeight, Option<Tensor>) {
+            let w = (rand(&[out, inp], seed) * 0.3).unwrap();
+            let w = if quantized {
+                FrozenWeight::Quant(Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()))
+            } else {
+                FrozenWeight::Dense(w)
+            };
+            let zero = Tensor::zeros(out, DType::F32, &Device::Cpu).unwrap();
+            (w, Some(around(&zero, seed + 200, 0.1, &format!("bias of {}", DECODER_LINEARS[seed as usize - 1]), &mut trained)))
+        };
+        let (qw, kw) = (heads * d, kv * d);
+        let linears = [lin(qw, h, 1), lin(kw, h, 2), lin(kw, h, 3), lin(h, qw, 4), lin(inter, h, 5), lin(inter, h, 6), lin(h, inter, 7)];
+        let mut norm = |seed: u64, eps: f64| {
+            let w = ((rand(&[h], seed) * 0.2).unwrap() + 1.0).unwrap();
+            (around(&w, seed + 300, 0.1, &format!("norm {seed}"), &mut trained), eps)
+        };
+        let (norm1, norm2) = (norm(8, 1e-5), norm(9, 1e-6));
+        let block = DecoderBlock { heads, kv_heads: kv, head_dim: d, linears, norm1, norm2, rope: tables(t, d) };
+        let (vars, mut deltas) = layer_lora::<7>(&[0, 5], |j| block.linears[j].0.dims2().unwrap(), r);
+        let ones = |n: usize| Tensor::ones(n, DType::F32, &Device::Cpu).unwrap();
+        let mut scale = |j: usize, n: usize, input: bool| {
+            let l = around(&ones(n), 60 + j as u64, 0.3, &format!("scale on {}", DECODER_LINEARS[j]), &mut trained);
+            deltas[j].scale = Some(if input { Scale::In(l) } else { Scale::Out(l) });
+        };
+        scale(1, kw, false);
+        scale(2, kw, false);
+        scale(3, qw, true);
+        scale(4, inter, false);
+        scale(6, inter, true);
+        let xv = var(&[b, t, h], 11, 1.0);
+        let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
+        let mut mask = vec![1f32; b * t];
+        mask[2 * t - 3..].fill(0.0);
+        let key_bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
+        let y1 = block_op(&x, &key_bias, &block, &deltas).unwrap().expect("the engine applies");
+        let y2 = decoder_block_composed(&x, &key_bias, &block, &deltas).unwrap();
+        check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &trained);
+    }
+
+    #[test]
+    fn decoder_block_matches_composition_with_scales_biases_and_norms() {
+        check_deltas(true, false);
+        check_deltas(false, true);
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //! | `activation.rs` | `gelu`, `gelu_tanh`, `swiglu` |
 //! | `dropout.rs` | `dropout` (counter-based mask, regenerated in backward) |
 //! | `attention.rs` | `attention`, `causal_attention`, `mask_to_bias`, `softmax_composed` |
-//! | `block.rs` | `encoder_block`: a whole BERT-family layer (frozen maps with any LoRA, attention, GELU, both residual norms) as one op with a hand-written backward — the block engine |
+//! | `block.rs` | `encoder_block`: a whole BERT-family layer (frozen maps with their deltas, attention, GELU, both residual norms) as one op with a hand-written backward — the block engine |
+//! | `engine_hooks.rs` | the deltas the engines compute themselves: `MapDelta` (a LoRA or an (IA)³ `Scale` on a map), trained biases and norm parameters, packed into one argument |
 //! | `decoder_block.rs` | `decoder_block`: a whole Llama-family layer (RMS norms, q/k/v with rotary, causal grouped-query attention, SwiGLU, f32 or quantized maps with any LoRA) as one op — the block engine for decoders |
 //! | `rope.rs` | `rope` |
 //! | `loss.rs` | `picked_log_prob`, `head_log_prob` (frozen LM head + picked log-probability, one op, no logits kept), `log_softmax` |
@@ -26,6 +27,7 @@ mod activation;
 mod attention;
 mod block;
 mod decoder_block;
+mod engine_hooks;
 mod combine;
 pub mod cpu;
 mod dropout;
@@ -38,6 +40,7 @@ pub(crate) mod rng;
 mod rope;
 
 pub use activation::{gelu, gelu_composed, gelu_tanh, swiglu, swiglu_composed};
+pub use engine_hooks::{MapDelta, Scale};
 pub use decoder_block::{decoder_block, decoder_block_composed, DecoderBlock, DECODER_LINEARS};
 pub use block::{encoder_block, encoder_block_composed, engine_enabled, Dense, EncoderBlock, LowRank, BLOCK_LINEARS};
 pub use attention::{attention, attention_composed, causal_attention, causal_attention_composed, mask_to_bias, softmax_composed};

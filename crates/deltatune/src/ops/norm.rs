@@ -307,6 +307,51 @@ impl ResidualLayerNorm {
     }
 }
 
+impl ResidualLayerNorm {
+    /// The gradients of γ and β from the output gradient `dys`, added into the packed gradient
+    /// `dp` at `at` (γ's offset, β's; `None` for one that does not train); the sum is recomputed
+    /// from `hs` and `is`. Partial sums over blocks of rows, added in order.
+    pub(super) fn param_grads_into(&self, dp: &mut [f32], at: (Option<usize>, Option<usize>), hs: &[f32], is: &[f32], dys: &[f32]) -> candle_core::Result<()> {
+        if at.0.is_none() && at.1.is_none() {
+            return Ok(());
+        }
+        let h = self.gamma.elem_count().max(1);
+        let n = hs.len();
+        if is.len() != n || dys.len() != n {
+            return Err(err("residual layer norm: buffers differ in length"));
+        }
+        const BLOCK: usize = 64;
+        let rows = n / h;
+        let partials: Vec<Vec<f32>> = (0..rows.div_ceil(BLOCK))
+            .into_par_iter()
+            .map(|blk| {
+                let (mut p, mut sum) = (vec![0f32; 2 * h], vec![0f32; h]);
+                for r in blk * BLOCK..((blk + 1) * BLOCK).min(rows) {
+                    let span = r * h..(r + 1) * h;
+                    self.sum_row(r, &mut sum, &hs[span.clone()], &is[span.clone()]);
+                    let (mean, rstd) = row_stats(&sum, self.eps);
+                    let (pg, pb) = p.split_at_mut(h);
+                    for (i, &d) in dys[span].iter().enumerate() {
+                        pg[i] += d * (sum[i] - mean) * rstd;
+                        pb[i] += d;
+                    }
+                }
+                p
+            })
+            .collect();
+        let mut total = vec![0f32; 2 * h];
+        for p in partials {
+            total.iter_mut().zip(&p).for_each(|(t, v)| *t += v);
+        }
+        for (at, part) in [at.0, at.1].into_iter().zip(total.chunks(h)) {
+            if let Some(at) = at {
+                dp[at..at + h].iter_mut().zip(part).for_each(|(d, v)| *d += v);
+            }
+        }
+        Ok(())
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // RMS norm.
 
@@ -374,6 +419,15 @@ pub(super) fn rms_norm_grad_add(dx: &mut [f32], x: &[f32], w: &[f32], g: &[f32],
             }
         },
     );
+}
+
+/// `dw += Σ_rows ∂(x / rms(x) ⊙ w)/∂w · g`: the gradient of a trained RMS norm weight (rows of
+/// `dw.len()`).
+pub(super) fn rms_norm_weight_grad_add(dw: &mut [f32], x: &[f32], g: &[f32], eps: f64) {
+    let k = RmsNorm { eps: eps as f32 };
+    let h = dw.len().max(1);
+    let sums = column_sums(x, g, h, h, |xr, gr, p| k.backward_w(p, xr, gr));
+    dw.iter_mut().zip(&sums).for_each(|(d, s)| *d += s);
 }
 
 #[cfg(test)]

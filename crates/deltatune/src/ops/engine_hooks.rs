@@ -1,0 +1,329 @@
+//! The deltas a block engine ([`super::block`], [`super::decoder_block`]) computes itself on a
+//! linear map, besides the frozen product: a LoRA ([`Slot`]), an (IA)³ scale of the map's input or
+//! output, and a trained bias (BitFit) — and, on a layer's norms, trained weights and shifts
+//! (LayerNorm tuning, BitFit). Each contributes its own forward and backward here; every trained
+//! tensor enters the engine's op as a part of one packed vector, so candle routes each part of the
+//! packed gradient back to its variable.
+
+use super::cpu::{err, gemm, Gemm, Mat, Out};
+use super::profile::timer;
+use crate::error::Result;
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+
+/// A LoRA on a map: `a` (r, in) and `bm` (out, r), the scale folded into `bm`.
+pub type LowRank = (Tensor, Tensor);
+
+/// Where one map's LoRA sits in the packed vector.
+#[derive(Clone, Copy)]
+pub(super) struct Slot {
+    pub(super) r: usize,
+    pub(super) in_dim: usize,
+    pub(super) out_dim: usize,
+    pub(super) a_at: usize,
+    pub(super) b_at: usize,
+}
+
+impl Slot {
+    fn a<'a>(&self, p: &'a [f32]) -> &'a [f32] {
+        &p[self.a_at..self.a_at + self.r * self.in_dim]
+    }
+    fn b<'a>(&self, p: &'a [f32]) -> &'a [f32] {
+        &p[self.b_at..self.b_at + self.out_dim * self.r]
+    }
+
+    /// Forward: `u = x Aᵀ` (rows × r, returned), then `u Bᵀ` added to the columns `col..col + out`
+    /// of `y` (rows `ys` apart) — the update computed into a buffer of its own and added once, as
+    /// the LoRA op does.
+    pub(super) fn forward(&self, x: &[f32], p: &[f32], y: &mut [f32], ys: usize, col: usize) -> Vec<f32> {
+        let _prof = timer("block-lora", "fwd");
+        let Slot { r, in_dim, out_dim, .. } = *self;
+        let rows = x.len() / in_dim.max(1);
+        let mut u = vec![0f32; rows * r];
+        gemm(Out::rm(&mut u, r), [rows, r, in_dim], Mat::rm(x, in_dim), Mat::rm_t(self.a(p), in_dim), Gemm::PARALLEL);
+        let mut d = vec![0f32; rows * out_dim];
+        gemm(Out::rm(&mut d, out_dim), [rows, out_dim, r], Mat::rm(&u, r), Mat::rm_t(self.b(p), r), Gemm::PARALLEL);
+        y.par_chunks_mut(ys).zip(d.par_chunks(out_dim)).for_each(|(yr, dr)| {
+            yr[col..col + out_dim].iter_mut().zip(dr).for_each(|(y, d)| *y += d);
+        });
+        u
+    }
+
+    /// Backward from `dy` (rows `ds` apart, from its first element): `dA = (dy B)ᵀ x` and
+    /// `dB = dyᵀ u` into the packed gradient `dp`, and `dx += (dy B) A` when asked.
+    pub(super) fn backward(&self, dy: &[f32], ds: usize, x: &[f32], u: &[f32], p: &[f32], dp: &mut [f32], dx: Option<&mut [f32]>) {
+        let _prof = timer("block-lora", "bwd");
+        let Slot { r, in_dim, out_dim, .. } = *self;
+        let rows = x.len() / in_dim.max(1);
+        let mut gu = vec![0f32; rows * r];
+        gemm(Out::rm(&mut gu, r), [rows, r, out_dim], Mat::rm(dy, ds), Mat::rm(self.b(p), r), Gemm::PARALLEL);
+        if let Some(dx) = dx {
+            gemm(Out::rm(dx, in_dim), [rows, in_dim, r], Mat::rm(&gu, r), Mat::rm(self.a(p), in_dim), Gemm::PARALLEL.accumulate(true));
+        }
+        let da = &mut dp[self.a_at..self.a_at + r * in_dim];
+        gemm(Out::rm(da, in_dim), [r, in_dim, rows], Mat::rm_t(&gu, r), Mat::rm(x, in_dim), Gemm::PARALLEL);
+        let db = &mut dp[self.b_at..self.b_at + out_dim * r];
+        gemm(Out::rm(db, r), [out_dim, r, rows], Mat::rm_t(dy, ds), Mat::rm(u, r), Gemm::PARALLEL);
+    }
+}
+
+/// An elementwise scale over the last dimension ((IA)³): of a map's input, before its product,
+/// or of its output, bias included.
+#[derive(Clone, Debug)]
+pub enum Scale {
+    In(Tensor),
+    Out(Tensor),
+}
+
+/// What an engine runs on one linear map besides its product with the frozen weight and the
+/// map's bias (which may train: it is read from the map): a LoRA or a scale, at most one.
+#[derive(Clone, Debug, Default)]
+pub struct MapDelta {
+    pub lora: Option<LowRank>,
+    pub scale: Option<Scale>,
+}
+
+impl MapDelta {
+    /// Whether the map carries a LoRA or a scale.
+    pub fn is_some(&self) -> bool {
+        self.lora.is_some() || self.scale.is_some()
+    }
+
+    /// A map with a LoRA only (or nothing).
+    pub fn lora(l: Option<LowRank>) -> Self {
+        MapDelta { lora: l, scale: None }
+    }
+}
+
+/// The trained tensors of one engine call, flattened side by side into one vector.
+#[derive(Default)]
+pub(super) struct Pack {
+    parts: Vec<Tensor>,
+    len: usize,
+}
+
+impl Pack {
+    /// Appends `t` flattened; its offset.
+    fn push(&mut self, t: &Tensor) -> candle_core::Result<usize> {
+        let at = self.len;
+        self.len += t.elem_count();
+        self.parts.push(t.flatten_all()?);
+        Ok(at)
+    }
+
+    /// Appends `t` when it takes part in a graph (it trains); its offset then.
+    pub(super) fn trained(&mut self, t: &Tensor) -> candle_core::Result<Option<usize>> {
+        if t.track_op() {
+            self.push(t).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// A LoRA on a map whose weight is (out, in): A then B.
+    pub(super) fn lora(&mut self, what: &str, map: &str, (w_out, w_in): (usize, usize), (a, bm): &LowRank) -> Result<Slot> {
+        let (r, in_dim) = a.dims2()?;
+        let (out_dim, r2) = bm.dims2()?;
+        if r2 != r || in_dim != w_in || out_dim != w_out {
+            return Err(err(format!("{what}: LoRA on {map} is A {:?}, B {:?} for a weight ({w_out}, {w_in})", a.shape(), bm.shape())).into());
+        }
+        let a_at = self.push(a)?;
+        let b_at = self.push(bm)?;
+        Ok(Slot { r, in_dim, out_dim, a_at, b_at })
+    }
+
+    /// The packed vector; `None` when nothing trains.
+    pub(super) fn finish(self) -> Result<Option<Tensor>> {
+        Ok(if self.parts.is_empty() { None } else { Some(Tensor::cat(&self.parts, 0)?) })
+    }
+}
+
+/// A per-column vector an engine reads — its values — and, when it trains, where its gradient
+/// goes in the packed vector.
+pub(super) struct Vector {
+    pub v: Vec<f32>,
+    pub at: Option<usize>,
+}
+
+impl Vector {
+    pub(super) fn new(t: &Tensor, pack: &mut Pack) -> Result<Self> {
+        Ok(Vector { v: t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?, at: pack.trained(t)? })
+    }
+
+    /// Its gradient's place in the packed gradient, when it trains.
+    pub(super) fn grad<'a>(&self, dp: &'a mut [f32]) -> Option<&'a mut [f32]> {
+        self.at.map(|a| &mut dp[a..a + self.v.len()])
+    }
+}
+
+/// One linear map's deltas inside an engine op.
+#[derive(Default)]
+pub(super) struct MapHooks {
+    pub lora: Option<Slot>,
+    /// An input scale (`true`) or output scale.
+    pub scale: Option<(bool, Vector)>,
+    /// Where the bias's gradient goes, when the bias trains.
+    pub bias_at: Option<usize>,
+}
+
+impl MapHooks {
+    /// `d` on a map whose weight is (out, in) and whose bias is `bias`, packed into `pack`.
+    pub(super) fn new(what: &str, map: &str, dims: (usize, usize), d: &MapDelta, bias: Option<&Tensor>, pack: &mut Pack) -> Result<Self> {
+        if d.lora.is_some() && d.scale.is_some() {
+            return Err(err(format!("{what}: {map} carries both a LoRA and a scale")).into());
+        }
+        let lora = d.lora.as_ref().map(|l| pack.lora(what, map, dims, l)).transpose()?;
+        let scale = match &d.scale {
+            None => None,
+            Some(Scale::In(l)) | Some(Scale::Out(l)) => {
+                let input = matches!(d.scale, Some(Scale::In(_)));
+                let want = if input { dims.1 } else { dims.0 };
+                if l.elem_count() != want {
+                    return Err(err(format!("{what}: the scale on {map} has {} elements, the map's {} has {want}", l.elem_count(), if input { "input" } else { "output" })).into());
+                }
+                Some((input, Vector::new(l, pack)?))
+            }
+        };
+        let bias_at = match bias {
+            Some(b) => pack.trained(b)?,
+            None => None,
+        };
+        Ok(MapHooks { lora, scale, bias_at })
+    }
+
+    /// Whether anything on the map trains (so the backward must reach it).
+    pub(super) fn trains(&self) -> bool {
+        self.lora.is_some() || self.bias_at.is_some() || self.scale.as_ref().is_some_and(|(_, v)| v.at.is_some())
+    }
+
+    /// The input scale's values, if the map has one.
+    pub(super) fn input_scale(&self) -> Option<&Vector> {
+        self.scale.as_ref().filter(|(input, _)| *input).map(|(_, v)| v)
+    }
+
+    /// The output scale's values, if the map has one.
+    pub(super) fn output_scale(&self) -> Option<&Vector> {
+        self.scale.as_ref().filter(|(input, _)| !*input).map(|(_, v)| v)
+    }
+
+    /// Whether the backward reads the map's input (a LoRA's gradient or an input scale's).
+    pub(super) fn needs_input(&self) -> bool {
+        self.lora.is_some() || self.input_scale().is_some_and(|v| v.at.is_some())
+    }
+
+    /// The map's input as its product reads it: `l ⊙ x` under an input scale, else `None` (`x`).
+    pub(super) fn scaled_input(&self, x: &[f32]) -> Option<Vec<f32>> {
+        let l = &self.input_scale()?.v;
+        let mut xs = x.to_vec();
+        scale_columns(&mut xs, l.len(), 0, l);
+        Some(xs)
+    }
+
+    /// After the map's product (and LoRA) wrote columns `col..` of `y` (rows `ys` apart): the
+    /// output scale applied in place; the unscaled columns (rows × width) returned when the scale
+    /// trains (its gradient reads them).
+    pub(super) fn scale_output(&self, y: &mut [f32], ys: usize, col: usize) -> Option<Vec<f32>> {
+        let l = self.output_scale()?;
+        let kept = l.at.map(|_| {
+            let n = l.v.len();
+            let mut y0 = Vec::with_capacity(y.len() / ys * n);
+            y.chunks(ys).for_each(|r| y0.extend_from_slice(&r[col..col + n]));
+            y0
+        });
+        scale_columns(y, ys, col, &l.v);
+        kept
+    }
+
+    /// Backward at the map's output: `dy` holds the gradient of the (scaled) output in columns
+    /// `col..` (rows `ys` apart); the scale's gradient (`Σ dy ⊙ y0`) goes into `dp` and `dy` is
+    /// scaled in place to the gradient of the product; then the bias's gradient (`Σ dy`).
+    pub(super) fn output_grads(&self, dy: &mut [f32], ys: usize, col: usize, width: usize, y0: Option<&[f32]>, dp: &mut [f32]) -> candle_core::Result<()> {
+        if let Some(l) = self.output_scale() {
+            if let Some(g) = l.grad(dp) {
+                let y0 = y0.ok_or_else(|| err("engine: an output scale's gradient without the unscaled output"))?;
+                column_sums_into(g, dy, ys, col, Some((y0, width)));
+            }
+            scale_columns(dy, ys, col, &l.v);
+        }
+        if let Some(at) = self.bias_at {
+            column_sums_into(&mut dp[at..at + width], dy, ys, col, None);
+        }
+        Ok(())
+    }
+
+    /// [`Self::output_grads`] on a map whose output gradient `dy` (rows of `width`) must stay as
+    /// it is (a residual stream's): `dy` itself without an output scale, else a scaled copy.
+    pub(super) fn output_grads_of<'a>(&self, dy: &'a [f32], width: usize, y0: Option<&[f32]>, dp: &mut [f32]) -> candle_core::Result<std::borrow::Cow<'a, [f32]>> {
+        if self.output_scale().is_none() {
+            if let Some(at) = self.bias_at {
+                column_sums_into(&mut dp[at..at + width], dy, width, 0, None);
+            }
+            return Ok(std::borrow::Cow::Borrowed(dy));
+        }
+        let mut d = dy.to_vec();
+        self.output_grads(&mut d, width, 0, width, y0, dp)?;
+        Ok(std::borrow::Cow::Owned(d))
+    }
+
+    /// The input gradient through the map: `prod(buf, accumulate)` writes (or adds) `dy W` into
+    /// `buf`. Without an input scale that is `dx` itself; with one, `t = dy W` goes into a buffer of
+    /// its own, the scale's gradient `Σ t ⊙ x` into `dp` (`x` the map's unscaled input), and
+    /// `t ⊙ l` into (or onto) `dx`.
+    pub(super) fn input_grad(
+        &self,
+        dx: &mut [f32],
+        accumulate: bool,
+        x: Option<&[f32]>,
+        dp: &mut [f32],
+        prod: impl FnOnce(&mut [f32], bool) -> candle_core::Result<()>,
+    ) -> candle_core::Result<()> {
+        let Some(l) = self.input_scale() else { return prod(dx, accumulate) };
+        let n = l.v.len();
+        let mut t = vec![0f32; dx.len()];
+        prod(&mut t, false)?;
+        if let Some(g) = l.grad(dp) {
+            let x = x.ok_or_else(|| err("engine: an input scale's gradient without the map's input"))?;
+            column_sums_into(g, &t, n, 0, Some((x, n)));
+        }
+        dx.par_chunks_mut(n).zip(t.par_chunks(n)).for_each(|(d, t)| {
+            for ((d, &t), &s) in d.iter_mut().zip(t).zip(&l.v) {
+                if accumulate {
+                    *d += t * s;
+                } else {
+                    *d = t * s;
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Columns `col..col + l.len()` of every row of `y` (rows `ys` apart) times `l`.
+pub(super) fn scale_columns(y: &mut [f32], ys: usize, col: usize, l: &[f32]) {
+    y.par_chunks_mut(ys.max(1)).for_each(|r| r[col..col + l.len()].iter_mut().zip(l).for_each(|(v, s)| *v *= s));
+}
+
+/// `out += Σ_rows a[r, col..col + n]` (⊙ `b[r, ..n]` when given, rows of `b` `bs` apart), `n` the
+/// length of `out`, `a`'s rows `as_` apart. Partial sums over blocks of rows, added in order.
+pub(super) fn column_sums_into(out: &mut [f32], a: &[f32], as_: usize, col: usize, b: Option<(&[f32], usize)>) {
+    let n = out.len();
+    let rows = a.len().div_ceil(as_.max(1));
+    const BLOCK: usize = 64;
+    let partials: Vec<Vec<f32>> = (0..rows.div_ceil(BLOCK))
+        .into_par_iter()
+        .map(|blk| {
+            let mut p = vec![0f32; n];
+            for r in blk * BLOCK..((blk + 1) * BLOCK).min(rows) {
+                let ar = &a[r * as_ + col..r * as_ + col + n];
+                match b {
+                    Some((b, bs)) => p.iter_mut().zip(ar).zip(&b[r * bs..r * bs + n]).for_each(|((p, x), y)| *p += x * y),
+                    None => p.iter_mut().zip(ar).for_each(|(p, x)| *p += x),
+                }
+            }
+            p
+        })
+        .collect();
+    for p in partials {
+        out.iter_mut().zip(&p).for_each(|(o, v)| *o += v);
+    }
+}
