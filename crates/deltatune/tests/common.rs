@@ -189,3 +189,10 @@ pub fn decoder_file() -> Option<PathBuf> {
     static F: OnceLock<Option<PathBuf>> = OnceLock::new();
     asset(&F, "the default decoder", deltatune::assets::default_decoder)
 }
+
+/// Held by a test while it reads the kernels' profile (one table for the whole process), so that
+/// tests running in parallel do not take each other's entries.
+pub fn profile_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

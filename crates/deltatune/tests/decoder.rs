@@ -342,6 +342,7 @@ mod deltas {
         let train = ForwardCtx { train: true, ..ForwardCtx::eval() };
         let route = specs.iter().fold(RowRoute::new(2), |r, s| r.with(s.name.clone(), 0, 2));
         let routed = ForwardCtx { route: Some(&route), ..train.clone() };
+        let guard = crate::common::profile_lock();
         deltatune::ops::profile::set_enabled(true);
         let run = |ctx: &ForwardCtx| {
             let loss = batch_nll(&lm.model, &batch, ctx).unwrap();
@@ -351,6 +352,7 @@ mod deltas {
         let (l1, g1) = run(&train);
         let engine_ran = deltatune::ops::profile::take().iter().any(|e| e.op == "decoder-linear" && e.phase == "bwd");
         deltatune::ops::profile::set_enabled(false);
+        drop(guard);
         assert!(engine_ran, "the block engine did not run");
         let (l2, g2) = run(&routed);
         assert!((l1 - l2).abs() <= 1e-5 * l2.abs(), "loss {l1} (engine) vs {l2} (module by module)");
@@ -383,6 +385,14 @@ mod deltas {
             ],
             2 * (3 + 7 + 2 + 2),
         );
+    }
+
+    /// Bottleneck adapters after both blocks of the top two layers: Houlsby's (sequential, swish)
+    /// and the parallel adapter, each with a LoRA on q.
+    #[test]
+    fn block_engine_matches_the_module_path_with_adapters() {
+        engine_against_modules(&["houlsby:init_weights=bert,layers=28-29", "lora:r=2,target=q_proj,layers=28-29"], 2 * (2 * 4 + 2));
+        engine_against_modules(&["parallel_adapter:init_weights=bert,layers=28-29"], 2 * 4);
     }
 }
 

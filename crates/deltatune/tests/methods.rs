@@ -283,24 +283,19 @@ fn lycoris_and_oft_short_training_lowers_the_loss() {
 }
 
 /// The block engine (one op per encoder layer) against the module-by-module path on the real
-/// model with LoRA on query, (IA)³ with its defaults (outputs of key and value, inputs of both
-/// output maps), BitFit (every bias of every layer) and LayerNorm tuning (every norm's γ and β)
-/// together, every trained tensor moved off its initial value. The module-by-module path is
-/// forced by routing every row to every delta (the engine declines routed batches; the maths is
-/// the same). Outputs and every gradient agree; the engine's own timers show that it ran.
-#[test]
-fn block_engine_matches_the_module_path_with_every_engine_delta() {
+/// model with the deltas `specs`, every trained tensor moved off its initial value. The
+/// module-by-module path is forced by routing every row to every delta (the engine declines
+/// routed batches; the maths is the same). Outputs and every gradient agree; the engine's own
+/// timers show that it ran (and its adapter kernel, with `adapter`).
+fn engine_against_modules(specs: &[&str], adapter: bool) {
     use deltatune::core::RowRoute;
     let dir = crate::require_model!();
     let enc = deltatune::TextEncoder::from_file(&dir.join("tokenizer.json"), 32).unwrap();
     let batch = enc.batch(&[("The movie was great fun.", None), ("A dull, lifeless film.", None)], deltatune::Padding::Longest, &cpu()).unwrap();
     let mut model = BertModel::load(&dir, &cpu()).unwrap();
-    let specs: Vec<_> = ["lora:r=4,lora_alpha=8,target=query", "ia3", "bitfit", "ln_tuning"].iter().map(|s| DeltaSpec::parse_cli(s).unwrap()).collect();
+    let specs: Vec<_> = specs.iter().map(|s| DeltaSpec::parse_cli(s).unwrap()).collect();
     attach::attach(&mut model, &specs, AttachOptions { seed: 7, tokenizer: None }).unwrap();
     let vars = attach::trainable_vars(&model);
-    // Per layer: 2 LoRA, 4 (IA)³, 6 + 2 BitFit, 4 LN tuning; and BitFit / LN tuning on the
-    // embeddings' norm.
-    assert!(vars.len() >= 6 * 18, "{} trained tensors", vars.len());
     perturb(&vars, 5, 0.05);
     let probe = Stream::new(1, &["probe"]).normal(&[2, 384], 0.0, 1.0, &cpu()).unwrap();
     let route = specs.iter().fold(RowRoute::new(2), |r, s| r.with(s.name.clone(), 0, 2));
@@ -309,14 +304,17 @@ fn block_engine_matches_the_module_path_with_every_engine_delta() {
         let grads = y.mul(&probe).unwrap().sum_all().unwrap().backward().unwrap();
         (y, grads)
     };
+    let guard = crate::common::profile_lock();
     deltatune::ops::profile::set_enabled(true);
     let (y1, g1) = run(&ForwardCtx::eval());
-    let engine_ran = deltatune::ops::profile::take().iter().any(|e| e.op == "qkv-linear" && e.phase == "bwd");
+    let ran = deltatune::ops::profile::take();
     deltatune::ops::profile::set_enabled(false);
-    assert!(engine_ran, "the block engine did not run");
+    drop(guard);
+    assert!(ran.iter().any(|e| e.op == "qkv-linear" && e.phase == "bwd"), "{specs:?}: the block engine did not run");
+    assert!(!adapter || ran.iter().any(|e| e.op == "block-adapter" && e.phase == "bwd"), "{specs:?}: the engine's adapter did not run");
     let (y2, g2) = run(&ForwardCtx { route: Some(&route), ..ForwardCtx::eval() });
     let d = max_diff(&y1, &y2);
-    assert!(d <= 1e-5, "outputs differ by {d:e}");
+    assert!(d <= 1e-5, "{specs:?}: outputs differ by {d:e}");
     // A key's bias has no gradient in exact arithmetic (it shifts every score of a query alike),
     // so each tensor's tolerance has a floor at 1% of the largest gradient's scale.
     let largest = |g: &candle_core::Tensor| g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -328,4 +326,22 @@ fn block_engine_matches_the_module_path_with_every_engine_delta() {
         let d = max_diff(a, b);
         assert!(d <= 1e-4 * scale.max(0.01 * overall), "{n}: gradients differ by {d:e} (scale {scale:e}, largest {overall:e})");
     }
+}
+
+/// LoRA on query, (IA)³ with its defaults (outputs of key and value, inputs of both output
+/// maps), BitFit (every bias of every layer) and LayerNorm tuning (every norm's γ and β)
+/// together.
+#[test]
+fn block_engine_matches_the_module_path_with_scales_biases_and_norms() {
+    engine_against_modules(&["lora:r=4,lora_alpha=8,target=query", "ia3", "bitfit", "ln_tuning"], false);
+}
+
+/// Bottleneck adapters: Houlsby's (after both sublayers, swish) with LoRA and BitFit; the
+/// parallel adapter; Compacter's PHM projections; the low-rank adapter.
+#[test]
+fn block_engine_matches_the_module_path_with_adapters() {
+    engine_against_modules(&["houlsby:init_weights=bert", "lora:r=4,target=value", "bitfit"], true);
+    engine_against_modules(&["parallel_adapter:init_weights=bert"], true);
+    engine_against_modules(&["compacter"], true);
+    engine_against_modules(&["low_rank_adapter"], true);
 }

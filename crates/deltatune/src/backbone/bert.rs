@@ -356,8 +356,9 @@ impl BertLayer {
 impl BertLayer {
     /// The layer as one op of the block engine ([`ops::encoder_block`]) when every delta on it is
     /// one the engine computes — a LoRA or an (IA)³ scale on one of its six linear maps (at most
-    /// one per map), trained biases or layer-norm parameters (BitFit, LayerNorm tuning) — nothing
-    /// is attached to its containers, its weights are frozen, and a backward may follow (the input
+    /// one per map), a bottleneck adapter after the attention output or the feed-forward output,
+    /// trained biases or layer-norm parameters (BitFit, LayerNorm tuning) — nothing is attached
+    /// to its other containers, its weights are frozen, and a backward may follow (the input
     /// or a delta takes part in a graph). `None`: the module-by-module path.
     fn engine_forward(&self, x: &Tensor, bias: &Tensor, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
         if !ops::engine_enabled() || ctx.inference || ctx.route.is_some() || !matches!(self.intermediate.act, HiddenAct::Gelu) {
@@ -365,9 +366,17 @@ impl BertLayer {
         }
         let (att, sa) = (&self.attention, &self.attention.self_attn);
         let (o, out) = (&att.output, &self.output);
-        let containers = [&self.site, &att.site, &sa.site, &o.site, &self.intermediate.site, &out.site];
+        let containers = [&self.site, &att.site, &sa.site, &self.intermediate.site];
         if containers.iter().any(|s| s.has_active()) {
             return Ok(None);
+        }
+        // The two block sites may carry an adapter each, nothing else.
+        let mut adapters: [Option<ops::Adapter>; 2] = Default::default();
+        for (i, site) in [&o.site, &out.site].into_iter().enumerate() {
+            match site.engine_delta(ctx)? {
+                Some(d) if d.lora.is_none() && d.scale.is_none() => adapters[i] = d.adapter,
+                _ => return Ok(None),
+            }
         }
         let maps = [&sa.query, &sa.key, &sa.value, &o.dense, &self.intermediate.dense, &out.dense];
         let mut linears = Vec::with_capacity(6);
@@ -375,6 +384,9 @@ impl BertLayer {
         for (j, m) in maps.iter().enumerate() {
             let s = &m.site;
             let Some(d) = s.engine_delta(ctx)? else { return Ok(None) };
+            if d.adapter.is_some() {
+                return Ok(None); // an adapter on a linear map: the engine takes them after a block
+            }
             deltas[j] = d;
             let w = s.require("weight", ctx)?;
             if w.track_op() {
@@ -392,6 +404,7 @@ impl BertLayer {
         };
         let (Some(ln1), Some(ln2)) = (norm(&o.layer_norm)?, norm(&out.layer_norm)?) else { return Ok(None) };
         let trains = deltas.iter().any(ops::MapDelta::is_some)
+            || adapters.iter().any(Option::is_some)
             || linears.iter().any(|(_, b)| b.as_ref().is_some_and(Tensor::track_op))
             || [&ln1.0, &ln1.1, &ln2.0, &ln2.1].iter().any(|t| t.track_op());
         if !x.track_op() && !trains {
@@ -405,7 +418,7 @@ impl BertLayer {
             ln2,
             dropout: [drop(sa.dropout, &sa.site), drop(o.dropout, &o.site), drop(out.dropout, &out.site)],
         };
-        Ok(Some(ops::encoder_block(x, bias, &block, &deltas)?))
+        Ok(Some(ops::encoder_block(x, bias, &block, &deltas, &adapters)?))
     }
 }
 

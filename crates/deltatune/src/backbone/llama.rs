@@ -1235,8 +1235,9 @@ impl LlamaModel {
     /// The layer as one op of the block engine ([`ops::decoder_block`]) when it is a plain
     /// Llama layer (q, k, v and gate, up as separate maps, SwiGLU; no q/k norms, query scale or
     /// feed-forward norms; no sliding window reached), every delta on it is one the engine
-    /// computes — a LoRA or an (IA)³ scale on one of its seven maps (at most one per map), trained
-    /// biases or norm weights (BitFit, LayerNorm tuning) — nothing is attached to its containers,
+    /// computes — a LoRA or an (IA)³ scale on one of its seven maps (at most one per map), a
+    /// bottleneck adapter after the attention or the feed-forward block, trained biases or norm
+    /// weights (BitFit, LayerNorm tuning) — nothing is attached to the layer's own site,
     /// its weights are frozen, it trains (quantized weights are then multiplied dequantized, as the
     /// engine does) and a backward may follow. `None`: the module-by-module path.
     fn engine_forward(&self, l: &DecoderLayer, x: &Tensor, rope: &Rope, bias: &Tensor, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
@@ -1257,9 +1258,16 @@ impl LlamaModel {
         if !plain || sa.window.is_some_and(|w| t > w) || bias.dims() != [b, t] {
             return Ok(None);
         }
-        let containers = [&l.site, &sa.site, &mlp.site];
-        if containers.iter().any(|s| s.has_active()) {
+        if l.site.has_active() {
             return Ok(None);
+        }
+        // The attention and feed-forward blocks may carry an adapter each, nothing else.
+        let mut adapters: [Option<ops::Adapter>; 2] = Default::default();
+        for (i, site) in [&sa.site, &mlp.site].into_iter().enumerate() {
+            match site.engine_delta(ctx)? {
+                Some(d) if d.lora.is_none() && d.scale.is_none() => adapters[i] = d.adapter,
+                _ => return Ok(None),
+            }
         }
         let maps = [q_proj, k_proj, v_proj, &sa.o_proj, gate_proj, up_proj, &mlp.down_proj];
         let mut linears = Vec::with_capacity(maps.len());
@@ -1267,6 +1275,9 @@ impl LlamaModel {
         for (j, m) in maps.iter().enumerate() {
             let s = &m.site;
             let Some(d) = s.engine_delta(ctx)? else { return Ok(None) };
+            if d.adapter.is_some() {
+                return Ok(None); // an adapter on a linear map: the engine takes them after a block
+            }
             deltas[j] = d;
             let weight = match s.quantized("weight") {
                 Some(q) => ops::FrozenWeight::Quant(q.clone()),
@@ -1287,6 +1298,7 @@ impl LlamaModel {
         };
         let (Some(norm1), Some(norm2)) = (norm(&l.input_layernorm)?, norm(&l.post_attention_layernorm)?) else { return Ok(None) };
         let trains = deltas.iter().any(ops::MapDelta::is_some)
+            || adapters.iter().any(Option::is_some)
             || linears.iter().any(|(_, b)| b.as_ref().is_some_and(Tensor::track_op))
             || norm1.0.track_op()
             || norm2.0.track_op();
@@ -1294,7 +1306,7 @@ impl LlamaModel {
             return Ok(None);
         }
         let block = ops::DecoderBlock { heads: sa.heads, kv_heads: sa.kv_heads, head_dim: sa.head_dim, linears, norm1, norm2, rope: rope.clone() };
-        Ok(Some(ops::decoder_block(x, bias, &block, &deltas)?))
+        Ok(Some(ops::decoder_block(x, bias, &block, &deltas, &adapters)?))
     }
 
     /// Next-token logits (..., vocab) from final hidden states (..., h).

@@ -271,7 +271,7 @@ impl Site {
 
     /// What a block engine runs at this site besides its (resolved) parameters: `None` when a
     /// delta here is one no engine computes, or runs on some rows only; else the site's low-rank
-    /// update or (IA)³ scale — at most one of them — with any number of deltas that only change
+    /// update, (IA)³ scale or adapter — at most one of them — with any number of deltas that only change
     /// the parameters ([`EngineHook::Reparam`]: BitFit, LayerNorm tuning), which
     /// [`Self::resolve`] applies.
     pub fn engine_delta(&self, ctx: &ForwardCtx) -> Result<Option<crate::ops::MapDelta>> {
@@ -281,8 +281,9 @@ impl Site {
                 return Ok(None);
             }
             let hook = a.delta.engine_hook(&self.hook_ctx(i, a, ctx)?)?;
-            let taken = out.lora.is_some() || out.scale.is_some();
+            let taken = out.is_some();
             match hook {
+                Some(EngineHook::Bottleneck(ad)) if !taken => out.adapter = Some(ad),
                 Some(EngineHook::Reparam) => {}
                 Some(EngineHook::LowRank(a, b)) if !taken => out.lora = Some((a, b)),
                 Some(EngineHook::ScaleIn(l)) if !taken => out.scale = Some(crate::ops::Scale::In(l)),

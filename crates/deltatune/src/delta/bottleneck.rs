@@ -6,7 +6,7 @@
 use super::method::{site_dims, BuildCtx};
 use super::targets::{is_decoder, targets, Targets};
 use crate::core::init::zeros;
-use crate::core::{Delta, HookCtx, Site, SiteKind};
+use crate::core::{Delta, EngineHook, HookCtx, Site, SiteKind};
 use crate::error::{Error, Result};
 use crate::ops;
 use candle_core::{Tensor, Var};
@@ -102,6 +102,16 @@ pub enum Proj {
 }
 
 impl Proj {
+    /// The projection as a dense (out, in) weight and its bias (tensors that carry the gradient
+    /// back to the parameters).
+    pub fn dense(&self) -> Result<(Tensor, Tensor)> {
+        Ok(match self {
+            Proj::Dense { w, b } => (w.as_tensor().clone(), b.as_tensor().clone()),
+            Proj::LowRank { left, right, b } => (left.as_tensor().matmul(right.as_tensor())?.t()?.contiguous()?, b.as_tensor().clone()),
+            Proj::Phm { rule, left, right, b, .. } => (phm_matrix(rule.as_tensor(), left.as_tensor(), right.as_tensor())?.t()?.contiguous()?, b.as_tensor().clone()),
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Proj::Dense { w, b } => ops::linear(x, w.as_tensor(), Some(b.as_tensor())),
@@ -226,5 +236,24 @@ impl Delta for Adapter {
     fn post(&self, x: &Tensor, y: &Tensor, h: &HookCtx) -> Result<Option<Tensor>> {
         let src = if self.parallel { x } else { y };
         Ok(Some(y.add(&self.net.apply(src, h)?)?))
+    }
+
+    /// The bottleneck with dense (out, in) matrices — a low-rank or PHM projection as the matrix
+    /// it multiplies by — and the scaling and gate folded into the up projection.
+    fn engine_hook(&self, h: &HookCtx) -> Result<Option<EngineHook>> {
+        let act = match self.net.act {
+            Activation::Relu => ops::Act::Relu,
+            Activation::Gelu => ops::Act::Gelu,
+            Activation::Swish => ops::Act::Silu,
+            Activation::Tanh => ops::Act::Tanh,
+            Activation::Identity => ops::Act::Identity,
+            Activation::GeluNew => ops::Act::GeluTanh,
+        };
+        let fold = |t: Tensor| -> Result<Tensor> {
+            let t = if self.net.scaling != 1.0 { (t * self.net.scaling)? } else { t };
+            h.gated(t)
+        };
+        let (down, (wu, bu)) = (self.net.down.dense()?, self.net.up.dense()?);
+        Ok(Some(EngineHook::Bottleneck(ops::Adapter { down, up: (fold(wu)?, fold(bu)?), act, parallel: self.parallel })))
     }
 }

@@ -23,7 +23,7 @@ use super::activation::{gelu, gelu_grad_into, gelu_into};
 use super::attention::{attention, Attention};
 use super::combine::scale_last;
 use super::cpu::{err, fused_ok, gemm, slice, tensor_from, with_data, Fwd, Gemm, Grads2, Mat, SyncPtr};
-use super::engine_hooks::{MapDelta, MapHooks, Pack, Scale};
+use super::engine_hooks::{dropped, Adapter, AdapterHook, AdapterKept, MapDelta, MapHooks, Pack, Scale};
 pub use super::engine_hooks::LowRank;
 use super::linear::{dense_into, input_grad_into, linear, linear_gelu, lora_linear};
 use super::norm::{residual_layer_norm, ResidualLayerNorm};
@@ -67,15 +67,18 @@ pub struct EncoderBlock {
 /// op (see the module docs). Falls back to [`encoder_block_composed`] off the CPU, with the engine
 /// switched off, when a weight trains, or with an input scale on q, k or v (the three share their
 /// input).
-pub fn encoder_block(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, deltas: &[MapDelta; 6]) -> Result<Tensor> {
-    match block_op(x, key_bias, block, deltas)? {
+///
+/// `adapters`: a bottleneck adapter after the attention output and after the feed-forward output
+/// (before dropout's residual sum and the norm, as the block sites' hooks run).
+pub fn encoder_block(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, deltas: &[MapDelta; 6], adapters: &[Option<Adapter>; 2]) -> Result<Tensor> {
+    match block_op(x, key_bias, block, deltas, adapters)? {
         Some(y) => Ok(y),
-        None => encoder_block_composed(x, key_bias, block, deltas),
+        None => encoder_block_composed(x, key_bias, block, deltas, adapters),
     }
 }
 
 /// The engine's op, or `None` where it does not apply.
-fn block_op(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, deltas: &[MapDelta; 6]) -> Result<Option<Tensor>> {
+fn block_op(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, deltas: &[MapDelta; 6], adapters: &[Option<Adapter>; 2]) -> Result<Option<Tensor>> {
     let frozen = block.linears.iter().all(|(w, _)| !w.track_op());
     let shared_input_scaled = deltas[..3].iter().any(|d| matches!(d.scale, Some(Scale::In(_))));
     if !(fused_ok(x) && engine_enabled() && frozen && !shared_input_scaled && x.rank() == 3) {
@@ -90,6 +93,9 @@ fn block_op(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, deltas: &[MapDe
         hooks.push(MapHooks::new("encoder block", BLOCK_LINEARS[j], w.dims2()?, d, bias.as_ref(), &mut pack)?);
     }
     let ln_at = [(pack.trained(&block.ln1.0)?, pack.trained(&block.ln1.1)?), (pack.trained(&block.ln2.0)?, pack.trained(&block.ln2.1)?)];
+    let adapters = [0, 1].map(|i| adapters[i].as_ref().map(|a| AdapterHook::new("encoder block", a, h, &mut pack)));
+    let [ad1, ad2] = adapters;
+    let adapters = [ad1.transpose()?, ad2.transpose()?];
     let packed = pack.finish()?;
     let [q, k, v, o, i, out] = &block.linears;
     let wqkv = Tensor::cat(&[&q.0, &k.0, &v.0], 0)?.contiguous()?;
@@ -108,17 +114,23 @@ fn block_op(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, deltas: &[MapDe
     };
     let dense = |d: &Dense| -> Result<Dense> { Ok((d.0.contiguous()?, d.1.as_ref().map(|b| b.contiguous()).transpose()?)) };
     let [d_attn, d_o, d_out] = block.dropout;
+    // With an adapter after a sublayer, the sublayer's dropout runs before the adapter, not in
+    // the norm's op.
+    let sub_drop = [d_o, d_out];
+    let norm_drop = |i: usize, d| if adapters[i].is_some() { None } else { d };
     let probs = d_attn.map(|(p, key)| (p, key.for_rows(b * block.heads * t * t)));
     let op = BlockOp {
         qkv: (wqkv, bqkv),
         o: dense(o)?,
         inter: dense(i)?,
         out: dense(out)?,
-        ln1: ResidualLayerNorm::new(block.ln1.2, d_o, elems, block.ln1.0.contiguous()?, block.ln1.1.contiguous()?),
-        ln2: ResidualLayerNorm::new(block.ln2.2, d_out, elems, block.ln2.0.contiguous()?, block.ln2.1.contiguous()?),
+        ln1: ResidualLayerNorm::new(block.ln1.2, norm_drop(0, d_o), elems, block.ln1.0.contiguous()?, block.ln1.1.contiguous()?),
+        ln2: ResidualLayerNorm::new(block.ln2.2, norm_drop(1, d_out), elems, block.ln2.0.contiguous()?, block.ln2.1.contiguous()?),
         attn: Attention::bidirectional(block.heads, probs, key_bias.to_dtype(candle_core::DType::F32)?.contiguous()?),
         hooks,
         ln_at,
+        adapters,
+        sub_drop,
         kept: Mutex::new(None),
     };
     Ok(Some(run_layer(&x, packed, op)?))
@@ -196,7 +208,7 @@ impl<K: LayerOp> CustomOp2 for Layer<K> {
 
 /// Reference implementation of [`encoder_block`]: the layer from the per-op kernels (the path a
 /// layer takes without the engine).
-pub fn encoder_block_composed(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, deltas: &[MapDelta; 6]) -> Result<Tensor> {
+pub fn encoder_block_composed(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, deltas: &[MapDelta; 6], adapters: &[Option<Adapter>; 2]) -> Result<Tensor> {
     let map = |j: usize, x: &Tensor| -> Result<Tensor> {
         let (w, b) = &block.linears[j];
         composed_map(x, deltas, j, |x| match &deltas[j].lora {
@@ -206,14 +218,26 @@ pub fn encoder_block_composed(x: &Tensor, key_bias: &Tensor, block: &EncoderBloc
     };
     let (q, k, v) = (map(0, x)?, map(1, x)?, map(2, x)?);
     let c = attention(&q, &k, &v, key_bias, block.heads, block.dropout[0])?;
-    let h1 = map(3, &c)?;
-    let a = residual_layer_norm(&h1, x, &block.ln1.0, &block.ln1.1, block.ln1.2, block.dropout[1])?;
+    // A sublayer's output, its residual input, its norm: dropout, the adapter, the sum and the
+    // norm as the block sites run them.
+    let sublayer = |hid: Tensor, input: &Tensor, i: usize, ln: &(Tensor, Tensor, f64)| -> Result<Tensor> {
+        match &adapters[i] {
+            None => residual_layer_norm(&hid, input, &ln.0, &ln.1, ln.2, block.dropout[i + 1]),
+            Some(ad) => {
+                let hid = match block.dropout[i + 1] {
+                    Some((p, key)) => super::dropout::dropout(&hid, p, key)?,
+                    None => hid,
+                };
+                residual_layer_norm(&ad.composed(&hid, input)?, input, &ln.0, &ln.1, ln.2, None)
+            }
+        }
+    };
+    let a = sublayer(map(3, &c)?, x, 0, &block.ln1)?;
     let g = match deltas[4].is_some() {
         true => gelu(&map(4, &a)?)?,
         false => linear_gelu(&a, &block.linears[4].0, block.linears[4].1.as_ref())?,
     };
-    let h2 = map(5, &g)?;
-    residual_layer_norm(&h2, &a, &block.ln2.0, &block.ln2.1, block.ln2.2, block.dropout[2])
+    sublayer(map(5, &g)?, &a, 1, &block.ln2)
 }
 
 /// Map j's output from its input in the composed path, `product` being the map (with any LoRA):
@@ -246,6 +270,8 @@ struct Kept {
     u: [Option<Vec<f32>>; 6],
     /// Each trained output scale's unscaled output.
     y0: [Option<Vec<f32>>; 6],
+    /// What the adapters after the two sublayers keep.
+    ad: [Option<AdapterKept>; 2],
 }
 
 struct BlockOp {
@@ -261,6 +287,11 @@ struct BlockOp {
     hooks: Vec<MapHooks>,
     /// Where the two norms' γ and β gradients go, when they train.
     ln_at: [(Option<usize>, Option<usize>); 2],
+    /// The adapters after the attention output and the feed-forward output.
+    adapters: [Option<AdapterHook>; 2],
+    /// The two sublayers' dropout, run here instead of in the norm where an adapter follows the
+    /// sublayer.
+    sub_drop: [Option<(f32, DropoutKey)>; 2],
     kept: Mutex<Option<Kept>>,
 }
 
@@ -277,6 +308,31 @@ pub(super) fn dense(x: &[f32], in_dim: usize, (w, b): &Dense) -> candle_core::Re
 }
 
 impl BlockOp {
+    /// Sublayer `i`'s output `hid` (before its dropout), with an adapter after it: the dropout
+    /// and the adapter (reading `input`, the sublayer's input, when parallel) — what the norm's
+    /// op then sums with `input`; without one, `hid` as it is (the norm's op drops it).
+    fn adapt(&self, i: usize, hid: Vec<f32>, input: &[f32], kept: &mut [Option<AdapterKept>; 2]) -> Vec<f32> {
+        let Some(ad) = &self.adapters[i] else { return hid };
+        let d = dropped(&hid, self.sub_drop[i]);
+        let mut e = d.clone();
+        kept[i] = Some(if ad.parallel { ad.forward(&mut e, input, None) } else { ad.forward(&mut e, &d, Some(d.clone())) });
+        e
+    }
+
+    /// The backward of [`Self::adapt`]: `dhid` holds the gradient of what the norm summed; it
+    /// becomes the gradient of the sublayer's output (through the adapter and the dropout), and
+    /// a parallel adapter's input gradient is added onto `dinput`.
+    fn adapt_grad(&self, i: usize, dhid: &mut Vec<f32>, dinput: &mut [f32], input: &[f32], kept: &[Option<AdapterKept>; 2], dp: &mut [f32]) -> candle_core::Result<()> {
+        let Some(ad) = &self.adapters[i] else { return Ok(()) };
+        let k = kept[i].as_ref().ok_or_else(|| err("encoder block: an adapter's backward without its forward"))?;
+        let src = if ad.parallel { input } else { k.src.as_deref().ok_or_else(|| err("encoder block: an adapter's input was not kept"))? };
+        let dsrc = ad.backward(dhid, src, k, dp);
+        let target: &mut [f32] = if ad.parallel { dinput } else { dhid };
+        target.par_iter_mut().zip(dsrc.par_iter()).for_each(|(t, d)| *t += d);
+        *dhid = dropped(dhid, self.sub_drop[i]);
+        Ok(())
+    }
+
     fn shapes(&self, x: &Shape) -> candle_core::Result<(usize, usize, usize, usize)> {
         let (b, t, h) = x.dims3()?;
         let inter = self.inter.0.dim(0)?;
@@ -348,7 +404,8 @@ impl LayerOp for BlockOp {
             y0[j] = s[j].scale_output(&mut y, out, 0);
             Ok(y)
         };
-        let h1 = map(3, &c, h, &self.o)?;
+        let mut ad: [Option<AdapterKept>; 2] = Default::default();
+        let h1 = self.adapt(0, map(3, &c, h, &self.o)?, x, &mut ad);
         let mut a = vec![0f32; h1.len()];
         {
             let _prof = timer("residual-layer-norm", "fwd");
@@ -361,13 +418,13 @@ impl LayerOp for BlockOp {
             let _prof = timer("gelu-erf", "fwd");
             gelu_into(&mut g, &pre);
         }
-        let h2 = map(5, &g, inter, &self.out)?;
+        let h2 = self.adapt(1, map(5, &g, inter, &self.out)?, &a, &mut ad);
         let mut y = vec![0f32; h2.len()];
         {
             let _prof = timer("residual-layer-norm", "fwd");
             self.ln2.forward_into(&mut y, &h2, &a, h)?;
         }
-        let kept = Kept { qkv, ctx: s[3].needs_input().then_some(c), h1, a, pre, g: s[5].needs_input().then_some(g), h2, u, y0 };
+        let kept = Kept { qkv, ctx: s[3].needs_input().then_some(c), h1, a, pre, g: s[5].needs_input().then_some(g), h2, u, y0, ad };
         *self.kept.lock().map_err(|_| err("encoder block: poisoned lock"))? = Some(kept);
         Ok((CpuStorage::F32(y), shape.clone()))
     }
@@ -389,6 +446,7 @@ impl LayerOp for BlockOp {
                 self.ln2.backward_into(&mut dh2, &mut da, &k.h2, &k.a, dy)?;
                 self.ln2.param_grads_into(dp, self.ln_at[1], &k.h2, &k.a, dy)?;
             }
+            self.adapt_grad(1, &mut dh2, &mut da, &k.a, &k.ad, dp)?;
             // Output map: its scale and bias, dg = dh2 W_out (+ its LoRA).
             s[5].output_grads(&mut dh2, h, 0, h, k.y0[5].as_deref(), dp)?;
             let mut dg = vec![0f32; rows * inter];
@@ -423,6 +481,7 @@ impl LayerOp for BlockOp {
                 self.ln1.backward_into(&mut dh1, &mut dx, &k.h1, xs, &da)?;
                 self.ln1.param_grads_into(dp, self.ln_at[0], &k.h1, xs, &da)?;
             }
+            self.adapt_grad(0, &mut dh1, &mut dx, xs, &k.ad, dp)?;
             drop(da);
             // Attention output map: its scale and bias, dc = dh1 W_o (+ its LoRA).
             s[3].output_grads(&mut dh1, h, 0, h, k.y0[3].as_deref(), dp)?;
@@ -463,7 +522,8 @@ impl LayerOp for BlockOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::cpu::testing::{around, check_layer, layer_lora, rand, var};
+    use crate::ops::Act;
+    use crate::ops::cpu::testing::{around, check_layer, check_layer_close, layer_lora, rand, var};
     use candle_core::Device;
 
     /// The engine against the per-op composition: output and every gradient (x and each LoRA
@@ -493,8 +553,8 @@ mod tests {
         let mut mask = vec![1f32; b * t];
         mask[2 * t - 2..].fill(0.0);
         let bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
-        let y1 = block_op(&x, &bias, &block, &lora).unwrap().expect("the engine applies");
-        let y2 = encoder_block_composed(&x, &bias, &block, &lora).unwrap();
+        let y1 = block_op(&x, &bias, &block, &lora, &Default::default()).unwrap().expect("the engine applies");
+        let y2 = encoder_block_composed(&x, &bias, &block, &lora, &Default::default()).unwrap();
         // The forward is the per-op path's, to the bit.
         check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS, &[]);
     }
@@ -564,8 +624,8 @@ mod tests {
         let mut mask = vec![1f32; b * t];
         mask[2 * t - 2..].fill(0.0);
         let bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
-        let y1 = block_op(&x, &bias, &block, &deltas).unwrap().expect("the engine applies");
-        let y2 = encoder_block_composed(&x, &bias, &block, &deltas).unwrap();
+        let y1 = block_op(&x, &bias, &block, &deltas, &Default::default()).unwrap().expect("the engine applies");
+        let y2 = encoder_block_composed(&x, &bias, &block, &deltas, &Default::default()).unwrap();
         check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS, &trained);
     }
 
@@ -592,10 +652,62 @@ mod tests {
         let bias = Tensor::zeros((1, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
         let mut deltas: [MapDelta; 6] = Default::default();
         deltas[1].scale = Some(Scale::In(var(&[h], 6, 1.0).as_tensor().clone()));
-        assert!(block_op(x.as_tensor(), &bias, &block, &deltas).unwrap().is_none());
+        assert!(block_op(x.as_tensor(), &bias, &block, &deltas, &Default::default()).unwrap().is_none());
         let (_, mut both) = layer_lora::<6>(&[2], |j| block.linears[j].0.dims2().unwrap(), 2);
         both[2].scale = Some(Scale::Out(var(&[h], 7, 1.0).as_tensor().clone()));
-        let e = block_op(x.as_tensor(), &bias, &block, &both).unwrap_err().to_string();
+        let e = block_op(x.as_tensor(), &bias, &block, &both, &Default::default()).unwrap_err().to_string();
         assert!(e.contains("value") && e.contains("both"), "{e}");
+    }
+
+    /// Bottleneck adapters after both sublayers against the composition (outputs within 1e-5:
+    /// the adapter's products run in `gemm`, the composition's in candle), with LoRA on q and
+    /// trained norms: sequential after the attention output, parallel after the feed-forward
+    /// output, and the other way round, over each activation; with dropout (which runs before
+    /// the adapter) and without the input's gradient.
+    fn check_adapters(acts: [Act; 2], parallel: [bool; 2], dropout: bool, x_grad: bool) {
+        let (b, t, h, heads, inter, m) = (2, 7, 16, 4, 24, 5);
+        let mut trained = Vec::new();
+        let lin = |out: usize, inp: usize, seed: u64| -> Dense { ((rand(&[out, inp], seed) * 0.3).unwrap(), Some((rand(&[out], seed + 100) * 0.1).unwrap())) };
+        let mut norm = |seed: u64| {
+            let g = ((rand(&[h], seed) * 0.2).unwrap() + 1.0).unwrap();
+            (around(&g, seed + 300, 0.1, &format!("gamma {seed}"), &mut trained), (rand(&[h], seed + 1) * 0.1).unwrap(), 1e-12)
+        };
+        let (ln1, ln2) = (norm(7), norm(9));
+        let block = EncoderBlock {
+            heads,
+            linears: [lin(h, h, 1), lin(h, h, 2), lin(h, h, 3), lin(h, h, 4), lin(inter, h, 5), lin(h, inter, 6)],
+            ln1,
+            ln2,
+            dropout: if dropout {
+                let k = DropoutKey(42);
+                [Some((0.1, k.derive("p"))), Some((0.1, k.derive("o"))), Some((0.1, k.derive("out")))]
+            } else {
+                [None, None, None]
+            },
+        };
+        let (vars, deltas) = layer_lora::<6>(&[0], |j| block.linears[j].0.dims2().unwrap(), 3);
+        let mut adapter = |i: usize| {
+            let mut v = |dims: &[usize], k: u64, what: &str| {
+                let z = Tensor::zeros(dims, candle_core::DType::F32, &Device::Cpu).unwrap();
+                around(&z, 70 + 10 * i as u64 + k, 0.4, &format!("adapter {i} {what}"), &mut trained)
+            };
+            Some(Adapter { down: (v(&[m, h], 0, "down"), v(&[m], 1, "down bias")), up: (v(&[h, m], 2, "up"), v(&[h], 3, "up bias")), act: acts[i], parallel: parallel[i] })
+        };
+        let adapters = [adapter(0), adapter(1)];
+        let xv = var(&[b, t, h], 11, 1.0);
+        let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
+        let mut mask = vec![1f32; b * t];
+        mask[2 * t - 2..].fill(0.0);
+        let bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
+        let y1 = block_op(&x, &bias, &block, &deltas, &adapters).unwrap().expect("the engine applies");
+        let y2 = encoder_block_composed(&x, &bias, &block, &deltas, &adapters).unwrap();
+        check_layer_close(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS, &trained);
+    }
+
+    #[test]
+    fn block_matches_composition_with_adapters() {
+        check_adapters([Act::Relu, Act::Silu], [false, true], true, true);
+        check_adapters([Act::Gelu, Act::Tanh], [true, false], false, true);
+        check_adapters([Act::Identity, Act::GeluTanh], [false, false], true, false);
     }
 }

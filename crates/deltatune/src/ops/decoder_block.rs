@@ -26,7 +26,7 @@
 use super::activation::{swiglu, swiglu_grad_into, swiglu_into};
 use super::attention::{causal_attention, Attention};
 use super::block::{composed_map, engine_enabled, run_layer, LayerOp};
-use super::engine_hooks::{MapDelta, MapHooks, Pack, Scale};
+use super::engine_hooks::{Adapter, AdapterHook, AdapterKept, MapDelta, MapHooks, Pack, Scale};
 use super::cpu::{err, fused_ok, gemm, with_data, Fwd, Gemm, Mat, Out, SyncPtr};
 use super::linear::{input_grad_into, linear, lora_linear, lora_qlinear, qlinear, FrozenWeight};
 use super::norm::{rms_norm, rms_norm_grad_add, rms_norm_into, rms_norm_weight_grad_add};
@@ -61,28 +61,34 @@ pub struct DecoderBlock {
 /// (BitFit, LayerNorm tuning), as one op (see the module docs). Falls back to
 /// [`decoder_block_composed`] off the CPU, with the engine switched off, when a weight trains, or
 /// with an input scale on a map that shares its input (q, k, v, gate, up).
-pub fn decoder_block(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, deltas: &[MapDelta; 7]) -> Result<Tensor> {
-    match block_op(x, key_bias, block, deltas)? {
+///
+/// `adapters`: a bottleneck adapter after the attention block (its output projection) and after
+/// the feed-forward block, before their residual sums (a parallel one reads the block's normed
+/// input).
+pub fn decoder_block(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, deltas: &[MapDelta; 7], adapters: &[Option<Adapter>; 2]) -> Result<Tensor> {
+    match block_op(x, key_bias, block, deltas, adapters)? {
         Some(y) => Ok(y),
-        None => decoder_block_composed(x, key_bias, block, deltas),
+        None => decoder_block_composed(x, key_bias, block, deltas, adapters),
     }
 }
 
 /// The engine's op, or `None` where it does not apply.
-fn block_op(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, deltas: &[MapDelta; 7]) -> Result<Option<Tensor>> {
+fn block_op(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, deltas: &[MapDelta; 7], adapters: &[Option<Adapter>; 2]) -> Result<Option<Tensor>> {
     let frozen = block.linears.iter().all(|(w, _)| !w.trains());
     let shared_input_scaled = [0, 1, 2, 4, 5].iter().any(|&j| matches!(deltas[j].scale, Some(Scale::In(_))));
     if !(fused_ok(x) && engine_enabled() && frozen && !shared_input_scaled && x.rank() == 3) {
         return Ok(None);
     }
     let x = x.contiguous()?;
-    let (_, t, _) = x.dims3()?;
+    let (_, t, h) = x.dims3()?;
     let mut pack = Pack::default();
     let mut hooks = Vec::with_capacity(7);
     for (j, ((w, bias), d)) in block.linears.iter().zip(deltas).enumerate() {
         hooks.push(MapHooks::new("decoder block", DECODER_LINEARS[j], w.dims2()?, d, bias.as_ref(), &mut pack)?);
     }
     let norm_at = [pack.trained(&block.norm1.0)?, pack.trained(&block.norm2.0)?];
+    let [ad1, ad2] = [0, 1].map(|i| adapters[i].as_ref().map(|a| AdapterHook::new("decoder block", a, h, &mut pack)));
+    let adapters = [ad1.transpose()?, ad2.transpose()?];
     let packed = pack.finish()?;
     let rope = rope_tables(&block.rope.0, &block.rope.1, t, block.head_dim)?;
     let vec = |v: &Tensor| -> Result<Vec<f32>> { Ok(v.flatten_all()?.to_vec1::<f32>()?) };
@@ -102,6 +108,7 @@ fn block_op(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, deltas: &[MapDe
         attn: Attention::causal(block.heads, key_bias.to_dtype(DType::F32)?.contiguous()?),
         hooks,
         norm_at,
+        adapters,
         kept: Mutex::new(None),
     };
     op.shapes(x.shape())?;
@@ -110,7 +117,7 @@ fn block_op(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, deltas: &[MapDe
 
 /// Reference implementation of [`decoder_block`]: the layer from the per-op kernels, as a layer
 /// runs without the engine.
-pub fn decoder_block_composed(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, deltas: &[MapDelta; 7]) -> Result<Tensor> {
+pub fn decoder_block_composed(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, deltas: &[MapDelta; 7], adapters: &[Option<Adapter>; 2]) -> Result<Tensor> {
     let (b, t, _) = x.dims3()?;
     let (nh, nkv, d) = (block.heads, block.kv_heads, block.head_dim);
     let product = |j: usize, x: &Tensor| -> Result<Tensor> {
@@ -137,10 +144,16 @@ pub fn decoder_block_composed(x: &Tensor, key_bias: &Tensor, block: &DecoderBloc
     let k = rotated(map(1, &n1)?, nkv)?;
     let v = map(2, &n1)?;
     let c = causal_attention(&q, &k, &v, key_bias, nh)?;
-    let h = (x + map(3, &c)?)?;
+    let adapted = |y: Tensor, input: &Tensor, i: usize| -> Result<Tensor> {
+        match &adapters[i] {
+            Some(ad) => ad.composed(&y, input),
+            None => Ok(y),
+        }
+    };
+    let h = (x + adapted(map(3, &c)?, &n1, 0)?)?;
     let n2 = rms_norm(&h, &block.norm2.0, block.norm2.1)?;
     let act = swiglu(&map(4, &n2)?, &map(5, &n2)?)?;
-    Ok((h + map(6, &act)?)?)
+    Ok((h + adapted(map(6, &act)?, &n2, 1)?)?)
 }
 
 /// What the forward keeps for the backward.
@@ -164,6 +177,8 @@ struct Kept {
     u: [Option<Vec<f32>>; 7],
     /// Each trained output scale's unscaled output.
     y0: [Option<Vec<f32>>; 7],
+    /// What the adapters after the attention and the feed-forward keep.
+    ad: [Option<AdapterKept>; 2],
 }
 
 struct BlockOp {
@@ -181,6 +196,8 @@ struct BlockOp {
     hooks: Vec<MapHooks>,
     /// Where the two norms' weight gradients go, when they train.
     norm_at: [Option<usize>; 2],
+    /// The adapters after the attention and the feed-forward blocks.
+    adapters: [Option<AdapterHook>; 2],
     kept: Mutex<Option<Kept>>,
 }
 
@@ -211,6 +228,36 @@ fn input_grad(dx: &mut [f32], dy: &[f32], (w, _): &(FrozenWeight, Option<Tensor>
 }
 
 impl BlockOp {
+    /// Adapter `i` onto a block's output `y` (in place), reading `y` itself or, when parallel,
+    /// the block's normed input `input`; what it keeps.
+    fn adapt(&self, i: usize, y: &mut [f32], input: &[f32]) -> Option<AdapterKept> {
+        let ad = self.adapters[i].as_ref()?;
+        Some(if ad.parallel {
+            ad.forward(y, input, None)
+        } else {
+            let src = y.to_vec();
+            let mut k = ad.forward(y, &src, None);
+            k.src = Some(src);
+            k
+        })
+    }
+
+    /// The backward of [`Self::adapt`] from the gradient `dy` of the adapted output: the
+    /// gradient of the block's output (`dy` itself without an adapter) and, for a parallel
+    /// adapter, the gradient it adds to the block's normed input (`input`, kept then).
+    fn adapt_grad<'a>(&self, i: usize, dy: &'a [f32], input: Option<&[f32]>, k: &Kept, dp: &mut [f32]) -> candle_core::Result<(std::borrow::Cow<'a, [f32]>, Option<Vec<f32>>)> {
+        let Some(ad) = &self.adapters[i] else { return Ok((std::borrow::Cow::Borrowed(dy), None)) };
+        let missing = || err("decoder block: an adapter's activations were not kept");
+        let kept = k.ad[i].as_ref().ok_or_else(missing)?;
+        if ad.parallel {
+            let dsrc = ad.backward(dy, input.ok_or_else(missing)?, kept, dp);
+            return Ok((std::borrow::Cow::Borrowed(dy), Some(dsrc)));
+        }
+        let mut dsrc = ad.backward(dy, kept.src.as_deref().ok_or_else(missing)?, kept, dp);
+        dsrc.par_iter_mut().zip(dy.par_iter()).for_each(|(a, b)| *a += b);
+        Ok((std::borrow::Cow::Owned(dsrc), None))
+    }
+
     fn shapes(&self, x: &Shape) -> candle_core::Result<Dims> {
         let (b, t, h) = x.dims3()?;
         let (qw, kw) = (self.heads * self.d, self.kv_heads * self.d);
@@ -309,8 +356,10 @@ impl LayerOp for BlockOp {
             y0[j] = s[j].scale_output(&mut y, out, 0);
             Ok(y)
         };
-        // h1 = x + o(c).
+        // h1 = x + o(c) (+ its adapter).
+        let mut ad: [Option<AdapterKept>; 2] = Default::default();
         let mut h1 = map(3, &c, qw)?;
+        ad[0] = self.adapt(0, &mut h1, &n1);
         h1.par_iter_mut().zip(x.par_iter()).for_each(|(a, &xi)| *a += xi);
         let mut n2 = vec![0f32; rows * h];
         {
@@ -324,21 +373,24 @@ impl LayerOp for BlockOp {
             let _prof = timer("swiglu", "fwd");
             swiglu_into(&mut act, &gate, &up);
         }
-        // y = h1 + down(act).
+        // y = h1 + down(act) (+ its adapter).
         let mut y = map(6, &act, inter)?;
+        ad[1] = self.adapt(1, &mut y, &n2);
         y.par_iter_mut().zip(h1.par_iter()).for_each(|(m, &hi)| *m += hi);
         let lora = |js: &[usize]| js.iter().any(|&j| s[j].lora.is_some());
+        let parallel = |i: usize| self.adapters[i].as_ref().is_some_and(|a| a.parallel);
         let kept = Kept {
             qkv,
-            n1: lora(&[0, 1, 2]).then_some(n1),
+            n1: (lora(&[0, 1, 2]) || parallel(0)).then_some(n1),
             ctx: s[3].needs_input().then_some(c),
             h1,
-            n2: lora(&[4, 5]).then_some(n2),
+            n2: (lora(&[4, 5]) || parallel(1)).then_some(n2),
             gate,
             up,
             act: s[6].needs_input().then_some(act),
             u,
             y0,
+            ad,
         };
         *self.kept.lock().map_err(|_| err("decoder block: poisoned lock"))? = Some(kept);
         Ok((CpuStorage::F32(y), shape.clone()))
@@ -360,11 +412,12 @@ impl LayerOp for BlockOp {
         // Below the attention output: for dn1 or a delta on q, k, v; below the feed-forward: for
         // those, a delta on o or the second norm's weight.
         let below_o = need_dn1 || (0..3).any(|j| s[j].trains());
-        let below_ffn = below_o || s[3].trains() || self.norm_at[1].is_some();
+        let below_ffn = below_o || s[3].trains() || self.norm_at[1].is_some() || self.adapters[0].as_ref().is_some_and(|a| a.trains());
         let missing = || err("decoder block: an activation the backward needs was not kept");
         let dx = with_data([x, grad], |[xs, dy]| {
-            // Down: its scale and bias, dact = dy Wd (+ its LoRA).
-            let dyd = s[6].output_grads_of(dy, h, k.y0[6].as_deref(), dp)?;
+            // The feed-forward's adapter, then down: its scale and bias, dact = dy Wd (+ its LoRA).
+            let (dy6, dsrc2) = self.adapt_grad(1, dy, k.n2.as_deref(), k, dp)?;
+            let dyd = s[6].output_grads_of(&dy6, h, k.y0[6].as_deref(), dp)?;
             let mut dact = vec![0f32; rows * inter];
             s[6].input_grad(&mut dact, false, k.act.as_deref(), dp, |buf, acc| input_grad(buf, &dyd, &self.maps[6], acc))?;
             if let Some(sl) = &s[6].lora {
@@ -372,6 +425,7 @@ impl LayerOp for BlockOp {
                 sl.backward(&dyd, h, act, u, p, dp, Some(&mut dact));
             }
             drop(dyd);
+            drop(dy6);
             // The gate, then the scales and biases of gate and up.
             let (mut dg, mut du) = (vec![0f32; rows * inter], vec![0f32; rows * inter]);
             {
@@ -394,6 +448,9 @@ impl LayerOp for BlockOp {
                     sl.backward(dz, inter, n2, u, p, dp, below_ffn.then_some(&mut dn2[..]));
                 }
             }
+            if let (Some(d), true) = (&dsrc2, below_ffn) {
+                dn2.par_iter_mut().zip(d.par_iter()).for_each(|(a, b)| *a += b);
+            }
             drop((dg, du));
             if !below_ffn {
                 return Ok(Vec::new());
@@ -408,8 +465,10 @@ impl LayerOp for BlockOp {
                 }
             }
             drop(dn2);
-            // Attention output: its scale and bias, dc = dh Wo (+ its LoRA).
-            let dho = s[3].output_grads_of(&dh, h, k.y0[3].as_deref(), dp)?;
+            // The attention's adapter, then its output map: its scale and bias, dc = dh Wo (+ its
+            // LoRA).
+            let (dh3, dsrc1) = self.adapt_grad(0, &dh, k.n1.as_deref(), k, dp)?;
+            let dho = s[3].output_grads_of(&dh3, h, k.y0[3].as_deref(), dp)?;
             let mut dc = Vec::new();
             if below_o {
                 dc = vec![0f32; rows * qw];
@@ -420,6 +479,7 @@ impl LayerOp for BlockOp {
                 sl.backward(&dho, h, c, u, p, dp, below_o.then_some(&mut dc[..]));
             }
             drop(dho);
+            drop(dh3);
             if !below_o {
                 return Ok(Vec::new());
             }
@@ -463,6 +523,9 @@ impl LayerOp for BlockOp {
                     sl.backward(&dqkv[col..], w, n1, u, p, dp, need_dn1.then_some(&mut dn1[..]));
                 }
             }
+            if let (Some(d), true) = (&dsrc1, need_dn1) {
+                dn1.par_iter_mut().zip(d.par_iter()).for_each(|(a, b)| *a += b);
+            }
             let _prof = timer("rms-norm", "bwd");
             if let Some(at) = self.norm_at[0] {
                 rms_norm_weight_grad_add(&mut dp[at..at + h], xs, &dn1, self.norm1.1);
@@ -479,7 +542,8 @@ impl LayerOp for BlockOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::cpu::testing::{around, check_layer, layer_lora, rand, var};
+    use crate::ops::cpu::testing::{around, check_layer, check_layer_close, layer_lora, rand, var};
+    use crate::ops::Act;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::Device;
     use std::sync::Arc;
@@ -522,8 +586,8 @@ mod tests {
         let mut mask = vec![1f32; b * t];
         mask[2 * t - 3..].fill(0.0);
         let key_bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
-        let y1 = block_op(&x, &key_bias, &block, &lora).unwrap().expect("the engine applies");
-        let y2 = decoder_block_composed(&x, &key_bias, &block, &lora).unwrap();
+        let y1 = block_op(&x, &key_bias, &block, &lora, &Default::default()).unwrap().expect("the engine applies");
+        let y2 = decoder_block_composed(&x, &key_bias, &block, &lora, &Default::default()).unwrap();
         check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &[]);
     }
 
@@ -569,9 +633,51 @@ mod tests {
         let mut mask = vec![1f32; b * t];
         mask[2 * t - 3..].fill(0.0);
         let key_bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
-        let y1 = block_op(&x, &key_bias, &block, &deltas).unwrap().expect("the engine applies");
-        let y2 = decoder_block_composed(&x, &key_bias, &block, &deltas).unwrap();
+        let y1 = block_op(&x, &key_bias, &block, &deltas, &Default::default()).unwrap().expect("the engine applies");
+        let y2 = decoder_block_composed(&x, &key_bias, &block, &deltas, &Default::default()).unwrap();
         check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &trained);
+    }
+
+    /// Bottleneck adapters after both blocks against the composition (outputs within 1e-5: the
+    /// adapter's products run in `gemm`, the composition's in candle), with LoRA on q and down
+    /// and trained norm weights; sequential and parallel, each activation, with and without the
+    /// input's gradient.
+    fn check_adapters(acts: [Act; 2], parallel: [bool; 2], x_grad: bool) {
+        let (b, t, h, heads, kv, d, inter, m) = (2, 70, 64, 4, 2, 16, 96, 6);
+        let mut trained = Vec::new();
+        let lin = |out: usize, inp: usize, seed: u64| -> (FrozenWeight, Option<Tensor>) { (FrozenWeight::Dense((rand(&[out, inp], seed) * 0.3).unwrap()), None) };
+        let (qw, kw) = (heads * d, kv * d);
+        let linears = [lin(qw, h, 1), lin(kw, h, 2), lin(kw, h, 3), lin(h, qw, 4), lin(inter, h, 5), lin(inter, h, 6), lin(h, inter, 7)];
+        let mut norm = |seed: u64| {
+            let w = ((rand(&[h], seed) * 0.2).unwrap() + 1.0).unwrap();
+            (around(&w, seed + 300, 0.1, &format!("norm {seed}"), &mut trained), 1e-5)
+        };
+        let (norm1, norm2) = (norm(8), norm(9));
+        let block = DecoderBlock { heads, kv_heads: kv, head_dim: d, linears, norm1, norm2, rope: tables(t, d) };
+        let (vars, deltas) = layer_lora::<7>(&[0, 6], |j| block.linears[j].0.dims2().unwrap(), 3);
+        let mut adapter = |i: usize| {
+            let mut v = |dims: &[usize], k: u64, what: &str| {
+                let z = Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
+                around(&z, 70 + 10 * i as u64 + k, 0.3, &format!("adapter {i} {what}"), &mut trained)
+            };
+            Some(Adapter { down: (v(&[m, h], 0, "down"), v(&[m], 1, "down bias")), up: (v(&[h, m], 2, "up"), v(&[h], 3, "up bias")), act: acts[i], parallel: parallel[i] })
+        };
+        let adapters = [adapter(0), adapter(1)];
+        let xv = var(&[b, t, h], 11, 1.0);
+        let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
+        let mut mask = vec![1f32; b * t];
+        mask[2 * t - 3..].fill(0.0);
+        let key_bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
+        let y1 = block_op(&x, &key_bias, &block, &deltas, &adapters).unwrap().expect("the engine applies");
+        let y2 = decoder_block_composed(&x, &key_bias, &block, &deltas, &adapters).unwrap();
+        check_layer_close(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &trained);
+    }
+
+    #[test]
+    fn decoder_block_matches_composition_with_adapters() {
+        check_adapters([Act::Silu, Act::Relu], [false, true], true);
+        check_adapters([Act::Tanh, Act::Gelu], [true, false], false);
+        check_adapters([Act::GeluTanh, Act::Identity], [true, true], true);
     }
 
     #[test]
@@ -618,7 +724,7 @@ mod tests {
         };
         let x = var(&[1, t, 12], 6, 1.0);
         let bias = Tensor::zeros((1, t), DType::F32, &Device::Cpu).unwrap();
-        let e = block_op(x.as_tensor(), &bias, &block, &Default::default()).unwrap_err().to_string();
+        let e = block_op(x.as_tensor(), &bias, &block, &Default::default(), &Default::default()).unwrap_err().to_string();
         assert!(e.contains("decoder block"), "{e}");
     }
 }

@@ -77,21 +77,19 @@ pub enum Scale {
 
 /// What an engine runs on one linear map besides its product with the frozen weight and the
 /// map's bias (which may train: it is read from the map): a LoRA or a scale, at most one.
+/// On a block site (an attention output, a feed-forward output) the same record carries its
+/// adapter instead.
 #[derive(Clone, Debug, Default)]
 pub struct MapDelta {
     pub lora: Option<LowRank>,
     pub scale: Option<Scale>,
+    pub adapter: Option<Adapter>,
 }
 
 impl MapDelta {
-    /// Whether the map carries a LoRA or a scale.
+    /// Whether the site carries a LoRA, a scale or an adapter.
     pub fn is_some(&self) -> bool {
-        self.lora.is_some() || self.scale.is_some()
-    }
-
-    /// A map with a LoRA only (or nothing).
-    pub fn lora(l: Option<LowRank>) -> Self {
-        MapDelta { lora: l, scale: None }
+        self.lora.is_some() || self.scale.is_some() || self.adapter.is_some()
     }
 }
 
@@ -171,6 +169,9 @@ impl MapHooks {
     pub(super) fn new(what: &str, map: &str, dims: (usize, usize), d: &MapDelta, bias: Option<&Tensor>, pack: &mut Pack) -> Result<Self> {
         if d.lora.is_some() && d.scale.is_some() {
             return Err(err(format!("{what}: {map} carries both a LoRA and a scale")).into());
+        }
+        if d.adapter.is_some() {
+            return Err(err(format!("{what}: an adapter on the map {map} (the engine takes adapters after a block)")).into());
         }
         let lora = d.lora.as_ref().map(|l| pack.lora(what, map, dims, l)).transpose()?;
         let scale = match &d.scale {
@@ -325,5 +326,198 @@ pub(super) fn column_sums_into(out: &mut [f32], a: &[f32], as_: usize, col: usiz
         .collect();
     for p in partials {
         out.iter_mut().zip(&p).for_each(|(o, v)| *o += v);
+    }
+}
+
+/// √(2/π), the tanh approximation's constant.
+const GELU_C: f32 = 0.797_884_6;
+
+/// A bottleneck adapter's non-linearity, as the engines compute it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    Relu,
+    /// Exact (erf) GELU.
+    Gelu,
+    /// tanh-approximated GELU (`gelu_new`).
+    GeluTanh,
+    Silu,
+    Tanh,
+    Identity,
+}
+
+impl Act {
+    /// The activation of `p` into `z`.
+    fn apply(self, z: &mut [f32], p: &[f32]) {
+        match self {
+            Act::Gelu => super::activation::gelu_into(z, p),
+            _ => z.par_iter_mut().zip(p.par_iter()).for_each(|(z, &v)| {
+                *z = match self {
+                    Act::Relu => v.max(0.0),
+                    Act::GeluTanh => 0.5 * v * (1.0 + (GELU_C * v * (1.0 + 0.044715 * v * v)).tanh()),
+                    Act::Silu => v / (1.0 + (-v).exp()),
+                    Act::Tanh => v.tanh(),
+                    _ => v,
+                }
+            }),
+        }
+    }
+
+    /// The gradient at the pre-activation `p` from the activation's gradient `g` into `d`; `z`
+    /// is the activation (tanh's derivative reads it).
+    fn grad(self, d: &mut [f32], p: &[f32], z: &[f32], g: &[f32]) {
+        match self {
+            Act::Gelu => super::activation::gelu_grad_into(d, p, g),
+            _ => d.par_iter_mut().zip(p.par_iter().zip(z.par_iter()).zip(g.par_iter())).for_each(|(d, ((&v, &z), &g))| {
+                *d = match self {
+                    Act::Relu => {
+                        if v > 0.0 {
+                            g
+                        } else {
+                            0.0
+                        }
+                    }
+                    Act::GeluTanh => {
+                        let t = (GELU_C * v * (1.0 + 0.044715 * v * v)).tanh();
+                        g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * 0.044715 * v * v))
+                    }
+                    Act::Silu => {
+                        let s = 1.0 / (1.0 + (-v).exp());
+                        g * s * (1.0 + v * (1.0 - s))
+                    }
+                    Act::Tanh => g * (1.0 - z * z),
+                    _ => g,
+                }
+            }),
+        }
+    }
+
+    /// The same activation as candle ops (the composed reference).
+    fn tensor(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Act::Relu => x.relu()?,
+            Act::Gelu => super::activation::gelu(x)?,
+            Act::GeluTanh => super::activation::gelu_tanh(x)?,
+            Act::Silu => x.silu()?,
+            Act::Tanh => x.tanh()?,
+            Act::Identity => x.clone(),
+        })
+    }
+}
+
+/// A bottleneck adapter after a sublayer (a block's attention output or feed-forward output):
+/// `y + up(act(down(src)))` before the residual sum, `src` the sublayer's output (sequential:
+/// Houlsby, Pfeiffer) or its input (parallel). `down` (m, h) and `up` (h, m) with their biases;
+/// a scaling and a search gate are folded into `up`. Low-rank and PHM projections (the low-rank
+/// adapter, Compacter) enter as their dense matrices.
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    pub down: (Tensor, Tensor),
+    pub up: (Tensor, Tensor),
+    pub act: Act,
+    pub parallel: bool,
+}
+
+impl Adapter {
+    /// The composed reference: `y + up(act(down(src)))` from candle ops and the per-op kernels.
+    pub fn composed(&self, y: &Tensor, input: &Tensor) -> Result<Tensor> {
+        let src = if self.parallel { input } else { y };
+        let z = self.act.tensor(&super::linear::linear(src, &self.down.0, Some(&self.down.1))?)?;
+        Ok((y + super::linear::linear(&z, &self.up.0, Some(&self.up.1))?)?)
+    }
+}
+
+/// An adapter inside an engine op: its matrices' values and where their gradients go.
+pub(super) struct AdapterHook {
+    m: usize,
+    h: usize,
+    act: Act,
+    pub parallel: bool,
+    wd: Vector,
+    bd: Vector,
+    wu: Vector,
+    bu: Vector,
+}
+
+/// What an adapter's forward keeps: the bottleneck's pre-activation and activation, and the
+/// sequential adapter's input (the parallel one reads the sublayer's input, which the engine
+/// keeps anyway).
+pub(super) struct AdapterKept {
+    p1: Vec<f32>,
+    z: Vec<f32>,
+    pub src: Option<Vec<f32>>,
+}
+
+impl AdapterHook {
+    pub(super) fn new(what: &str, a: &Adapter, h: usize, pack: &mut Pack) -> Result<Self> {
+        let (m, hd) = a.down.0.dims2()?;
+        let ok = hd == h && a.up.0.dims2()? == (h, m) && a.down.1.elem_count() == m && a.up.1.elem_count() == h;
+        if !ok {
+            return Err(err(format!("{what}: an adapter of down {:?}, up {:?} on a hidden size of {h}", a.down.0.shape(), a.up.0.shape())).into());
+        }
+        let mut v = |t: &Tensor| Vector::new(t, pack);
+        Ok(AdapterHook { m, h, act: a.act, parallel: a.parallel, wd: v(&a.down.0)?, bd: v(&a.down.1)?, wu: v(&a.up.0)?, bu: v(&a.up.1)? })
+    }
+
+    /// Whether anything in it trains.
+    pub(super) fn trains(&self) -> bool {
+        [&self.wd, &self.bd, &self.wu, &self.bu].iter().any(|v| v.at.is_some())
+    }
+
+    /// `y += up(act(down(src)))` over rows of `h`; `src_kept`: the sequential adapter's input, to
+    /// keep for the backward.
+    pub(super) fn forward(&self, y: &mut [f32], src: &[f32], src_kept: Option<Vec<f32>>) -> AdapterKept {
+        let _prof = timer("block-adapter", "fwd");
+        let (m, h) = (self.m, self.h);
+        let rows = src.len() / h;
+        let mut p1 = vec![0f32; rows * m];
+        p1.par_chunks_mut(m).for_each(|r| r.copy_from_slice(&self.bd.v));
+        gemm(Out::rm(&mut p1, m), [rows, m, h], Mat::rm(src, h), Mat::rm_t(&self.wd.v, h), Gemm::PARALLEL.accumulate(true));
+        let mut z = vec![0f32; rows * m];
+        self.act.apply(&mut z, &p1);
+        let mut o = vec![0f32; rows * h];
+        o.par_chunks_mut(h).for_each(|r| r.copy_from_slice(&self.bu.v));
+        gemm(Out::rm(&mut o, h), [rows, h, m], Mat::rm(&z, m), Mat::rm_t(&self.wu.v, m), Gemm::PARALLEL.accumulate(true));
+        y.par_iter_mut().zip(o.par_iter()).for_each(|(y, o)| *y += o);
+        AdapterKept { p1, z, src: src_kept }
+    }
+
+    /// From the gradient `dout` of the adapter's output: its matrices' gradients into `dp` and the
+    /// gradient of its input `src`, returned.
+    pub(super) fn backward(&self, dout: &[f32], src: &[f32], k: &AdapterKept, dp: &mut [f32]) -> Vec<f32> {
+        let _prof = timer("block-adapter", "bwd");
+        let (m, h) = (self.m, self.h);
+        let rows = dout.len() / h;
+        if let Some(g) = self.bu.grad(dp) {
+            column_sums_into(g, dout, h, 0, None);
+        }
+        if let Some(g) = self.wu.grad(dp) {
+            gemm(Out::rm(g, m), [h, m, rows], Mat::rm_t(dout, h), Mat::rm(&k.z, m), Gemm::PARALLEL);
+        }
+        let mut dz = vec![0f32; rows * m];
+        gemm(Out::rm(&mut dz, m), [rows, m, h], Mat::rm(dout, h), Mat::rm(&self.wu.v, m), Gemm::PARALLEL);
+        let mut dp1 = vec![0f32; rows * m];
+        self.act.grad(&mut dp1, &k.p1, &k.z, &dz);
+        drop(dz);
+        if let Some(g) = self.bd.grad(dp) {
+            column_sums_into(g, &dp1, m, 0, None);
+        }
+        if let Some(g) = self.wd.grad(dp) {
+            gemm(Out::rm(g, h), [m, h, rows], Mat::rm_t(&dp1, m), Mat::rm(src, h), Gemm::PARALLEL);
+        }
+        let mut dsrc = vec![0f32; rows * h];
+        gemm(Out::rm(&mut dsrc, h), [rows, h, m], Mat::rm(&dp1, m), Mat::rm(&self.wd.v, h), Gemm::PARALLEL);
+        dsrc
+    }
+}
+
+/// Inverted dropout of `x` by `key` (keyed for the rows of `x`, as [`super::dropout::dropout`]
+/// keys it), into a fresh buffer; the same mask applied to a gradient is its backward.
+pub(super) fn dropped(x: &[f32], drop: Option<(f32, super::rng::DropoutKey)>) -> Vec<f32> {
+    match drop.filter(|(p, _)| *p > 0.0) {
+        None => x.to_vec(),
+        Some((p, key)) => {
+            let key = key.for_rows(x.len());
+            x.par_iter().enumerate().map(|(i, &v)| super::dropout::masked(key, p, i as u64, v)).collect()
+        }
     }
 }

@@ -40,7 +40,7 @@ pub(crate) mod rng;
 mod rope;
 
 pub use activation::{gelu, gelu_composed, gelu_tanh, swiglu, swiglu_composed};
-pub use engine_hooks::{MapDelta, Scale};
+pub use engine_hooks::{Act, Adapter, MapDelta, Scale};
 pub use decoder_block::{decoder_block, decoder_block_composed, DecoderBlock, DECODER_LINEARS};
 pub use block::{encoder_block, encoder_block_composed, engine_enabled, Dense, EncoderBlock, LowRank, BLOCK_LINEARS};
 pub use attention::{attention, attention_composed, causal_attention, causal_attention_composed, mask_to_bias, softmax_composed};
