@@ -438,6 +438,17 @@ impl LayerOp for BlockOp {
         let k = kept.as_ref().ok_or_else(|| err("encoder block: backward without forward"))?;
         let s = &self.hooks;
         let need_dx = x.track_op();
+        // Nothing runs below the lowest thing that needs a gradient: dq, dk, dv for dx or a delta
+        // on q, k, v; the first norm's backward for those or a delta on the attention output, its
+        // adapter or the norm itself; the intermediate map's output gradient for those or a delta
+        // on that map.
+        let trains = |j: usize| s[j].trains();
+        let adapter_trains = |i: usize| self.adapters[i].as_ref().is_some_and(AdapterHook::trains);
+        let need_qkv = need_dx || (0..3).any(trains);
+        let need_da = need_qkv || trains(3) || adapter_trains(0) || self.ln_at[0].0.is_some() || self.ln_at[0].1.is_some();
+        let need_dpre = need_da || trains(4);
+        // An input scale's gradient reads the map's input gradient.
+        let scale_in = |j: usize| s[j].input_scale().is_some_and(|v| v.at.is_some());
         let dx = with_data([x, grad], |[xs, dy]| {
             // Second residual norm: dh2 through its dropout, da from the residual; γ, β.
             let (mut dh2, mut da) = (vec![0f32; rows * h], vec![0f32; rows * h]);
@@ -450,14 +461,17 @@ impl LayerOp for BlockOp {
             // Output map: its scale and bias, dg = dh2 W_out (+ its LoRA).
             s[5].output_grads(&mut dh2, h, 0, h, k.y0[5].as_deref(), dp)?;
             let mut dg = vec![0f32; rows * inter];
-            {
+            if need_dpre || scale_in(5) {
                 let _prof = timer("frozen-linear", "bwd");
                 s[5].input_grad(&mut dg, false, k.g.as_deref(), dp, |buf, acc| input_grad_into(buf, &dh2, &self.out.0, acc))?;
             }
             if let (Some(sl), Some(u), Some(g)) = (&s[5].lora, &k.u[5], &k.g) {
-                sl.backward(&dh2, h, g, u, p, dp, Some(&mut dg));
+                sl.backward(&dh2, h, g, u, p, dp, need_dpre.then_some(&mut dg[..]));
             }
             drop(dh2);
+            if !need_dpre {
+                return Ok(Vec::new());
+            }
             // GELU, then the intermediate map: da += dpre W_i (+ its LoRA).
             let mut dpre = vec![0f32; rows * inter];
             {
@@ -467,13 +481,16 @@ impl LayerOp for BlockOp {
             drop(dg);
             s[4].output_grads(&mut dpre, inter, 0, inter, k.y0[4].as_deref(), dp)?;
             if let (Some(sl), Some(u)) = (&s[4].lora, &k.u[4]) {
-                sl.backward(&dpre, inter, &k.a, u, p, dp, Some(&mut da));
+                sl.backward(&dpre, inter, &k.a, u, p, dp, need_da.then_some(&mut da[..]));
             }
-            {
+            if need_da || scale_in(4) {
                 let _prof = timer("frozen-linear", "bwd");
                 s[4].input_grad(&mut da, true, Some(&k.a), dp, |buf, acc| input_grad_into(buf, &dpre, &self.inter.0, acc))?;
             }
             drop(dpre);
+            if !need_da {
+                return Ok(Vec::new());
+            }
             // First residual norm: dh1 through its dropout, dx from the residual; γ, β.
             let (mut dh1, mut dx) = (vec![0f32; rows * h], vec![0f32; rows * h]);
             {
@@ -486,14 +503,17 @@ impl LayerOp for BlockOp {
             // Attention output map: its scale and bias, dc = dh1 W_o (+ its LoRA).
             s[3].output_grads(&mut dh1, h, 0, h, k.y0[3].as_deref(), dp)?;
             let mut dc = vec![0f32; rows * h];
-            {
+            if need_qkv || scale_in(3) {
                 let _prof = timer("frozen-linear", "bwd");
                 s[3].input_grad(&mut dc, false, k.ctx.as_deref(), dp, |buf, acc| input_grad_into(buf, &dh1, &self.o.0, acc))?;
             }
             if let (Some(sl), Some(u), Some(c)) = (&s[3].lora, &k.u[3], &k.ctx) {
-                sl.backward(&dh1, h, c, u, p, dp, Some(&mut dc));
+                sl.backward(&dh1, h, c, u, p, dp, need_qkv.then_some(&mut dc[..]));
             }
             drop(dh1);
+            if !need_qkv {
+                return Ok(Vec::new());
+            }
             // Attention: dq, dk, dv side by side, as q, k, v were.
             let dm = self.attn.strided_dims(x.shape(), x.shape(), 3 * h, 3 * h)?;
             let mut dqkv = vec![0f32; rows * 3 * h];
@@ -572,8 +592,13 @@ mod tests {
 
     #[test]
     fn block_without_input_gradient_or_lora() {
-        // The lowest LoRA layer: no gradient for x, only for the LoRA.
+        // The lowest LoRA layer: no gradient for x, only for the LoRA; with LoRA above the
+        // attention only, the backward stops below it (at the output map, the intermediate map,
+        // the attention output).
         check(&[1, 4], true, false);
+        check(&[5], true, false);
+        check(&[4], false, false);
+        check(&[3], true, false);
         // A frozen layer above the lowest LoRA: only dx.
         check(&[], true, true);
     }
