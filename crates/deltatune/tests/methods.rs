@@ -345,3 +345,11 @@ fn block_engine_matches_the_module_path_with_adapters() {
     engine_against_modules(&["compacter"], true);
     engine_against_modules(&["low_rank_adapter"], true);
 }
+
+/// Prefix tuning (keys and values before the sequence's in every layer's attention), plain and
+/// through its reparametrisation MLP, with LoRA and an adapter.
+#[test]
+fn block_engine_matches_the_module_path_with_a_prefix() {
+    engine_against_modules(&["prefix"], false);
+    engine_against_modules(&["prefix:prefix_projection=true", "lora:r=4,target=query", "adapter:init_weights=bert"], true);
+}

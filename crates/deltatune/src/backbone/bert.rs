@@ -340,10 +340,8 @@ struct BertLayer {
 
 impl BertLayer {
     fn forward(&self, x: &Tensor, bias: &Tensor, prefix: Option<&(Tensor, Tensor)>, ctx: &ForwardCtx) -> Result<Tensor> {
-        if prefix.is_none() {
-            if let Some(y) = self.engine_forward(x, bias, ctx)? {
-                return Ok(y);
-            }
+        if let Some(y) = self.engine_forward(x, bias, prefix, ctx)? {
+            return Ok(y);
         }
         let x = self.site.pre(x, ctx)?;
         let a = self.attention.forward(&x, bias, prefix, ctx)?;
@@ -357,10 +355,11 @@ impl BertLayer {
     /// The layer as one op of the block engine ([`ops::encoder_block`]) when every delta on it is
     /// one the engine computes — a LoRA or an (IA)³ scale on one of its six linear maps (at most
     /// one per map), a bottleneck adapter after the attention output or the feed-forward output,
-    /// trained biases or layer-norm parameters (BitFit, LayerNorm tuning) — nothing is attached
+    /// trained biases or layer-norm parameters (BitFit, LayerNorm tuning), prefix keys and values
+    /// in its attention (`prefix`, from the encoder's site) — nothing is attached
     /// to its other containers, its weights are frozen, and a backward may follow (the input
     /// or a delta takes part in a graph). `None`: the module-by-module path.
-    fn engine_forward(&self, x: &Tensor, bias: &Tensor, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
+    fn engine_forward(&self, x: &Tensor, bias: &Tensor, prefix: Option<&(Tensor, Tensor)>, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
         if !ops::engine_enabled() || ctx.inference || ctx.route.is_some() || !matches!(self.intermediate.act, HiddenAct::Gelu) {
             return Ok(None);
         }
@@ -405,6 +404,7 @@ impl BertLayer {
         let (Some(ln1), Some(ln2)) = (norm(&o.layer_norm)?, norm(&out.layer_norm)?) else { return Ok(None) };
         let trains = deltas.iter().any(ops::MapDelta::is_some)
             || adapters.iter().any(Option::is_some)
+            || prefix.is_some_and(|(k, v)| k.track_op() || v.track_op())
             || linears.iter().any(|(_, b)| b.as_ref().is_some_and(Tensor::track_op))
             || [&ln1.0, &ln1.1, &ln2.0, &ln2.1].iter().any(|t| t.track_op());
         if !x.track_op() && !trains {
@@ -418,7 +418,7 @@ impl BertLayer {
             ln2,
             dropout: [drop(sa.dropout, &sa.site), drop(o.dropout, &o.site), drop(out.dropout, &out.site)],
         };
-        Ok(Some(ops::encoder_block(x, bias, &block, &deltas, &adapters)?))
+        Ok(Some(ops::encoder_block(x, bias, &block, &deltas, &adapters, prefix)?))
     }
 }
 

@@ -23,7 +23,7 @@ use super::activation::{gelu, gelu_grad_into, gelu_into};
 use super::attention::{attention, Attention};
 use super::combine::scale_last;
 use super::cpu::{err, fused_ok, gemm, slice, tensor_from, with_data, Fwd, Gemm, Grads2, Mat, SyncPtr};
-use super::engine_hooks::{dropped, Adapter, AdapterHook, AdapterKept, MapDelta, MapHooks, Pack, Scale};
+use super::engine_hooks::{dropped, Adapter, AdapterHook, AdapterKept, MapDelta, MapHooks, Pack, Scale, Vector};
 pub use super::engine_hooks::LowRank;
 use super::linear::{dense_into, input_grad_into, linear, linear_gelu, lora_linear};
 use super::norm::{residual_layer_norm, ResidualLayerNorm};
@@ -69,16 +69,32 @@ pub struct EncoderBlock {
 /// input).
 ///
 /// `adapters`: a bottleneck adapter after the attention output and after the feed-forward output
-/// (before dropout's residual sum and the norm, as the block sites' hooks run).
-pub fn encoder_block(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, deltas: &[MapDelta; 6], adapters: &[Option<Adapter>; 2]) -> Result<Tensor> {
-    match block_op(x, key_bias, block, deltas, adapters)? {
+/// (before dropout's residual sum and the norm, as the block sites' hooks run). `prefix`: keys
+/// and values (b, n, h) before the sequence's in the attention (prefix tuning); `key_bias` then
+/// covers the n + t keys.
+pub fn encoder_block(
+    x: &Tensor,
+    key_bias: &Tensor,
+    block: &EncoderBlock,
+    deltas: &[MapDelta; 6],
+    adapters: &[Option<Adapter>; 2],
+    prefix: Option<&(Tensor, Tensor)>,
+) -> Result<Tensor> {
+    match block_op(x, key_bias, block, deltas, adapters, prefix)? {
         Some(y) => Ok(y),
-        None => encoder_block_composed(x, key_bias, block, deltas, adapters),
+        None => encoder_block_composed(x, key_bias, block, deltas, adapters, prefix),
     }
 }
 
 /// The engine's op, or `None` where it does not apply.
-fn block_op(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, deltas: &[MapDelta; 6], adapters: &[Option<Adapter>; 2]) -> Result<Option<Tensor>> {
+fn block_op(
+    x: &Tensor,
+    key_bias: &Tensor,
+    block: &EncoderBlock,
+    deltas: &[MapDelta; 6],
+    adapters: &[Option<Adapter>; 2],
+    prefix: Option<&(Tensor, Tensor)>,
+) -> Result<Option<Tensor>> {
     let frozen = block.linears.iter().all(|(w, _)| !w.track_op());
     let shared_input_scaled = deltas[..3].iter().any(|d| matches!(d.scale, Some(Scale::In(_))));
     if !(fused_ok(x) && engine_enabled() && frozen && !shared_input_scaled && x.rank() == 3) {
@@ -96,6 +112,17 @@ fn block_op(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, deltas: &[MapDe
     let adapters = [0, 1].map(|i| adapters[i].as_ref().map(|a| AdapterHook::new("encoder block", a, h, &mut pack)));
     let [ad1, ad2] = adapters;
     let adapters = [ad1.transpose()?, ad2.transpose()?];
+    let prefix = match prefix {
+        Some((pk, pv)) => {
+            let n = pk.dim(1)?;
+            if pk.dims() != [b, n, h] || pv.dims() != pk.dims() || key_bias.dims() != [b, n + t] {
+                return Err(err(format!("encoder block: prefix keys {:?} and values {:?} for an input {:?} and a key mask {:?}", pk.shape(), pv.shape(), x.shape(), key_bias.shape())).into());
+            }
+            Some(Prefix { n, k: Vector::new(pk, &mut pack)?, v: Vector::new(pv, &mut pack)? })
+        }
+        None => None,
+    };
+    let tk = t + prefix.as_ref().map_or(0, |p| p.n);
     let packed = pack.finish()?;
     let [q, k, v, o, i, out] = &block.linears;
     let wqkv = Tensor::cat(&[&q.0, &k.0, &v.0], 0)?.contiguous()?;
@@ -118,7 +145,7 @@ fn block_op(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, deltas: &[MapDe
     // the norm's op.
     let sub_drop = [d_o, d_out];
     let norm_drop = |i: usize, d| if adapters[i].is_some() { None } else { d };
-    let probs = d_attn.map(|(p, key)| (p, key.for_rows(b * block.heads * t * t)));
+    let probs = d_attn.map(|(p, key)| (p, key.for_rows(b * block.heads * t * tk)));
     let op = BlockOp {
         qkv: (wqkv, bqkv),
         o: dense(o)?,
@@ -131,6 +158,7 @@ fn block_op(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, deltas: &[MapDe
         ln_at,
         adapters,
         sub_drop,
+        prefix,
         kept: Mutex::new(None),
     };
     Ok(Some(run_layer(&x, packed, op)?))
@@ -208,7 +236,14 @@ impl<K: LayerOp> CustomOp2 for Layer<K> {
 
 /// Reference implementation of [`encoder_block`]: the layer from the per-op kernels (the path a
 /// layer takes without the engine).
-pub fn encoder_block_composed(x: &Tensor, key_bias: &Tensor, block: &EncoderBlock, deltas: &[MapDelta; 6], adapters: &[Option<Adapter>; 2]) -> Result<Tensor> {
+pub fn encoder_block_composed(
+    x: &Tensor,
+    key_bias: &Tensor,
+    block: &EncoderBlock,
+    deltas: &[MapDelta; 6],
+    adapters: &[Option<Adapter>; 2],
+    prefix: Option<&(Tensor, Tensor)>,
+) -> Result<Tensor> {
     let map = |j: usize, x: &Tensor| -> Result<Tensor> {
         let (w, b) = &block.linears[j];
         composed_map(x, deltas, j, |x| match &deltas[j].lora {
@@ -216,7 +251,11 @@ pub fn encoder_block_composed(x: &Tensor, key_bias: &Tensor, block: &EncoderBloc
             None => linear(x, w, b.as_ref()),
         })
     };
-    let (q, k, v) = (map(0, x)?, map(1, x)?, map(2, x)?);
+    let (q, mut k, mut v) = (map(0, x)?, map(1, x)?, map(2, x)?);
+    if let Some((pk, pv)) = prefix {
+        k = Tensor::cat(&[pk, &k], 1)?;
+        v = Tensor::cat(&[pv, &v], 1)?;
+    }
     let c = attention(&q, &k, &v, key_bias, block.heads, block.dropout[0])?;
     // A sublayer's output, its residual input, its norm: dropout, the adapter, the sum and the
     // norm as the block sites run them.
@@ -250,10 +289,62 @@ pub(super) fn composed_map(x: &Tensor, deltas: &[MapDelta], j: usize, product: i
     }
 }
 
+/// Prefix keys and values (b, n, h) each, and where their gradients go.
+struct Prefix {
+    n: usize,
+    k: Vector,
+    v: Vector,
+}
+
+impl Prefix {
+    /// The attention's keys and values: per batch row, the prefix's n rows then the sequence's t
+    /// rows taken from the q, k, v buffer, k and v side by side (rows of 2h).
+    fn keys_values(&self, qkv: &[f32], b: usize, t: usize, h: usize) -> Vec<f32> {
+        let n = self.n;
+        let mut kv = vec![0f32; b * (n + t) * 2 * h];
+        kv.par_chunks_mut((n + t) * 2 * h).enumerate().for_each(|(bi, rows)| {
+            for (r, row) in rows.chunks_mut(2 * h).enumerate() {
+                if r < n {
+                    let at = (bi * n + r) * h;
+                    row[..h].copy_from_slice(&self.k.v[at..at + h]);
+                    row[h..].copy_from_slice(&self.v.v[at..at + h]);
+                } else {
+                    let at = (bi * t + r - n) * 3 * h;
+                    row.copy_from_slice(&qkv[at + h..at + 3 * h]);
+                }
+            }
+        });
+        kv
+    }
+
+    /// The gradient of [`Self::keys_values`]'s buffer split: the prefix's rows into the packed
+    /// gradient (where they train), the sequence's into the dk, dv columns of `dqkv`.
+    fn split_grads(&self, dkv: &[f32], dqkv: &mut [f32], dp: &mut [f32], b: usize, t: usize, h: usize) {
+        let n = self.n;
+        for (bi, rows) in dkv.chunks((n + t) * 2 * h).enumerate().take(b) {
+            for (r, row) in rows.chunks(2 * h).enumerate() {
+                if r < n {
+                    let at = (bi * n + r) * h;
+                    for (vec, part) in [(&self.k, &row[..h]), (&self.v, &row[h..])] {
+                        if let Some(g) = vec.grad(dp) {
+                            g[at..at + h].copy_from_slice(part);
+                        }
+                    }
+                } else {
+                    let at = (bi * t + r - n) * 3 * h;
+                    dqkv[at + h..at + 3 * h].copy_from_slice(row);
+                }
+            }
+        }
+    }
+}
+
 /// What the forward keeps for the backward.
 struct Kept {
     /// q, k, v side by side (rows × 3h).
     qkv: Vec<f32>,
+    /// With a prefix: its keys and values and the sequence's, side by side (b · (n + t) × 2h).
+    kv: Option<Vec<f32>>,
     /// The attention context (rows × h), when a delta on the attention output reads it.
     ctx: Option<Vec<f32>>,
     /// The attention output projection before dropout and the residual sum (rows × h).
@@ -292,6 +383,8 @@ struct BlockOp {
     /// The two sublayers' dropout, run here instead of in the norm where an adapter follows the
     /// sublayer.
     sub_drop: [Option<(f32, DropoutKey)>; 2],
+    /// Prefix keys and values before the sequence's.
+    prefix: Option<Prefix>,
     kept: Mutex<Option<Kept>>,
 }
 
@@ -384,11 +477,18 @@ impl LayerOp for BlockOp {
             }
             y0[j] = s[j].scale_output(&mut qkv, 3 * h, j * h);
         }
-        let dm = self.attn.strided_dims(shape, shape, 3 * h, 3 * h)?;
         let mut c = vec![0f32; b * t * h];
+        let kv = self.prefix.as_ref().map(|pf| pf.keys_values(&qkv, b, t, h));
         {
             let _prof = timer("attention", "fwd");
-            self.attn.forward_into(&dm, &qkv, &qkv[h..], &qkv[2 * h..], &mut c)?;
+            match &kv {
+                None => self.attn.forward_into(&self.attn.strided_dims(shape, shape, 3 * h, 3 * h)?, &qkv, &qkv[h..], &qkv[2 * h..], &mut c)?,
+                Some(kv) => {
+                    let n = kv.len() / (2 * h * b) - t;
+                    let dm = self.attn.strided_dims(shape, &Shape::from((b, n + t, h)), 3 * h, 2 * h)?;
+                    self.attn.forward_into(&dm, &qkv, kv, &kv[h..], &mut c)?
+                }
+            }
         }
         // Map j on its input `x` (of width `w`): the input scale, the product, the LoRA, the
         // output scale.
@@ -424,7 +524,7 @@ impl LayerOp for BlockOp {
             let _prof = timer("residual-layer-norm", "fwd");
             self.ln2.forward_into(&mut y, &h2, &a, h)?;
         }
-        let kept = Kept { qkv, ctx: s[3].needs_input().then_some(c), h1, a, pre, g: s[5].needs_input().then_some(g), h2, u, y0, ad };
+        let kept = Kept { qkv, kv, ctx: s[3].needs_input().then_some(c), h1, a, pre, g: s[5].needs_input().then_some(g), h2, u, y0, ad };
         *self.kept.lock().map_err(|_| err("encoder block: poisoned lock"))? = Some(kept);
         Ok((CpuStorage::F32(y), shape.clone()))
     }
@@ -445,7 +545,9 @@ impl LayerOp for BlockOp {
         let trains = |j: usize| s[j].trains();
         let adapter_trains = |i: usize| self.adapters[i].as_ref().is_some_and(AdapterHook::trains);
         let need_qkv = need_dx || (0..3).any(trains);
-        let need_da = need_qkv || trains(3) || adapter_trains(0) || self.ln_at[0].0.is_some() || self.ln_at[0].1.is_some();
+        let prefix_trains = self.prefix.as_ref().is_some_and(|p| p.k.at.is_some() || p.v.at.is_some());
+        let need_attn = need_qkv || prefix_trains;
+        let need_da = need_attn || trains(3) || adapter_trains(0) || self.ln_at[0].0.is_some() || self.ln_at[0].1.is_some();
         let need_dpre = need_da || trains(4);
         // An input scale's gradient reads the map's input gradient.
         let scale_in = |j: usize| s[j].input_scale().is_some_and(|v| v.at.is_some());
@@ -503,24 +605,41 @@ impl LayerOp for BlockOp {
             // Attention output map: its scale and bias, dc = dh1 W_o (+ its LoRA).
             s[3].output_grads(&mut dh1, h, 0, h, k.y0[3].as_deref(), dp)?;
             let mut dc = vec![0f32; rows * h];
-            if need_qkv || scale_in(3) {
+            if need_attn || scale_in(3) {
                 let _prof = timer("frozen-linear", "bwd");
                 s[3].input_grad(&mut dc, false, k.ctx.as_deref(), dp, |buf, acc| input_grad_into(buf, &dh1, &self.o.0, acc))?;
             }
             if let (Some(sl), Some(u), Some(c)) = (&s[3].lora, &k.u[3], &k.ctx) {
-                sl.backward(&dh1, h, c, u, p, dp, need_qkv.then_some(&mut dc[..]));
+                sl.backward(&dh1, h, c, u, p, dp, need_attn.then_some(&mut dc[..]));
             }
             drop(dh1);
-            if !need_qkv {
+            if !need_attn {
                 return Ok(Vec::new());
             }
-            // Attention: dq, dk, dv side by side, as q, k, v were.
-            let dm = self.attn.strided_dims(x.shape(), x.shape(), 3 * h, 3 * h)?;
+            // Attention: dq, dk, dv side by side, as q, k, v were (with a prefix, dk and dv come
+            // in the prefixed buffer's layout: the prefix's part is its gradient, the rest goes
+            // into place).
             let mut dqkv = vec![0f32; rows * 3 * h];
             {
                 let _prof = timer("attention", "bwd");
                 let ptr = SyncPtr::of(&mut dqkv);
-                self.attn.backward_into(&dm, &k.qkv, &k.qkv[h..], &k.qkv[2 * h..], &dc, [(ptr, 0), (ptr, h), (ptr, 2 * h)])?;
+                match (&self.prefix, &k.kv) {
+                    (None, _) => {
+                        let dm = self.attn.strided_dims(x.shape(), x.shape(), 3 * h, 3 * h)?;
+                        self.attn.backward_into(&dm, &k.qkv, &k.qkv[h..], &k.qkv[2 * h..], &dc, [(ptr, 0), (ptr, h), (ptr, 2 * h)])?;
+                    }
+                    (Some(pf), Some(kv)) => {
+                        let dm = self.attn.strided_dims(x.shape(), &Shape::from((b, pf.n + t, h)), 3 * h, 2 * h)?;
+                        let mut dkv = vec![0f32; kv.len()];
+                        let pkv = SyncPtr::of(&mut dkv);
+                        self.attn.backward_into(&dm, &k.qkv, kv, &kv[h..], &dc, [(ptr, 0), (pkv, 0), (pkv, h)])?;
+                        pf.split_grads(&dkv, &mut dqkv, dp, b, t, h);
+                    }
+                    (Some(_), None) => return Err(err("encoder block: the prefixed keys were not kept")),
+                }
+            }
+            if !need_qkv {
+                return Ok(Vec::new());
             }
             // The scales, biases and LoRAs on q, k, v, then dx += dqkv W_qkv (one product over 3h).
             for j in 0..3 {
@@ -573,8 +692,8 @@ mod tests {
         let mut mask = vec![1f32; b * t];
         mask[2 * t - 2..].fill(0.0);
         let bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
-        let y1 = block_op(&x, &bias, &block, &lora, &Default::default()).unwrap().expect("the engine applies");
-        let y2 = encoder_block_composed(&x, &bias, &block, &lora, &Default::default()).unwrap();
+        let y1 = block_op(&x, &bias, &block, &lora, &Default::default(), None).unwrap().expect("the engine applies");
+        let y2 = encoder_block_composed(&x, &bias, &block, &lora, &Default::default(), None).unwrap();
         // The forward is the per-op path's, to the bit.
         check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS, &[]);
     }
@@ -649,8 +768,8 @@ mod tests {
         let mut mask = vec![1f32; b * t];
         mask[2 * t - 2..].fill(0.0);
         let bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
-        let y1 = block_op(&x, &bias, &block, &deltas, &Default::default()).unwrap().expect("the engine applies");
-        let y2 = encoder_block_composed(&x, &bias, &block, &deltas, &Default::default()).unwrap();
+        let y1 = block_op(&x, &bias, &block, &deltas, &Default::default(), None).unwrap().expect("the engine applies");
+        let y2 = encoder_block_composed(&x, &bias, &block, &deltas, &Default::default(), None).unwrap();
         check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS, &trained);
     }
 
@@ -677,10 +796,10 @@ mod tests {
         let bias = Tensor::zeros((1, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
         let mut deltas: [MapDelta; 6] = Default::default();
         deltas[1].scale = Some(Scale::In(var(&[h], 6, 1.0).as_tensor().clone()));
-        assert!(block_op(x.as_tensor(), &bias, &block, &deltas, &Default::default()).unwrap().is_none());
+        assert!(block_op(x.as_tensor(), &bias, &block, &deltas, &Default::default(), None).unwrap().is_none());
         let (_, mut both) = layer_lora::<6>(&[2], |j| block.linears[j].0.dims2().unwrap(), 2);
         both[2].scale = Some(Scale::Out(var(&[h], 7, 1.0).as_tensor().clone()));
-        let e = block_op(x.as_tensor(), &bias, &block, &both, &Default::default()).unwrap_err().to_string();
+        let e = block_op(x.as_tensor(), &bias, &block, &both, &Default::default(), None).unwrap_err().to_string();
         assert!(e.contains("value") && e.contains("both"), "{e}");
     }
 
@@ -724,9 +843,55 @@ mod tests {
         let mut mask = vec![1f32; b * t];
         mask[2 * t - 2..].fill(0.0);
         let bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
-        let y1 = block_op(&x, &bias, &block, &deltas, &adapters).unwrap().expect("the engine applies");
-        let y2 = encoder_block_composed(&x, &bias, &block, &deltas, &adapters).unwrap();
+        let y1 = block_op(&x, &bias, &block, &deltas, &adapters, None).unwrap().expect("the engine applies");
+        let y2 = encoder_block_composed(&x, &bias, &block, &deltas, &adapters, None).unwrap();
         check_layer_close(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS, &trained);
+    }
+
+    /// Prefix keys and values (trained) before the sequence's, against the composition (the
+    /// forward to the bit), with LoRA on v and an adapter after the feed-forward; with and without
+    /// dropout and the input's gradient; the key mask covers the prefix.
+    fn check_prefix(dropout: bool, x_grad: bool) {
+        let (b, t, h, heads, inter, n) = (2, 7, 16, 4, 24, 3);
+        let mut trained = Vec::new();
+        let lin = |out: usize, inp: usize, seed: u64| -> Dense { ((rand(&[out, inp], seed) * 0.3).unwrap(), Some((rand(&[out], seed + 100) * 0.1).unwrap())) };
+        let norm = |seed: u64| (((rand(&[h], seed) * 0.2).unwrap() + 1.0).unwrap(), (rand(&[h], seed + 1) * 0.1).unwrap(), 1e-12);
+        let block = EncoderBlock {
+            heads,
+            linears: [lin(h, h, 1), lin(h, h, 2), lin(h, h, 3), lin(h, h, 4), lin(inter, h, 5), lin(h, inter, 6)],
+            ln1: norm(7),
+            ln2: norm(9),
+            dropout: if dropout {
+                let k = DropoutKey(42);
+                [Some((0.1, k.derive("p"))), Some((0.1, k.derive("o"))), Some((0.1, k.derive("out")))]
+            } else {
+                [None, None, None]
+            },
+        };
+        let (vars, deltas) = layer_lora::<6>(&[2], |j| block.linears[j].0.dims2().unwrap(), 2);
+        let zeros = |dims: &[usize]| Tensor::zeros(dims, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let pk = around(&zeros(&[b, n, h]), 80, 1.0, "prefix keys", &mut trained);
+        let pv = around(&zeros(&[b, n, h]), 81, 1.0, "prefix values", &mut trained);
+        let mut ad = |dims: &[usize], k: u64| around(&zeros(dims), 90 + k, 0.3, &format!("adapter {k}"), &mut trained);
+        let adapters = [None, Some(Adapter { down: (ad(&[4, h], 0), ad(&[4], 1)), up: (ad(&[h, 4], 2), ad(&[h], 3)), act: Act::Relu, parallel: false })];
+        let xv = var(&[b, t, h], 11, 1.0);
+        let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
+        let mut mask = vec![1f32; b * (n + t)];
+        mask[2 * (n + t) - 2..].fill(0.0);
+        let bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, n + t), &Device::Cpu).unwrap()).unwrap();
+        let prefix = (pk, pv);
+        let y1 = block_op(&x, &bias, &block, &deltas, &[None, None], Some(&prefix)).unwrap().expect("the engine applies");
+        let y2 = encoder_block_composed(&x, &bias, &block, &deltas, &[None, None], Some(&prefix)).unwrap();
+        check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS, &trained[..2]);
+        let y1 = block_op(&x, &bias, &block, &deltas, &adapters, Some(&prefix)).unwrap().expect("the engine applies");
+        let y2 = encoder_block_composed(&x, &bias, &block, &deltas, &adapters, Some(&prefix)).unwrap();
+        check_layer_close(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS, &trained);
+    }
+
+    #[test]
+    fn block_matches_composition_with_a_prefix() {
+        check_prefix(true, true);
+        check_prefix(false, false);
     }
 
     #[test]
