@@ -394,6 +394,13 @@ mod deltas {
         engine_against_modules(&["houlsby:init_weights=bert,layers=28-29", "lora:r=2,target=q_proj,layers=28-29"], 2 * (2 * 4 + 2));
         engine_against_modules(&["parallel_adapter:init_weights=bert,layers=28-29"], 2 * 4);
     }
+
+    /// Prefix tuning (keys and values before the sequence's in every layer's attention) with a
+    /// LoRA on q and v of the top layers.
+    #[test]
+    fn block_engine_matches_the_module_path_with_a_prefix() {
+        engine_against_modules(&["prefix:num_virtual_tokens=4", "lora:r=2,target=q_proj+v_proj,layers=28-29"], 1 + 2 * 2 * 2);
+    }
 }
 
 /// Prefix tuning (keys and values in the attention cache) and prompt tuning (soft tokens before

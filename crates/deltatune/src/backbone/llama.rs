@@ -1196,8 +1196,9 @@ impl LlamaModel {
     }
 
     /// Layer `l` over `x` (b, t, h). `slot` holds the layer's cached (or prefix) keys and values
-    /// and receives this step's; with `engine_ok` (the caller keeps no cache) and an empty slot the
-    /// layer may run as one op of the block engine, which leaves the slot empty.
+    /// and receives this step's; with `engine_ok` (the caller keeps no cache: the slot holds at
+    /// most a prefix) the layer may run as one op of the block engine, which leaves the slot as
+    /// it is.
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
@@ -1210,8 +1211,8 @@ impl LlamaModel {
         engine_ok: bool,
     ) -> Result<Tensor> {
         let rope = if l.self_attn.window.is_some() && self.config.arch == Arch::Gemma3 { &ropes.1 } else { &ropes.0 };
-        if engine_ok && slot.is_none() {
-            if let Some(y) = self.engine_forward(l, x, rope, bias, ctx)? {
+        if engine_ok {
+            if let Some(y) = self.engine_forward(l, x, rope, bias, slot.as_ref(), ctx)? {
                 return Ok(y);
             }
         }
@@ -1234,13 +1235,14 @@ impl LlamaModel {
 
     /// The layer as one op of the block engine ([`ops::decoder_block`]) when it is a plain
     /// Llama layer (q, k, v and gate, up as separate maps, SwiGLU; no q/k norms, query scale or
-    /// feed-forward norms; no sliding window reached), every delta on it is one the engine
+    /// feed-forward norms; no sliding window reached; any prefix from the slot, no cache), every
+    /// delta on it is one the engine
     /// computes — a LoRA or an (IA)³ scale on one of its seven maps (at most one per map), a
     /// bottleneck adapter after the attention or the feed-forward block, trained biases or norm
     /// weights (BitFit, LayerNorm tuning) — nothing is attached to the layer's own site,
     /// its weights are frozen, it trains (quantized weights are then multiplied dequantized, as the
     /// engine does) and a backward may follow. `None`: the module-by-module path.
-    fn engine_forward(&self, l: &DecoderLayer, x: &Tensor, rope: &Rope, bias: &Tensor, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
+    fn engine_forward(&self, l: &DecoderLayer, x: &Tensor, rope: &Rope, bias: &Tensor, prefix: Option<&(Tensor, Tensor)>, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
         if !ops::engine_enabled() || !ctx.train || ctx.inference || ctx.route.is_some() {
             return Ok(None);
         }
@@ -1255,7 +1257,8 @@ impl LlamaModel {
             return Ok(None);
         };
         let (b, t, _) = x.dims3()?;
-        if !plain || sa.window.is_some_and(|w| t > w) || bias.dims() != [b, t] {
+        let tk = t + prefix.map_or(Ok(0), |(k, _)| k.dim(1))?;
+        if !plain || sa.window.is_some_and(|w| tk > w) || bias.dims() != [b, tk] {
             return Ok(None);
         }
         if l.site.has_active() {
@@ -1300,13 +1303,14 @@ impl LlamaModel {
         let trains = deltas.iter().any(ops::MapDelta::is_some)
             || adapters.iter().any(Option::is_some)
             || linears.iter().any(|(_, b)| b.as_ref().is_some_and(Tensor::track_op))
+            || prefix.is_some_and(|(k, v)| k.track_op() || v.track_op())
             || norm1.0.track_op()
             || norm2.0.track_op();
         if !x.track_op() && !trains {
             return Ok(None);
         }
         let block = ops::DecoderBlock { heads: sa.heads, kv_heads: sa.kv_heads, head_dim: sa.head_dim, linears, norm1, norm2, rope: rope.clone() };
-        Ok(Some(ops::decoder_block(x, bias, &block, &deltas, &adapters)?))
+        Ok(Some(ops::decoder_block(x, bias, &block, &deltas, &adapters, prefix)?))
     }
 
     /// Next-token logits (..., vocab) from final hidden states (..., h).

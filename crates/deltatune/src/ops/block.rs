@@ -23,7 +23,7 @@ use super::activation::{gelu, gelu_grad_into, gelu_into};
 use super::attention::{attention, Attention};
 use super::combine::scale_last;
 use super::cpu::{err, fused_ok, gemm, slice, tensor_from, with_data, Fwd, Gemm, Grads2, Mat, SyncPtr};
-use super::engine_hooks::{dropped, Adapter, AdapterHook, AdapterKept, MapDelta, MapHooks, Pack, Scale, Vector};
+use super::engine_hooks::{dropped, Adapter, AdapterHook, AdapterKept, MapDelta, MapHooks, Pack, Prefix, Scale};
 pub use super::engine_hooks::LowRank;
 use super::linear::{dense_into, input_grad_into, linear, linear_gelu, lora_linear};
 use super::norm::{residual_layer_norm, ResidualLayerNorm};
@@ -118,7 +118,7 @@ fn block_op(
             if pk.dims() != [b, n, h] || pv.dims() != pk.dims() || key_bias.dims() != [b, n + t] {
                 return Err(err(format!("encoder block: prefix keys {:?} and values {:?} for an input {:?} and a key mask {:?}", pk.shape(), pv.shape(), x.shape(), key_bias.shape())).into());
             }
-            Some(Prefix { n, k: Vector::new(pk, &mut pack)?, v: Vector::new(pv, &mut pack)? })
+            Some(Prefix::new(pk, pv, &mut pack)?)
         }
         None => None,
     };
@@ -289,56 +289,6 @@ pub(super) fn composed_map(x: &Tensor, deltas: &[MapDelta], j: usize, product: i
     }
 }
 
-/// Prefix keys and values (b, n, h) each, and where their gradients go.
-struct Prefix {
-    n: usize,
-    k: Vector,
-    v: Vector,
-}
-
-impl Prefix {
-    /// The attention's keys and values: per batch row, the prefix's n rows then the sequence's t
-    /// rows taken from the q, k, v buffer, k and v side by side (rows of 2h).
-    fn keys_values(&self, qkv: &[f32], b: usize, t: usize, h: usize) -> Vec<f32> {
-        let n = self.n;
-        let mut kv = vec![0f32; b * (n + t) * 2 * h];
-        kv.par_chunks_mut((n + t) * 2 * h).enumerate().for_each(|(bi, rows)| {
-            for (r, row) in rows.chunks_mut(2 * h).enumerate() {
-                if r < n {
-                    let at = (bi * n + r) * h;
-                    row[..h].copy_from_slice(&self.k.v[at..at + h]);
-                    row[h..].copy_from_slice(&self.v.v[at..at + h]);
-                } else {
-                    let at = (bi * t + r - n) * 3 * h;
-                    row.copy_from_slice(&qkv[at + h..at + 3 * h]);
-                }
-            }
-        });
-        kv
-    }
-
-    /// The gradient of [`Self::keys_values`]'s buffer split: the prefix's rows into the packed
-    /// gradient (where they train), the sequence's into the dk, dv columns of `dqkv`.
-    fn split_grads(&self, dkv: &[f32], dqkv: &mut [f32], dp: &mut [f32], b: usize, t: usize, h: usize) {
-        let n = self.n;
-        for (bi, rows) in dkv.chunks((n + t) * 2 * h).enumerate().take(b) {
-            for (r, row) in rows.chunks(2 * h).enumerate() {
-                if r < n {
-                    let at = (bi * n + r) * h;
-                    for (vec, part) in [(&self.k, &row[..h]), (&self.v, &row[h..])] {
-                        if let Some(g) = vec.grad(dp) {
-                            g[at..at + h].copy_from_slice(part);
-                        }
-                    }
-                } else {
-                    let at = (bi * t + r - n) * 3 * h;
-                    dqkv[at + h..at + 3 * h].copy_from_slice(row);
-                }
-            }
-        }
-    }
-}
-
 /// What the forward keeps for the backward.
 struct Kept {
     /// q, k, v side by side (rows × 3h).
@@ -478,7 +428,7 @@ impl LayerOp for BlockOp {
             y0[j] = s[j].scale_output(&mut qkv, 3 * h, j * h);
         }
         let mut c = vec![0f32; b * t * h];
-        let kv = self.prefix.as_ref().map(|pf| pf.keys_values(&qkv, b, t, h));
+        let kv = self.prefix.as_ref().map(|pf| pf.keys_values(&qkv, 3 * h, h, b, t));
         {
             let _prof = timer("attention", "fwd");
             match &kv {
@@ -545,7 +495,7 @@ impl LayerOp for BlockOp {
         let trains = |j: usize| s[j].trains();
         let adapter_trains = |i: usize| self.adapters[i].as_ref().is_some_and(AdapterHook::trains);
         let need_qkv = need_dx || (0..3).any(trains);
-        let prefix_trains = self.prefix.as_ref().is_some_and(|p| p.k.at.is_some() || p.v.at.is_some());
+        let prefix_trains = self.prefix.as_ref().is_some_and(Prefix::trains);
         let need_attn = need_qkv || prefix_trains;
         let need_da = need_attn || trains(3) || adapter_trains(0) || self.ln_at[0].0.is_some() || self.ln_at[0].1.is_some();
         let need_dpre = need_da || trains(4);
@@ -633,7 +583,7 @@ impl LayerOp for BlockOp {
                         let mut dkv = vec![0f32; kv.len()];
                         let pkv = SyncPtr::of(&mut dkv);
                         self.attn.backward_into(&dm, &k.qkv, kv, &kv[h..], &dc, [(ptr, 0), (pkv, 0), (pkv, h)])?;
-                        pf.split_grads(&dkv, &mut dqkv, dp, b, t, h);
+                        pf.split_grads(&dkv, &mut dqkv, 3 * h, h, dp, b, t);
                     }
                     (Some(_), None) => return Err(err("encoder block: the prefixed keys were not kept")),
                 }

@@ -26,7 +26,7 @@
 use super::activation::{swiglu, swiglu_grad_into, swiglu_into};
 use super::attention::{causal_attention, Attention};
 use super::block::{composed_map, engine_enabled, run_layer, LayerOp};
-use super::engine_hooks::{Adapter, AdapterHook, AdapterKept, MapDelta, MapHooks, Pack, Scale};
+use super::engine_hooks::{Adapter, AdapterHook, AdapterKept, MapDelta, MapHooks, Pack, Prefix, Scale};
 use super::cpu::{err, fused_ok, gemm, with_data, Fwd, Gemm, Mat, Out, SyncPtr};
 use super::linear::{input_grad_into, linear, lora_linear, lora_qlinear, qlinear, FrozenWeight};
 use super::norm::{rms_norm, rms_norm_grad_add, rms_norm_into, rms_norm_weight_grad_add};
@@ -64,23 +64,39 @@ pub struct DecoderBlock {
 ///
 /// `adapters`: a bottleneck adapter after the attention block (its output projection) and after
 /// the feed-forward block, before their residual sums (a parallel one reads the block's normed
-/// input).
-pub fn decoder_block(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, deltas: &[MapDelta; 7], adapters: &[Option<Adapter>; 2]) -> Result<Tensor> {
-    match block_op(x, key_bias, block, deltas, adapters)? {
+/// input). `prefix`: keys and values (b, n, kv_heads · d) every query sees before the sequence's
+/// (prefix tuning; not rotated, as a cache's are not rotated again); `key_bias` then covers the
+/// n + t keys.
+pub fn decoder_block(
+    x: &Tensor,
+    key_bias: &Tensor,
+    block: &DecoderBlock,
+    deltas: &[MapDelta; 7],
+    adapters: &[Option<Adapter>; 2],
+    prefix: Option<&(Tensor, Tensor)>,
+) -> Result<Tensor> {
+    match block_op(x, key_bias, block, deltas, adapters, prefix)? {
         Some(y) => Ok(y),
-        None => decoder_block_composed(x, key_bias, block, deltas, adapters),
+        None => decoder_block_composed(x, key_bias, block, deltas, adapters, prefix),
     }
 }
 
 /// The engine's op, or `None` where it does not apply.
-fn block_op(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, deltas: &[MapDelta; 7], adapters: &[Option<Adapter>; 2]) -> Result<Option<Tensor>> {
+fn block_op(
+    x: &Tensor,
+    key_bias: &Tensor,
+    block: &DecoderBlock,
+    deltas: &[MapDelta; 7],
+    adapters: &[Option<Adapter>; 2],
+    prefix: Option<&(Tensor, Tensor)>,
+) -> Result<Option<Tensor>> {
     let frozen = block.linears.iter().all(|(w, _)| !w.trains());
     let shared_input_scaled = [0, 1, 2, 4, 5].iter().any(|&j| matches!(deltas[j].scale, Some(Scale::In(_))));
     if !(fused_ok(x) && engine_enabled() && frozen && !shared_input_scaled && x.rank() == 3) {
         return Ok(None);
     }
     let x = x.contiguous()?;
-    let (_, t, h) = x.dims3()?;
+    let (b, t, h) = x.dims3()?;
     let mut pack = Pack::default();
     let mut hooks = Vec::with_capacity(7);
     for (j, ((w, bias), d)) in block.linears.iter().zip(deltas).enumerate() {
@@ -89,6 +105,22 @@ fn block_op(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, deltas: &[MapDe
     let norm_at = [pack.trained(&block.norm1.0)?, pack.trained(&block.norm2.0)?];
     let [ad1, ad2] = [0, 1].map(|i| adapters[i].as_ref().map(|a| AdapterHook::new("decoder block", a, h, &mut pack)));
     let adapters = [ad1.transpose()?, ad2.transpose()?];
+    let prefix = match prefix {
+        Some((pk, pv)) => {
+            let (n, kw) = (pk.dim(1)?, block.kv_heads * block.head_dim);
+            if pk.dims() != [b, n, kw] || pv.dims() != pk.dims() || key_bias.dims() != [b, n + t] {
+                return Err(crate::error::Error::Delta(format!(
+                    "decoder block: prefix keys {:?} and values {:?} for an input {:?} and a key mask {:?}",
+                    pk.shape(),
+                    pv.shape(),
+                    x.shape(),
+                    key_bias.shape()
+                )));
+            }
+            Some(Prefix::new(pk, pv, &mut pack)?)
+        }
+        None => None,
+    };
     let packed = pack.finish()?;
     let rope = rope_tables(&block.rope.0, &block.rope.1, t, block.head_dim)?;
     let vec = |v: &Tensor| -> Result<Vec<f32>> { Ok(v.flatten_all()?.to_vec1::<f32>()?) };
@@ -109,6 +141,7 @@ fn block_op(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, deltas: &[MapDe
         hooks,
         norm_at,
         adapters,
+        prefix,
         kept: Mutex::new(None),
     };
     op.shapes(x.shape())?;
@@ -117,7 +150,14 @@ fn block_op(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, deltas: &[MapDe
 
 /// Reference implementation of [`decoder_block`]: the layer from the per-op kernels, as a layer
 /// runs without the engine.
-pub fn decoder_block_composed(x: &Tensor, key_bias: &Tensor, block: &DecoderBlock, deltas: &[MapDelta; 7], adapters: &[Option<Adapter>; 2]) -> Result<Tensor> {
+pub fn decoder_block_composed(
+    x: &Tensor,
+    key_bias: &Tensor,
+    block: &DecoderBlock,
+    deltas: &[MapDelta; 7],
+    adapters: &[Option<Adapter>; 2],
+    prefix: Option<&(Tensor, Tensor)>,
+) -> Result<Tensor> {
     let (b, t, _) = x.dims3()?;
     let (nh, nkv, d) = (block.heads, block.kv_heads, block.head_dim);
     let product = |j: usize, x: &Tensor| -> Result<Tensor> {
@@ -141,8 +181,12 @@ pub fn decoder_block_composed(x: &Tensor, key_bias: &Tensor, block: &DecoderBloc
     };
     let n1 = rms_norm(x, &block.norm1.0, block.norm1.1)?;
     let q = rotated(map(0, &n1)?, nh)?;
-    let k = rotated(map(1, &n1)?, nkv)?;
-    let v = map(2, &n1)?;
+    let mut k = rotated(map(1, &n1)?, nkv)?;
+    let mut v = map(2, &n1)?;
+    if let Some((pk, pv)) = prefix {
+        k = Tensor::cat(&[pk, &k], 1)?;
+        v = Tensor::cat(&[pv, &v], 1)?;
+    }
     let c = causal_attention(&q, &k, &v, key_bias, nh)?;
     let adapted = |y: Tensor, input: &Tensor, i: usize| -> Result<Tensor> {
         match &adapters[i] {
@@ -160,6 +204,8 @@ pub fn decoder_block_composed(x: &Tensor, key_bias: &Tensor, block: &DecoderBloc
 struct Kept {
     /// q, k (rotated) and v side by side (rows × (q + 2 kv) columns).
     qkv: Vec<f32>,
+    /// With a prefix: its keys and values and the sequence's, side by side (b · (n + t) × 2 kv).
+    kv: Option<Vec<f32>>,
     /// The first norm's output, when a LoRA on q, k or v needs it.
     n1: Option<Vec<f32>>,
     /// The attention context, when a delta on o reads it.
@@ -198,6 +244,8 @@ struct BlockOp {
     norm_at: [Option<usize>; 2],
     /// The adapters after the attention and the feed-forward blocks.
     adapters: [Option<AdapterHook>; 2],
+    /// Prefix keys and values before the sequence's.
+    prefix: Option<Prefix>,
     kept: Mutex<Option<Kept>>,
 }
 
@@ -284,9 +332,14 @@ impl BlockOp {
         }
     }
 
+    /// The attention's sizes: q, k, v read in place from the q, k, v buffer, or, with a prefix,
+    /// k and v from the prefixed buffer (rows of 2 kv).
     fn attn_dims(&self, dm: &Dims) -> candle_core::Result<super::attention::AttnDims> {
-        let (q, k) = (Shape::from((dm.b, dm.t, dm.qw)), Shape::from((dm.b, dm.t, dm.kw)));
-        self.attn.strided_dims(&q, &k, dm.w, dm.w)
+        let q = Shape::from((dm.b, dm.t, dm.qw));
+        match &self.prefix {
+            None => self.attn.strided_dims(&q, &Shape::from((dm.b, dm.t, dm.kw)), dm.w, dm.w),
+            Some(pf) => self.attn.strided_dims(&q, &Shape::from((dm.b, pf.n + dm.t, dm.kw)), dm.w, 2 * dm.kw),
+        }
     }
 
 }
@@ -341,9 +394,14 @@ impl LayerOp for BlockOp {
             rope_in_place(&mut qkv, w, qw, self.kv_heads, self.d, tables, 1.0);
         }
         let mut c = vec![0f32; rows * qw];
+        let kv = self.prefix.as_ref().map(|pf| pf.keys_values(&qkv, w, qw, b, t));
         {
             let _prof = timer("attention", "fwd");
-            self.attn.forward_into(&self.attn_dims(&dm)?, &qkv, &qkv[qw..], &qkv[qw + kw..], &mut c)?;
+            let adm = self.attn_dims(&dm)?;
+            match &kv {
+                None => self.attn.forward_into(&adm, &qkv, &qkv[qw..], &qkv[qw + kw..], &mut c)?,
+                Some(kv) => self.attn.forward_into(&adm, &qkv, kv, &kv[kw..], &mut c)?,
+            }
         }
         // Map j on its input `x` (of width `iw`): the input scale, the product, the LoRA, the
         // output scale.
@@ -381,6 +439,7 @@ impl LayerOp for BlockOp {
         let parallel = |i: usize| self.adapters[i].as_ref().is_some_and(|a| a.parallel);
         let kept = Kept {
             qkv,
+            kv,
             n1: (lora(&[0, 1, 2]) || parallel(0)).then_some(n1),
             ctx: s[3].needs_input().then_some(c),
             h1,
@@ -411,7 +470,7 @@ impl LayerOp for BlockOp {
         let need_dn1 = need_dx || self.norm_at[0].is_some();
         // Below the attention output: for dn1 or a delta on q, k, v; below the feed-forward: for
         // those, a delta on o or the second norm's weight.
-        let below_o = need_dn1 || (0..3).any(|j| s[j].trains());
+        let below_o = need_dn1 || (0..3).any(|j| s[j].trains()) || self.prefix.as_ref().is_some_and(Prefix::trains);
         let below_ffn = below_o || s[3].trains() || self.norm_at[1].is_some() || self.adapters[0].as_ref().is_some_and(|a| a.trains());
         let missing = || err("decoder block: an activation the backward needs was not kept");
         let dx = with_data([x, grad], |[xs, dy]| {
@@ -489,8 +548,19 @@ impl LayerOp for BlockOp {
             {
                 let _prof = timer("attention", "bwd");
                 let ptr = SyncPtr::of(&mut dqkv);
-                let targets = [(ptr, 0), (ptr, qw), (ptr, qw + kw)];
-                self.attn.backward_into(&self.attn_dims(&dm)?, &k.qkv, &k.qkv[qw..], &k.qkv[qw + kw..], &dc, targets)?;
+                let adm = self.attn_dims(&dm)?;
+                match (&self.prefix, &k.kv) {
+                    (None, _) => self.attn.backward_into(&adm, &k.qkv, &k.qkv[qw..], &k.qkv[qw + kw..], &dc, [(ptr, 0), (ptr, qw), (ptr, qw + kw)])?,
+                    (Some(pf), Some(kv)) => {
+                        // dk, dv in the prefixed buffer's layout: the prefix's part is its
+                        // gradient, the rest goes into place (before the un-rotation below).
+                        let mut dkv = vec![0f32; kv.len()];
+                        let pkv = SyncPtr::of(&mut dkv);
+                        self.attn.backward_into(&adm, &k.qkv, kv, &kv[kw..], &dc, [(ptr, 0), (pkv, 0), (pkv, kw)])?;
+                        pf.split_grads(&dkv, &mut dqkv, w, qw, dp, b, t);
+                    }
+                    (Some(_), None) => return Err(err("decoder block: the prefixed keys were not kept")),
+                }
             }
             drop(dc);
             {
@@ -586,8 +656,8 @@ mod tests {
         let mut mask = vec![1f32; b * t];
         mask[2 * t - 3..].fill(0.0);
         let key_bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
-        let y1 = block_op(&x, &key_bias, &block, &lora, &Default::default()).unwrap().expect("the engine applies");
-        let y2 = decoder_block_composed(&x, &key_bias, &block, &lora, &Default::default()).unwrap();
+        let y1 = block_op(&x, &key_bias, &block, &lora, &Default::default(), None).unwrap().expect("the engine applies");
+        let y2 = decoder_block_composed(&x, &key_bias, &block, &lora, &Default::default(), None).unwrap();
         check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &[]);
     }
 
@@ -633,8 +703,8 @@ mod tests {
         let mut mask = vec![1f32; b * t];
         mask[2 * t - 3..].fill(0.0);
         let key_bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
-        let y1 = block_op(&x, &key_bias, &block, &deltas, &Default::default()).unwrap().expect("the engine applies");
-        let y2 = decoder_block_composed(&x, &key_bias, &block, &deltas, &Default::default()).unwrap();
+        let y1 = block_op(&x, &key_bias, &block, &deltas, &Default::default(), None).unwrap().expect("the engine applies");
+        let y2 = decoder_block_composed(&x, &key_bias, &block, &deltas, &Default::default(), None).unwrap();
         check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &trained);
     }
 
@@ -668,9 +738,43 @@ mod tests {
         let mut mask = vec![1f32; b * t];
         mask[2 * t - 3..].fill(0.0);
         let key_bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
-        let y1 = block_op(&x, &key_bias, &block, &deltas, &adapters).unwrap().expect("the engine applies");
-        let y2 = decoder_block_composed(&x, &key_bias, &block, &deltas, &adapters).unwrap();
+        let y1 = block_op(&x, &key_bias, &block, &deltas, &adapters, None).unwrap().expect("the engine applies");
+        let y2 = decoder_block_composed(&x, &key_bias, &block, &deltas, &adapters, None).unwrap();
         check_layer_close(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &trained);
+    }
+
+    /// Prefix keys and values (trained, grouped-query width) before the sequence's, against the
+    /// composition (the forward to the bit), with LoRA on q and v; with and without the input's
+    /// gradient; the key mask covers the prefix and pads the second row's last keys.
+    fn check_prefix(x_grad: bool, quantized: bool) {
+        let (b, t, h, heads, kv, d, inter, n) = (2, 70, 64, 4, 2, 16, 96, 5);
+        let mut trained = Vec::new();
+        let lin = |out: usize, inp: usize, seed: u64| -> (FrozenWeight, Option<Tensor>) {
+            let w = (rand(&[out, inp], seed) * 0.3).unwrap();
+            let w = if quantized { FrozenWeight::Quant(Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap())) } else { FrozenWeight::Dense(w) };
+            (w, None)
+        };
+        let (qw, kw) = (heads * d, kv * d);
+        let norm = |seed: u64| (((rand(&[h], seed) * 0.2).unwrap() + 1.0).unwrap(), 1e-5);
+        let linears = [lin(qw, h, 1), lin(kw, h, 2), lin(kw, h, 3), lin(h, qw, 4), lin(inter, h, 5), lin(inter, h, 6), lin(h, inter, 7)];
+        let block = DecoderBlock { heads, kv_heads: kv, head_dim: d, linears, norm1: norm(8), norm2: norm(9), rope: tables(t, d) };
+        let (vars, deltas) = layer_lora::<7>(&[0, 2], |j| block.linears[j].0.dims2().unwrap(), 3);
+        let zeros = Tensor::zeros((b, n, kw), DType::F32, &Device::Cpu).unwrap();
+        let prefix = (around(&zeros, 80, 1.0, "prefix keys", &mut trained), around(&zeros, 81, 1.0, "prefix values", &mut trained));
+        let xv = var(&[b, t, h], 11, 1.0);
+        let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
+        let mut mask = vec![1f32; b * (n + t)];
+        mask[2 * (n + t) - 3..].fill(0.0);
+        let key_bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, n + t), &Device::Cpu).unwrap()).unwrap();
+        let y1 = block_op(&x, &key_bias, &block, &deltas, &Default::default(), Some(&prefix)).unwrap().expect("the engine applies");
+        let y2 = decoder_block_composed(&x, &key_bias, &block, &deltas, &Default::default(), Some(&prefix)).unwrap();
+        check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &trained);
+    }
+
+    #[test]
+    fn decoder_block_matches_composition_with_a_prefix() {
+        check_prefix(true, false);
+        check_prefix(false, true);
     }
 
     #[test]
@@ -724,7 +828,7 @@ mod tests {
         };
         let x = var(&[1, t, 12], 6, 1.0);
         let bias = Tensor::zeros((1, t), DType::F32, &Device::Cpu).unwrap();
-        let e = block_op(x.as_tensor(), &bias, &block, &Default::default(), &Default::default()).unwrap_err().to_string();
+        let e = block_op(x.as_tensor(), &bias, &block, &Default::default(), &Default::default(), None).unwrap_err().to_string();
         assert!(e.contains("decoder block"), "{e}");
     }
 }

@@ -521,3 +521,66 @@ pub(super) fn dropped(x: &[f32], drop: Option<(f32, super::rng::DropoutKey)>) ->
         }
     }
 }
+
+/// Prefix keys and values (b, n, w) each (prefix tuning), which the attention reads before the
+/// sequence's, and where their gradients go.
+pub(super) struct Prefix {
+    pub n: usize,
+    w: usize,
+    k: Vector,
+    v: Vector,
+}
+
+impl Prefix {
+    pub(super) fn new(pk: &Tensor, pv: &Tensor, pack: &mut Pack) -> Result<Self> {
+        let (_, n, w) = pk.dims3()?;
+        Ok(Prefix { n, w, k: Vector::new(pk, pack)?, v: Vector::new(pv, pack)? })
+    }
+
+    /// Whether its keys or values train.
+    pub(super) fn trains(&self) -> bool {
+        self.k.at.is_some() || self.v.at.is_some()
+    }
+
+    /// The attention's keys and values, k and v side by side (rows of 2w): per batch row, the
+    /// prefix's n rows, then the sequence's t rows read from the q, k, v buffer (rows of `qs`,
+    /// k at column `k_col`, v right after it).
+    pub(super) fn keys_values(&self, qkv: &[f32], qs: usize, k_col: usize, b: usize, t: usize) -> Vec<f32> {
+        let (n, w) = (self.n, self.w);
+        let mut kv = vec![0f32; b * (n + t) * 2 * w];
+        kv.par_chunks_mut((n + t) * 2 * w).enumerate().for_each(|(bi, rows)| {
+            for (r, row) in rows.chunks_mut(2 * w).enumerate() {
+                if r < n {
+                    let at = (bi * n + r) * w;
+                    row[..w].copy_from_slice(&self.k.v[at..at + w]);
+                    row[w..].copy_from_slice(&self.v.v[at..at + w]);
+                } else {
+                    let at = (bi * t + r - n) * qs + k_col;
+                    row.copy_from_slice(&qkv[at..at + 2 * w]);
+                }
+            }
+        });
+        kv
+    }
+
+    /// The gradient of [`Self::keys_values`]'s buffer split: the prefix's rows into the packed
+    /// gradient (where they train), the sequence's into the k and v columns of `dqkv`.
+    pub(super) fn split_grads(&self, dkv: &[f32], dqkv: &mut [f32], qs: usize, k_col: usize, dp: &mut [f32], b: usize, t: usize) {
+        let (n, w) = (self.n, self.w);
+        for (bi, rows) in dkv.chunks((n + t) * 2 * w).enumerate().take(b) {
+            for (r, row) in rows.chunks(2 * w).enumerate() {
+                if r < n {
+                    let at = (bi * n + r) * w;
+                    for (vec, part) in [(&self.k, &row[..w]), (&self.v, &row[w..])] {
+                        if let Some(g) = vec.grad(dp) {
+                            g[at..at + w].copy_from_slice(part);
+                        }
+                    }
+                } else {
+                    let at = (bi * t + r - n) * qs + k_col;
+                    dqkv[at..at + 2 * w].copy_from_slice(row);
+                }
+            }
+        }
+    }
+}
