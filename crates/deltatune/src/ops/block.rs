@@ -612,7 +612,7 @@ impl LayerOp for BlockOp {
 mod tests {
     use super::*;
     use crate::ops::Act;
-    use crate::ops::cpu::testing::{around, check_layer, check_layer_close, layer_lora, rand, var};
+    use crate::ops::cpu::testing::{around, check_layer, check_layer_close, layer_lora, padded_key_bias, rand, var};
     use candle_core::Device;
 
     /// The engine against the per-op composition: output and every gradient (x and each LoRA
@@ -639,9 +639,7 @@ mod tests {
         let xv = var(&[b, t, h], 11, 1.0);
         let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
         // The second sequence has its last two keys padded.
-        let mut mask = vec![1f32; b * t];
-        mask[2 * t - 2..].fill(0.0);
-        let bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
+        let bias = padded_key_bias(b, t, 2);
         let y1 = block_op(&x, &bias, &block, &lora, &Default::default(), None).unwrap().expect("the engine applies");
         let y2 = encoder_block_composed(&x, &bias, &block, &lora, &Default::default(), None).unwrap();
         // The forward is the per-op path's, to the bit.
@@ -715,9 +713,7 @@ mod tests {
         scale(5, inter, true);
         let xv = var(&[b, t, h], 11, 1.0);
         let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
-        let mut mask = vec![1f32; b * t];
-        mask[2 * t - 2..].fill(0.0);
-        let bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
+        let bias = padded_key_bias(b, t, 2);
         let y1 = block_op(&x, &bias, &block, &deltas, &Default::default(), None).unwrap().expect("the engine applies");
         let y2 = encoder_block_composed(&x, &bias, &block, &deltas, &Default::default(), None).unwrap();
         check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS, &trained);
@@ -790,9 +786,7 @@ mod tests {
         let adapters = [adapter(0), adapter(1)];
         let xv = var(&[b, t, h], 11, 1.0);
         let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
-        let mut mask = vec![1f32; b * t];
-        mask[2 * t - 2..].fill(0.0);
-        let bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
+        let bias = padded_key_bias(b, t, 2);
         let y1 = block_op(&x, &bias, &block, &deltas, &adapters, None).unwrap().expect("the engine applies");
         let y2 = encoder_block_composed(&x, &bias, &block, &deltas, &adapters, None).unwrap();
         check_layer_close(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS, &trained);
@@ -826,9 +820,7 @@ mod tests {
         let adapters = [None, Some(Adapter { down: (ad(&[4, h], 0), ad(&[4], 1)), up: (ad(&[h, 4], 2), ad(&[h], 3)), act: Act::Relu, parallel: false })];
         let xv = var(&[b, t, h], 11, 1.0);
         let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
-        let mut mask = vec![1f32; b * (n + t)];
-        mask[2 * (n + t) - 2..].fill(0.0);
-        let bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, n + t), &Device::Cpu).unwrap()).unwrap();
+        let bias = padded_key_bias(b, n + t, 2);
         let prefix = (pk, pv);
         let y1 = block_op(&x, &bias, &block, &deltas, &[None, None], Some(&prefix)).unwrap().expect("the engine applies");
         let y2 = encoder_block_composed(&x, &bias, &block, &deltas, &[None, None], Some(&prefix)).unwrap();

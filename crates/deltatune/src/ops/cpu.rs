@@ -592,6 +592,13 @@ pub(crate) mod testing {
         (y * up).unwrap().sum_all().unwrap().backward().unwrap()
     }
 
+    /// The additive key mask (b, tk) of a batch whose second row's last `pad` keys are padding.
+    pub fn padded_key_bias(b: usize, tk: usize, pad: usize) -> Tensor {
+        let mut mask = vec![1f32; b * tk];
+        mask[2 * tk - pad..2 * tk].fill(0.0);
+        crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, tk), &Device::Cpu).unwrap()).unwrap()
+    }
+
     /// A map's index and its LoRA's A and B as variables.
     pub type MapLora = (usize, Var, Var);
 

@@ -612,7 +612,7 @@ impl LayerOp for BlockOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::cpu::testing::{around, check_layer, check_layer_close, layer_lora, rand, var};
+    use crate::ops::cpu::testing::{around, check_layer, check_layer_close, layer_lora, padded_key_bias, rand, var};
     use crate::ops::Act;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::Device;
@@ -626,20 +626,22 @@ mod tests {
         (make(f32::cos), make(f32::sin))
     }
 
+    /// A frozen (out, in) weight of seeded values, f32 or quantized to Q8_0.
+    fn weight(out: usize, inp: usize, seed: u64, quantized: bool) -> FrozenWeight {
+        let w = (rand(&[out, inp], seed) * 0.3).unwrap();
+        if quantized {
+            FrozenWeight::Quant(Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()))
+        } else {
+            FrozenWeight::Dense(w)
+        }
+    }
+
     /// The engine against the per-op composition: the output to the bit, every gradient (x and
     /// each LoRA matrix) within 1e-4 relative; grouped-query attention (4 query heads on 2
     /// key/value heads), the second sequence's last keys padded, more rows than one causal block.
     fn check(lora_on: &[usize], x_grad: bool, quantized: bool, bias: bool) {
         let (b, t, h, heads, kv, d, inter, r) = (2, 70, 64, 4, 2, 16, 96, 3);
-        let lin = |out: usize, inp: usize, seed: u64| -> (FrozenWeight, Option<Tensor>) {
-            let w = (rand(&[out, inp], seed) * 0.3).unwrap();
-            let w = if quantized {
-                FrozenWeight::Quant(Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()))
-            } else {
-                FrozenWeight::Dense(w)
-            };
-            (w, bias.then(|| (rand(&[out], seed + 100) * 0.1).unwrap()))
-        };
+        let lin = |out: usize, inp: usize, seed: u64| (weight(out, inp, seed, quantized), bias.then(|| (rand(&[out], seed + 100) * 0.1).unwrap()));
         let (qw, kw) = (heads * d, kv * d);
         let block = DecoderBlock {
             heads,
@@ -653,9 +655,7 @@ mod tests {
         let (vars, lora) = layer_lora::<7>(lora_on, |j| block.linears[j].0.dims2().unwrap(), r);
         let xv = var(&[b, t, h], 11, 1.0);
         let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
-        let mut mask = vec![1f32; b * t];
-        mask[2 * t - 3..].fill(0.0);
-        let key_bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
+        let key_bias = padded_key_bias(b, t, 3);
         let y1 = block_op(&x, &key_bias, &block, &lora, &Default::default(), None).unwrap().expect("the engine applies");
         let y2 = decoder_block_composed(&x, &key_bias, &block, &lora, &Default::default(), None).unwrap();
         check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &[]);
@@ -670,12 +670,7 @@ mod tests {
         let (b, t, h, heads, kv, d, inter, r) = (2, 70, 64, 4, 2, 16, 96, 3);
         let mut trained = Vec::new();
         let mut lin = |out: usize, inp: usize, seed: u64| -> (FrozenWeight, Option<Tensor>) {
-            let w = (rand(&[out, inp], seed) * 0.3).unwrap();
-            let w = if quantized {
-                FrozenWeight::Quant(Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()))
-            } else {
-                FrozenWeight::Dense(w)
-            };
+            let w = weight(out, inp, seed, quantized);
             let zero = Tensor::zeros(out, DType::F32, &Device::Cpu).unwrap();
             (w, Some(around(&zero, seed + 200, 0.1, &format!("bias of {}", DECODER_LINEARS[seed as usize - 1]), &mut trained)))
         };
@@ -700,9 +695,7 @@ mod tests {
         scale(6, inter, true);
         let xv = var(&[b, t, h], 11, 1.0);
         let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
-        let mut mask = vec![1f32; b * t];
-        mask[2 * t - 3..].fill(0.0);
-        let key_bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
+        let key_bias = padded_key_bias(b, t, 3);
         let y1 = block_op(&x, &key_bias, &block, &deltas, &Default::default(), None).unwrap().expect("the engine applies");
         let y2 = decoder_block_composed(&x, &key_bias, &block, &deltas, &Default::default(), None).unwrap();
         check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &trained);
@@ -735,9 +728,7 @@ mod tests {
         let adapters = [adapter(0), adapter(1)];
         let xv = var(&[b, t, h], 11, 1.0);
         let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
-        let mut mask = vec![1f32; b * t];
-        mask[2 * t - 3..].fill(0.0);
-        let key_bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap()).unwrap();
+        let key_bias = padded_key_bias(b, t, 3);
         let y1 = block_op(&x, &key_bias, &block, &deltas, &adapters, None).unwrap().expect("the engine applies");
         let y2 = decoder_block_composed(&x, &key_bias, &block, &deltas, &adapters, None).unwrap();
         check_layer_close(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &trained);
@@ -749,11 +740,7 @@ mod tests {
     fn check_prefix(x_grad: bool, quantized: bool) {
         let (b, t, h, heads, kv, d, inter, n) = (2, 70, 64, 4, 2, 16, 96, 5);
         let mut trained = Vec::new();
-        let lin = |out: usize, inp: usize, seed: u64| -> (FrozenWeight, Option<Tensor>) {
-            let w = (rand(&[out, inp], seed) * 0.3).unwrap();
-            let w = if quantized { FrozenWeight::Quant(Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap())) } else { FrozenWeight::Dense(w) };
-            (w, None)
-        };
+        let lin = |out: usize, inp: usize, seed: u64| (weight(out, inp, seed, quantized), None);
         let (qw, kw) = (heads * d, kv * d);
         let norm = |seed: u64| (((rand(&[h], seed) * 0.2).unwrap() + 1.0).unwrap(), 1e-5);
         let linears = [lin(qw, h, 1), lin(kw, h, 2), lin(kw, h, 3), lin(h, qw, 4), lin(inter, h, 5), lin(inter, h, 6), lin(h, inter, 7)];
@@ -763,9 +750,7 @@ mod tests {
         let prefix = (around(&zeros, 80, 1.0, "prefix keys", &mut trained), around(&zeros, 81, 1.0, "prefix values", &mut trained));
         let xv = var(&[b, t, h], 11, 1.0);
         let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
-        let mut mask = vec![1f32; b * (n + t)];
-        mask[2 * (n + t) - 3..].fill(0.0);
-        let key_bias = crate::ops::mask_to_bias(&Tensor::from_vec(mask, (b, n + t), &Device::Cpu).unwrap()).unwrap();
+        let key_bias = padded_key_bias(b, n + t, 3);
         let y1 = block_op(&x, &key_bias, &block, &deltas, &Default::default(), Some(&prefix)).unwrap().expect("the engine applies");
         let y2 = decoder_block_composed(&x, &key_bias, &block, &deltas, &Default::default(), Some(&prefix)).unwrap();
         check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &trained);
