@@ -346,6 +346,13 @@ fn block_engine_matches_the_module_path_with_adapters() {
     engine_against_modules(&["low_rank_adapter"], true);
 }
 
+/// VeRA (its scaling vectors as the factors of a low-rank update) and AdaLoRA (A ⊙ E and B).
+#[test]
+fn block_engine_matches_the_module_path_with_vera_and_adalora() {
+    engine_against_modules(&["vera"], false);
+    engine_against_modules(&["adalora"], false);
+}
+
 /// Prefix tuning (keys and values before the sequence's in every layer's attention), plain and
 /// through its reparametrisation MLP, with LoRA and an adapter.
 #[test]

@@ -36,7 +36,7 @@ use super::method::{site_dims, BuildCtx, Family, Method};
 use super::peft_fields::{PeftIn, PeftOut, PEFT_VERSION};
 use super::targets::{query_value, Targets};
 use crate::core::init;
-use crate::core::{BackboneInfo, Delta, GroupTensors, GroupTrainer, HookCtx, Site, SiteKind};
+use crate::core::{BackboneInfo, Delta, EngineHook, GroupTensors, GroupTrainer, HookCtx, Site, SiteKind};
 use crate::error::{Error, Result};
 use crate::ops;
 use candle_core::{DType, Tensor, Var, D};
@@ -420,6 +420,15 @@ impl Delta for AdaLora {
         let b = h.gated((self.b.as_tensor() * self.scale)?)?;
         let d = ops::linear(&ops::linear(&x, &self.ae()?, None)?, &b, None)?;
         Ok(Some(y.add(&d)?))
+    }
+
+    /// For a block engine: the update is `(x (A ⊙ E)ᵀ) (s B)ᵀ`, a low-rank one; not with dropout
+    /// in training.
+    fn engine_hook(&self, h: &HookCtx) -> Result<Option<EngineHook>> {
+        if h.inference || (h.train && self.dropout > 0.0) {
+            return Ok(None);
+        }
+        Ok(Some(EngineHook::LowRank(self.ae()?, h.gated((self.b.as_tensor() * self.scale)?)?)))
     }
 
     fn merged(&self, base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {

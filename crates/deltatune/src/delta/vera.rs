@@ -20,7 +20,7 @@ use super::method::{site_dims, BuildCtx, Family, Method};
 use super::peft_fields::{PeftIn, PeftOut, PEFT_VERSION};
 use super::targets::{query_value, Targets};
 use crate::core::init;
-use crate::core::{BackboneInfo, Delta, HookCtx, Site, SiteKind};
+use crate::core::{BackboneInfo, Delta, EngineHook, HookCtx, Site, SiteKind};
 use crate::error::{Error, Result};
 use crate::ops;
 use candle_core::{Device, Tensor, Var};
@@ -281,6 +281,18 @@ impl Delta for Vera {
         let d = ops::linear(&x, &a, None)?.broadcast_mul(self.lambda_d.as_tensor())?;
         let d = ops::linear(&d, &b, None)?.broadcast_mul(self.lambda_b.as_tensor())?;
         Ok(Some(y.add(&h.gated(d)?)?))
+    }
+
+    /// For a block engine: the update is `(x (Λd A)ᵀ) (Λb B)ᵀ`, a low-rank one whose factors
+    /// carry the gradient to λd and λb (the projections stay frozen); not with dropout in training.
+    fn engine_hook(&self, h: &HookCtx) -> Result<Option<EngineHook>> {
+        if h.inference || (h.train && self.dropout > 0.0) {
+            return Ok(None);
+        }
+        let (a, b) = self.slices()?;
+        let a = a.broadcast_mul(&self.lambda_d.as_tensor().unsqueeze(1)?)?;
+        let b = h.gated(b.broadcast_mul(&self.lambda_b.as_tensor().unsqueeze(1)?)?)?;
+        Ok(Some(EngineHook::LowRank(a, b)))
     }
 
     fn merged(&self, base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {
