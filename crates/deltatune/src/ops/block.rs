@@ -1,6 +1,8 @@
-//! The block engine: a whole BERT-family encoder layer — its six frozen linear maps with any
-//! LoRA on them, the attention, GELU and both residual layer norms — as one op with a hand-written
-//! forward and backward, so that candle's autograd sees one node per layer instead of a dozen.
+//! The block engine: a whole BERT-family encoder layer — its six frozen linear maps, the
+//! attention, GELU and both residual layer norms, with the deltas on them (a LoRA or an (IA)³
+//! scale on a map, trained biases and norm parameters, an adapter after each sublayer, prefix
+//! keys and values: [`super::engine_hooks`]) — as one op with a hand-written forward and
+//! backward, so that candle's autograd sees one node per layer instead of a dozen.
 //!
 //! What that removes from a training step: candle's gradient store zero-fills a buffer for every
 //! input of every node and adds each gradient into it; here every gradient is written once by the
@@ -10,12 +12,13 @@
 //! that product and writes its gradient into one buffer of the same layout. The activations kept
 //! for backward are exactly those it reads: the stacked q/k/v, the two sublayer outputs before
 //! their residual sums (the sums are recomputed), the first norm's output, GELU's input, the
-//! attention context and GELU's output only when a LoRA on the next map needs them, and each
-//! LoRA's `x Aᵀ`.
+//! attention context and GELU's output only when a delta on the next map reads them, each LoRA's
+//! `x Aᵀ`, and what the deltas' own backward reads. Nothing runs below the lowest thing that needs
+//! a gradient.
 //!
-//! The trained LoRA matrices enter as one packed vector (their flattened A and B, in the order of
-//! the six maps), so the op has two arguments and candle routes each part of the packed gradient
-//! back to its variable; a layer without LoRA is a one-argument op. The composition of the
+//! The trained tensors (LoRA matrices, scales, biases, norm parameters, adapters, prefix) enter as
+//! one packed vector, so the op has two arguments and candle routes each part of the packed
+//! gradient back to its variable; a layer where nothing trains is a one-argument op. The composition of the
 //! per-op kernels ([`encoder_block_composed`], what a layer runs without the engine) is the
 //! reference the engine is tested against. `DELTATUNE_ENGINE=0` turns the engine off.
 

@@ -1,7 +1,9 @@
 //! The block engine for decoders: a whole Llama-family layer — the input RMS norm, the q, k, v
 //! projections with the rotary embedding, causal grouped-query attention, the output projection
 //! and its residual sum, the second RMS norm, the SwiGLU feed-forward and its residual sum, with
-//! any LoRA on the seven linear maps — as one op with a hand-written forward and backward.
+//! the deltas on them (a LoRA or an (IA)³ scale on any of the seven linear maps, trained biases
+//! and norm weights, an adapter after each block, prefix keys and values:
+//! [`super::engine_hooks`]) — as one op with a hand-written forward and backward.
 //!
 //! What it removes from a training step, as the encoder's engine ([`super::block`]) does: candle's
 //! gradient store zero-fills a buffer for every input of every node and adds each gradient into it
