@@ -361,7 +361,13 @@ impl BlockOp {
         let Some(ad) = &self.adapters[i] else { return hid };
         let d = dropped(&hid, self.sub_drop[i]);
         let mut e = d.clone();
-        kept[i] = Some(if ad.parallel { ad.forward(&mut e, input, None) } else { ad.forward(&mut e, &d, Some(d.clone())) });
+        kept[i] = Some(if ad.parallel {
+            ad.forward(&mut e, input)
+        } else {
+            let mut k = ad.forward(&mut e, &d);
+            k.src = Some(d);
+            k
+        });
         e
     }
 

@@ -283,10 +283,10 @@ impl BlockOp {
     fn adapt(&self, i: usize, y: &mut [f32], input: &[f32]) -> Option<AdapterKept> {
         let ad = self.adapters[i].as_ref()?;
         Some(if ad.parallel {
-            ad.forward(y, input, None)
+            ad.forward(y, input)
         } else {
             let src = y.to_vec();
-            let mut k = ad.forward(y, &src, None);
+            let mut k = ad.forward(y, &src);
             k.src = Some(src);
             k
         })

@@ -463,9 +463,9 @@ impl AdapterHook {
         [&self.wd, &self.bd, &self.wu, &self.bu].iter().any(|v| v.at.is_some())
     }
 
-    /// `y += up(act(down(src)))` over rows of `h`; `src_kept`: the sequential adapter's input, to
-    /// keep for the backward.
-    pub(super) fn forward(&self, y: &mut [f32], src: &[f32], src_kept: Option<Vec<f32>>) -> AdapterKept {
+    /// `y += up(act(down(src)))` over rows of `h`; a sequential adapter's caller keeps `src` in
+    /// the result's `src` for the backward.
+    pub(super) fn forward(&self, y: &mut [f32], src: &[f32]) -> AdapterKept {
         let _prof = timer("block-adapter", "fwd");
         let (m, h) = (self.m, self.h);
         let rows = src.len() / h;
@@ -478,7 +478,7 @@ impl AdapterHook {
         o.par_chunks_mut(h).for_each(|r| r.copy_from_slice(&self.bu.v));
         gemm(Out::rm(&mut o, h), [rows, h, m], Mat::rm(&z, m), Mat::rm_t(&self.wu.v, m), Gemm::PARALLEL.accumulate(true));
         y.par_iter_mut().zip(o.par_iter()).for_each(|(y, o)| *y += o);
-        AdapterKept { p1, z, src: src_kept }
+        AdapterKept { p1, z, src: None }
     }
 
     /// From the gradient `dout` of the adapter's output: its matrices' gradients into `dp` and the
