@@ -2,10 +2,11 @@
 //! probabilities) and causal (decoders, with cached keys): one composition, one fused op.
 
 use super::cpu::{
-    dot_lanes, err, exp_sum_lanes, fused_ok, gemm, grad_for, max_lanes, slice, with_data, Fwd, Gemm, Grads3, Mat, Out,
+    add_max_lanes, dot_lanes, err, exp_sum_lanes, fused_ok, gemm, grad_for, slice, with_data, Fwd, Gemm, Grads3, Mat, Out,
     SyncPtr,
 };
 use super::dropout::{dropout_composed, masked};
+use super::head_gemm::{self, W};
 use super::profile::timer;
 use super::rng::DropoutKey;
 use crate::error::Result;
@@ -158,6 +159,8 @@ impl Mode {
 /// Query rows (and keys) per block of a causal attention's products: small enough that little of
 /// the upper triangle is computed, large enough for full-width matrix kernels.
 const CAUSAL_BLOCK: usize = 64;
+/// Rows per block of a head's products on the head kernel: two of its 12-row tiles.
+const HEAD_BLOCK: usize = 24;
 
 pub(super) struct Attention {
     mode: Mode,
@@ -171,6 +174,11 @@ pub(super) struct Attention {
 /// q, k and v may be column blocks of wider rows (a block's fused QKV projection): `qs` and `kvs`
 /// are their row strides (`h` and `hk` for tensors of their own). The output and its gradient
 /// always have row stride `h`.
+///
+/// `fast`: the head's products run on the register-blocked kernel ([`head_gemm`]; d a multiple
+/// of 16), which reads a head's keys and values transposed into scratch rows of `pw` (tk rounded
+/// up to 16, zero past tk). The probabilities and their gradient have rows of `pw` elements
+/// (= tk without the kernel).
 pub(super) struct AttnDims {
     b: usize,
     tq: usize,
@@ -181,6 +189,8 @@ pub(super) struct AttnDims {
     rep: usize,
     qs: usize,
     kvs: usize,
+    pw: usize,
+    fast: bool,
 }
 
 impl AttnDims {
@@ -198,32 +208,119 @@ impl AttnDims {
     fn out_at(&self, bi: usize, hi: usize) -> usize {
         bi * self.tq * self.h + hi * self.d
     }
+    /// Rows per block of a head's products over `n` rows: with the kernel, [`HEAD_BLOCK`] (each
+    /// block's probabilities are finished while in the nearest cache; causally, less of the
+    /// upper triangle is computed); on `gemm`, [`CAUSAL_BLOCK`] causally, else all rows at once.
+    fn block(&self, causal: bool, n: usize) -> usize {
+        match (self.fast, causal) {
+            (true, _) => HEAD_BLOCK,
+            (false, true) => CAUSAL_BLOCK,
+            (false, false) => n.max(1),
+        }
+    }
+    /// Columns a product over keys computes for rows that see `kmax` keys: those keys, rounded up
+    /// to whole vectors for the head kernel (at most `pw`).
+    fn cols(&self, kmax: usize) -> usize {
+        if self.fast {
+            kmax.next_multiple_of(W)
+        } else {
+            kmax
+        }
+    }
+    /// A task's scratch: probabilities, their gradient, the dropped probabilities (tq × pw
+    /// each); one head's q, k, v and output gradient copied out of their wide rows (t × d each),
+    /// and its keys and values transposed (d × pw each, with the kernel only).
+    fn scratch(&self) -> Scratch {
+        let (p, t) = (self.tq * self.pw, if self.fast { self.d * self.pw } else { 0 });
+        let (q, k) = (self.tq * self.d, self.tk * self.d);
+        let v = vec![0.0; p];
+        Scratch { p: v.clone(), dp: v.clone(), pd: v, kt: vec![0.0; t], vt: vec![0.0; t], qh: vec![0.0; q], gh: vec![0.0; q], kh: vec![0.0; k], vh: vec![0.0; k] }
+    }
+    /// Copies the (rows × d) block of a head starting at `at` of `src` (rows `stride` apart) into
+    /// `dst` (contiguous rows of d): the products then read rows next to each other rather than
+    /// rows a whole projection apart (whose power-of-two strides map onto a few cache sets).
+    fn pack_head(&self, src: &[f32], at: usize, stride: usize, dst: &mut [f32]) {
+        let d = self.d;
+        for (i, row) in dst.chunks_mut(d).enumerate() {
+            let src = &src[at + i * stride..at + i * stride + d];
+            if d % W == 0 {
+                // Vector by vector (fixed-size copies inline; a `memmove` call per row of 32
+                // floats cost more than the copy).
+                for (o, x) in row.chunks_exact_mut(W).zip(src.chunks_exact(W)) {
+                    let x: &[f32; W] = x.try_into().expect("chunks of W");
+                    let o: &mut [f32; W] = o.try_into().expect("chunks of W");
+                    *o = *x;
+                }
+            } else {
+                row.copy_from_slice(src);
+            }
+        }
+    }
+    /// A packed (tk × d) head transposed into `dst` (d rows of pw, zero past tk).
+    fn transpose_head(&self, src: &[f32], dst: &mut [f32]) {
+        let (tk, pw, d) = (self.tk, self.pw, self.d);
+        for (c, row) in dst.chunks_mut(pw).enumerate() {
+            for (j, v) in row[..tk].iter_mut().enumerate() {
+                *v = src[j * d + c];
+            }
+            row[tk..].fill(0.0);
+        }
+    }
+    /// `dst = [dst +] lhs (m × k) · rhs (k × n)ᵀ-source · scale` for the products over keys
+    /// (scores, dP'): `rhs` a packed head (tk × d) read transposed by `gemm`, or its transposed
+    /// copy `rhs_t` (d × pw) on the kernel, which computes whole vectors of columns.
+    fn prod_keys(&self, dst: Out, [m, kmax]: [usize; 2], lhs: Mat, rhs: &[f32], rhs_t: &[f32], how: Gemm) {
+        if self.fast {
+            head_gemm::head_gemm(dst, [m, self.cols(kmax), self.d], lhs, Mat::rm(rhs_t, self.pw), how)
+        } else {
+            gemm(dst, [m, kmax, self.d], lhs, Mat::rm_t(rhs, self.d), how)
+        }
+    }
+    /// `dst = [dst +] lhs · rhs · scale` on the head kernel when it runs and fits, else `gemm`.
+    fn prod(&self, dst: Out, mnk: [usize; 3], lhs: Mat, rhs: Mat, how: Gemm) {
+        if self.fast && head_gemm::fits(mnk[1], &rhs) {
+            head_gemm::head_gemm(dst, mnk, lhs, rhs, how)
+        } else {
+            gemm(dst, mnk, lhs, rhs, how)
+        }
+    }
+}
+
+struct Scratch {
+    p: Vec<f32>,
+    dp: Vec<f32>,
+    pd: Vec<f32>,
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    qh: Vec<f32>,
+    gh: Vec<f32>,
+    kh: Vec<f32>,
+    vh: Vec<f32>,
 }
 
 impl Attention {
-    /// Softmax probabilities for one (batch, head) into `p` (tq × tk).
-    fn probs(&self, dm: &AttnDims, q: &[f32], k: &[f32], bias: &[f32], bi: usize, hi: usize, p: &mut [f32]) {
-        let AttnDims { tk, qs, kvs, d, .. } = *dm;
+    /// Softmax probabilities for one (batch, head) into `p` (tq rows of pw) from the head's
+    /// packed q (tq × d) and k (tk × d) and, with the kernel, transposed keys `kt`.
+    #[allow(clippy::too_many_arguments)]
+    fn probs(&self, dm: &AttnDims, qh: &[f32], kh: &[f32], kt: &[f32], bias: &[f32], bi: usize, p: &mut [f32]) {
+        let AttnDims { tk, d, pw, .. } = *dm;
         let scale = 1.0 / (d as f32).sqrt();
-        let (qo, ko) = (dm.q_at(bi, hi), dm.kv_at(bi, hi));
-        // Causal: each block of query rows against the keys its last row sees (the rest of its
-        // rows is filled with 0 below).
-        for (r0, r1, kmax) in self.query_blocks(dm) {
-            let o = Out::rm(&mut p[r0 * tk..], tk);
-            gemm(o, [r1 - r0, kmax, d], Mat::rm(&q[qo + r0 * qs..], qs), Mat::rm_t(&k[ko..], kvs), Gemm::SERIAL.scaled(scale));
-        }
         let brow = &bias[bi * tk..(bi + 1) * tk];
-        for (qi, row) in p.chunks_mut(tk).enumerate() {
-            // Causal rows stop at their own position; later keys get probability 0.
-            let (row, later) = row.split_at_mut(self.seen(dm, qi));
-            later.fill(0.0);
-            for (v, &bb) in row.iter_mut().zip(brow) {
-                *v += bb;
-            }
-            let max = max_lanes(row);
-            let inv = 1.0 / exp_sum_lanes(row, max);
-            for v in row.iter_mut() {
-                *v *= inv;
+        // Causal: each block of query rows against the keys its last row sees (the rest of its
+        // rows is filled with 0 below). Each block's rows are normalised right after their
+        // product, while they are in the nearest cache.
+        for (r0, r1, kmax) in self.query_blocks(dm) {
+            let o = Out::rm(&mut p[r0 * pw..], pw);
+            dm.prod_keys(o, [r1 - r0, kmax], Mat::rm(&qh[r0 * d..], d), kh, kt, Gemm::SERIAL.scaled(scale));
+            for (qi, row) in (r0..r1).zip(p[r0 * pw..r1 * pw].chunks_mut(pw)) {
+                // Causal rows stop at their own position; later keys get probability 0.
+                let (row, later) = row.split_at_mut(self.seen(dm, qi));
+                later.fill(0.0);
+                let max = add_max_lanes(row, brow);
+                let inv = 1.0 / exp_sum_lanes(row, max);
+                for v in row.iter_mut() {
+                    *v *= inv;
+                }
             }
         }
     }
@@ -242,7 +339,7 @@ impl Attention {
     /// the keys its last row sees only, so that the upper triangle (about half of each product)
     /// is not computed.
     fn query_blocks<'a>(&'a self, dm: &'a AttnDims) -> impl Iterator<Item = (usize, usize, usize)> + 'a {
-        let step = if self.mode.causal { CAUSAL_BLOCK } else { dm.tq.max(1) };
+        let step = dm.block(self.mode.causal, dm.tq);
         (0..dm.tq).step_by(step).map(move |r0| {
             let r1 = (r0 + step).min(dm.tq);
             (r0, r1, self.seen(dm, r1 - 1))
@@ -253,7 +350,7 @@ impl Attention {
     /// rows are keys (dK, dV) over the query rows that see the block only.
     fn key_blocks(&self, dm: &AttnDims) -> impl Iterator<Item = (usize, usize, usize)> {
         let causal = self.mode.causal;
-        let step = if causal { CAUSAL_BLOCK } else { dm.tk.max(1) };
+        let step = dm.block(causal, dm.tk);
         let (tq, tk, past) = (dm.tq, dm.tk, dm.past());
         (0..tk).step_by(step).map(move |c0| {
             // Query row qi sees key c0 from past + qi >= c0 on.
@@ -262,12 +359,31 @@ impl Attention {
         })
     }
 
-    /// Dropout on one (batch, head)'s probabilities (or their gradient), if any.
-    fn mask_probs(&self, dm: &AttnDims, bi: usize, hi: usize, p: &mut [f32]) {
-        if let Some((rate, key)) = self.mode.dropout {
-            let base = ((bi * self.mode.heads + hi) * dm.tq * dm.tk) as u64;
-            for (i, v) in p.iter_mut().enumerate() {
-                *v = masked(key, rate, base + i as u64, *v);
+    /// Dropout on rows r0..r1 of one (batch, head)'s probabilities `p` (rows of pw; element
+    /// (i, j) is mask element i · tk + j of the head), if any; with `dp`, the same mask on it in
+    /// the same pass (its gradient).
+    #[allow(clippy::too_many_arguments)]
+    fn mask_probs(&self, dm: &AttnDims, bi: usize, hi: usize, (r0, r1): (usize, usize), p: &mut [f32], mut dp: Option<&mut [f32]>) {
+        let Some((rate, key)) = self.mode.dropout else { return };
+        let (tq, tk, pw) = (dm.tq, dm.tk, dm.pw);
+        let base = ((bi * self.mode.heads + hi) * tq * tk) as u64;
+        let keep = 1.0 / (1.0 - rate);
+        for qi in r0..r1 {
+            let at = (base + (qi * tk) as u64, qi * pw);
+            let row = &mut p[at.1..at.1 + tk];
+            match dp.as_deref_mut() {
+                Some(dp) => {
+                    for (j, (v, g)) in row.iter_mut().zip(&mut dp[at.1..at.1 + tk]).enumerate() {
+                        let m = if key.keep(at.0 + j as u64, rate) { keep } else { 0.0 };
+                        *v *= m;
+                        *g *= m;
+                    }
+                }
+                None => {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = masked(key, rate, at.0 + j as u64, *v);
+                    }
+                }
             }
         }
     }
@@ -281,7 +397,15 @@ impl Attention {
         if bk != b || d == 0 || hk == 0 || hk % d != 0 || h % hk != 0 {
             return Err(err(format!("attention: q {q:?} and k {k:?} do not match ({heads} heads)")));
         }
-        Ok(AttnDims { b, tq, tk, h, hk, d, rep: h / hk, qs: h, kvs: hk })
+        let fast = head_gemm::enabled() && d % W == 0;
+        // Rows of probabilities a multiple of 64 floats apart would put a column's elements (read
+        // by the transposed products) in a few cache sets: one vector more then.
+        let pw = match tk.next_multiple_of(W) {
+            _ if !fast => tk,
+            w if w % 64 == 0 => w + W,
+            w => w,
+        };
+        Ok(AttnDims { b, tq, tk, h, hk, d, rep: h / hk, qs: h, kvs: hk, pw, fast })
     }
 
     /// Runs `f(batch, head)` for every (batch, head) in parallel, each with its own scratch.
@@ -331,7 +455,7 @@ impl Attention {
     /// The output (b · tq rows of h) from q, k, v (slices starting at their first element, rows
     /// `dm.qs` / `dm.kvs` apart).
     pub(super) fn forward_into(&self, dm: &AttnDims, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) -> candle_core::Result<()> {
-        let AttnDims { tq, tk, h, kvs, d, .. } = *dm;
+        let AttnDims { tq, tk, h, kvs, d, pw, .. } = *dm;
         if out.len() != dm.b * tq * h {
             return Err(err("attention: output buffer does not match q"));
         }
@@ -342,14 +466,21 @@ impl Attention {
             }
             self.per_head(
                 dm,
-                || vec![0f32; tq * tk],
-                |p, bi, hi| {
-                    self.probs(dm, q, k, bias, bi, hi, p);
-                    self.mask_probs(dm, bi, hi, p);
+                || dm.scratch(),
+                |s, bi, hi| {
+                    dm.pack_head(q, dm.q_at(bi, hi), dm.qs, &mut s.qh);
+                    dm.pack_head(k, dm.kv_at(bi, hi), kvs, &mut s.kh);
+                    dm.pack_head(v, dm.kv_at(bi, hi), kvs, &mut s.vh);
+                    if dm.fast {
+                        dm.transpose_head(&s.kh, &mut s.kt);
+                    }
+                    let p = &mut s.p;
+                    self.probs(dm, &s.qh, &s.kh, &s.kt, bias, bi, p);
+                    self.mask_probs(dm, bi, hi, (0, tq), p, None);
                     // Each (batch, head) writes its own d columns of its own rows: disjoint.
                     for (r0, r1, kmax) in self.query_blocks(dm) {
                         let o = out_ptr.out(dm.out_at(bi, hi) + r0 * h, h);
-                        gemm(o, [r1 - r0, d, kmax], Mat::rm(&p[r0 * tk..], tk), Mat::rm(&v[dm.kv_at(bi, hi)..], kvs), Gemm::SERIAL);
+                        dm.prod(o, [r1 - r0, d, kmax], Mat::rm(&p[r0 * pw..], pw), Mat::rm(&s.vh, d), Gemm::SERIAL);
                     }
                 },
             );
@@ -368,62 +499,71 @@ impl Attention {
         gs: &[f32],
         [(pq, q0), (pk, k0), (pv, v0)]: [(SyncPtr, usize); 3],
     ) -> candle_core::Result<()> {
-        let AttnDims { tq, tk, h, d, rep, qs: qrs, kvs, .. } = *dm;
+        let AttnDims { tq, tk, h, d, rep, qs: qrs, kvs, pw, .. } = *dm;
         let scale = 1.0 / (d as f32).sqrt();
         with_data([&self.key_bias], |[bias]| {
             if bias.len() != dm.b * tk {
                 return Err(err("attention: key bias shape does not match keys"));
             }
-            let scratch = || (vec![0f32; tq * tk], vec![0f32; tq * tk], vec![0f32; tq * tk]);
             // One task per (batch, key/value head): the query heads of its group add their parts
             // of dK and dV one after the other (the first overwrites), so no two tasks write the
             // same element and nothing is zero-filled twice.
-            self.per_kv_head(dm, scratch, |(p, dp, pd), bi, g| {
+            self.per_kv_head(dm, || dm.scratch(), |s, bi, g| {
+                let Scratch { p, dp, pd, kt, vt, qh, gh, kh, vh } = s;
+                // The group's keys and values, packed (and transposed) once for its query heads.
+                let ko = dm.kv_at(bi, g * rep);
+                dm.pack_head(ks, ko, kvs, kh);
+                dm.pack_head(vs, ko, kvs, vh);
+                if dm.fast {
+                    dm.transpose_head(kh, kt);
+                    dm.transpose_head(vh, vt);
+                }
                 for r in 0..rep {
                     let hi = g * rep + r;
-                    let (qo, ko, oo) = (dm.q_at(bi, hi), dm.kv_at(bi, hi), dm.out_at(bi, hi));
+                    let (qo, oo) = (dm.q_at(bi, hi), dm.out_at(bi, hi));
+                    dm.pack_head(qs, qo, qrs, qh);
+                    dm.pack_head(gs, oo, h, gh);
                     let first = Gemm::SERIAL.accumulate(r > 0);
-                    self.probs(dm, qs, ks, bias, bi, hi, p);
-                    // dP' = dO V^T  (tq × tk; causal: the keys each query block sees)
+                    self.probs(dm, qh, kh, kt, bias, bi, p);
+                    // Per block of query rows: dP' = dO V^T (tq × tk; causal: the keys the block
+                    // sees); P' = the dropped probabilities and dP = the same mask on dP' (one
+                    // pass); dS = P ⊙ (dP − rowsum(dP ⊙ P)), 0 where P is (a causal row's later
+                    // keys, whose dP' was not computed).
+                    let dropout = self.mode.dropout.is_some();
                     for (r0, r1, kmax) in self.query_blocks(dm) {
-                        let o = Out::rm(&mut dp[r0 * tk..], tk);
-                        gemm(o, [r1 - r0, kmax, d], Mat::rm(&gs[oo + r0 * h..], h), Mat::rm_t(&vs[ko..], kvs), Gemm::SERIAL);
+                        let o = Out::rm(&mut dp[r0 * pw..], pw);
+                        dm.prod_keys(o, [r1 - r0, kmax], Mat::rm(&gh[r0 * d..], d), vh, vt, Gemm::SERIAL);
+                        if dropout {
+                            pd[r0 * pw..r1 * pw].copy_from_slice(&p[r0 * pw..r1 * pw]);
+                            self.mask_probs(dm, bi, hi, (r0, r1), pd, Some(dp));
+                        }
+                        for qi in r0..r1 {
+                            let seen = self.seen(dm, qi);
+                            let (dpr, later) = dp[qi * pw..(qi + 1) * pw].split_at_mut(seen);
+                            later.fill(0.0);
+                            let pr = &p[qi * pw..qi * pw + seen];
+                            let dot = dot_lanes(dpr, pr);
+                            for (a, &b) in dpr.iter_mut().zip(pr) {
+                                *a = b * (*a - dot);
+                            }
+                        }
                     }
-                    // dV += P'^T dO  (tk × d), P' = dropped probabilities; causal: each block of
-                    // keys from the queries that see it.
-                    let probs_used: &[f32] = if self.mode.dropout.is_some() {
-                        pd.copy_from_slice(p);
-                        self.mask_probs(dm, bi, hi, pd);
-                        pd
-                    } else {
-                        p
-                    };
+                    // dV += P'^T dO  (tk × d); causal: each block of keys from the queries that
+                    // see it.
+                    let probs_used: &[f32] = if dropout { pd } else { p };
                     for (c0, c1, qmin) in self.key_blocks(dm) {
                         let (o, rows) = (pv.out(v0 + ko + c0 * kvs, kvs), tq - qmin);
-                        gemm(o, [c1 - c0, d, rows], Mat::rm_t(&probs_used[qmin * tk + c0..], tk), Mat::rm(&gs[oo + qmin * h..], h), first);
-                    }
-                    // dP = mask(dP'); dS = P ⊙ (dP − rowsum(dP ⊙ P)), 0 where P is (a causal
-                    // row's later keys, whose dP' was not computed).
-                    self.mask_probs(dm, bi, hi, dp);
-                    for (qi, (dpr, pr)) in dp.chunks_mut(tk).zip(p.chunks(tk)).enumerate() {
-                        let seen = self.seen(dm, qi);
-                        let (dpr, later) = dpr.split_at_mut(seen);
-                        later.fill(0.0);
-                        let pr = &pr[..seen];
-                        let dot = dot_lanes(dpr, pr);
-                        for (a, &b) in dpr.iter_mut().zip(pr) {
-                            *a = b * (*a - dot);
-                        }
+                        dm.prod(o, [c1 - c0, d, rows], Mat::rm_t(&probs_used[qmin * pw + c0..], pw), Mat::rm(&gh[qmin * d..], d), first);
                     }
                     // dQ = dS K * scale (tq × d); dK += dS^T Q * scale (tk × d).
                     for (r0, r1, kmax) in self.query_blocks(dm) {
                         let o = pq.out(q0 + qo + r0 * qrs, qrs);
-                        gemm(o, [r1 - r0, d, kmax], Mat::rm(&dp[r0 * tk..], tk), Mat::rm(&ks[ko..], kvs), Gemm::SERIAL.scaled(scale));
+                        dm.prod(o, [r1 - r0, d, kmax], Mat::rm(&dp[r0 * pw..], pw), Mat::rm(kh, d), Gemm::SERIAL.scaled(scale));
                     }
                     for (c0, c1, qmin) in self.key_blocks(dm) {
                         let (o, rows) = (pk.out(k0 + ko + c0 * kvs, kvs), tq - qmin);
-                        let (a, b) = (Mat::rm_t(&dp[qmin * tk + c0..], tk), Mat::rm(&qs[qo + qmin * qrs..], qrs));
-                        gemm(o, [c1 - c0, d, rows], a, b, first.scaled(scale));
+                        let (a, b) = (Mat::rm_t(&dp[qmin * pw + c0..], pw), Mat::rm(&qh[qmin * d..], d));
+                        dm.prod(o, [c1 - c0, d, rows], a, b, first.scaled(scale));
                     }
                 }
             });
@@ -474,10 +614,16 @@ mod tests {
         check_grouped(mode, mode.heads, (b, tq, tk), seed, masked_keys)
     }
 
+    /// [`check_grouped`] with heads of 4.
+    fn check_grouped(mode: Mode, kv_heads: usize, dims: (usize, usize, usize), seed: u64, masked_keys: &[usize]) -> Tensor {
+        check_heads(mode, kv_heads, 4, dims, seed, masked_keys)
+    }
+
     /// [`check`] with keys and values of `kv_heads` heads (grouped-query attention when fewer
-    /// than the query heads): the composition expands them, the fused op reads them in place.
-    fn check_grouped(mode: Mode, kv_heads: usize, (b, tq, tk): (usize, usize, usize), seed: u64, masked_keys: &[usize]) -> Tensor {
-        let (heads, d) = (mode.heads, 4);
+    /// than the query heads; the composition expands them, the fused op reads them in place) and
+    /// heads of `d` (a multiple of 16 runs the head kernel).
+    fn check_heads(mode: Mode, kv_heads: usize, d: usize, (b, tq, tk): (usize, usize, usize), seed: u64, masked_keys: &[usize]) -> Tensor {
+        let heads = mode.heads;
         let q = var(&[b, tq, heads * d], seed, 1.0);
         let k = var(&[b, tk, kv_heads * d], seed + 1, 1.0);
         let v = var(&[b, tk, kv_heads * d], seed + 2, 1.0);
@@ -557,6 +703,24 @@ mod tests {
         assert!(causal_attention(&q, &k, &k, &bias, 6).is_err());
     }
 
+    /// Heads of 16, 32 and 64 (the register-blocked kernel, keys and values transposed into
+    /// padded rows): bidirectional with dropout and padding, key counts that are and are not
+    /// whole vectors (128: rows padded past a multiple of 64 floats), more queries than one
+    /// block; causal with cached keys and grouped-query attention.
+    #[test]
+    fn head_kernel_matches_composition() {
+        assert!(!head_gemm::enabled() || head_gemm::available());
+        for d in [16, 32, 64] {
+            let drop = Mode { heads: 2, dropout: Some((0.2, DropoutKey(7))), causal: false };
+            for (tq, tk) in [(29, 37), (HEAD_BLOCK * 2 + 5, 128), (3, 16)] {
+                check_heads(drop, 2, d, (2, tq, tk), 71 + (d + tk) as u64, &[tk + 2, tk - 1]);
+            }
+            let causal = Mode { heads: 4, dropout: None, causal: true };
+            check_heads(causal, 2, d, (2, 50, 70), 81 + d as u64, &[69]);
+            check_heads(causal, 4, d, (1, 3 * HEAD_BLOCK + 1, 3 * HEAD_BLOCK + 1), 91 + d as u64, &[]);
+        }
+    }
+
     #[test]
     fn attention_matches_composition() {
         for (dropout, tk) in [(None, 9), (Some((0.2f32, DropoutKey(5))), 12)] {
@@ -564,4 +728,3 @@ mod tests {
         }
     }
 }
-

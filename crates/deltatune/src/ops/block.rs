@@ -30,6 +30,7 @@ use super::engine_hooks::{dropped, Adapter, AdapterHook, AdapterKept, MapDelta, 
 pub use super::engine_hooks::LowRank;
 use super::linear::{dense_into, input_grad_into, linear, linear_gelu, lora_linear};
 use super::norm::{residual_layer_norm, ResidualLayerNorm};
+use super::pool;
 use super::profile::timer;
 use super::rng::DropoutKey;
 use crate::error::Result;
@@ -318,6 +319,18 @@ struct Kept {
     ad: [Option<AdapterKept>; 2],
 }
 
+/// The buffers go back to the pool when the step's graph lets go of the op.
+impl Drop for Kept {
+    fn drop(&mut self) {
+        for v in [&mut self.qkv, &mut self.h1, &mut self.a, &mut self.pre, &mut self.h2] {
+            pool::give(std::mem::take(v));
+        }
+        for v in [&mut self.kv, &mut self.ctx, &mut self.g].into_iter().chain(self.u.iter_mut()).chain(self.y0.iter_mut()) {
+            pool::give_opt(v.take());
+        }
+    }
+}
+
 struct BlockOp {
     /// The stacked q, k, v weights (3h × h) and biases (3h).
     qkv: Dense,
@@ -345,7 +358,7 @@ struct BlockOp {
 pub(super) fn dense(x: &[f32], in_dim: usize, (w, b): &Dense) -> candle_core::Result<Vec<f32>> {
     let out_dim = w.dim(0)?;
     let rows = x.len() / in_dim.max(1);
-    let mut y = vec![0f32; rows * out_dim];
+    let mut y = pool::take(rows * out_dim);
     match b {
         Some(b) => with_data([w, b], |[ws, bs]| dense_into(&mut y, x, in_dim, ws, out_dim, Some(bs)))?,
         None => with_data([w], |[ws]| dense_into(&mut y, x, in_dim, ws, out_dim, None))?,
@@ -410,7 +423,7 @@ impl LayerOp for BlockOp {
         // q, k, v side by side: each map's product into its column block (three products, not
         // one with the stacked weights, so that every number is the per-op path's — a longer
         // output row may change `gemm`'s blocking and so its rounding), then any LoRA onto it.
-        let mut qkv = vec![0f32; b * t * 3 * h];
+        let mut qkv = pool::take(b * t * 3 * h);
         {
             let _prof = timer("qkv-linear", "fwd");
             let bias = self.qkv.1.is_some();
@@ -436,7 +449,7 @@ impl LayerOp for BlockOp {
             }
             y0[j] = s[j].scale_output(&mut qkv, 3 * h, j * h);
         }
-        let mut c = vec![0f32; b * t * h];
+        let mut c = pool::take(b * t * h);
         let kv = self.prefix.as_ref().map(|pf| pf.keys_values(&qkv, 3 * h, h, b, t));
         {
             let _prof = timer("attention", "fwd");
@@ -465,14 +478,14 @@ impl LayerOp for BlockOp {
         };
         let mut ad: [Option<AdapterKept>; 2] = Default::default();
         let h1 = self.adapt(0, map(3, &c, h, &self.o)?, x, &mut ad);
-        let mut a = vec![0f32; h1.len()];
+        let mut a = pool::take(h1.len());
         {
             let _prof = timer("residual-layer-norm", "fwd");
             self.ln1.forward_into(&mut a, &h1, x, h)?;
         }
         let pre = map(4, &a, h, &self.inter)?;
         let inter = self.inter.0.dim(0)?;
-        let mut g = vec![0f32; pre.len()];
+        let mut g = pool::take(pre.len());
         {
             let _prof = timer("gelu-erf", "fwd");
             gelu_into(&mut g, &pre);
@@ -483,7 +496,9 @@ impl LayerOp for BlockOp {
             let _prof = timer("residual-layer-norm", "fwd");
             self.ln2.forward_into(&mut y, &h2, &a, h)?;
         }
-        let kept = Kept { qkv, kv, ctx: s[3].needs_input().then_some(c), h1, a, pre, g: s[5].needs_input().then_some(g), h2, u, y0, ad };
+        let ctx = if s[3].needs_input() { Some(c) } else { pool::give(c); None };
+        let g = if s[5].needs_input() { Some(g) } else { pool::give(g); None };
+        let kept = Kept { qkv, kv, ctx, h1, a, pre, g, h2, u, y0, ad };
         *self.kept.lock().map_err(|_| err("encoder block: poisoned lock"))? = Some(kept);
         Ok((CpuStorage::F32(y), shape.clone()))
     }
@@ -512,7 +527,7 @@ impl LayerOp for BlockOp {
         let scale_in = |j: usize| s[j].input_scale().is_some_and(|v| v.at.is_some());
         let dx = with_data([x, grad], |[xs, dy]| {
             // Second residual norm: dh2 through its dropout, da from the residual; γ, β.
-            let (mut dh2, mut da) = (vec![0f32; rows * h], vec![0f32; rows * h]);
+            let (mut dh2, mut da) = (pool::take(rows * h), pool::take(rows * h));
             {
                 let _prof = timer("residual-layer-norm", "bwd");
                 self.ln2.backward_into(&mut dh2, &mut da, &k.h2, &k.a, dy)?;
@@ -521,7 +536,7 @@ impl LayerOp for BlockOp {
             self.adapt_grad(1, &mut dh2, &mut da, &k.a, &k.ad, dp)?;
             // Output map: its scale and bias, dg = dh2 W_out (+ its LoRA).
             s[5].output_grads(&mut dh2, h, 0, h, k.y0[5].as_deref(), dp)?;
-            let mut dg = vec![0f32; rows * inter];
+            let mut dg = pool::take(rows * inter);
             if need_dpre || scale_in(5) {
                 let _prof = timer("frozen-linear", "bwd");
                 s[5].input_grad(&mut dg, false, k.g.as_deref(), dp, |buf, acc| input_grad_into(buf, &dh2, &self.out.0, acc))?;
@@ -529,17 +544,19 @@ impl LayerOp for BlockOp {
             if let (Some(sl), Some(u), Some(g)) = (&s[5].lora, &k.u[5], &k.g) {
                 sl.backward(&dh2, h, g, u, p, dp, need_dpre.then_some(&mut dg[..]));
             }
-            drop(dh2);
+            pool::give(dh2);
             if !need_dpre {
+                pool::give(dg);
+                pool::give(da);
                 return Ok(Vec::new());
             }
             // GELU, then the intermediate map: da += dpre W_i (+ its LoRA).
-            let mut dpre = vec![0f32; rows * inter];
+            let mut dpre = pool::take(rows * inter);
             {
                 let _prof = timer("gelu-erf", "bwd");
                 gelu_grad_into(&mut dpre, &k.pre, &dg);
             }
-            drop(dg);
+            pool::give(dg);
             s[4].output_grads(&mut dpre, inter, 0, inter, k.y0[4].as_deref(), dp)?;
             if let (Some(sl), Some(u)) = (&s[4].lora, &k.u[4]) {
                 sl.backward(&dpre, inter, &k.a, u, p, dp, need_da.then_some(&mut da[..]));
@@ -548,22 +565,23 @@ impl LayerOp for BlockOp {
                 let _prof = timer("frozen-linear", "bwd");
                 s[4].input_grad(&mut da, true, Some(&k.a), dp, |buf, acc| input_grad_into(buf, &dpre, &self.inter.0, acc))?;
             }
-            drop(dpre);
+            pool::give(dpre);
             if !need_da {
+                pool::give(da);
                 return Ok(Vec::new());
             }
             // First residual norm: dh1 through its dropout, dx from the residual; γ, β.
-            let (mut dh1, mut dx) = (vec![0f32; rows * h], vec![0f32; rows * h]);
+            let (mut dh1, mut dx) = (pool::take(rows * h), vec![0f32; rows * h]);
             {
                 let _prof = timer("residual-layer-norm", "bwd");
                 self.ln1.backward_into(&mut dh1, &mut dx, &k.h1, xs, &da)?;
                 self.ln1.param_grads_into(dp, self.ln_at[0], &k.h1, xs, &da)?;
             }
             self.adapt_grad(0, &mut dh1, &mut dx, xs, &k.ad, dp)?;
-            drop(da);
+            pool::give(da);
             // Attention output map: its scale and bias, dc = dh1 W_o (+ its LoRA).
             s[3].output_grads(&mut dh1, h, 0, h, k.y0[3].as_deref(), dp)?;
-            let mut dc = vec![0f32; rows * h];
+            let mut dc = pool::take(rows * h);
             if need_attn || scale_in(3) {
                 let _prof = timer("frozen-linear", "bwd");
                 s[3].input_grad(&mut dc, false, k.ctx.as_deref(), dp, |buf, acc| input_grad_into(buf, &dh1, &self.o.0, acc))?;
@@ -571,14 +589,15 @@ impl LayerOp for BlockOp {
             if let (Some(sl), Some(u), Some(c)) = (&s[3].lora, &k.u[3], &k.ctx) {
                 sl.backward(&dh1, h, c, u, p, dp, need_attn.then_some(&mut dc[..]));
             }
-            drop(dh1);
+            pool::give(dh1);
             if !need_attn {
+                pool::give(dc);
                 return Ok(Vec::new());
             }
             // Attention: dq, dk, dv side by side, as q, k, v were (with a prefix, dk and dv come
             // in the prefixed buffer's layout: the prefix's part is its gradient, the rest goes
             // into place).
-            let mut dqkv = vec![0f32; rows * 3 * h];
+            let mut dqkv = pool::take(rows * 3 * h);
             {
                 let _prof = timer("attention", "bwd");
                 let ptr = SyncPtr::of(&mut dqkv);
@@ -589,15 +608,18 @@ impl LayerOp for BlockOp {
                     }
                     (Some(pf), Some(kv)) => {
                         let dm = self.attn.strided_dims(x.shape(), &Shape::from((b, pf.n + t, h)), 3 * h, 2 * h)?;
-                        let mut dkv = vec![0f32; kv.len()];
+                        let mut dkv = pool::take(kv.len());
                         let pkv = SyncPtr::of(&mut dkv);
                         self.attn.backward_into(&dm, &k.qkv, kv, &kv[h..], &dc, [(ptr, 0), (pkv, 0), (pkv, h)])?;
                         pf.split_grads(&dkv, &mut dqkv, 3 * h, h, dp, b, t);
+                        pool::give(dkv);
                     }
                     (Some(_), None) => return Err(err("encoder block: the prefixed keys were not kept")),
                 }
             }
+            pool::give(dc);
             if !need_qkv {
+                pool::give(dqkv);
                 return Ok(Vec::new());
             }
             // The scales, biases and LoRAs on q, k, v, then dx += dqkv W_qkv (one product over 3h).
@@ -611,6 +633,7 @@ impl LayerOp for BlockOp {
                 let _prof = timer("qkv-linear", "bwd");
                 input_grad_into(&mut dx, &dqkv, &self.qkv.0, true)?;
             }
+            pool::give(dqkv);
             Ok(dx)
         })?;
         Ok(need_dx.then_some(dx))
@@ -628,7 +651,11 @@ mod tests {
     /// matrix) within 1e-4 relative, with dropout, padding, LoRA on a subset of the maps and
     /// biases on all of them.
     fn check(lora_on: &[usize], dropout: bool, x_grad: bool) {
-        let (b, t, h, heads, inter, r) = (2, 7, 16, 4, 24, 3);
+        check_sized(lora_on, dropout, x_grad, (2, 7, 16, 4, 24, 3));
+    }
+
+    /// [`check`] for (batch, length, hidden, heads, intermediate, LoRA rank).
+    fn check_sized(lora_on: &[usize], dropout: bool, x_grad: bool, (b, t, h, heads, inter, r): (usize, usize, usize, usize, usize, usize)) {
         let lin = |out: usize, inp: usize, seed: u64| -> Dense {
             ((rand(&[out, inp], seed) * 0.3).unwrap(), Some((rand(&[out], seed + 100) * 0.1).unwrap()))
         };
@@ -653,6 +680,23 @@ mod tests {
         let y2 = encoder_block_composed(&x, &bias, &block, &lora, &Default::default(), None).unwrap();
         // The forward is the per-op path's, to the bit.
         check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS, &[]);
+    }
+
+    /// The engine's buffers come from the pool with whatever their last user left: with the pool
+    /// stocked with NaN buffers of every size a layer takes (rows of h, 3h, the intermediate
+    /// size, the rank), the engine still matches the composition — nothing is read before it
+    /// is written. Heads of 16 (the head kernel) and sizes above the pool's minimum.
+    #[test]
+    fn block_reads_no_stale_pool_buffer() {
+        let (b, t, h, heads, inter, r) = (4, 64, 64, 4, 128, 8);
+        let rows = b * t;
+        for n in [rows * h, rows * 3 * h, rows * inter, rows * r * 8] {
+            pool::poison(n, 4);
+        }
+        check_sized(&[0, 2, 5], true, true, (b, t, h, heads, inter, r));
+        pool::poison(rows * h, 4);
+        pool::poison(rows * inter, 4);
+        check_sized(&[4], false, false, (b, t, h, heads, inter, r));
     }
 
     #[test]

@@ -135,9 +135,9 @@ impl SyncPtr {
 /// Where [`gemm`] writes: `len` elements from `ptr`, rows `rs` apart (borrowing the buffer, so an
 /// operand cannot alias it).
 pub(crate) struct Out<'a> {
-    ptr: *mut f32,
-    len: usize,
-    rs: usize,
+    pub(super) ptr: *mut f32,
+    pub(super) len: usize,
+    pub(super) rs: usize,
     buf: PhantomData<&'a mut [f32]>,
 }
 
@@ -151,9 +151,9 @@ impl<'a> Out<'a> {
 /// A strided matrix view for [`gemm`]: element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 pub(crate) struct Mat<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
+    pub(super) data: &'a [f32],
+    pub(super) rs: usize,
+    pub(super) cs: usize,
 }
 
 impl<'a> Mat<'a> {
@@ -165,7 +165,7 @@ impl<'a> Mat<'a> {
     pub(crate) fn rm_t(data: &'a [f32], rs: usize) -> Self {
         Mat { data, rs: 1, cs: rs }
     }
-    fn check(&self, rows: usize, cols: usize) {
+    pub(super) fn check(&self, rows: usize, cols: usize) {
         if rows > 0 && cols > 0 {
             let last = (rows - 1) * self.rs + (cols - 1) * self.cs;
             assert!(last < self.data.len(), "gemm operand out of bounds: {last} >= {}", self.data.len());
@@ -176,8 +176,8 @@ impl<'a> Mat<'a> {
 /// How [`gemm`] runs: `dst = [dst +] lhs · rhs * scale`, on the rayon pool or on this thread.
 #[derive(Clone, Copy)]
 pub(crate) struct Gemm {
-    scale: f32,
-    accumulate: bool,
+    pub(super) scale: f32,
+    pub(super) accumulate: bool,
     parallel: bool,
 }
 
@@ -349,6 +349,31 @@ pub fn max_lanes(x: &[f32]) -> f32 {
     }
     let mut m = f32::NEG_INFINITY;
     for &v in it.remainder().iter().chain(acc.iter()) {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
+/// `x[i] += b[i]` (over x's length) and the maximum of the sums, in one pass in 16 lanes
+/// (NaN-agnostic compare, as [`max_lanes`]).
+#[inline(always)]
+pub fn add_max_lanes(x: &mut [f32], b: &[f32]) -> f32 {
+    let b = &b[..x.len()];
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut ix = x.chunks_exact_mut(LANES);
+    let mut ib = b.chunks_exact(LANES);
+    for (c, cb) in (&mut ix).zip(&mut ib) {
+        for j in 0..LANES {
+            c[j] += cb[j];
+            acc[j] = if c[j] > acc[j] { c[j] } else { acc[j] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for (v, &bb) in ix.into_remainder().iter_mut().zip(ib.remainder()) {
+        *v += bb;
+        m = if *v > m { *v } else { m };
+    }
+    for v in acc {
         m = if v > m { v } else { m };
     }
     m

@@ -32,6 +32,7 @@ use super::engine_hooks::{Adapter, AdapterHook, AdapterKept, MapDelta, MapHooks,
 use super::cpu::{err, fused_ok, gemm, with_data, Fwd, Gemm, Mat, Out, SyncPtr};
 use super::linear::{input_grad_into, linear, lora_linear, lora_qlinear, qlinear, FrozenWeight};
 use super::norm::{rms_norm, rms_norm_grad_add, rms_norm_into, rms_norm_weight_grad_add};
+use super::pool;
 use super::profile::timer;
 use super::rope::{rope, rope_in_place, rope_tables};
 use crate::error::Result;
@@ -229,6 +230,19 @@ struct Kept {
     ad: [Option<AdapterKept>; 2],
 }
 
+/// The buffers go back to the pool when the step's graph lets go of the op.
+impl Drop for Kept {
+    fn drop(&mut self) {
+        for v in [&mut self.qkv, &mut self.h1, &mut self.gate, &mut self.up] {
+            pool::give(std::mem::take(v));
+        }
+        let opts = [&mut self.kv, &mut self.n1, &mut self.ctx, &mut self.n2, &mut self.act];
+        for v in opts.into_iter().chain(self.u.iter_mut()).chain(self.y0.iter_mut()) {
+            pool::give_opt(v.take());
+        }
+    }
+}
+
 struct BlockOp {
     heads: usize,
     kv_heads: usize,
@@ -356,14 +370,14 @@ impl LayerOp for BlockOp {
         let s = &self.hooks;
         let mut u: [Option<Vec<f32>>; 7] = Default::default();
         let mut y0: [Option<Vec<f32>>; 7] = Default::default();
-        let mut n1 = vec![0f32; rows * h];
+        let mut n1 = pool::take(rows * h);
         {
             let _prof = timer("rms-norm", "fwd");
             rms_norm_into(&mut n1, x, &self.norm1.0, self.norm1.1);
         }
         // q, k, v: each map's product into its column block (the bias first, where there is one),
         // then any LoRA onto it, or its output scale.
-        let mut qkv = vec![0f32; rows * w];
+        let mut qkv = pool::take(rows * w);
         for j in 0..3 {
             let (col, width) = Self::qkv_cols(&dm, j);
             let (wt, bias) = &self.maps[j];
@@ -395,7 +409,7 @@ impl LayerOp for BlockOp {
             rope_in_place(&mut qkv, w, 0, self.heads, self.d, tables, 1.0);
             rope_in_place(&mut qkv, w, qw, self.kv_heads, self.d, tables, 1.0);
         }
-        let mut c = vec![0f32; rows * qw];
+        let mut c = pool::take(rows * qw);
         let kv = self.prefix.as_ref().map(|pf| pf.keys_values(&qkv, w, qw, b, t));
         {
             let _prof = timer("attention", "fwd");
@@ -421,14 +435,14 @@ impl LayerOp for BlockOp {
         let mut h1 = map(3, &c, qw)?;
         ad[0] = self.adapt(0, &mut h1, &n1);
         h1.par_iter_mut().zip(x.par_iter()).for_each(|(a, &xi)| *a += xi);
-        let mut n2 = vec![0f32; rows * h];
+        let mut n2 = pool::take(rows * h);
         {
             let _prof = timer("rms-norm", "fwd");
             rms_norm_into(&mut n2, &h1, &self.norm2.0, self.norm2.1);
         }
         let gate = map(4, &n2, h)?;
         let up = map(5, &n2, h)?;
-        let mut act = vec![0f32; rows * inter];
+        let mut act = pool::take(rows * inter);
         {
             let _prof = timer("swiglu", "fwd");
             swiglu_into(&mut act, &gate, &up);
@@ -439,16 +453,17 @@ impl LayerOp for BlockOp {
         y.par_iter_mut().zip(h1.par_iter()).for_each(|(m, &hi)| *m += hi);
         let lora = |js: &[usize]| js.iter().any(|&j| s[j].lora.is_some());
         let parallel = |i: usize| self.adapters[i].as_ref().is_some_and(|a| a.parallel);
+        let keep = |v: Vec<f32>, kept: bool| if kept { Some(v) } else { pool::give(v); None };
         let kept = Kept {
             qkv,
             kv,
-            n1: (lora(&[0, 1, 2]) || parallel(0)).then_some(n1),
-            ctx: s[3].needs_input().then_some(c),
+            n1: keep(n1, lora(&[0, 1, 2]) || parallel(0)),
+            ctx: keep(c, s[3].needs_input()),
             h1,
-            n2: (lora(&[4, 5]) || parallel(1)).then_some(n2),
+            n2: keep(n2, lora(&[4, 5]) || parallel(1)),
             gate,
             up,
-            act: s[6].needs_input().then_some(act),
+            act: keep(act, s[6].needs_input()),
             u,
             y0,
             ad,
@@ -479,7 +494,7 @@ impl LayerOp for BlockOp {
             // The feed-forward's adapter, then down: its scale and bias, dact = dy Wd (+ its LoRA).
             let (dy6, dsrc2) = self.adapt_grad(1, dy, k.n2.as_deref(), k, dp)?;
             let dyd = s[6].output_grads_of(&dy6, h, k.y0[6].as_deref(), dp)?;
-            let mut dact = vec![0f32; rows * inter];
+            let mut dact = pool::take(rows * inter);
             s[6].input_grad(&mut dact, false, k.act.as_deref(), dp, |buf, acc| input_grad(buf, &dyd, &self.maps[6], acc))?;
             if let Some(sl) = &s[6].lora {
                 let (u, act) = (k.u[6].as_ref().ok_or_else(missing)?, k.act.as_ref().ok_or_else(missing)?);
@@ -488,18 +503,18 @@ impl LayerOp for BlockOp {
             drop(dyd);
             drop(dy6);
             // The gate, then the scales and biases of gate and up.
-            let (mut dg, mut du) = (vec![0f32; rows * inter], vec![0f32; rows * inter]);
+            let (mut dg, mut du) = (pool::take(rows * inter), pool::take(rows * inter));
             {
                 let _prof = timer("swiglu", "bwd");
                 swiglu_grad_into(&mut dg, &mut du, &k.gate, &k.up, &dact);
             }
-            drop(dact);
+            pool::give(dact);
             s[4].output_grads(&mut dg, inter, 0, inter, k.y0[4].as_deref(), dp)?;
             s[5].output_grads(&mut du, inter, 0, inter, k.y0[5].as_deref(), dp)?;
             // Gate and up: dn2 = dg Wg + du Wu (+ their LoRAs).
             let mut dn2 = Vec::new();
             if below_ffn {
-                dn2 = vec![0f32; rows * h];
+                dn2 = pool::take(rows * h);
                 input_grad(&mut dn2, &dg, &self.maps[4], false)?;
                 input_grad(&mut dn2, &du, &self.maps[5], true)?;
             }
@@ -512,7 +527,8 @@ impl LayerOp for BlockOp {
             if let (Some(d), true) = (&dsrc2, below_ffn) {
                 dn2.par_iter_mut().zip(d.par_iter()).for_each(|(a, b)| *a += b);
             }
-            drop((dg, du));
+            pool::give(dg);
+            pool::give(du);
             if !below_ffn {
                 return Ok(Vec::new());
             }
@@ -525,14 +541,14 @@ impl LayerOp for BlockOp {
                     rms_norm_weight_grad_add(&mut dp[at..at + h], &k.h1, &dn2, self.norm2.1);
                 }
             }
-            drop(dn2);
+            pool::give(dn2);
             // The attention's adapter, then its output map: its scale and bias, dc = dh Wo (+ its
             // LoRA).
             let (dh3, dsrc1) = self.adapt_grad(0, &dh, k.n1.as_deref(), k, dp)?;
             let dho = s[3].output_grads_of(&dh3, h, k.y0[3].as_deref(), dp)?;
             let mut dc = Vec::new();
             if below_o {
-                dc = vec![0f32; rows * qw];
+                dc = pool::take(rows * qw);
                 s[3].input_grad(&mut dc, false, k.ctx.as_deref(), dp, |buf, acc| input_grad(buf, &dho, &self.maps[3], acc))?;
             }
             if let Some(sl) = &s[3].lora {
@@ -546,7 +562,7 @@ impl LayerOp for BlockOp {
             }
             // Attention: dq, dk, dv side by side, as q, k, v were; then un-rotated in place and
             // through the scales and biases of q, k, v.
-            let mut dqkv = vec![0f32; rows * w];
+            let mut dqkv = pool::take(rows * w);
             {
                 let _prof = timer("attention", "bwd");
                 let ptr = SyncPtr::of(&mut dqkv);
@@ -556,15 +572,16 @@ impl LayerOp for BlockOp {
                     (Some(pf), Some(kv)) => {
                         // dk, dv in the prefixed buffer's layout: the prefix's part is its
                         // gradient, the rest goes into place (before the un-rotation below).
-                        let mut dkv = vec![0f32; kv.len()];
+                        let mut dkv = pool::take(kv.len());
                         let pkv = SyncPtr::of(&mut dkv);
                         self.attn.backward_into(&adm, &k.qkv, kv, &kv[kw..], &dc, [(ptr, 0), (pkv, 0), (pkv, kw)])?;
                         pf.split_grads(&dkv, &mut dqkv, w, qw, dp, b, t);
+                        pool::give(dkv);
                     }
                     (Some(_), None) => return Err(err("decoder block: the prefixed keys were not kept")),
                 }
             }
-            drop(dc);
+            pool::give(dc);
             {
                 let _prof = timer("rope", "bwd");
                 let tables = (&self.rope.0[..], &self.rope.1[..]);
@@ -576,7 +593,7 @@ impl LayerOp for BlockOp {
                 s[j].output_grads(&mut dqkv, w, col, width, k.y0[j].as_deref(), dp)?;
             }
             // dn1 = dq Wq + dk Wk + dv Wv (+ their LoRAs), then dx = dh + the first norm's.
-            let mut dn1 = if need_dn1 { vec![0f32; rows * h] } else { Vec::new() };
+            let mut dn1 = if need_dn1 { pool::take(rows * h) } else { Vec::new() };
             if need_dn1 {
                 for j in 0..3 {
                     let (col, width) = Self::qkv_cols(&dm, j);
@@ -605,6 +622,8 @@ impl LayerOp for BlockOp {
             if need_dx {
                 rms_norm_grad_add(&mut dh, xs, &self.norm1.0, &dn1, self.norm1.1);
             }
+            pool::give(dn1);
+            pool::give(dqkv);
             Ok(dh)
         })?;
         Ok(need_dx.then_some(dx))
@@ -642,7 +661,12 @@ mod tests {
     /// each LoRA matrix) within 1e-4 relative; grouped-query attention (4 query heads on 2
     /// key/value heads), the second sequence's last keys padded, more rows than one causal block.
     fn check(lora_on: &[usize], x_grad: bool, quantized: bool, bias: bool) {
-        let (b, t, h, heads, kv, d, inter, r) = (2, 70, 64, 4, 2, 16, 96, 3);
+        check_batch(lora_on, x_grad, quantized, bias, 2);
+    }
+
+    /// [`check`] over `b` sequences.
+    fn check_batch(lora_on: &[usize], x_grad: bool, quantized: bool, bias: bool, b: usize) {
+        let (t, h, heads, kv, d, inter, r) = (70, 64, 4, 2, 16, 96, 3);
         let lin = |out: usize, inp: usize, seed: u64| (weight(out, inp, seed, quantized), bias.then(|| (rand(&[out], seed + 100) * 0.1).unwrap()));
         let (qw, kw) = (heads * d, kv * d);
         let block = DecoderBlock {
@@ -756,6 +780,21 @@ mod tests {
         let y1 = block_op(&x, &key_bias, &block, &deltas, &Default::default(), Some(&prefix)).unwrap().expect("the engine applies");
         let y2 = decoder_block_composed(&x, &key_bias, &block, &deltas, &Default::default(), Some(&prefix)).unwrap();
         check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &trained);
+    }
+
+    /// As the encoder's: with the pool stocked with NaN buffers of every size the layer takes,
+    /// the engine still matches the composition (nothing is read before it is written).
+    #[test]
+    fn decoder_block_reads_no_stale_pool_buffer() {
+        let (rows, h, w, inter) = (4 * 70, 64, 128, 96);
+        for n in [rows * h, rows * w, rows * inter] {
+            pool::poison(n, 6);
+        }
+        check_batch(&[0, 1, 2, 3, 4, 5, 6], true, false, true, 4);
+        for n in [rows * h, rows * w, rows * inter] {
+            pool::poison(n, 6);
+        }
+        check_batch(&[2, 6], false, true, false, 4);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! tensor enters the engine's op as a part of one packed vector, so candle routes each part of the
 //! packed gradient back to its variable.
 
-use super::cpu::{err, gemm, Gemm, Mat, Out};
+use super::cpu::{err, gemm, Gemm, Mat, Out, SyncPtr};
+use super::pool;
 use super::profile::timer;
 use crate::error::Result;
 use candle_core::{DType, Tensor};
@@ -32,20 +33,17 @@ impl Slot {
         &p[self.b_at..self.b_at + self.out_dim * self.r]
     }
 
-    /// Forward: `u = x Aᵀ` (rows × r, returned), then `u Bᵀ` added to the columns `col..col + out`
-    /// of `y` (rows `ys` apart) — the update computed into a buffer of its own and added once, as
-    /// the LoRA op does.
+    /// Forward: `u = x Aᵀ` (rows × r, returned), then `u Bᵀ` added onto the columns
+    /// `col..col + out` of `y` (rows `ys` apart) by the product itself (it accumulates into `y`:
+    /// no buffer for the update, no pass to add it).
     pub(super) fn forward(&self, x: &[f32], p: &[f32], y: &mut [f32], ys: usize, col: usize) -> Vec<f32> {
         let _prof = timer("block-lora", "fwd");
         let Slot { r, in_dim, out_dim, .. } = *self;
         let rows = x.len() / in_dim.max(1);
-        let mut u = vec![0f32; rows * r];
+        let mut u = pool::take(rows * r);
         gemm(Out::rm(&mut u, r), [rows, r, in_dim], Mat::rm(x, in_dim), Mat::rm_t(self.a(p), in_dim), Gemm::PARALLEL);
-        let mut d = vec![0f32; rows * out_dim];
-        gemm(Out::rm(&mut d, out_dim), [rows, out_dim, r], Mat::rm(&u, r), Mat::rm_t(self.b(p), r), Gemm::PARALLEL);
-        y.par_chunks_mut(ys).zip(d.par_chunks(out_dim)).for_each(|(yr, dr)| {
-            yr[col..col + out_dim].iter_mut().zip(dr).for_each(|(y, d)| *y += d);
-        });
+        let dst = SyncPtr::of(y);
+        gemm(dst.out(col, ys), [rows, out_dim, r], Mat::rm(&u, r), Mat::rm_t(self.b(p), r), Gemm::PARALLEL.accumulate(true));
         u
     }
 
@@ -55,7 +53,7 @@ impl Slot {
         let _prof = timer("block-lora", "bwd");
         let Slot { r, in_dim, out_dim, .. } = *self;
         let rows = x.len() / in_dim.max(1);
-        let mut gu = vec![0f32; rows * r];
+        let mut gu = pool::take(rows * r);
         gemm(Out::rm(&mut gu, r), [rows, r, out_dim], Mat::rm(dy, ds), Mat::rm(self.b(p), r), Gemm::PARALLEL);
         if let Some(dx) = dx {
             gemm(Out::rm(dx, in_dim), [rows, in_dim, r], Mat::rm(&gu, r), Mat::rm(self.a(p), in_dim), Gemm::PARALLEL.accumulate(true));
@@ -64,6 +62,7 @@ impl Slot {
         gemm(Out::rm(da, in_dim), [r, in_dim, rows], Mat::rm_t(&gu, r), Mat::rm(x, in_dim), Gemm::PARALLEL);
         let db = &mut dp[self.b_at..self.b_at + out_dim * r];
         gemm(Out::rm(db, r), [out_dim, r, rows], Mat::rm_t(dy, ds), Mat::rm(u, r), Gemm::PARALLEL);
+        pool::give(gu);
     }
 }
 
