@@ -243,13 +243,13 @@ impl AttnDims {
         let d = self.d;
         for (i, row) in dst.chunks_mut(d).enumerate() {
             let src = &src[at + i * stride..at + i * stride + d];
-            if d % W == 0 {
+            if d.is_multiple_of(W) {
                 // Vector by vector (fixed-size copies inline; a `memmove` call per row of 32
                 // floats cost more than the copy).
                 for (o, x) in row.chunks_exact_mut(W).zip(src.chunks_exact(W)) {
-                    let x: &[f32; W] = x.try_into().expect("chunks of W");
-                    let o: &mut [f32; W] = o.try_into().expect("chunks of W");
-                    *o = *x;
+                    if let (Ok(o), Ok(x)) = (<&mut [f32; W]>::try_from(o), <&[f32; W]>::try_from(x)) {
+                        *o = *x;
+                    }
                 }
             } else {
                 row.copy_from_slice(src);
@@ -397,7 +397,7 @@ impl Attention {
         if bk != b || d == 0 || hk == 0 || hk % d != 0 || h % hk != 0 {
             return Err(err(format!("attention: q {q:?} and k {k:?} do not match ({heads} heads)")));
         }
-        let fast = head_gemm::enabled() && d % W == 0;
+        let fast = head_gemm::enabled() && d.is_multiple_of(W);
         // Rows of probabilities a multiple of 64 floats apart would put a column's elements (read
         // by the transposed products) in a few cache sets: one vector more then.
         let pw = match tk.next_multiple_of(W) {

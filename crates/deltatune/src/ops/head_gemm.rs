@@ -33,14 +33,14 @@ pub(super) fn enabled() -> bool {
 /// Whether `dst (m×n) = lhs (m×k) · rhs (k×n)` fits the kernel: `rhs` row-major, `n` a multiple of
 /// [`W`].
 pub(super) fn fits(n: usize, rhs: &Mat) -> bool {
-    available() && n % W == 0 && rhs.cs == 1
+    available() && n.is_multiple_of(W) && rhs.cs == 1
 }
 
 /// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n) · scale` on this thread, like `gemm` with
 /// [`Gemm::SERIAL`]; requires [`fits`]. Every output element sums its k products in order
 /// (deterministic; not the same rounding as `gemm`).
 pub(super) fn head_gemm(dst: Out, [m, n, k]: [usize; 3], lhs: Mat, rhs: Mat, how: Gemm) {
-    assert!(n % W == 0 && rhs.cs == 1, "head_gemm: the right operand must be row-major, n a multiple of {W}");
+    assert!(n.is_multiple_of(W) && rhs.cs == 1, "head_gemm: the right operand must be row-major, n a multiple of {W}");
     if m == 0 || n == 0 {
         return;
     }
