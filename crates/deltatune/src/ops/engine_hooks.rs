@@ -226,8 +226,8 @@ impl MapHooks {
         let l = self.output_scale()?;
         let kept = l.at.map(|_| {
             let n = l.v.len();
-            let mut y0 = Vec::with_capacity(y.len() / ys * n);
-            y.chunks(ys).for_each(|r| y0.extend_from_slice(&r[col..col + n]));
+            let mut y0 = pool::take(y.len() / ys * n);
+            y0.par_chunks_mut(n.max(1)).zip(y.par_chunks(ys)).for_each(|(o, r)| o.copy_from_slice(&r[col..col + n]));
             y0
         });
         scale_columns(y, ys, col, &l.v);
@@ -546,7 +546,7 @@ impl Prefix {
     /// k at column `k_col`, v right after it).
     pub(super) fn keys_values(&self, qkv: &[f32], qs: usize, k_col: usize, b: usize, t: usize) -> Vec<f32> {
         let (n, w) = (self.n, self.w);
-        let mut kv = vec![0f32; b * (n + t) * 2 * w];
+        let mut kv = pool::take(b * (n + t) * 2 * w);
         kv.par_chunks_mut((n + t) * 2 * w).enumerate().for_each(|(bi, rows)| {
             for (r, row) in rows.chunks_mut(2 * w).enumerate() {
                 if r < n {

@@ -6,8 +6,9 @@
 //! A buffer from [`take`] holds unspecified finite values (what its last user left, or zeros):
 //! only for outputs whose every element is written before it is read.
 //!
-//! The pool keeps at most [`MAX_BUFFERS`] buffers and [`MAX_BYTES`] in all; beyond that, a buffer
-//! given back is freed. Small buffers are not kept (the allocator serves them well).
+//! The pool keeps at most [`MAX_BUFFERS`] buffers, [`MAX_BYTES`] in all, and never more bytes than
+//! the engines have held at once; beyond that, a buffer given back is freed. Small buffers are not
+//! kept (the allocator serves them well). [`clear`] frees them all.
 
 use std::sync::Mutex;
 
@@ -20,7 +21,16 @@ const MIN_LEN: usize = 1 << 14;
 
 /// Free buffers; the engines use [`POOL`].
 pub(crate) struct Pool {
-    bufs: Mutex<Vec<Vec<f32>>>,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    bufs: Vec<Vec<f32>>,
+    /// Bytes taken and not given back (buffers the engines hold now), and the most ever: the
+    /// pool keeps no more than that, so a buffer given back that was not taken here (a fresh
+    /// allocation handed over) cannot make it grow step after step.
+    out: usize,
+    most_out: usize,
 }
 
 /// The process's pool.
@@ -28,25 +38,28 @@ pub(crate) static POOL: Pool = Pool::new();
 
 impl Pool {
     pub(crate) const fn new() -> Self {
-        Pool { bufs: Mutex::new(Vec::new()) }
+        Pool { inner: Mutex::new(Inner { bufs: Vec::new(), out: 0, most_out: 0 }) }
     }
 
     /// A buffer of `n` elements with unspecified (finite) contents: one given back earlier whose
     /// capacity fits (at least `n`, at most twice it; the smallest such), or a fresh one.
     pub(crate) fn take(&self, n: usize) -> Vec<f32> {
-        if n >= MIN_LEN {
-            if let Ok(mut pool) = self.bufs.lock() {
-                let fits = pool.iter().enumerate().filter(|(_, v)| v.capacity() >= n && v.capacity() <= 2 * n);
-                if let Some(i) = fits.min_by_key(|(_, v)| v.capacity()).map(|(i, _)| i) {
-                    let mut v = pool.swap_remove(i);
-                    drop(pool);
-                    // Elements past the old length (never written) are zeroed; the rest are kept.
-                    v.resize(n, 0.0);
-                    return v;
-                }
-            }
+        if n < MIN_LEN {
+            return vec![0.0; n];
         }
-        vec![0.0; n]
+        let Ok(mut p) = self.inner.lock() else { return vec![0.0; n] };
+        let fits = p.bufs.iter().enumerate().filter(|(_, v)| v.capacity() >= n && v.capacity() <= 2 * n);
+        let mut v = match fits.min_by_key(|(_, v)| v.capacity()).map(|(i, _)| i) {
+            Some(i) => p.bufs.swap_remove(i),
+            None => Vec::new(),
+        };
+        p.out += n.max(v.capacity()) * 4;
+        p.most_out = p.most_out.max(p.out);
+        drop(p);
+        // Elements past the old length (never written, or a fresh buffer) are zeroed; the rest
+        // are kept.
+        v.resize(n, 0.0);
+        v
     }
 
     /// Gives a buffer back for a later [`Self::take`].
@@ -54,25 +67,28 @@ impl Pool {
         if v.capacity() < MIN_LEN {
             return;
         }
-        if let Ok(mut pool) = self.bufs.lock() {
-            let bytes: usize = pool.iter().map(|b| b.capacity() * 4).sum();
-            if pool.len() < MAX_BUFFERS && bytes + v.capacity() * 4 <= MAX_BYTES {
-                pool.push(v);
+        if let Ok(mut p) = self.inner.lock() {
+            let bytes = v.capacity() * 4;
+            p.out = p.out.saturating_sub(bytes);
+            let held: usize = p.bufs.iter().map(|b| b.capacity() * 4).sum();
+            if p.bufs.len() < MAX_BUFFERS && held + bytes <= MAX_BYTES.min(p.most_out) {
+                p.bufs.push(v);
             }
         }
     }
 
     /// Frees every kept buffer (the memory goes back to the allocator).
     pub(crate) fn clear(&self) {
-        if let Ok(mut pool) = self.bufs.lock() {
-            pool.clear();
+        if let Ok(mut p) = self.inner.lock() {
+            p.bufs.clear();
+            p.most_out = p.out;
         }
     }
 
     /// Bytes held now.
     #[cfg(test)]
     pub(crate) fn held_bytes(&self) -> usize {
-        self.bufs.lock().map(|p| p.iter().map(|b| b.capacity() * 4).sum()).unwrap_or(0)
+        self.inner.lock().map(|p| p.bufs.iter().map(|b| b.capacity() * 4).sum()).unwrap_or(0)
     }
 }
 
@@ -111,12 +127,15 @@ pub fn clear() {
     POOL.clear()
 }
 
-/// Test support: `count` buffers of `n` NaNs given to the process's pool, so that an engine that
-/// read a taken buffer before writing it would produce NaN.
+/// Test support: `count` buffers of `n` NaNs given to the process's pool (taken first, so that
+/// the pool keeps them), so that an engine that read a taken buffer before writing it would
+/// produce NaN.
 #[cfg(test)]
 pub(crate) fn poison(n: usize, count: usize) {
-    for _ in 0..count {
-        POOL.give(vec![f32::NAN; n]);
+    let bufs: Vec<Vec<f32>> = (0..count).map(|_| POOL.take(n)).collect();
+    for mut v in bufs {
+        v.fill(f32::NAN);
+        POOL.give(v);
     }
 }
 
@@ -129,6 +148,10 @@ mod tests {
     #[test]
     fn buffers_come_back() {
         let pool = Pool::new();
+        // A buffer that was not taken from the pool is not kept (the pool holds no more than was
+        // taken at once).
+        pool.give(vec![1.0; MIN_LEN * 3]);
+        assert_eq!(pool.held_bytes(), 0);
         let mut v = pool.take(MIN_LEN * 3);
         v.iter_mut().enumerate().for_each(|(i, x)| *x = i as f32);
         let ptr = v.as_ptr();
