@@ -353,6 +353,14 @@ fn block_engine_matches_the_module_path_with_vera_and_adalora() {
     engine_against_modules(&["adalora"], false);
 }
 
+/// LoHa and LoKr: their weight updates ΔW (expressions of their factors) added by the engine's
+/// own product, the factors' gradients through candle's backward of the expression.
+#[test]
+fn block_engine_matches_the_module_path_with_loha_and_lokr() {
+    engine_against_modules(&["loha:r=2,alpha=4,target=query+value+intermediate.dense"], false);
+    engine_against_modules(&["lokr:r=2,decompose_both=true,target=key+attention.output.dense+output.dense", "lora:r=4,target=query"], false);
+}
+
 /// Prefix tuning (keys and values before the sequence's in every layer's attention), plain and
 /// through its reparametrisation MLP, with LoRA and an adapter.
 #[test]

@@ -135,6 +135,9 @@ pub enum EngineHook {
     ScaleIn(Tensor),
     /// `post` is exactly `l ⊙ y` over the last dimension (bias included), `pre` does nothing.
     ScaleOut(Tensor),
+    /// `post` is exactly `y + x ΔWᵀ` with this ΔW (out, in) — any dropout, scale and gate folded
+    /// in, an expression of the trained factors (LoHa, LoKr) — and `pre` does nothing.
+    Dense(Tensor),
     /// `post` is exactly `y + up(act(down(src)))` on a block site (a bottleneck adapter; `src` the
     /// block's output, or its input when parallel), `pre` does nothing.
     Bottleneck(crate::ops::Adapter),

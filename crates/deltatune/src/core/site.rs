@@ -286,6 +286,7 @@ impl Site {
                 Some(EngineHook::Bottleneck(ad)) if !taken => out.adapter = Some(ad),
                 Some(EngineHook::Reparam) => {}
                 Some(EngineHook::LowRank(a, b)) if !taken => out.lora = Some((a, b)),
+                Some(EngineHook::Dense(dw)) if !taken => out.dense = Some(dw),
                 Some(EngineHook::ScaleIn(l)) if !taken => out.scale = Some(crate::ops::Scale::In(l)),
                 Some(EngineHook::ScaleOut(l)) if !taken => out.scale = Some(crate::ops::Scale::Out(l)),
                 _ => return Ok(None),

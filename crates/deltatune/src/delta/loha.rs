@@ -12,7 +12,7 @@ use super::method::{site_dims, BuildCtx, Family, Method};
 use super::peft_fields::{PeftIn, PeftOut, PEFT_VERSION};
 use super::targets::{query_value, Targets};
 use crate::core::init;
-use crate::core::{BackboneInfo, Delta, HookCtx, Site, SiteKind};
+use crate::core::{BackboneInfo, Delta, EngineHook, HookCtx, Site, SiteKind};
 use crate::error::{Error, Result};
 use crate::ops;
 use candle_core::{Tensor, Var};
@@ -190,6 +190,15 @@ impl Delta for Loha {
         let dw = rank_dropout(self.delta_weight()?, h, self.rank_dropout, true, x.device())?;
         let dw = h.gated(dw)?;
         Ok(Some(y.add(&ops::linear(x, &dw, None)?)?))
+    }
+
+    /// The block engines add `x ΔWᵀ` themselves (with the same module and rank dropout).
+    fn engine_hook(&self, h: &HookCtx) -> Result<Option<EngineHook>> {
+        if module_dropped(h, self.module_dropout) {
+            return Ok(Some(EngineHook::Reparam));
+        }
+        let dw = rank_dropout(self.delta_weight()?, h, self.rank_dropout, true, self.w1a.device())?;
+        Ok(Some(EngineHook::Dense(h.gated(dw)?)))
     }
 
     fn merged(&self, base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {

@@ -19,7 +19,7 @@ use super::method::{site_dims, BuildCtx, Family, Method};
 use super::peft_fields::{PeftIn, PeftOut, PEFT_VERSION};
 use super::targets::{query_value, Targets};
 use crate::core::init::{self, Stream};
-use crate::core::{BackboneInfo, Delta, HookCtx, Site, SiteKind};
+use crate::core::{BackboneInfo, Delta, EngineHook, HookCtx, Site, SiteKind};
 use crate::error::{Error, Result};
 use crate::ops;
 use candle_core::{Device, Tensor, Var};
@@ -341,6 +341,15 @@ impl Delta for Lokr {
         let dw = rank_dropout(self.delta_weight()?, h, self.rank_dropout, self.rank_dropout_scale, &self.device)?;
         let dw = h.gated(dw)?;
         Ok(Some(y.add(&ops::linear(x, &dw, None)?)?))
+    }
+
+    /// The block engines add `x ΔWᵀ` themselves (with the same module and rank dropout).
+    fn engine_hook(&self, h: &HookCtx) -> Result<Option<EngineHook>> {
+        if module_dropped(h, self.module_dropout) {
+            return Ok(Some(EngineHook::Reparam));
+        }
+        let dw = rank_dropout(self.delta_weight()?, h, self.rank_dropout, self.rank_dropout_scale, &self.device)?;
+        Ok(Some(EngineHook::Dense(h.gated(dw)?)))
     }
 
     fn merged(&self, base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {

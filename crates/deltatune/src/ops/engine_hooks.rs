@@ -15,7 +15,9 @@ use rayon::prelude::*;
 /// A LoRA on a map: `a` (r, in) and `bm` (out, r), the scale folded into `bm`.
 pub type LowRank = (Tensor, Tensor);
 
-/// Where one map's LoRA sits in the packed vector.
+/// Where one map's LoRA sits in the packed vector — or, `dense`, its whole weight update ΔW
+/// (out, in) at `a_at` (LoHa, LoKr: an expression of their factors, which candle's backward then
+/// reaches; `r` = 0).
 #[derive(Clone, Copy)]
 pub(super) struct Slot {
     pub(super) r: usize,
@@ -23,6 +25,7 @@ pub(super) struct Slot {
     pub(super) out_dim: usize,
     pub(super) a_at: usize,
     pub(super) b_at: usize,
+    pub(super) dense: bool,
 }
 
 impl Slot {
@@ -36,10 +39,18 @@ impl Slot {
     /// Forward: `u = x Aᵀ` (rows × r, returned), then `u Bᵀ` added onto the columns
     /// `col..col + out` of `y` (rows `ys` apart) by the product itself (it accumulates into `y`:
     /// no buffer for the update, no pass to add it).
+    /// A dense update adds `x ΔWᵀ` the same way and keeps nothing (its backward reads `x`).
     pub(super) fn forward(&self, x: &[f32], p: &[f32], y: &mut [f32], ys: usize, col: usize) -> Vec<f32> {
-        let _prof = timer("block-lora", "fwd");
         let Slot { r, in_dim, out_dim, .. } = *self;
         let rows = x.len() / in_dim.max(1);
+        if self.dense {
+            let _prof = timer("block-dense", "fwd");
+            let dw = &p[self.a_at..self.a_at + out_dim * in_dim];
+            let dst = SyncPtr::of(y);
+            gemm(dst.out(col, ys), [rows, out_dim, in_dim], Mat::rm(x, in_dim), Mat::rm_t(dw, in_dim), Gemm::PARALLEL.accumulate(true));
+            return Vec::new();
+        }
+        let _prof = timer("block-lora", "fwd");
         let mut u = pool::take(rows * r);
         gemm(Out::rm(&mut u, r), [rows, r, in_dim], Mat::rm(x, in_dim), Mat::rm_t(self.a(p), in_dim), Gemm::PARALLEL);
         let dst = SyncPtr::of(y);
@@ -49,10 +60,20 @@ impl Slot {
 
     /// Backward from `dy` (rows `ds` apart, from its first element): `dA = (dy B)ᵀ x` and
     /// `dB = dyᵀ u` into the packed gradient `dp`, and `dx += (dy B) A` when asked.
+    /// A dense update: `dΔW = dyᵀ x`, and `dx += dy ΔW` when asked.
     pub(super) fn backward(&self, dy: &[f32], ds: usize, x: &[f32], u: &[f32], p: &[f32], dp: &mut [f32], dx: Option<&mut [f32]>) {
-        let _prof = timer("block-lora", "bwd");
         let Slot { r, in_dim, out_dim, .. } = *self;
         let rows = x.len() / in_dim.max(1);
+        if self.dense {
+            let _prof = timer("block-dense", "bwd");
+            let at = self.a_at..self.a_at + out_dim * in_dim;
+            if let Some(dx) = dx {
+                gemm(Out::rm(dx, in_dim), [rows, in_dim, out_dim], Mat::rm(dy, ds), Mat::rm(&p[at.clone()], in_dim), Gemm::PARALLEL.accumulate(true));
+            }
+            gemm(Out::rm(&mut dp[at], in_dim), [out_dim, in_dim, rows], Mat::rm_t(dy, ds), Mat::rm(x, in_dim), Gemm::PARALLEL);
+            return;
+        }
+        let _prof = timer("block-lora", "bwd");
         let mut gu = pool::take(rows * r);
         gemm(Out::rm(&mut gu, r), [rows, r, out_dim], Mat::rm(dy, ds), Mat::rm(self.b(p), r), Gemm::PARALLEL);
         if let Some(dx) = dx {
@@ -81,6 +102,8 @@ pub enum Scale {
 #[derive(Clone, Debug, Default)]
 pub struct MapDelta {
     pub lora: Option<LowRank>,
+    /// A dense weight update ΔW (out, in): `y + x ΔWᵀ` (LoHa, LoKr).
+    pub dense: Option<Tensor>,
     pub scale: Option<Scale>,
     pub adapter: Option<Adapter>,
 }
@@ -88,7 +111,7 @@ pub struct MapDelta {
 impl MapDelta {
     /// Whether the site carries a LoRA, a scale or an adapter.
     pub fn is_some(&self) -> bool {
-        self.lora.is_some() || self.scale.is_some() || self.adapter.is_some()
+        self.lora.is_some() || self.dense.is_some() || self.scale.is_some() || self.adapter.is_some()
     }
 }
 
@@ -126,7 +149,16 @@ impl Pack {
         }
         let a_at = self.push(a)?;
         let b_at = self.push(bm)?;
-        Ok(Slot { r, in_dim, out_dim, a_at, b_at })
+        Ok(Slot { r, in_dim, out_dim, a_at, b_at, dense: false })
+    }
+
+    /// A dense update ΔW (out, in) on a map whose weight is (out, in).
+    pub(super) fn dense(&mut self, what: &str, map: &str, (w_out, w_in): (usize, usize), dw: &Tensor) -> Result<Slot> {
+        if dw.dims2()? != (w_out, w_in) {
+            return Err(err(format!("{what}: the weight update on {map} is {:?} for a weight ({w_out}, {w_in})", dw.shape())).into());
+        }
+        let a_at = self.push(dw)?;
+        Ok(Slot { r: 0, in_dim: w_in, out_dim: w_out, a_at, b_at: a_at, dense: true })
     }
 
     /// The packed vector; `None` when nothing trains.
@@ -166,13 +198,17 @@ pub(super) struct MapHooks {
 impl MapHooks {
     /// `d` on a map whose weight is (out, in) and whose bias is `bias`, packed into `pack`.
     pub(super) fn new(what: &str, map: &str, dims: (usize, usize), d: &MapDelta, bias: Option<&Tensor>, pack: &mut Pack) -> Result<Self> {
-        if d.lora.is_some() && d.scale.is_some() {
-            return Err(err(format!("{what}: {map} carries both a LoRA and a scale")).into());
+        if [d.lora.is_some(), d.dense.is_some(), d.scale.is_some()].iter().filter(|&&b| b).count() > 1 {
+            return Err(err(format!("{what}: {map} carries more than one of a LoRA, a weight update and a scale")).into());
         }
         if d.adapter.is_some() {
             return Err(err(format!("{what}: an adapter on the map {map} (the engine takes adapters after a block)")).into());
         }
-        let lora = d.lora.as_ref().map(|l| pack.lora(what, map, dims, l)).transpose()?;
+        let lora = match (&d.lora, &d.dense) {
+            (Some(l), _) => Some(pack.lora(what, map, dims, l)?),
+            (None, Some(dw)) => Some(pack.dense(what, map, dims, dw)?),
+            (None, None) => None,
+        };
         let scale = match &d.scale {
             None => None,
             Some(Scale::In(l)) | Some(Scale::Out(l)) => {

@@ -19,6 +19,8 @@
 //! | `block.rs` | `encoder_block`: a whole BERT-family layer (frozen maps with their deltas, attention, GELU, both residual norms) as one op with a hand-written backward — the block engine |
 //! | `engine_hooks.rs` | the deltas the engines compute themselves: `MapDelta` (a LoRA or an (IA)³ `Scale` on a map), trained biases and norm parameters, packed into one argument |
 //! | `decoder_block.rs` | `decoder_block`: a whole Llama-family layer (RMS norms, q/k/v with rotary, causal grouped-query attention, SwiGLU, f32 or quantized maps with any LoRA) as one op — the block engine for decoders |
+//! | `head_gemm.rs` | the register-blocked product `attention` runs a head's products on (heads of a multiple of 16) |
+//! | [`pool`] (`pool.rs`) | buffers the engines reuse across steps (`DELTATUNE_POOL=0` allocates afresh) |
 //! | `rope.rs` | `rope` |
 //! | `loss.rs` | `picked_log_prob`, `head_log_prob` (frozen LM head + picked log-probability, one op, no logits kept), `log_softmax` |
 //! | [`cpu`] (`cpu.rs`) | what the kernels share: `gemm`, vectorised maths, parallel loops, generic ops |
