@@ -361,6 +361,14 @@ fn block_engine_matches_the_module_path_with_loha_and_lokr() {
     engine_against_modules(&["lokr:r=2,decompose_both=true,target=key+attention.output.dense+output.dense", "lora:r=4,target=query"], false);
 }
 
+/// DoRA (a LoRA inside a magnitude scale that leaves the frozen bias out), alone and with BitFit
+/// training the same maps' biases.
+#[test]
+fn block_engine_matches_the_module_path_with_dora() {
+    engine_against_modules(&["dora:r=4,target=query+value+intermediate.dense"], false);
+    engine_against_modules(&["dora:r=4,target=key+output.dense", "bitfit"], false);
+}
+
 /// Prefix tuning (keys and values before the sequence's in every layer's attention), plain and
 /// through its reparametrisation MLP, with LoRA and an adapter.
 #[test]

@@ -135,6 +135,9 @@ pub enum EngineHook {
     ScaleIn(Tensor),
     /// `post` is exactly `l ⊙ y` over the last dimension (bias included), `pre` does nothing.
     ScaleOut(Tensor),
+    /// `post` is exactly `b₀ + mag ⊙ (y − b₀ + (x Aᵀ) Bᵀ)` (DoRA without dropout: `mag` the
+    /// magnitude over the updated weight's row norms, `b₀` the frozen bias), `pre` does nothing.
+    Dora { a: Tensor, b: Tensor, mag: Tensor, base_bias: Option<Tensor> },
     /// `post` is exactly `y + x ΔWᵀ` with this ΔW (out, in) — any dropout, scale and gate folded
     /// in, an expression of the trained factors (LoHa, LoKr) — and `pre` does nothing.
     Dense(Tensor),

@@ -287,6 +287,10 @@ impl Site {
                 Some(EngineHook::Reparam) => {}
                 Some(EngineHook::LowRank(a, b)) if !taken => out.lora = Some((a, b)),
                 Some(EngineHook::Dense(dw)) if !taken => out.dense = Some(dw),
+                Some(EngineHook::Dora { a, b, mag, base_bias }) if !taken => {
+                    out.lora = Some((a, b));
+                    out.scale = Some(crate::ops::Scale::Mag(mag, base_bias));
+                }
                 Some(EngineHook::ScaleIn(l)) if !taken => out.scale = Some(crate::ops::Scale::In(l)),
                 Some(EngineHook::ScaleOut(l)) if !taken => out.scale = Some(crate::ops::Scale::Out(l)),
                 _ => return Ok(None),

@@ -23,7 +23,7 @@ use super::method::{site_dims, BuildCtx, Family, Method};
 use super::peft_fields::{PeftIn, PeftOut};
 use super::targets::Targets;
 use crate::core::init;
-use crate::core::{BackboneInfo, Delta, HookCtx, Site, SiteKind};
+use crate::core::{BackboneInfo, Delta, EngineHook, HookCtx, Site, SiteKind};
 use crate::error::{Error, Result};
 use crate::ops;
 use candle_core::{DType, Tensor, Var, D};
@@ -210,6 +210,18 @@ impl Delta for Dora {
         };
         let contribution = base.broadcast_mul(&(&mag_scale - 1.0)?)?.add(&lora.broadcast_mul(&mag_scale)?)?;
         Ok(Some(y.add(&h.gated(contribution)?)?))
+    }
+
+    /// Without dropout and ungated, the block engines run it as a LoRA inside a magnitude scale
+    /// that leaves the frozen bias out: `b₀ + m / ‖W + BA‖ ⊙ (x Wᵀ + x Aᵀ Bᵀ)`.
+    fn engine_hook(&self, h: &HookCtx) -> Result<Option<EngineHook>> {
+        if (h.train && self.dropout > 0.0) || h.gate.is_some() {
+            return Ok(None);
+        }
+        let norm = row_norms(&self.weight, self.b.as_tensor(), self.a.as_tensor(), self.scale)?;
+        let mag = self.m.as_tensor().div(&norm)?;
+        let b = (self.b.as_tensor() * self.scale)?;
+        Ok(Some(EngineHook::Dora { a: self.a.as_tensor().clone(), b, mag, base_bias: self.bias.clone() }))
     }
 
     fn merged(&self, base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {

@@ -289,6 +289,10 @@ pub(super) fn composed_map(x: &Tensor, deltas: &[MapDelta], j: usize, product: i
     let y = match &deltas[j].scale {
         Some(Scale::In(l)) => product(&scale_last(x, l)?)?,
         Some(Scale::Out(l)) => scale_last(&product(x)?, l)?,
+        Some(Scale::Mag(l, b0)) => match b0 {
+            Some(b0) => scale_last(&product(x)?.broadcast_sub(b0)?, l)?.broadcast_add(b0)?,
+            None => scale_last(&product(x)?, l)?,
+        },
         None => product(x)?,
     };
     match &deltas[j].dense {
@@ -777,7 +781,7 @@ mod tests {
     }
 
     /// Dense weight updates ΔW (LoHa, LoKr) on k, the attention output and the output map, with
-    /// a LoRA on q, against the composition (`y + x ΔWᵀ`; outputs within 1e-5: the update is
+    /// DoRA on q (a LoRA inside a magnitude scale that leaves the bias out), against the composition (`y + x ΔWᵀ`; outputs within 1e-5: the update is
     /// accumulated by its product), with and without dropout and the input's gradient; a weight
     /// update and a LoRA on one map are refused.
     fn check_dense(dropout: bool, x_grad: bool) {
@@ -792,6 +796,9 @@ mod tests {
         };
         let (vars, mut deltas) = layer_lora::<6>(&[0], |j| block.linears[j].0.dims2().unwrap(), r);
         let mut trained = Vec::new();
+        // DoRA on q: its LoRA inside a magnitude that leaves q's frozen bias out.
+        let ones = Tensor::ones(h, candle_core::DType::F32, &Device::Cpu).unwrap();
+        deltas[0].scale = Some(Scale::Mag(around(&ones, 69, 0.3, "magnitude on q", &mut trained), block.linears[0].1.clone()));
         for j in [1, 3, 5] {
             let (out, inp) = block.linears[j].0.dims2().unwrap();
             let zero = Tensor::zeros((out, inp), candle_core::DType::F32, &Device::Cpu).unwrap();

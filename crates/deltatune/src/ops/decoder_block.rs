@@ -782,7 +782,7 @@ mod tests {
         check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &trained);
     }
 
-    /// Dense weight updates ΔW (LoHa, LoKr) on v, o and down with a LoRA on q, against the
+    /// Dense weight updates ΔW (LoHa, LoKr) on v, o and down with DoRA on q, against the
     /// composition (outputs within 1e-5), f32 and quantized maps, with and without the input's
     /// gradient.
     fn check_dense(x_grad: bool, quantized: bool) {
@@ -800,6 +800,9 @@ mod tests {
         };
         let (vars, mut deltas) = layer_lora::<7>(&[0], |j| block.linears[j].0.dims2().unwrap(), r);
         let mut trained = Vec::new();
+        // DoRA on q (no bias: the magnitude scales the whole output).
+        let ones = Tensor::ones(qw, DType::F32, &Device::Cpu).unwrap();
+        deltas[0].scale = Some(Scale::Mag(around(&ones, 69, 0.3, "magnitude on q", &mut trained), None));
         for j in [2, 3, 6] {
             let (out, inp) = block.linears[j].0.dims2().unwrap();
             let zero = Tensor::zeros((out, inp), DType::F32, &Device::Cpu).unwrap();

@@ -93,6 +93,9 @@ impl Slot {
 pub enum Scale {
     In(Tensor),
     Out(Tensor),
+    /// A scale of the map's output less `base_bias` (then added back): DoRA's magnitude over the
+    /// updated weight's row norms, `b₀ + l ⊙ (y − b₀)` with the LoRA of the same map inside `y`.
+    Mag(Tensor, Option<Tensor>),
 }
 
 /// What an engine runs on one linear map besides its product with the frozen weight and the
@@ -191,6 +194,8 @@ pub(super) struct MapHooks {
     pub lora: Option<Slot>,
     /// An input scale (`true`) or output scale.
     pub scale: Option<(bool, Vector)>,
+    /// With a magnitude scale ([`Scale::Mag`]): the bias it leaves out (zeros without one).
+    pub mag_bias: Option<Vec<f32>>,
     /// Where the bias's gradient goes, when the bias trains.
     pub bias_at: Option<usize>,
 }
@@ -198,7 +203,11 @@ pub(super) struct MapHooks {
 impl MapHooks {
     /// `d` on a map whose weight is (out, in) and whose bias is `bias`, packed into `pack`.
     pub(super) fn new(what: &str, map: &str, dims: (usize, usize), d: &MapDelta, bias: Option<&Tensor>, pack: &mut Pack) -> Result<Self> {
-        if [d.lora.is_some(), d.dense.is_some(), d.scale.is_some()].iter().filter(|&&b| b).count() > 1 {
+        let mag = matches!(d.scale, Some(Scale::Mag(..)));
+        if mag && d.lora.is_none() {
+            return Err(err(format!("{what}: a magnitude scale on {map} without its LoRA")).into());
+        }
+        if [d.lora.is_some(), d.dense.is_some(), d.scale.is_some() && !mag].iter().filter(|&&b| b).count() > 1 {
             return Err(err(format!("{what}: {map} carries more than one of a LoRA, a weight update and a scale")).into());
         }
         if d.adapter.is_some() {
@@ -209,8 +218,19 @@ impl MapHooks {
             (None, Some(dw)) => Some(pack.dense(what, map, dims, dw)?),
             (None, None) => None,
         };
+        let mut mag_bias = None;
         let scale = match &d.scale {
             None => None,
+            Some(Scale::Mag(l, b0)) => {
+                if l.elem_count() != dims.0 || b0.as_ref().is_some_and(|b| b.elem_count() != dims.0) {
+                    return Err(err(format!("{what}: the magnitude on {map} does not match its {} outputs", dims.0)).into());
+                }
+                mag_bias = Some(match b0 {
+                    Some(b) => b.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+                    None => vec![0.0; dims.0],
+                });
+                Some((false, Vector::new(l, pack)?))
+            }
             Some(Scale::In(l)) | Some(Scale::Out(l)) => {
                 let input = matches!(d.scale, Some(Scale::In(_)));
                 let want = if input { dims.1 } else { dims.0 };
@@ -224,7 +244,7 @@ impl MapHooks {
             Some(b) => pack.trained(b)?,
             None => None,
         };
-        Ok(MapHooks { lora, scale, bias_at })
+        Ok(MapHooks { lora, scale, mag_bias, bias_at })
     }
 
     /// Whether anything on the map trains (so the backward must reach it).
@@ -260,13 +280,20 @@ impl MapHooks {
     /// trains (its gradient reads them).
     pub(super) fn scale_output(&self, y: &mut [f32], ys: usize, col: usize) -> Option<Vec<f32>> {
         let l = self.output_scale()?;
+        let n = l.v.len();
+        // A magnitude scale leaves its bias out: the columns less it first (added back below).
+        if let Some(b0) = &self.mag_bias {
+            y.par_chunks_mut(ys).for_each(|r| r[col..col + n].iter_mut().zip(b0).for_each(|(v, b)| *v -= b));
+        }
         let kept = l.at.map(|_| {
-            let n = l.v.len();
             let mut y0 = pool::take(y.len() / ys * n);
             y0.par_chunks_mut(n.max(1)).zip(y.par_chunks(ys)).for_each(|(o, r)| o.copy_from_slice(&r[col..col + n]));
             y0
         });
         scale_columns(y, ys, col, &l.v);
+        if let Some(b0) = &self.mag_bias {
+            y.par_chunks_mut(ys).for_each(|r| r[col..col + n].iter_mut().zip(b0).for_each(|(v, b)| *v += b));
+        }
         kept
     }
 
