@@ -826,8 +826,9 @@ mod tests {
         check_deltas(false, false);
     }
 
-    /// An input scale on q, k or v (their input is shared) and a LoRA with a scale on one map are
-    /// not the engine's: the first falls back to the composition, the second is refused.
+    /// An input scale on q, k or v (their input is shared), a LoRA with a scale on one map and a
+    /// magnitude without a LoRA are not the engine's: the first falls back to the composition,
+    /// the others are refused.
     #[test]
     fn block_leaves_what_it_does_not_compute() {
         let (h, inter) = (8, 12);
@@ -847,7 +848,12 @@ mod tests {
         let (_, mut both) = layer_lora::<6>(&[2], |j| block.linears[j].0.dims2().unwrap(), 2);
         both[2].scale = Some(Scale::Out(var(&[h], 7, 1.0).as_tensor().clone()));
         let e = block_op(x.as_tensor(), &bias, &block, &both, &Default::default(), None).unwrap_err().to_string();
-        assert!(e.contains("value") && e.contains("both"), "{e}");
+        assert!(e.contains("value") && e.contains("more than one"), "{e}");
+        // A magnitude (DoRA's) needs the LoRA it scales.
+        let mut mag: [MapDelta; 6] = Default::default();
+        mag[4].scale = Some(Scale::Mag(var(&[inter], 8, 1.0).as_tensor().clone(), None));
+        let e = block_op(x.as_tensor(), &bias, &block, &mag, &Default::default(), None).unwrap_err().to_string();
+        assert!(e.contains("intermediate") && e.contains("without its LoRA"), "{e}");
     }
 
     /// Bottleneck adapters after both sublayers against the composition (outputs within 1e-5:
