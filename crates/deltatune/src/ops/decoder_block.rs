@@ -664,12 +664,14 @@ mod tests {
         check_batch(lora_on, x_grad, quantized, bias, 2);
     }
 
-    /// [`check`] over `b` sequences.
-    fn check_batch(lora_on: &[usize], x_grad: bool, quantized: bool, bias: bool, b: usize) {
-        let (t, h, heads, kv, d, inter, r) = (70, 64, 4, 2, 16, 96, 3);
+    /// The tests' layer: hidden 64, 4 query heads of 16 over 2 key/value heads, intermediate 96,
+    /// seeded f32 or Q8_0 maps (with seeded biases when `bias`), norms near 1, rotary tables for
+    /// `t` positions.
+    fn test_block(t: usize, quantized: bool, bias: bool) -> DecoderBlock {
+        let (h, heads, kv, d, inter) = (64, 4, 2, 16, 96);
         let lin = |out: usize, inp: usize, seed: u64| (weight(out, inp, seed, quantized), bias.then(|| (rand(&[out], seed + 100) * 0.1).unwrap()));
         let (qw, kw) = (heads * d, kv * d);
-        let block = DecoderBlock {
+        DecoderBlock {
             heads,
             kv_heads: kv,
             head_dim: d,
@@ -677,7 +679,13 @@ mod tests {
             norm1: (((rand(&[h], 8) * 0.2).unwrap() + 1.0).unwrap(), 1e-5),
             norm2: (((rand(&[h], 9) * 0.2).unwrap() + 1.0).unwrap(), 1e-6),
             rope: tables(t, d),
-        };
+        }
+    }
+
+    /// [`check`] over `b` sequences.
+    fn check_batch(lora_on: &[usize], x_grad: bool, quantized: bool, bias: bool, b: usize) {
+        let (t, h, r) = (70, 64, 3);
+        let block = test_block(t, quantized, bias);
         let (vars, lora) = layer_lora::<7>(lora_on, |j| block.linears[j].0.dims2().unwrap(), r);
         let xv = var(&[b, t, h], 11, 1.0);
         let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
@@ -786,18 +794,8 @@ mod tests {
     /// composition (outputs within 1e-5), f32 and quantized maps, with and without the input's
     /// gradient.
     fn check_dense(x_grad: bool, quantized: bool) {
-        let (b, t, h, heads, kv, d, inter, r) = (2, 70, 64, 4, 2, 16, 96, 3);
-        let lin = |out: usize, inp: usize, seed: u64| (weight(out, inp, seed, quantized), None);
-        let (qw, kw) = (heads * d, kv * d);
-        let block = DecoderBlock {
-            heads,
-            kv_heads: kv,
-            head_dim: d,
-            linears: [lin(qw, h, 1), lin(kw, h, 2), lin(kw, h, 3), lin(h, qw, 4), lin(inter, h, 5), lin(inter, h, 6), lin(h, inter, 7)],
-            norm1: (((rand(&[h], 8) * 0.2).unwrap() + 1.0).unwrap(), 1e-5),
-            norm2: (((rand(&[h], 9) * 0.2).unwrap() + 1.0).unwrap(), 1e-6),
-            rope: tables(t, d),
-        };
+        let (b, t, h, r, qw) = (2, 70, 64, 3, 64);
+        let block = test_block(t, quantized, false);
         let (vars, mut deltas) = layer_lora::<7>(&[0], |j| block.linears[j].0.dims2().unwrap(), r);
         let mut trained = Vec::new();
         // DoRA on q (no bias: the magnitude scales the whole output).
