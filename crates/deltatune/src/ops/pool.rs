@@ -127,6 +127,16 @@ pub fn clear() {
     POOL.clear()
 }
 
+/// Frees the pool's buffers when dropped: a training run holds one for its duration, so that
+/// the memory one step held goes back to the allocator when the run ends (or fails).
+pub struct ClearOnDrop;
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        clear()
+    }
+}
+
 /// Test support: `count` buffers of `n` NaNs given to the process's pool (taken first, so that
 /// the pool keeps them), so that an engine that read a taken buffer before writing it would
 /// produce NaN.

@@ -114,6 +114,7 @@ pub fn total_steps(cfg: &TrainConfig, examples: usize) -> usize {
 
 /// Trains `model` (its deltas and head) as configured.
 pub fn fit(model: &mut TaskModel, o: FitOptions) -> Result<FitResult> {
+    let _pool = crate::ops::pool::ClearOnDrop;
     let cfg = o.cfg;
     cfg.validate()?;
     if o.train.is_empty() {

@@ -374,6 +374,7 @@ fn row_targets(r: &LmRow) -> usize {
 /// masks), its summed token losses divided by the *whole* batch's target count, so that the
 /// ranks' gradients sum to the one-process gradient; one exchange per step.
 pub fn train_rows(model: &LlamaModel, specs: &[DeltaSpec], pad: u32, encoded: &[LmRow], cfg: &LmTrainConfig, ctl: &Control) -> Result<Vec<LmStep>> {
+    let _pool = crate::ops::pool::ClearOnDrop;
     cfg.validate()?;
     let params = attach::trainable_vars(model);
     if params.is_empty() {
