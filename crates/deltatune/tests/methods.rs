@@ -369,6 +369,14 @@ fn block_engine_matches_the_module_path_with_dora() {
     engine_against_modules(&["dora:r=4,target=key+output.dense", "bitfit"], false);
 }
 
+/// Full fine-tuning (every weight, bias, norm and embedding trains: the engine computes the
+/// weights' gradients `dyᵀ x` itself), and fine-tuning of chosen maps with LoRA on others.
+#[test]
+fn block_engine_matches_the_module_path_with_trained_weights() {
+    engine_against_modules(&["full"], false);
+    engine_against_modules(&["finetune:target=attention.output.dense+intermediate.dense", "lora:r=4,target=query+value"], false);
+}
+
 /// Prefix tuning (keys and values before the sequence's in every layer's attention), plain and
 /// through its reparametrisation MLP, with LoRA and an adapter.
 #[test]

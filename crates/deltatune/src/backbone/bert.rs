@@ -356,9 +356,9 @@ impl BertLayer {
     /// one the engine computes — a LoRA or an (IA)³ scale on one of its six linear maps (at most
     /// one per map), a bottleneck adapter after the attention output or the feed-forward output,
     /// trained biases or layer-norm parameters (BitFit, LayerNorm tuning), prefix keys and values
-    /// in its attention (`prefix`, from the encoder's site) — nothing is attached
-    /// to its other containers, its weights are frozen, and a backward may follow (the input
-    /// or a delta takes part in a graph). `None`: the module-by-module path.
+    /// in its attention (`prefix`, from the encoder's site), trained weights (full fine-tuning) —
+    /// nothing is attached to its other containers, and a backward may follow (the input or a
+    /// delta takes part in a graph). `None`: the module-by-module path.
     fn engine_forward(&self, x: &Tensor, bias: &Tensor, prefix: Option<&(Tensor, Tensor)>, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
         if !ops::engine_enabled() || ctx.inference || ctx.route.is_some() || !matches!(self.intermediate.act, HiddenAct::Gelu) {
             return Ok(None);
@@ -387,11 +387,7 @@ impl BertLayer {
                 return Ok(None); // an adapter on a linear map: the engine takes them after a block
             }
             deltas[j] = d;
-            let w = s.require("weight", ctx)?;
-            if w.track_op() {
-                return Ok(None); // a trained weight (full fine-tuning)
-            }
-            linears.push((w, s.resolve("bias", ctx)?));
+            linears.push((s.require("weight", ctx)?, s.resolve("bias", ctx)?));
         }
         let Ok(linears) = <[ops::Dense; 6]>::try_from(linears) else { return Ok(None) };
         let norm = |ln: &LayerNorm| -> Result<Option<(Tensor, Tensor, f64)>> {
@@ -405,7 +401,7 @@ impl BertLayer {
         let trains = deltas.iter().any(ops::MapDelta::is_some)
             || adapters.iter().any(Option::is_some)
             || prefix.is_some_and(|(k, v)| k.track_op() || v.track_op())
-            || linears.iter().any(|(_, b)| b.as_ref().is_some_and(Tensor::track_op))
+            || linears.iter().any(|(w, b)| w.track_op() || b.as_ref().is_some_and(Tensor::track_op))
             || [&ln1.0, &ln1.1, &ln2.0, &ln2.1].iter().any(|t| t.track_op());
         if !x.track_op() && !trains {
             return Ok(None);

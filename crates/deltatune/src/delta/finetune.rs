@@ -70,6 +70,12 @@ impl Delta for Finetune {
         Ok(self.vars.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_tensor().clone()))
     }
 
+    /// The engines read the trained tensors through the site's parameters and compute their
+    /// gradients themselves (a weight's `dyᵀ x`, a bias's or a norm's sums).
+    fn engine_hook(&self, _h: &HookCtx) -> Result<Option<crate::core::EngineHook>> {
+        Ok(Some(crate::core::EngineHook::Reparam))
+    }
+
     fn merged(&self, _base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {
         Ok(Some(self.vars.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect::<Result<Vec<_>>>()?))
     }

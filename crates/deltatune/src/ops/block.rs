@@ -99,9 +99,11 @@ fn block_op(
     adapters: &[Option<Adapter>; 2],
     prefix: Option<&(Tensor, Tensor)>,
 ) -> Result<Option<Tensor>> {
-    let frozen = block.linears.iter().all(|(w, _)| !w.track_op());
     let shared_input_scaled = deltas[..3].iter().any(|d| matches!(d.scale, Some(Scale::In(_))));
-    if !(fused_ok(x) && engine_enabled() && frozen && !shared_input_scaled && x.rank() == 3) {
+    // A trained weight (full fine-tuning) under an input scale: its gradient would read the
+    // scaled input, which the engine does not keep.
+    let trained_scaled = block.linears.iter().zip(deltas).any(|((w, _), d)| w.track_op() && matches!(d.scale, Some(Scale::In(_))));
+    if !(fused_ok(x) && engine_enabled() && !shared_input_scaled && !trained_scaled && x.rank() == 3) {
         return Ok(None);
     }
     let x = x.contiguous()?;
@@ -110,7 +112,9 @@ fn block_op(
     let mut pack = Pack::default();
     let mut hooks = Vec::with_capacity(6);
     for (j, ((w, bias), d)) in block.linears.iter().zip(deltas).enumerate() {
-        hooks.push(MapHooks::new("encoder block", BLOCK_LINEARS[j], w.dims2()?, d, bias.as_ref(), &mut pack)?);
+        let mut mh = MapHooks::new("encoder block", BLOCK_LINEARS[j], w.dims2()?, d, bias.as_ref(), &mut pack)?;
+        mh.train_weight("encoder block", BLOCK_LINEARS[j], w, &mut pack)?;
+        hooks.push(mh);
     }
     let ln_at = [(pack.trained(&block.ln1.0)?, pack.trained(&block.ln1.1)?), (pack.trained(&block.ln2.0)?, pack.trained(&block.ln2.1)?)];
     let adapters = [0, 1].map(|i| adapters[i].as_ref().map(|a| AdapterHook::new("encoder block", a, h, &mut pack)));
@@ -544,6 +548,7 @@ impl LayerOp for BlockOp {
             self.adapt_grad(1, &mut dh2, &mut da, &k.a, &k.ad, dp)?;
             // Output map: its scale and bias, dg = dh2 W_out (+ its LoRA).
             s[5].output_grads(&mut dh2, h, 0, h, k.y0[5].as_deref(), dp)?;
+            s[5].weight_grad(&dh2, h, 0, k.g.as_deref(), dp)?;
             let mut dg = pool::take(rows * inter);
             if need_dpre || scale_in(5) {
                 let _prof = timer("frozen-linear", "bwd");
@@ -566,6 +571,7 @@ impl LayerOp for BlockOp {
             }
             pool::give(dg);
             s[4].output_grads(&mut dpre, inter, 0, inter, k.y0[4].as_deref(), dp)?;
+            s[4].weight_grad(&dpre, inter, 0, Some(&k.a), dp)?;
             if let (Some(sl), Some(u)) = (&s[4].lora, &k.u[4]) {
                 sl.backward(&dpre, inter, &k.a, u, p, dp, need_da.then_some(&mut da[..]));
             }
@@ -589,6 +595,7 @@ impl LayerOp for BlockOp {
             pool::give(da);
             // Attention output map: its scale and bias, dc = dh1 W_o (+ its LoRA).
             s[3].output_grads(&mut dh1, h, 0, h, k.y0[3].as_deref(), dp)?;
+            s[3].weight_grad(&dh1, h, 0, k.ctx.as_deref(), dp)?;
             let mut dc = pool::take(rows * h);
             if need_attn || scale_in(3) {
                 let _prof = timer("frozen-linear", "bwd");
@@ -633,6 +640,7 @@ impl LayerOp for BlockOp {
             // The scales, biases and LoRAs on q, k, v, then dx += dqkv W_qkv (one product over 3h).
             for j in 0..3 {
                 s[j].output_grads(&mut dqkv, 3 * h, j * h, h, k.y0[j].as_deref(), dp)?;
+                s[j].weight_grad(&dqkv, 3 * h, j * h, Some(xs), dp)?;
                 if let (Some(sl), Some(u)) = (&s[j].lora, &k.u[j]) {
                     sl.backward(&dqkv[j * h..], 3 * h, xs, u, p, dp, need_dx.then_some(&mut dx[..]));
                 }
@@ -812,6 +820,55 @@ mod tests {
         check_layer_close(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS, &trained);
         deltas[1].lora = deltas[0].lora.clone();
         assert!(block_op(&x, &bias, &block, &deltas, &Default::default(), None).is_err());
+    }
+
+    /// Trained weights (full fine-tuning) on the maps in `on`, trained biases on the same maps,
+    /// with a LoRA on q and an output scale on the intermediate map besides: the engine's output
+    /// equals the composition's and every gradient (weights `dyᵀ x` included) is within 1e-4; a
+    /// trained weight under an input scale falls back to the composition.
+    fn check_trained_weights(on: &[usize], dropout: bool, x_grad: bool) {
+        let (b, t, h, heads, inter, r) = (2, 7, 16, 4, 24, 3);
+        let mut trained = Vec::new();
+        let mut lin = |j: usize, out: usize, inp: usize| -> Dense {
+            let (w, bias) = ((rand(&[out, inp], j as u64 + 1) * 0.3).unwrap(), (rand(&[out], j as u64 + 101) * 0.1).unwrap());
+            if on.contains(&j) {
+                let w = around(&w, j as u64 + 201, 0.05, &format!("weight of {}", BLOCK_LINEARS[j]), &mut trained);
+                (w, Some(around(&bias, j as u64 + 301, 0.05, &format!("bias of {}", BLOCK_LINEARS[j]), &mut trained)))
+            } else {
+                (w, Some(bias))
+            }
+        };
+        let linears = [lin(0, h, h), lin(1, h, h), lin(2, h, h), lin(3, h, h), lin(4, inter, h), lin(5, h, inter)];
+        let block = EncoderBlock {
+            heads,
+            linears,
+            ln1: (((rand(&[h], 7) * 0.2).unwrap() + 1.0).unwrap(), (rand(&[h], 8) * 0.1).unwrap(), 1e-12),
+            ln2: (((rand(&[h], 9) * 0.2).unwrap() + 1.0).unwrap(), (rand(&[h], 10) * 0.1).unwrap(), 1e-12),
+            dropout: if dropout { [Some((0.1, DropoutKey(5).derive("p"))), Some((0.1, DropoutKey(5).derive("o"))), Some((0.1, DropoutKey(5).derive("out")))] } else { [None, None, None] },
+        };
+        let (vars, mut deltas) = layer_lora::<6>(&[0], |j| block.linears[j].0.dims2().unwrap(), r);
+        let ones = Tensor::ones(inter, candle_core::DType::F32, &Device::Cpu).unwrap();
+        deltas[4].scale = Some(Scale::Out(around(&ones, 77, 0.3, "scale on the intermediate map", &mut trained)));
+        let xv = var(&[b, t, h], 11, 1.0);
+        let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
+        let bias = padded_key_bias(b, t, 2);
+        let y1 = block_op(&x, &bias, &block, &deltas, &Default::default(), None).unwrap().expect("the engine applies");
+        let y2 = encoder_block_composed(&x, &bias, &block, &deltas, &Default::default(), None).unwrap();
+        check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS, &trained);
+        if let Some(&j) = on.iter().find(|&&j| j >= 3) {
+            let n = block.linears[j].0.dim(1).unwrap();
+            deltas[j].scale = Some(Scale::In(Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap()));
+            assert!(block_op(&x, &bias, &block, &deltas, &Default::default(), None).unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn block_matches_composition_with_trained_weights() {
+        check_trained_weights(&[0, 1, 2, 3, 4, 5], true, true);
+        check_trained_weights(&[0, 1, 2, 3, 4, 5], false, false);
+        // Only the top maps train: the backward stops below them.
+        check_trained_weights(&[4, 5], false, false);
+        check_trained_weights(&[2, 3], true, false);
     }
 
     #[test]

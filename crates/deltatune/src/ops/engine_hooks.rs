@@ -198,6 +198,9 @@ pub(super) struct MapHooks {
     pub mag_bias: Option<Vec<f32>>,
     /// Where the bias's gradient goes, when the bias trains.
     pub bias_at: Option<usize>,
+    /// When the map's own weight trains (full fine-tuning): where its gradient goes in the packed
+    /// vector, and the weight's (out, in).
+    pub weight_at: Option<(usize, (usize, usize))>,
 }
 
 impl MapHooks {
@@ -244,12 +247,36 @@ impl MapHooks {
             Some(b) => pack.trained(b)?,
             None => None,
         };
-        Ok(MapHooks { lora, scale, mag_bias, bias_at })
+        Ok(MapHooks { lora, scale, mag_bias, bias_at, weight_at: None })
+    }
+
+    /// Marks the map's weight `w` as trained when it takes part in a graph (full fine-tuning):
+    /// its gradient `dyᵀ x` then goes into the packed vector ([`Self::weight_grad`]). Not with an
+    /// input scale (the product would read the scaled input); the caller falls back.
+    pub(super) fn train_weight(&mut self, what: &str, map: &str, w: &Tensor, pack: &mut Pack) -> Result<()> {
+        if let Some(at) = pack.trained(w)? {
+            if self.input_scale().is_some() {
+                return Err(err(format!("{what}: {map} trains its weight under an input scale")).into());
+            }
+            self.weight_at = Some((at, w.dims2()?));
+        }
+        Ok(())
+    }
+
+    /// The trained weight's gradient `dW = dyᵀ x` into `dp`: `dy` the gradient of the map's
+    /// product in columns `col..` of rows `ds` apart, `x` the map's input (rows of `in`).
+    pub(super) fn weight_grad(&self, dy: &[f32], ds: usize, col: usize, x: Option<&[f32]>, dp: &mut [f32]) -> candle_core::Result<()> {
+        let Some((at, (out_dim, in_dim))) = self.weight_at else { return Ok(()) };
+        let x = x.ok_or_else(|| err("engine: a trained weight's gradient without the map's input"))?;
+        let rows = x.len() / in_dim.max(1);
+        let _prof = timer("trained-weight", "bwd");
+        gemm(Out::rm(&mut dp[at..at + out_dim * in_dim], in_dim), [out_dim, in_dim, rows], Mat::rm_t(&dy[col..], ds), Mat::rm(x, in_dim), Gemm::PARALLEL);
+        Ok(())
     }
 
     /// Whether anything on the map trains (so the backward must reach it).
     pub(super) fn trains(&self) -> bool {
-        self.lora.is_some() || self.bias_at.is_some() || self.scale.as_ref().is_some_and(|(_, v)| v.at.is_some())
+        self.lora.is_some() || self.bias_at.is_some() || self.weight_at.is_some() || self.scale.as_ref().is_some_and(|(_, v)| v.at.is_some())
     }
 
     /// The input scale's values, if the map has one.
@@ -262,9 +289,10 @@ impl MapHooks {
         self.scale.as_ref().filter(|(input, _)| !*input).map(|(_, v)| v)
     }
 
-    /// Whether the backward reads the map's input (a LoRA's gradient or an input scale's).
+    /// Whether the backward reads the map's input (a LoRA's, a trained weight's or an input
+    /// scale's gradient).
     pub(super) fn needs_input(&self) -> bool {
-        self.lora.is_some() || self.input_scale().is_some_and(|v| v.at.is_some())
+        self.lora.is_some() || self.weight_at.is_some() || self.input_scale().is_some_and(|v| v.at.is_some())
     }
 
     /// The map's input as its product reads it: `l ⊙ x` under an input scale, else `None` (`x`).
