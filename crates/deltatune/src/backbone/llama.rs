@@ -1239,8 +1239,8 @@ impl LlamaModel {
     /// delta on it is one the engine
     /// computes — a LoRA or an (IA)³ scale on one of its seven maps (at most one per map), a
     /// bottleneck adapter after the attention or the feed-forward block, trained biases or norm
-    /// weights (BitFit, LayerNorm tuning) — nothing is attached to the layer's own site,
-    /// its weights are frozen, it trains (quantized weights are then multiplied dequantized, as the
+    /// weights (BitFit, LayerNorm tuning), trained f32 weights (full fine-tuning) — nothing is
+    /// attached to the layer's own site, it trains (quantized weights are then multiplied dequantized, as the
     /// engine does) and a backward may follow. `None`: the module-by-module path.
     fn engine_forward(&self, l: &DecoderLayer, x: &Tensor, rope: &Rope, bias: &Tensor, prefix: Option<&(Tensor, Tensor)>, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
         if !ops::engine_enabled() || !ctx.train || ctx.inference || ctx.route.is_some() {
@@ -1286,9 +1286,6 @@ impl LlamaModel {
                 Some(q) => ops::FrozenWeight::Quant(q.clone()),
                 None => ops::FrozenWeight::Dense(s.require("weight", ctx)?),
             };
-            if weight.trains() {
-                return Ok(None); // a trained weight (full fine-tuning)
-            }
             linears.push((weight, s.resolve("bias", ctx)?));
         }
         let Ok(linears) = <[_; 7]>::try_from(linears) else { return Ok(None) };
@@ -1302,7 +1299,7 @@ impl LlamaModel {
         let (Some(norm1), Some(norm2)) = (norm(&l.input_layernorm)?, norm(&l.post_attention_layernorm)?) else { return Ok(None) };
         let trains = deltas.iter().any(ops::MapDelta::is_some)
             || adapters.iter().any(Option::is_some)
-            || linears.iter().any(|(_, b)| b.as_ref().is_some_and(Tensor::track_op))
+            || linears.iter().any(|(w, b)| w.trains() || b.as_ref().is_some_and(Tensor::track_op))
             || prefix.is_some_and(|(k, v)| k.track_op() || v.track_op())
             || norm1.0.track_op()
             || norm2.0.track_op();

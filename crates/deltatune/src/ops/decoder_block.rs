@@ -60,10 +60,10 @@ pub struct DecoderBlock {
 
 /// The decoder layer `x` (b, t, h) → (b, t, h) over the key mask `key_bias` (b, t) (attention is
 /// causal on top of it), with the deltas `deltas[j]` on map j of [`DECODER_LINEARS`] (a LoRA or
-/// an (IA)³ scale), trained biases or norm weights where those tensors take part in a graph
-/// (BitFit, LayerNorm tuning), as one op (see the module docs). Falls back to
-/// [`decoder_block_composed`] off the CPU, with the engine switched off, when a weight trains, or
-/// with an input scale on a map that shares its input (q, k, v, gate, up).
+/// an (IA)³ scale), trained biases, norm weights or f32 weights where those tensors take part in
+/// a graph (BitFit, LayerNorm tuning, full fine-tuning), as one op (see the module docs). Falls
+/// back to [`decoder_block_composed`] off the CPU, with the engine switched off, or with an input
+/// scale on a map that shares its input (q, k, v, gate, up) or whose weight trains.
 ///
 /// `adapters`: a bottleneck adapter after the attention block (its output projection) and after
 /// the feed-forward block, before their residual sums (a parallel one reads the block's normed
@@ -93,9 +93,11 @@ fn block_op(
     adapters: &[Option<Adapter>; 2],
     prefix: Option<&(Tensor, Tensor)>,
 ) -> Result<Option<Tensor>> {
-    let frozen = block.linears.iter().all(|(w, _)| !w.trains());
     let shared_input_scaled = [0, 1, 2, 4, 5].iter().any(|&j| matches!(deltas[j].scale, Some(Scale::In(_))));
-    if !(fused_ok(x) && engine_enabled() && frozen && !shared_input_scaled && x.rank() == 3) {
+    // A trained weight (full fine-tuning) under an input scale: its gradient would read the
+    // scaled input, which the engine does not keep.
+    let trained_scaled = block.linears.iter().zip(deltas).any(|((w, _), d)| w.trains() && matches!(d.scale, Some(Scale::In(_))));
+    if !(fused_ok(x) && engine_enabled() && !shared_input_scaled && !trained_scaled && x.rank() == 3) {
         return Ok(None);
     }
     let x = x.contiguous()?;
@@ -103,7 +105,11 @@ fn block_op(
     let mut pack = Pack::default();
     let mut hooks = Vec::with_capacity(7);
     for (j, ((w, bias), d)) in block.linears.iter().zip(deltas).enumerate() {
-        hooks.push(MapHooks::new("decoder block", DECODER_LINEARS[j], w.dims2()?, d, bias.as_ref(), &mut pack)?);
+        let mut mh = MapHooks::new("decoder block", DECODER_LINEARS[j], w.dims2()?, d, bias.as_ref(), &mut pack)?;
+        if let FrozenWeight::Dense(wt) = w {
+            mh.train_weight("decoder block", DECODER_LINEARS[j], wt, &mut pack)?;
+        }
+        hooks.push(mh);
     }
     let norm_at = [pack.trained(&block.norm1.0)?, pack.trained(&block.norm2.0)?];
     let [ad1, ad2] = [0, 1].map(|i| adapters[i].as_ref().map(|a| AdapterHook::new("decoder block", a, h, &mut pack)));
@@ -451,7 +457,8 @@ impl LayerOp for BlockOp {
         let mut y = map(6, &act, inter)?;
         ad[1] = self.adapt(1, &mut y, &n2);
         y.par_iter_mut().zip(h1.par_iter()).for_each(|(m, &hi)| *m += hi);
-        let lora = |js: &[usize]| js.iter().any(|&j| s[j].lora.is_some());
+        // The normed inputs, for a LoRA's or a trained weight's gradient.
+        let lora = |js: &[usize]| js.iter().any(|&j| s[j].lora.is_some() || s[j].weight_at.is_some());
         let parallel = |i: usize| self.adapters[i].as_ref().is_some_and(|a| a.parallel);
         let keep = |v: Vec<f32>, kept: bool| if kept { Some(v) } else { pool::give(v); None };
         let kept = Kept {
@@ -494,6 +501,7 @@ impl LayerOp for BlockOp {
             // The feed-forward's adapter, then down: its scale and bias, dact = dy Wd (+ its LoRA).
             let (dy6, dsrc2) = self.adapt_grad(1, dy, k.n2.as_deref(), k, dp)?;
             let dyd = s[6].output_grads_of(&dy6, h, k.y0[6].as_deref(), dp)?;
+            s[6].weight_grad(&dyd, h, 0, k.act.as_deref(), dp)?;
             let mut dact = pool::take(rows * inter);
             s[6].input_grad(&mut dact, false, k.act.as_deref(), dp, |buf, acc| input_grad(buf, &dyd, &self.maps[6], acc))?;
             if let Some(sl) = &s[6].lora {
@@ -511,6 +519,8 @@ impl LayerOp for BlockOp {
             pool::give(dact);
             s[4].output_grads(&mut dg, inter, 0, inter, k.y0[4].as_deref(), dp)?;
             s[5].output_grads(&mut du, inter, 0, inter, k.y0[5].as_deref(), dp)?;
+            s[4].weight_grad(&dg, inter, 0, k.n2.as_deref(), dp)?;
+            s[5].weight_grad(&du, inter, 0, k.n2.as_deref(), dp)?;
             // Gate and up: dn2 = dg Wg + du Wu (+ their LoRAs).
             let mut dn2 = Vec::new();
             if below_ffn {
@@ -546,6 +556,7 @@ impl LayerOp for BlockOp {
             // LoRA).
             let (dh3, dsrc1) = self.adapt_grad(0, &dh, k.n1.as_deref(), k, dp)?;
             let dho = s[3].output_grads_of(&dh3, h, k.y0[3].as_deref(), dp)?;
+            s[3].weight_grad(&dho, h, 0, k.ctx.as_deref(), dp)?;
             let mut dc = Vec::new();
             if below_o {
                 dc = pool::take(rows * qw);
@@ -591,6 +602,7 @@ impl LayerOp for BlockOp {
             for j in 0..3 {
                 let (col, width) = Self::qkv_cols(&dm, j);
                 s[j].output_grads(&mut dqkv, w, col, width, k.y0[j].as_deref(), dp)?;
+                s[j].weight_grad(&dqkv, w, col, k.n1.as_deref(), dp)?;
             }
             // dn1 = dq Wq + dk Wk + dv Wv (+ their LoRAs), then dx = dh + the first norm's.
             let mut dn1 = if need_dn1 { pool::take(rows * h) } else { Vec::new() };
@@ -812,6 +824,44 @@ mod tests {
         let y1 = block_op(&x, &key_bias, &block, &deltas, &Default::default(), None).unwrap().expect("the engine applies");
         let y2 = decoder_block_composed(&x, &key_bias, &block, &deltas, &Default::default(), None).unwrap();
         check_layer_close(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &trained);
+    }
+
+    /// Trained f32 weights (full fine-tuning) on the maps in `on`, the other maps frozen (Q8_0 when
+    /// `quantized`), a LoRA on q and an output scale on up besides: output to the bit, every
+    /// gradient (the weights' `dyᵀ x` included) within 1e-4; under an input scale a trained weight
+    /// falls back to the composition.
+    fn check_trained_weights(on: &[usize], x_grad: bool, quantized: bool) {
+        let (b, t, h, r, inter) = (2, 70, 64, 3, 96);
+        let mut block = test_block(t, quantized, true);
+        let mut trained = Vec::new();
+        for &j in on {
+            let (out, inp) = block.linears[j].0.dims2().unwrap();
+            let w = (rand(&[out, inp], 40 + j as u64) * 0.3).unwrap();
+            block.linears[j].0 = FrozenWeight::Dense(around(&w, 50 + j as u64, 0.05, &format!("weight of {}", DECODER_LINEARS[j]), &mut trained));
+        }
+        let (vars, mut deltas) = layer_lora::<7>(&[0], |j| block.linears[j].0.dims2().unwrap(), r);
+        let ones = Tensor::ones(inter, DType::F32, &Device::Cpu).unwrap();
+        deltas[5].scale = Some(Scale::Out(around(&ones, 77, 0.3, "scale on up", &mut trained)));
+        let xv = var(&[b, t, h], 11, 1.0);
+        let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
+        let key_bias = padded_key_bias(b, t, 3);
+        let y1 = block_op(&x, &key_bias, &block, &deltas, &Default::default(), None).unwrap().expect("the engine applies");
+        let y2 = decoder_block_composed(&x, &key_bias, &block, &deltas, &Default::default(), None).unwrap();
+        check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &trained);
+        if let Some(&j) = on.iter().find(|&&j| j == 3 || j == 6) {
+            let n = block.linears[j].0.dims2().unwrap().1;
+            deltas[j].scale = Some(Scale::In(Tensor::ones(n, DType::F32, &Device::Cpu).unwrap()));
+            assert!(block_op(&x, &key_bias, &block, &deltas, &Default::default(), None).unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn decoder_block_matches_composition_with_trained_weights() {
+        check_trained_weights(&[0, 1, 2, 3, 4, 5, 6], true, false);
+        check_trained_weights(&[0, 1, 2, 3, 4, 5, 6], false, false);
+        // Only the top maps train, the rest quantized: the backward stops below them.
+        check_trained_weights(&[4, 5, 6], false, true);
+        check_trained_weights(&[1, 3], true, true);
     }
 
     #[test]
