@@ -377,6 +377,15 @@ fn block_engine_matches_the_module_path_with_trained_weights() {
     engine_against_modules(&["finetune:target=attention.output.dense+intermediate.dense", "lora:r=4,target=query+value"], false);
 }
 
+/// OFT: its input rotation folded into the weight (`W Rᵀ`), which the engine trains as a
+/// fine-tuned weight, the rotation's gradient through candle's backward of the fold; exact Cayley
+/// and the Neumann series, with a LoRA on other maps.
+#[test]
+fn block_engine_matches_the_module_path_with_oft() {
+    engine_against_modules(&["oft:oft_block_size=16,target=query+value+output.dense"], false);
+    engine_against_modules(&["oft:r=8,oft_block_size=0,use_cayley_neumann=true,target=key+intermediate.dense", "lora:r=4,target=query"], false);
+}
+
 /// Prefix tuning (keys and values before the sequence's in every layer's attention), plain and
 /// through its reparametrisation MLP, with LoRA and an adapter.
 #[test]

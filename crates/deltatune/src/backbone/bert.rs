@@ -382,12 +382,19 @@ impl BertLayer {
         let mut deltas: [ops::MapDelta; 6] = Default::default();
         for (j, m) in maps.iter().enumerate() {
             let s = &m.site;
-            let Some(d) = s.engine_delta(ctx)? else { return Ok(None) };
+            let Some(mut d) = s.engine_delta(ctx)? else { return Ok(None) };
             if d.adapter.is_some() {
                 return Ok(None); // an adapter on a linear map: the engine takes them after a block
             }
+            // A weight in place of the map's own (OFT's W Rᵀ), unless the map's weight trains too.
+            let own = s.require("weight", ctx)?;
+            let weight = match d.weight.take() {
+                Some(_) if own.track_op() => return Ok(None),
+                Some(w) => w,
+                None => own,
+            };
             deltas[j] = d;
-            linears.push((s.require("weight", ctx)?, s.resolve("bias", ctx)?));
+            linears.push((weight, s.resolve("bias", ctx)?));
         }
         let Ok(linears) = <[ops::Dense; 6]>::try_from(linears) else { return Ok(None) };
         let norm = |ln: &LayerNorm| -> Result<Option<(Tensor, Tensor, f64)>> {

@@ -1277,15 +1277,19 @@ impl LlamaModel {
         let mut deltas: [ops::MapDelta; 7] = Default::default();
         for (j, m) in maps.iter().enumerate() {
             let s = &m.site;
-            let Some(d) = s.engine_delta(ctx)? else { return Ok(None) };
+            let Some(mut d) = s.engine_delta(ctx)? else { return Ok(None) };
             if d.adapter.is_some() {
                 return Ok(None); // an adapter on a linear map: the engine takes them after a block
             }
-            deltas[j] = d;
-            let weight = match s.quantized("weight") {
-                Some(q) => ops::FrozenWeight::Quant(q.clone()),
-                None => ops::FrozenWeight::Dense(s.require("weight", ctx)?),
+            let weight = match (s.quantized("weight"), d.weight.take()) {
+                // A weight in place of the map's own (OFT's W Rᵀ), unless the map's weight trains too.
+                (None, Some(_)) if s.require("weight", ctx)?.track_op() => return Ok(None),
+                (None, Some(w)) => ops::FrozenWeight::Dense(w),
+                (Some(_), Some(_)) => return Ok(None),
+                (Some(q), None) => ops::FrozenWeight::Quant(q.clone()),
+                (None, None) => ops::FrozenWeight::Dense(s.require("weight", ctx)?),
             };
+            deltas[j] = d;
             linears.push((weight, s.resolve("bias", ctx)?));
         }
         let Ok(linears) = <[_; 7]>::try_from(linears) else { return Ok(None) };

@@ -141,6 +141,10 @@ pub enum EngineHook {
     /// `post` is exactly `y + x ΔWᵀ` with this ΔW (out, in) — any dropout, scale and gate folded
     /// in, an expression of the trained factors (LoHa, LoKr) — and `pre` does nothing.
     Dense(Tensor),
+    /// The map computes with this weight (out, in) instead of its own — an expression of the
+    /// frozen weight and the trained tensors (OFT: `W Rᵀ`, its input rotation folded into the
+    /// weight) — and neither `pre` nor `post` runs.
+    Weight(Tensor),
     /// `post` is exactly `y + up(act(down(src)))` on a block site (a bottleneck adapter; `src` the
     /// block's output, or its input when parallel), `pre` does nothing.
     Bottleneck(crate::ops::Adapter),

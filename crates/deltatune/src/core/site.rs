@@ -287,6 +287,7 @@ impl Site {
                 Some(EngineHook::Reparam) => {}
                 Some(EngineHook::LowRank(a, b)) if !taken => out.lora = Some((a, b)),
                 Some(EngineHook::Dense(dw)) if !taken => out.dense = Some(dw),
+                Some(EngineHook::Weight(w)) if !taken => out.weight = Some(w),
                 Some(EngineHook::Dora { a, b, mag, base_bias }) if !taken => {
                     out.lora = Some((a, b));
                     out.scale = Some(crate::ops::Scale::Mag(mag, base_bias));

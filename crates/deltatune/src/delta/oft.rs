@@ -25,7 +25,7 @@ use super::method::{site_dims, BuildCtx, Family, Method};
 use super::peft_fields::{PeftIn, PeftOut, PEFT_VERSION};
 use super::targets::{query_value, Targets};
 use crate::core::init;
-use crate::core::{BackboneInfo, Delta, HookCtx, Site, SiteKind};
+use crate::core::{BackboneInfo, Delta, EngineHook, HookCtx, Site, SiteKind};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -215,6 +215,7 @@ impl Method for OftConfig {
             scatter: skew_index(b, &ctx.device)?,
             neumann: self.use_cayley_neumann,
             terms: self.num_cayley_neumann_terms,
+            base: site.param("weight").cloned(),
         }))
     }
 }
@@ -243,6 +244,9 @@ pub struct Oft {
     scatter: Tensor,
     neumann: bool,
     terms: usize,
+    /// The site's f32 weight (shared, not copied), for the engines' form `W Rᵀ`; `None` on a
+    /// quantized map (module by module there).
+    base: Option<Tensor>,
 }
 
 /// `(I + A)⁻¹` for a batch `a` (n, b, b) by Gauss–Jordan elimination without pivoting, from
@@ -329,6 +333,15 @@ impl Delta for Oft {
         Ok(Some(self.rotate(x, &rot.to_dtype(x.dtype())?)?))
     }
 
+    /// The block engines take the rotation folded into the weight, `x R Wᵀ = x (W Rᵀ)ᵀ`: the map's
+    /// product then runs with `W Rᵀ` (blockwise, cheap) and the engine computes its gradient
+    /// `dyᵀ x` as a fine-tuned weight's, which candle carries back to the rotation.
+    fn engine_hook(&self, h: &HookCtx) -> Result<Option<EngineHook>> {
+        let Some(w) = &self.base else { return Ok(None) };
+        let rot_t = self.rotation(Some(h))?.transpose(1, 2)?.contiguous()?.to_dtype(w.dtype())?;
+        Ok(Some(EngineHook::Weight(self.rotate(w, &rot_t)?)))
+    }
+
     fn merged(&self, base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {
         let Some((_, w)) = base.iter().find(|(n, _)| n == "weight") else { return Ok(None) };
         // x R Wᵀ = x (W Rᵀ)ᵀ: every row of W is rotated by Rᵀ blockwise, i.e. row · Rᵀ.
@@ -345,7 +358,7 @@ mod tests {
         let dev = Device::Cpu;
         let m = b * (b - 1) / 2;
         let w = Tensor::from_vec(values.to_vec(), (blocks, m), &dev).unwrap();
-        Oft { weight: Var::from_tensor(&w).unwrap(), blocks, block: b, scatter: skew_index(b, &dev).unwrap(), neumann, terms }
+        Oft { weight: Var::from_tensor(&w).unwrap(), blocks, block: b, scatter: skew_index(b, &dev).unwrap(), neumann, terms, base: None }
     }
 
     #[test]

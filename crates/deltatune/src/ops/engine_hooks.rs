@@ -109,12 +109,15 @@ pub struct MapDelta {
     pub dense: Option<Tensor>,
     pub scale: Option<Scale>,
     pub adapter: Option<Adapter>,
+    /// The map's weight for this forward in place of its own (OFT's `W Rᵀ`): the caller puts it
+    /// into the block's maps, where, taking part in a graph, it trains as a fine-tuned weight does.
+    pub weight: Option<Tensor>,
 }
 
 impl MapDelta {
     /// Whether the site carries a LoRA, a scale or an adapter.
     pub fn is_some(&self) -> bool {
-        self.lora.is_some() || self.dense.is_some() || self.scale.is_some() || self.adapter.is_some()
+        self.lora.is_some() || self.dense.is_some() || self.scale.is_some() || self.adapter.is_some() || self.weight.is_some()
     }
 }
 
@@ -215,6 +218,9 @@ impl MapHooks {
         }
         if d.adapter.is_some() {
             return Err(err(format!("{what}: an adapter on the map {map} (the engine takes adapters after a block)")).into());
+        }
+        if d.weight.is_some() {
+            return Err(err(format!("{what}: a replacement weight for {map} left among its deltas (it belongs in the block's maps)")).into());
         }
         let lora = match (&d.lora, &d.dense) {
             (Some(l), _) => Some(pack.lora(what, map, dims, l)?),
