@@ -395,6 +395,13 @@ mod deltas {
         engine_against_modules(&["parallel_adapter:init_weights=bert,layers=28-29"], 2 * 4);
     }
 
+    /// DoRA with dropout (its contribution as one weight update on the dropped input) on q and
+    /// down of the top two layers.
+    #[test]
+    fn block_engine_matches_the_module_path_with_dropped_dora() {
+        engine_against_modules(&["dora:r=2,lora_dropout=0.1,target=q_proj+down_proj,layers=28-29"], 2 * 2 * 3);
+    }
+
     /// Prefix tuning (keys and values before the sequence's in every layer's attention) with a
     /// LoRA on q and v of the top layers.
     #[test]

@@ -288,6 +288,11 @@ fn lycoris_and_oft_short_training_lowers_the_loss() {
 /// routed batches; the maths is the same). Outputs and every gradient agree; the engine's own
 /// timers show that it ran (and its adapter kernel, with `adapter`).
 fn engine_against_modules(specs: &[&str], adapter: bool) {
+    engine_against_modules_in(specs, adapter, ForwardCtx::eval());
+}
+
+/// [`engine_against_modules`] in the forward mode `mode` (training: dropout on).
+fn engine_against_modules_in(specs: &[&str], adapter: bool, mode: ForwardCtx) {
     use deltatune::core::RowRoute;
     let dir = crate::require_model!();
     let enc = deltatune::TextEncoder::from_file(&dir.join("tokenizer.json"), 32).unwrap();
@@ -306,13 +311,13 @@ fn engine_against_modules(specs: &[&str], adapter: bool) {
     };
     let guard = crate::common::profile_lock();
     deltatune::ops::profile::set_enabled(true);
-    let (y1, g1) = run(&ForwardCtx::eval());
+    let (y1, g1) = run(&mode);
     let ran = deltatune::ops::profile::take();
     deltatune::ops::profile::set_enabled(false);
     drop(guard);
     assert!(ran.iter().any(|e| e.op == "qkv-linear" && e.phase == "bwd"), "{specs:?}: the block engine did not run");
     assert!(!adapter || ran.iter().any(|e| e.op == "block-adapter" && e.phase == "bwd"), "{specs:?}: the engine's adapter did not run");
-    let (y2, g2) = run(&ForwardCtx { route: Some(&route), ..ForwardCtx::eval() });
+    let (y2, g2) = run(&ForwardCtx { route: Some(&route), ..mode.clone() });
     let d = max_diff(&y1, &y2);
     assert!(d <= 1e-5, "{specs:?}: outputs differ by {d:e}");
     // A key's bias has no gradient in exact arithmetic (it shifts every score of a query alike),
@@ -367,6 +372,9 @@ fn block_engine_matches_the_module_path_with_loha_and_lokr() {
 fn block_engine_matches_the_module_path_with_dora() {
     engine_against_modules(&["dora:r=4,target=query+value+intermediate.dense"], false);
     engine_against_modules(&["dora:r=4,target=key+output.dense", "bitfit"], false);
+    // With dropout in training: one weight update on the dropped input.
+    let train = ForwardCtx::train(deltatune::ops::DropoutKey(3));
+    engine_against_modules_in(&["dora:r=4,lora_dropout=0.1,target=query+intermediate.dense", "lora:r=4,target=value"], false, train);
 }
 
 /// Full fine-tuning (every weight, bias, norm and embedding trains: the engine computes the

@@ -138,9 +138,11 @@ pub enum EngineHook {
     /// `post` is exactly `b₀ + mag ⊙ (y − b₀ + (x Aᵀ) Bᵀ)` (DoRA without dropout: `mag` the
     /// magnitude over the updated weight's row norms, `b₀` the frozen bias), `pre` does nothing.
     Dora { a: Tensor, b: Tensor, mag: Tensor, base_bias: Option<Tensor> },
-    /// `post` is exactly `y + x ΔWᵀ` with this ΔW (out, in) — any dropout, scale and gate folded
-    /// in, an expression of the trained factors (LoHa, LoKr) — and `pre` does nothing.
-    Dense(Tensor),
+    /// `post` is exactly `y + x' ΔWᵀ` with this ΔW (out, in) — any scale and gate folded in, an
+    /// expression of the trained factors (LoHa, LoKr; DoRA with dropout or a gate:
+    /// `diag(mag − 1) W + diag(mag) s B A`) — `x'` the input under this dropout (rate, key) if
+    /// any, `x` otherwise; `pre` does nothing.
+    Dense(Tensor, Option<(f32, crate::ops::DropoutKey)>),
     /// The map computes with this weight (out, in) instead of its own — an expression of the
     /// frozen weight and the trained tensors (OFT: `W Rᵀ`, its input rotation folded into the
     /// weight) — and neither `pre` nor `post` runs.

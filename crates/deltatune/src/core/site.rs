@@ -286,7 +286,10 @@ impl Site {
                 Some(EngineHook::Bottleneck(ad)) if !taken => out.adapter = Some(ad),
                 Some(EngineHook::Reparam) => {}
                 Some(EngineHook::LowRank(a, b)) if !taken => out.lora = Some((a, b)),
-                Some(EngineHook::Dense(dw)) if !taken => out.dense = Some(dw),
+                Some(EngineHook::Dense(dw, drop)) if !taken => {
+                    out.dense = Some(dw);
+                    out.dense_dropout = drop.filter(|(p, _)| *p > 0.0);
+                }
                 Some(EngineHook::Weight(w)) if !taken => out.weight = Some(w),
                 Some(EngineHook::Dora { a, b, mag, base_bias }) if !taken => {
                     out.lora = Some((a, b));

@@ -213,14 +213,22 @@ impl Delta for Dora {
     }
 
     /// Without dropout and ungated, the block engines run it as a LoRA inside a magnitude scale
-    /// that leaves the frozen bias out: `b₀ + m / ‖W + BA‖ ⊙ (x Wᵀ + x Aᵀ Bᵀ)`.
+    /// that leaves the frozen bias out: `b₀ + m / ‖W + BA‖ ⊙ (x Wᵀ + x Aᵀ Bᵀ)`. With dropout in
+    /// training or a search gate, as [`Self::post`]'s contribution written as one weight update
+    /// on the dropped input, `g · x' (diag(mag − 1) W + diag(mag) s B A)ᵀ` (three products the size
+    /// of the map's, still cheaper than the layer module by module).
     fn engine_hook(&self, h: &HookCtx) -> Result<Option<EngineHook>> {
-        if (h.train && self.dropout > 0.0) || h.gate.is_some() {
-            return Ok(None);
-        }
         let norm = row_norms(&self.weight, self.b.as_tensor(), self.a.as_tensor(), self.scale)?;
         let mag = self.m.as_tensor().div(&norm)?;
         let b = (self.b.as_tensor() * self.scale)?;
+        let dropped = h.train && self.dropout > 0.0;
+        if dropped || h.gate.is_some() {
+            let mag = mag.unsqueeze(1)?;
+            let base = self.weight.broadcast_mul(&(&mag - 1.0)?.to_dtype(self.weight.dtype())?)?;
+            let update = b.matmul(self.a.as_tensor())?.broadcast_mul(&mag)?;
+            let dw = h.gated(base.add(&update)?)?;
+            return Ok(Some(EngineHook::Dense(dw, dropped.then_some((self.dropout, h.key)))));
+        }
         Ok(Some(EngineHook::Dora { a: self.a.as_tensor().clone(), b, mag, base_bias: self.bias.clone() }))
     }
 

@@ -198,7 +198,7 @@ impl Delta for Loha {
             return Ok(Some(EngineHook::Reparam));
         }
         let dw = rank_dropout(self.delta_weight()?, h, self.rank_dropout, true, self.w1a.device())?;
-        Ok(Some(EngineHook::Dense(h.gated(dw)?)))
+        Ok(Some(EngineHook::Dense(h.gated(dw)?, None)))
     }
 
     fn merged(&self, base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {

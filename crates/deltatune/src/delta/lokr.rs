@@ -349,7 +349,7 @@ impl Delta for Lokr {
             return Ok(Some(EngineHook::Reparam));
         }
         let dw = rank_dropout(self.delta_weight()?, h, self.rank_dropout, self.rank_dropout_scale, &self.device)?;
-        Ok(Some(EngineHook::Dense(h.gated(dw)?)))
+        Ok(Some(EngineHook::Dense(h.gated(dw)?, None)))
     }
 
     fn merged(&self, base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {

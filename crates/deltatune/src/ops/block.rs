@@ -300,7 +300,13 @@ pub(super) fn composed_map(x: &Tensor, deltas: &[MapDelta], j: usize, product: i
         None => product(x)?,
     };
     match &deltas[j].dense {
-        Some(dw) => Ok(y.add(&linear(x, dw, None)?)?),
+        Some(dw) => {
+            let xd = match deltas[j].dense_dropout {
+                Some((p, key)) => super::dropout::dropout(x, p, key)?,
+                None => x.clone(),
+            };
+            Ok(y.add(&linear(&xd, dw, None)?)?)
+        }
         None => Ok(y),
     }
 }
@@ -811,6 +817,12 @@ mod tests {
             let (out, inp) = block.linears[j].0.dims2().unwrap();
             let zero = Tensor::zeros((out, inp), candle_core::DType::F32, &Device::Cpu).unwrap();
             deltas[j].dense = Some(around(&zero, 70 + j as u64, 0.05, &format!("weight update on {}", BLOCK_LINEARS[j]), &mut trained));
+        }
+        // With dropout, the updates on k and the output map read their input dropped (DoRA with
+        // dropout, in its weight-update form).
+        if dropout {
+            deltas[1].dense_dropout = Some((0.2, DropoutKey(8)));
+            deltas[5].dense_dropout = Some((0.1, DropoutKey(9)));
         }
         let xv = var(&[b, t, h], 11, 1.0);
         let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };

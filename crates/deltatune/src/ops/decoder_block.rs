@@ -646,7 +646,7 @@ impl LayerOp for BlockOp {
 mod tests {
     use super::*;
     use crate::ops::cpu::testing::{around, check_layer, check_layer_close, layer_lora, padded_key_bias, rand, var};
-    use crate::ops::Act;
+    use crate::ops::{Act, DropoutKey};
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::Device;
     use std::sync::Arc;
@@ -802,9 +802,9 @@ mod tests {
         check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &trained);
     }
 
-    /// Dense weight updates ΔW (LoHa, LoKr) on v, o and down with DoRA on q, against the
-    /// composition (outputs within 1e-5), f32 and quantized maps, with and without the input's
-    /// gradient.
+    /// Dense weight updates ΔW (LoHa, LoKr) on v, o and down (v's and down's reading their input
+    /// dropped, as DoRA's with dropout) with DoRA on q, against the composition (outputs within
+    /// 1e-5), f32 and quantized maps, with and without the input's gradient.
     fn check_dense(x_grad: bool, quantized: bool) {
         let (b, t, h, r, qw) = (2, 70, 64, 3, 64);
         let block = test_block(t, quantized, false);
@@ -818,6 +818,10 @@ mod tests {
             let zero = Tensor::zeros((out, inp), DType::F32, &Device::Cpu).unwrap();
             deltas[j].dense = Some(around(&zero, 70 + j as u64, 0.05, &format!("weight update on {}", DECODER_LINEARS[j]), &mut trained));
         }
+        // The updates on v and down read their input dropped (DoRA with dropout, in its
+        // weight-update form).
+        deltas[2].dense_dropout = Some((0.2, DropoutKey(8)));
+        deltas[6].dense_dropout = Some((0.1, DropoutKey(9)));
         let xv = var(&[b, t, h], 11, 1.0);
         let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
         let key_bias = padded_key_bias(b, t, 3);

@@ -8,6 +8,7 @@
 use super::cpu::{err, gemm, Gemm, Mat, Out, SyncPtr};
 use super::pool;
 use super::profile::timer;
+use super::rng::DropoutKey;
 use crate::error::Result;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
@@ -26,6 +27,8 @@ pub(super) struct Slot {
     pub(super) a_at: usize,
     pub(super) b_at: usize,
     pub(super) dense: bool,
+    /// A dense update's input dropout.
+    pub(super) drop: Option<(f32, DropoutKey)>,
 }
 
 impl Slot {
@@ -39,16 +42,18 @@ impl Slot {
     /// Forward: `u = x Aᵀ` (rows × r, returned), then `u Bᵀ` added onto the columns
     /// `col..col + out` of `y` (rows `ys` apart) by the product itself (it accumulates into `y`:
     /// no buffer for the update, no pass to add it).
-    /// A dense update adds `x ΔWᵀ` the same way and keeps nothing (its backward reads `x`).
+    /// A dense update adds `x ΔWᵀ` the same way and keeps nothing (its backward reads `x`) — or,
+    /// under an input dropout, adds `x' ΔWᵀ` and returns the dropped input `x'`.
     pub(super) fn forward(&self, x: &[f32], p: &[f32], y: &mut [f32], ys: usize, col: usize) -> Vec<f32> {
         let Slot { r, in_dim, out_dim, .. } = *self;
         let rows = x.len() / in_dim.max(1);
         if self.dense {
             let _prof = timer("block-dense", "fwd");
             let dw = &p[self.a_at..self.a_at + out_dim * in_dim];
+            let xd = self.drop.map(|d| dropped_into(pool::take(x.len()), x, d));
             let dst = SyncPtr::of(y);
-            gemm(dst.out(col, ys), [rows, out_dim, in_dim], Mat::rm(x, in_dim), Mat::rm_t(dw, in_dim), Gemm::PARALLEL.accumulate(true));
-            return Vec::new();
+            gemm(dst.out(col, ys), [rows, out_dim, in_dim], Mat::rm(xd.as_deref().unwrap_or(x), in_dim), Mat::rm_t(dw, in_dim), Gemm::PARALLEL.accumulate(true));
+            return xd.unwrap_or_default();
         }
         let _prof = timer("block-lora", "fwd");
         let mut u = pool::take(rows * r);
@@ -60,7 +65,8 @@ impl Slot {
 
     /// Backward from `dy` (rows `ds` apart, from its first element): `dA = (dy B)ᵀ x` and
     /// `dB = dyᵀ u` into the packed gradient `dp`, and `dx += (dy B) A` when asked.
-    /// A dense update: `dΔW = dyᵀ x`, and `dx += dy ΔW` when asked.
+    /// A dense update: `dΔW = dyᵀ x`, and `dx += dy ΔW` when asked; under an input dropout
+    /// (`u` the dropped input `x'`), `dΔW = dyᵀ x'` and `dx` gets `dy ΔW` through the same mask.
     pub(super) fn backward(&self, dy: &[f32], ds: usize, x: &[f32], u: &[f32], p: &[f32], dp: &mut [f32], dx: Option<&mut [f32]>) {
         let Slot { r, in_dim, out_dim, .. } = *self;
         let rows = x.len() / in_dim.max(1);
@@ -68,9 +74,20 @@ impl Slot {
             let _prof = timer("block-dense", "bwd");
             let at = self.a_at..self.a_at + out_dim * in_dim;
             if let Some(dx) = dx {
-                gemm(Out::rm(dx, in_dim), [rows, in_dim, out_dim], Mat::rm(dy, ds), Mat::rm(&p[at.clone()], in_dim), Gemm::PARALLEL.accumulate(true));
+                let dw = Mat::rm(&p[at.clone()], in_dim);
+                match self.drop {
+                    None => gemm(Out::rm(dx, in_dim), [rows, in_dim, out_dim], Mat::rm(dy, ds), dw, Gemm::PARALLEL.accumulate(true)),
+                    Some(d) => {
+                        let mut t = pool::take(dx.len());
+                        gemm(Out::rm(&mut t, in_dim), [rows, in_dim, out_dim], Mat::rm(dy, ds), dw, Gemm::PARALLEL);
+                        let key = d.1.for_rows(t.len());
+                        dx.par_iter_mut().zip(t.par_iter()).enumerate().for_each(|(i, (o, &v))| *o += super::dropout::masked(key, d.0, i as u64, v));
+                        pool::give(t);
+                    }
+                }
             }
-            gemm(Out::rm(&mut dp[at], in_dim), [out_dim, in_dim, rows], Mat::rm_t(dy, ds), Mat::rm(x, in_dim), Gemm::PARALLEL);
+            let input = if self.drop.is_some() { u } else { x };
+            gemm(Out::rm(&mut dp[at], in_dim), [out_dim, in_dim, rows], Mat::rm_t(dy, ds), Mat::rm(input, in_dim), Gemm::PARALLEL);
             return;
         }
         let _prof = timer("block-lora", "bwd");
@@ -107,6 +124,9 @@ pub struct MapDelta {
     pub lora: Option<LowRank>,
     /// A dense weight update ΔW (out, in): `y + x ΔWᵀ` (LoHa, LoKr).
     pub dense: Option<Tensor>,
+    /// The dense update reads the input under this dropout (rate, key): `y + x' ΔWᵀ` (DoRA with
+    /// dropout).
+    pub dense_dropout: Option<(f32, DropoutKey)>,
     pub scale: Option<Scale>,
     pub adapter: Option<Adapter>,
     /// The map's weight for this forward in place of its own (OFT's `W Rᵀ`): the caller puts it
@@ -155,16 +175,16 @@ impl Pack {
         }
         let a_at = self.push(a)?;
         let b_at = self.push(bm)?;
-        Ok(Slot { r, in_dim, out_dim, a_at, b_at, dense: false })
+        Ok(Slot { r, in_dim, out_dim, a_at, b_at, dense: false, drop: None })
     }
 
     /// A dense update ΔW (out, in) on a map whose weight is (out, in).
-    pub(super) fn dense(&mut self, what: &str, map: &str, (w_out, w_in): (usize, usize), dw: &Tensor) -> Result<Slot> {
+    pub(super) fn dense(&mut self, what: &str, map: &str, (w_out, w_in): (usize, usize), dw: &Tensor, drop: Option<(f32, DropoutKey)>) -> Result<Slot> {
         if dw.dims2()? != (w_out, w_in) {
             return Err(err(format!("{what}: the weight update on {map} is {:?} for a weight ({w_out}, {w_in})", dw.shape())).into());
         }
         let a_at = self.push(dw)?;
-        Ok(Slot { r: 0, in_dim: w_in, out_dim: w_out, a_at, b_at: a_at, dense: true })
+        Ok(Slot { r: 0, in_dim: w_in, out_dim: w_out, a_at, b_at: a_at, dense: true, drop })
     }
 
     /// The packed vector; `None` when nothing trains.
@@ -224,7 +244,7 @@ impl MapHooks {
         }
         let lora = match (&d.lora, &d.dense) {
             (Some(l), _) => Some(pack.lora(what, map, dims, l)?),
-            (None, Some(dw)) => Some(pack.dense(what, map, dims, dw)?),
+            (None, Some(dw)) => Some(pack.dense(what, map, dims, dw, d.dense_dropout)?),
             (None, None) => None,
         };
         let mut mag_bias = None;
@@ -608,6 +628,13 @@ impl AdapterHook {
 
 /// Inverted dropout of `x` by `key` (keyed for the rows of `x`, as [`super::dropout::dropout`]
 /// keys it), into a fresh buffer; the same mask applied to a gradient is its backward.
+/// `x` under the dropout `(p, key)` into `out` (of `x`'s length), returned.
+fn dropped_into(mut out: Vec<f32>, x: &[f32], (p, key): (f32, DropoutKey)) -> Vec<f32> {
+    let key = key.for_rows(x.len());
+    out.par_iter_mut().zip(x.par_iter()).enumerate().for_each(|(i, (o, &v))| *o = super::dropout::masked(key, p, i as u64, v));
+    out
+}
+
 pub(super) fn dropped(x: &[f32], drop: Option<(f32, super::rng::DropoutKey)>) -> Vec<f32> {
     match drop.filter(|(p, _)| *p > 0.0) {
         None => x.to_vec(),
