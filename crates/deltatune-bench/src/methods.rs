@@ -20,6 +20,8 @@ pub struct BenchMethod {
 pub const METHODS: &[BenchMethod] = &[
     BenchMethod { name: "lora", specs: &["lora:r=8,lora_alpha=16,target=query+value"], lr: 5e-4, in_peft_baseline: true },
     BenchMethod { name: "dora", specs: &["dora:r=8,lora_alpha=16,target=query+value"], lr: 5e-4, in_peft_baseline: false },
+    // DoRA as PEFT recipes often run it, with dropout (the engines' weight-update form).
+    BenchMethod { name: "dora-dropout", specs: &["dora:r=8,lora_alpha=16,lora_dropout=0.05,target=query+value"], lr: 5e-4, in_peft_baseline: false },
     BenchMethod { name: "vera", specs: &["vera:r=256,target=query+value"], lr: 1e-2, in_peft_baseline: false },
     BenchMethod { name: "full", specs: &["full"], lr: 2e-5, in_peft_baseline: true },
     BenchMethod { name: "ia3", specs: &["ia3"], lr: 3e-3, in_peft_baseline: true },
