@@ -29,8 +29,8 @@ use super::activation::{swiglu, swiglu_grad_into, swiglu_into};
 use super::attention::{causal_attention, Attention};
 use super::block::{composed_map, engine_enabled, run_layer, LayerOp};
 use super::engine_hooks::{Adapter, AdapterHook, AdapterKept, MapDelta, MapHooks, Pack, Prefix, Scale};
-use super::cpu::{err, fused_ok, gemm, with_data, Fwd, Gemm, Mat, Out, SyncPtr};
-use super::linear::{input_grad_into, linear, lora_linear, lora_qlinear, qlinear, FrozenWeight};
+use super::cpu::{err, fused_ok, with_data, Fwd, SyncPtr};
+use super::linear::{linear, lora_linear, lora_qlinear, qlinear, FrozenWeight};
 use super::norm::{rms_norm, rms_norm_grad_add, rms_norm_into, rms_norm_weight_grad_add};
 use super::pool;
 use super::profile::timer;
@@ -285,16 +285,38 @@ struct Dims {
     inter: usize,
 }
 
-/// `y = x Wᵀ (+ b)` for a frozen map into a fresh buffer (the weight dequantized if need be).
+/// `y = x Wᵀ (+ b)` for a frozen map into a fresh buffer (a quantized weight decoded a block at
+/// a time, [`FrozenWeight::forward_into`]).
 fn dense(x: &[f32], in_dim: usize, (w, b): &(FrozenWeight, Option<Tensor>)) -> candle_core::Result<Vec<f32>> {
     let _prof = timer("decoder-linear", "fwd");
-    super::block::dense(x, in_dim, &(w.dense()?, b.clone()))
+    let (out_dim, w_in) = w.dims2()?;
+    if w_in != in_dim {
+        return Err(err("decoder block: an input does not match its map's weight"));
+    }
+    let mut y = pool::take(x.len() / in_dim.max(1) * out_dim);
+    if let Some(b) = b {
+        fill_rows(&mut y, out_dim, 0, b)?;
+    }
+    w.forward_into(SyncPtr::of(&mut y), 0, out_dim, x, b.is_some())?;
+    Ok(y)
 }
 
-/// `dx [+]= dy W` through a frozen map (the weight dequantized if need be).
+/// Columns `col..col + len(b)` of every row of `y` (rows `ys` apart) set to the bias `b`.
+fn fill_rows(y: &mut [f32], ys: usize, col: usize, b: &Tensor) -> candle_core::Result<()> {
+    with_data([b], |[bs]| {
+        if col + bs.len() > ys {
+            return Err(err("decoder block: a bias does not match its map"));
+        }
+        y.par_chunks_mut(ys.max(1)).for_each(|row| row[col..col + bs.len()].copy_from_slice(bs));
+        Ok(())
+    })
+}
+
+/// `dx [+]= dy W` through a frozen map (a quantized weight decoded a block at a time,
+/// [`FrozenWeight::input_grad_into`]).
 fn input_grad(dx: &mut [f32], dy: &[f32], (w, _): &(FrozenWeight, Option<Tensor>), accumulate: bool) -> candle_core::Result<()> {
     let _prof = timer("decoder-linear", "bwd");
-    input_grad_into(dx, dy, &w.dense()?, accumulate)
+    w.input_grad_into(dx, dy, w.dims2()?.0, accumulate)
 }
 
 impl BlockOp {
@@ -388,19 +410,13 @@ impl LayerOp for BlockOp {
             let (col, width) = Self::qkv_cols(&dm, j);
             let (wt, bias) = &self.maps[j];
             let _prof = timer("decoder-linear", "fwd");
-            let wt = wt.dense()?;
-            let mut fill = |ws: &[f32], bs: Option<&[f32]>| {
-                if let Some(bs) = bs {
-                    qkv.par_chunks_mut(w).for_each(|row| row[col..col + width].copy_from_slice(bs));
-                }
-                let dst = SyncPtr::of(&mut qkv);
-                gemm(dst.out(col, w), [rows, width, h], Mat::rm(&n1, h), Mat::rm_t(ws, h), Gemm::PARALLEL.accumulate(bs.is_some()));
-                Ok(())
-            };
-            match bias {
-                Some(bs) => with_data([&wt, bs], |[ws, bs]| fill(ws, Some(bs)))?,
-                None => with_data([&wt], |[ws]| fill(ws, None))?,
+            if wt.dims2()?.0 != width {
+                return Err(err("decoder block: a q, k or v weight does not match the heads"));
             }
+            if let Some(bs) = bias {
+                fill_rows(&mut qkv, w, col, bs)?;
+            }
+            wt.forward_into(SyncPtr::of(&mut qkv), col, w, &n1, bias.is_some())?;
         }
         for j in 0..3 {
             let (col, _) = Self::qkv_cols(&dm, j);
@@ -610,11 +626,10 @@ impl LayerOp for BlockOp {
                 for j in 0..3 {
                     let (col, width) = Self::qkv_cols(&dm, j);
                     let _prof = timer("decoder-linear", "bwd");
-                    let wt = self.maps[j].0.dense()?;
-                    with_data([&wt], |[ws]| {
-                        gemm(Out::rm(&mut dn1, h), [rows, h, width], Mat::rm(&dqkv[col..], w), Mat::rm(ws, h), Gemm::PARALLEL.accumulate(j > 0));
-                        Ok(())
-                    })?;
+                    if self.maps[j].0.dims2()? != (width, h) {
+                        return Err(err("decoder block: a q, k or v weight does not match the heads"));
+                    }
+                    self.maps[j].0.input_grad_into(&mut dn1, &dqkv[col..], w, j > 0)?;
                 }
             }
             for j in 0..3 {
@@ -659,11 +674,14 @@ mod tests {
         (make(f32::cos), make(f32::sin))
     }
 
-    /// A frozen (out, in) weight of seeded values, f32 or quantized to Q8_0.
+    /// A frozen (out, in) weight of seeded values, f32 or quantized (Q8_0, Q4_1 or Q5_0 by seed).
     fn weight(out: usize, inp: usize, seed: u64, quantized: bool) -> FrozenWeight {
         let w = (rand(&[out, inp], seed) * 0.3).unwrap();
         if quantized {
-            FrozenWeight::Quant(Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()))
+            // Q8_0 (dequantized whole) and the formats the engine decodes itself a block at a
+            // time (Q4_1, the default decoder's, and Q5_0).
+            let dt = [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q5_0][seed as usize % 3];
+            FrozenWeight::Quant(Arc::new(QTensor::quantize(&w, dt).unwrap()))
         } else {
             FrozenWeight::Dense(w)
         }

@@ -454,7 +454,124 @@ impl FrozenWeight {
     pub fn trains(&self) -> bool {
         matches!(self, FrozenWeight::Dense(w) if w.track_op())
     }
+
+    /// A quantized weight in a format decoded here ([`qmatmul::decode_block`]) with its raw blocks.
+    /// `DELTATUNE_BLOCK_DECODE=0` sends every format through candle's whole dequantization.
+    fn own_blocks(&self) -> Option<(qmatmul::QKind, &Arc<QTensor>)> {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if !*ON.get_or_init(|| std::env::var("DELTATUNE_BLOCK_DECODE").map(|v| v != "0").unwrap_or(true)) {
+            return None;
+        }
+        match self {
+            FrozenWeight::Quant(q) => match q.dtype() {
+                GgmlDType::Q4_1 => Some((qmatmul::QKind::Q4_1, q)),
+                GgmlDType::Q5_0 => Some((qmatmul::QKind::Q5_0, q)),
+                _ => None,
+            },
+            FrozenWeight::Dense(_) => None,
+        }
+    }
+
+    /// `y (+)= x Wᵀ` into columns `col..col + out` of `dst` (rows `ys` apart), `x` rows of `in`.
+    /// A quantized weight in a format decoded here is decoded a block of whole rows at a time
+    /// (at most [`DECODE_FLOATS`] values, on the pool, in parallel) and each block's product
+    /// written into its columns: no f32 copy of the whole weight, and a weight that fits one
+    /// block gives exactly the unblocked product. Other formats are dequantized whole.
+    pub(super) fn forward_into(&self, dst: SyncPtr, col: usize, ys: usize, x: &[f32], accumulate: bool) -> candle_core::Result<()> {
+        self.forward_blocked(dst, col, ys, x, accumulate, DECODE_FLOATS)
+    }
+
+    fn forward_blocked(&self, dst: SyncPtr, col: usize, ys: usize, x: &[f32], accumulate: bool, budget: usize) -> candle_core::Result<()> {
+        let (out_dim, in_dim) = self.dims2()?;
+        let rows = x.len() / in_dim.max(1);
+        let how = Gemm::PARALLEL.accumulate(accumulate);
+        let Some((kind, q)) = self.own_blocks() else {
+            let w = self.dense()?;
+            return with_data([&w], |[ws]| {
+                gemm(dst.out(col, ys), [rows, out_dim, in_dim], Mat::rm(x, in_dim), Mat::rm_t(ws, in_dim), how);
+                Ok(())
+            });
+        };
+        let bytes = q.data()?;
+        let step = (budget / in_dim.max(1)).clamp(1, out_dim.max(1));
+        let mut buf = decode_buffer(step.min(out_dim) * in_dim);
+        for r0 in (0..out_dim).step_by(step) {
+            let r1 = (r0 + step).min(out_dim);
+            let blk = &mut buf[..(r1 - r0) * in_dim];
+            {
+                let _prof = timer("dequantize", "any");
+                qmatmul::decode_block(kind, &bytes, in_dim, (r0, r1), (0, in_dim), blk);
+            }
+            gemm(dst.out(col + r0, ys), [rows, r1 - r0, in_dim], Mat::rm(x, in_dim), Mat::rm_t(blk, in_dim), how);
+        }
+        give_decode_buffer(buf);
+        Ok(())
+    }
+
+    /// `dx (+)= dy W`, `dy` the map's output gradient from its first element in rows `ds` apart,
+    /// `dx` rows of `in`. A quantized weight in a format decoded here is decoded a block of
+    /// columns at a time (multiples of 32 wide, at most [`DECODE_FLOATS`] values) and each block's
+    /// product written into its columns of `dx` (every product over the whole inner dimension:
+    /// nothing is added twice); a weight that fits one block gives exactly the unblocked product.
+    pub(super) fn input_grad_into(&self, dx: &mut [f32], dy: &[f32], ds: usize, accumulate: bool) -> candle_core::Result<()> {
+        self.input_grad_blocked(dx, dy, ds, accumulate, DECODE_FLOATS)
+    }
+
+    fn input_grad_blocked(&self, dx: &mut [f32], dy: &[f32], ds: usize, accumulate: bool, budget: usize) -> candle_core::Result<()> {
+        let (out_dim, in_dim) = self.dims2()?;
+        let rows = dx.len() / in_dim.max(1);
+        let how = Gemm::PARALLEL.accumulate(accumulate);
+        let Some((kind, q)) = self.own_blocks() else {
+            let w = self.dense()?;
+            return with_data([&w], |[ws]| {
+                gemm(Out::rm(dx, in_dim), [rows, in_dim, out_dim], Mat::rm(dy, ds), Mat::rm(ws, in_dim), how);
+                Ok(())
+            });
+        };
+        let bytes = q.data()?;
+        let step = if out_dim * in_dim <= budget { in_dim } else { ((budget / out_dim.max(1)) / 32 * 32).clamp(32, in_dim.max(32)) };
+        let mut buf = decode_buffer(out_dim * step.min(in_dim));
+        let dst = SyncPtr::of(dx);
+        for c0 in (0..in_dim).step_by(step.max(1)) {
+            let c1 = (c0 + step).min(in_dim);
+            let blk = &mut buf[..out_dim * (c1 - c0)];
+            {
+                let _prof = timer("dequantize", "any");
+                qmatmul::decode_block(kind, &bytes, in_dim, (0, out_dim), (c0, c1), blk);
+            }
+            gemm(dst.out(c0, in_dim), [rows, c1 - c0, out_dim], Mat::rm(dy, ds), Mat::rm(blk, c1 - c0), how);
+        }
+        give_decode_buffer(buf);
+        Ok(())
+    }
 }
+
+/// The one buffer blocks are decoded into, kept between calls (at most [`DECODE_FLOATS`]
+/// values): the engines' pool would lend an activation's buffer for it, and a fresh allocation
+/// would fault its pages in on every call.
+static DECODE_BUF: Mutex<Vec<f32>> = Mutex::new(Vec::new());
+
+/// A buffer of `n` values with unspecified contents for [`qmatmul::decode_block`] to fill: the
+/// kept one, or a fresh one while another call holds it.
+fn decode_buffer(n: usize) -> Vec<f32> {
+    let mut v = DECODE_BUF.lock().map(|mut b| std::mem::take(&mut *b)).unwrap_or_default();
+    v.resize(n, 0.0);
+    v
+}
+
+/// Keeps `v` for the next [`decode_buffer`] when it is the largest yet.
+fn give_decode_buffer(v: Vec<f32>) {
+    if let Ok(mut b) = DECODE_BUF.lock() {
+        if v.capacity() > b.capacity() {
+            *b = v;
+        }
+    }
+}
+
+/// The most values of a quantized weight the engines decode to f32 at once (8 MB): a larger
+/// map is multiplied a block at a time ([`FrozenWeight::forward_into`],
+/// [`FrozenWeight::input_grad_into`]).
+pub(super) const DECODE_FLOATS: usize = 1 << 21;
 
 /// Reference implementation of [`lora_linear`] from candle ops.
 pub fn lora_linear_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>, a: &Tensor, bm: &Tensor) -> Result<Tensor> {
@@ -628,6 +745,53 @@ impl CustomOp1 for QLinear {
 mod tests {
     use super::*;
     use crate::ops::cpu::testing::{grad_diff, grads, max_diff, rand, var};
+
+    /// The engines' products through a quantized weight decoded a block at a time, against the
+    /// product with candle's dequantization of the whole weight: Q4_1 and Q5_0 (decoded here) and
+    /// Q8_0 (dequantized whole), one block (the same numbers to the bit) and many (rows or
+    /// columns in blocks, a last block shorter; within 1e-5), into a column range of a wider
+    /// output, written and accumulated.
+    #[test]
+    fn blocked_quantized_products_match_the_dequantized_weight() {
+        let (rows, out_dim, in_dim, ys, col) = (19, 70, 160, 90, 13);
+        let w = (rand(&[out_dim, in_dim], 3) * 0.5).unwrap();
+        let x: Vec<f32> = rand(&[rows, in_dim], 4).flatten_all().unwrap().to_vec1().unwrap();
+        let dy: Vec<f32> = rand(&[rows, ys], 5).flatten_all().unwrap().to_vec1().unwrap();
+        let start: Vec<f32> = rand(&[rows, ys.max(in_dim)], 6).flatten_all().unwrap().to_vec1().unwrap();
+        for dt in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
+            let fw = FrozenWeight::Quant(Arc::new(QTensor::quantize(&w, dt).unwrap()));
+            let wd: Vec<f32> = fw.dense().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            for accumulate in [false, true] {
+                // y[:, col..col + out] (+)= x Wᵀ.
+                let mut want = start[..rows * ys].to_vec();
+                gemm(SyncPtr::of(&mut want).out(col, ys), [rows, out_dim, in_dim], Mat::rm(&x, in_dim), Mat::rm_t(&wd, in_dim), Gemm::PARALLEL.accumulate(accumulate));
+                for (budget, exact) in [(DECODE_FLOATS, true), (17 * in_dim, false), (1, false)] {
+                    let mut got = start[..rows * ys].to_vec();
+                    fw.forward_blocked(SyncPtr::of(&mut got), col, ys, &x, accumulate, budget).unwrap();
+                    close(&got, &want, exact, &format!("{dt:?} forward, budget {budget}, accumulate {accumulate}"));
+                }
+                // dx (+)= dy[:, col..col + out] W.
+                let mut want = start[..rows * in_dim].to_vec();
+                gemm(Out::rm(&mut want, in_dim), [rows, in_dim, out_dim], Mat::rm(&dy[col..], ys), Mat::rm(&wd, in_dim), Gemm::PARALLEL.accumulate(accumulate));
+                for (budget, exact) in [(DECODE_FLOATS, true), (out_dim * 64, false), (1, false)] {
+                    let mut got = start[..rows * in_dim].to_vec();
+                    fw.input_grad_blocked(&mut got, &dy[col..], ys, accumulate, budget).unwrap();
+                    close(&got, &want, exact, &format!("{dt:?} input gradient, budget {budget}, accumulate {accumulate}"));
+                }
+            }
+        }
+    }
+
+    fn close(got: &[f32], want: &[f32], exact: bool, what: &str) {
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            if exact {
+                assert_eq!(g.to_bits(), w.to_bits(), "{what}: element {i}: {g} vs {w}");
+            } else {
+                assert!((g - w).abs() <= 1e-5 * scale, "{what}: element {i}: {g} vs {w}");
+            }
+        }
+    }
 
     /// Row-by-row low-rank product: equal to the two products, and a row's result is the same
     /// bits alone and inside a batch.

@@ -126,6 +126,45 @@ pub(crate) fn matmul_q(kind: QKind, x: &[f32], m: usize, k: usize, w: &[u8], n: 
     y
 }
 
+/// Rows `r0..r1`, columns `c0..c1` (multiples of 32, or `c1` = k) of the weight W (n, k) whose raw
+/// blocks in format `kind` are `w`, in f32 into `out` ((r1 − r0) × (c1 − c0), row-major), rows in
+/// parallel. Every value is the one candle's dequantization gives (the same operations in the
+/// same order).
+pub(crate) fn decode_block(kind: QKind, w: &[u8], k: usize, (r0, r1): (usize, usize), (c0, c1): (usize, usize), out: &mut [f32]) {
+    let row_bytes = (k / QK) * kind.block_bytes();
+    let width = c1 - c0;
+    assert!(
+        k.is_multiple_of(QK) && c0.is_multiple_of(QK) && c0 <= c1 && c1 <= k && (c1.is_multiple_of(QK) || c1 == k) && out.len() == (r1 - r0) * width && w.len() >= r1 * row_bytes,
+        "decode_block: bad shapes"
+    );
+    let bb = kind.block_bytes();
+    out.par_chunks_mut(width.max(1)).enumerate().for_each(|(i, dst)| {
+        let row = &w[(r0 + i) * row_bytes..(r0 + i + 1) * row_bytes];
+        for (b, vals) in dst.chunks_exact_mut(QK).enumerate() {
+            let blk = &row[(c0 / QK + b) * bb..(c0 / QK + b + 1) * bb];
+            match kind {
+                QKind::Q4_1 => {
+                    let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+                    for j in 0..QK / 2 {
+                        vals[j] = (blk[4 + j] & 0x0F) as f32 * d + m;
+                        vals[j + QK / 2] = (blk[4 + j] >> 4) as f32 * d + m;
+                    }
+                }
+                QKind::Q5_0 => {
+                    let d = f16_at(blk, 0);
+                    let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                    for j in 0..QK / 2 {
+                        let lo = ((blk[6 + j] & 0x0F) as u32 | (((qh >> j) & 1) << 4)) as i32 - 16;
+                        let hi = ((blk[6 + j] >> 4) as u32 | (((qh >> (j + QK / 2)) & 1) << 4)) as i32 - 16;
+                        vals[j] = lo as f32 * d;
+                        vals[j + QK / 2] = hi as f32 * d;
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// Whether the AVX2 kernel can run here.
 fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -363,6 +402,30 @@ mod tests {
         for r in 0..m {
             let alone = matmul_q(kind, &x[r * k..(r + 1) * k], 1, k, w, n);
             assert_eq!(alone, y[r * n..(r + 1) * n], "{kind:?}: row {r} alone differs");
+        }
+    }
+
+    /// Blocks of rows and columns decoded here equal candle's dequantization of the whole
+    /// weight, bit for bit (Q4_1 and Q5_0, quantized by candle).
+    #[test]
+    fn decoded_blocks_equal_candles_dequantization() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        let (n, k) = (37, 160);
+        let w = Tensor::from_vec(data(n * k, 9), (n, k), &Device::Cpu).unwrap();
+        for (dt, kind) in [(GgmlDType::Q4_1, QKind::Q4_1), (GgmlDType::Q5_0, QKind::Q5_0)] {
+            let q = QTensor::quantize(&w, dt).unwrap();
+            let full: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let bytes = q.data().unwrap();
+            for (rows, cols) in [((0, n), (0, k)), ((3, 20), (32, 96)), ((36, 37), (128, 160)), ((5, 5), (0, 32))] {
+                let mut out = vec![f32::NAN; (rows.1 - rows.0) * (cols.1 - cols.0)];
+                decode_block(kind, &bytes, k, rows, cols, &mut out);
+                for (i, r) in (rows.0..rows.1).enumerate() {
+                    for (j, c) in (cols.0..cols.1).enumerate() {
+                        assert_eq!(out[i * (cols.1 - cols.0) + j].to_bits(), full[r * k + c].to_bits(), "{kind:?} at ({r}, {c})");
+                    }
+                }
+            }
         }
     }
 
