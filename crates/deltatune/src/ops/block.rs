@@ -666,8 +666,21 @@ impl LayerOp for BlockOp {
 mod tests {
     use super::*;
     use crate::ops::Act;
-    use crate::ops::cpu::testing::{around, check_layer, check_layer_close, layer_lora, padded_key_bias, rand, var};
-    use candle_core::Device;
+    use crate::ops::cpu::testing::{around, check_layer, check_layer_close, layer_lora, padded_key_bias, rand, var, MapLora};
+    use candle_core::{Device, Var};
+
+    /// The engine against the composition on the tests' input (b, t, h) with padded keys and no
+    /// adapter or prefix: [`check_layer`] (the output to the bit, every gradient within 1e-4).
+    /// Returns the input and key mask.
+    fn engine_matches(block: &EncoderBlock, deltas: &[MapDelta; 6], (b, t, h): (usize, usize, usize), x_grad: bool, vars: &[MapLora], trained: &[(String, Var)]) -> (Tensor, Tensor) {
+        let xv = var(&[b, t, h], 11, 1.0);
+        let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
+        let bias = padded_key_bias(b, t, 2);
+        let y1 = block_op(&x, &bias, block, deltas, &Default::default(), None).unwrap().expect("the engine applies");
+        let y2 = encoder_block_composed(&x, &bias, block, deltas, &Default::default(), None).unwrap();
+        check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, vars, &BLOCK_LINEARS, trained);
+        (x, bias)
+    }
 
     /// The engine against the per-op composition: output and every gradient (x and each LoRA
     /// matrix) within 1e-4 relative, with dropout, padding, LoRA on a subset of the maps and
@@ -786,12 +799,7 @@ mod tests {
         scale(3, h, true);
         scale(4, inter, false);
         scale(5, inter, true);
-        let xv = var(&[b, t, h], 11, 1.0);
-        let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
-        let bias = padded_key_bias(b, t, 2);
-        let y1 = block_op(&x, &bias, &block, &deltas, &Default::default(), None).unwrap().expect("the engine applies");
-        let y2 = encoder_block_composed(&x, &bias, &block, &deltas, &Default::default(), None).unwrap();
-        check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS, &trained);
+        engine_matches(&block, &deltas, (b, t, h), x_grad, &vars, &trained);
     }
 
     /// Dense weight updates ΔW (LoHa, LoKr) on k, the attention output and the output map, with
@@ -861,12 +869,7 @@ mod tests {
         let (vars, mut deltas) = layer_lora::<6>(&[0], |j| block.linears[j].0.dims2().unwrap(), r);
         let ones = Tensor::ones(inter, candle_core::DType::F32, &Device::Cpu).unwrap();
         deltas[4].scale = Some(Scale::Out(around(&ones, 77, 0.3, "scale on the intermediate map", &mut trained)));
-        let xv = var(&[b, t, h], 11, 1.0);
-        let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
-        let bias = padded_key_bias(b, t, 2);
-        let y1 = block_op(&x, &bias, &block, &deltas, &Default::default(), None).unwrap().expect("the engine applies");
-        let y2 = encoder_block_composed(&x, &bias, &block, &deltas, &Default::default(), None).unwrap();
-        check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &BLOCK_LINEARS, &trained);
+        let (x, bias) = engine_matches(&block, &deltas, (b, t, h), x_grad, &vars, &trained);
         if let Some(&j) = on.iter().find(|&&j| j >= 3) {
             let n = block.linears[j].0.dim(1).unwrap();
             deltas[j].scale = Some(Scale::In(Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap()));

@@ -660,11 +660,24 @@ impl LayerOp for BlockOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::cpu::testing::{around, check_layer, check_layer_close, layer_lora, padded_key_bias, rand, var};
+    use crate::ops::cpu::testing::{around, check_layer, check_layer_close, layer_lora, padded_key_bias, rand, var, MapLora};
     use crate::ops::{Act, DropoutKey};
     use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::Device;
+    use candle_core::{Device, Var};
     use std::sync::Arc;
+
+    /// The engine against the composition on the tests' input (b, t, h) with padded keys and no
+    /// adapter or prefix: [`check_layer`] (the output to the bit, every gradient within 1e-4).
+    /// Returns the input and key mask.
+    fn engine_matches(block: &DecoderBlock, deltas: &[MapDelta; 7], (b, t, h): (usize, usize, usize), x_grad: bool, vars: &[MapLora], trained: &[(String, Var)]) -> (Tensor, Tensor) {
+        let xv = var(&[b, t, h], 11, 1.0);
+        let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
+        let key_bias = padded_key_bias(b, t, 3);
+        let y1 = block_op(&x, &key_bias, block, deltas, &Default::default(), None).unwrap().expect("the engine applies");
+        let y2 = decoder_block_composed(&x, &key_bias, block, deltas, &Default::default(), None).unwrap();
+        check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, vars, &DECODER_LINEARS, trained);
+        (x, key_bias)
+    }
 
     /// Rotary tables for positions 0..t of heads of d (the decoder's layout: (t, 1, d)).
     fn tables(t: usize, d: usize) -> (Tensor, Tensor) {
@@ -757,12 +770,7 @@ mod tests {
         scale(3, qw, true);
         scale(4, inter, false);
         scale(6, inter, true);
-        let xv = var(&[b, t, h], 11, 1.0);
-        let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
-        let key_bias = padded_key_bias(b, t, 3);
-        let y1 = block_op(&x, &key_bias, &block, &deltas, &Default::default(), None).unwrap().expect("the engine applies");
-        let y2 = decoder_block_composed(&x, &key_bias, &block, &deltas, &Default::default(), None).unwrap();
-        check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &trained);
+        engine_matches(&block, &deltas, (b, t, h), x_grad, &vars, &trained);
     }
 
     /// Bottleneck adapters after both blocks against the composition (outputs within 1e-5: the
@@ -864,12 +872,7 @@ mod tests {
         let (vars, mut deltas) = layer_lora::<7>(&[0], |j| block.linears[j].0.dims2().unwrap(), r);
         let ones = Tensor::ones(inter, DType::F32, &Device::Cpu).unwrap();
         deltas[5].scale = Some(Scale::Out(around(&ones, 77, 0.3, "scale on up", &mut trained)));
-        let xv = var(&[b, t, h], 11, 1.0);
-        let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
-        let key_bias = padded_key_bias(b, t, 3);
-        let y1 = block_op(&x, &key_bias, &block, &deltas, &Default::default(), None).unwrap().expect("the engine applies");
-        let y2 = decoder_block_composed(&x, &key_bias, &block, &deltas, &Default::default(), None).unwrap();
-        check_layer(&y1, &y2, &rand(&[b, t, h], 12), &xv, x_grad, &vars, &DECODER_LINEARS, &trained);
+        let (x, key_bias) = engine_matches(&block, &deltas, (b, t, h), x_grad, &vars, &trained);
         if let Some(&j) = on.iter().find(|&&j| j == 3 || j == 6) {
             let n = block.linears[j].0.dims2().unwrap().1;
             deltas[j].scale = Some(Scale::In(Tensor::ones(n, DType::F32, &Device::Cpu).unwrap()));
