@@ -237,7 +237,7 @@ pub struct BenchAccuracyArgs {
 pub struct BenchTrainArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Methods, comma-separated (lora, dora, dora-dropout, vera, full, ia3, adapter, prefix, prompt, bitfit, loha, lokr, oft, adalora).
+    /// Methods, comma-separated (lora, lora-dropout, dora, dora-dropout, vera, full, ia3, adapter, prefix, prompt, bitfit, loha, lokr, oft, adalora).
     #[arg(long, default_value = "lora,full,ia3,adapter,prefix")]
     pub methods: String,
     #[arg(long, default_value_t = 32)]

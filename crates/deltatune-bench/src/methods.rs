@@ -20,7 +20,8 @@ pub struct BenchMethod {
 pub const METHODS: &[BenchMethod] = &[
     BenchMethod { name: "lora", specs: &["lora:r=8,lora_alpha=16,target=query+value"], lr: 5e-4, in_peft_baseline: true },
     BenchMethod { name: "dora", specs: &["dora:r=8,lora_alpha=16,target=query+value"], lr: 5e-4, in_peft_baseline: false },
-    // DoRA as PEFT recipes often run it, with dropout (the engines' weight-update form).
+    // LoRA and DoRA as PEFT recipes often run them, with dropout on the update's input.
+    BenchMethod { name: "lora-dropout", specs: &["lora:r=8,lora_alpha=16,lora_dropout=0.1,target=query+value"], lr: 5e-4, in_peft_baseline: false },
     BenchMethod { name: "dora-dropout", specs: &["dora:r=8,lora_alpha=16,lora_dropout=0.05,target=query+value"], lr: 5e-4, in_peft_baseline: false },
     BenchMethod { name: "vera", specs: &["vera:r=256,target=query+value"], lr: 1e-2, in_peft_baseline: false },
     BenchMethod { name: "full", specs: &["full"], lr: 2e-5, in_peft_baseline: true },

@@ -396,10 +396,12 @@ mod deltas {
     }
 
     /// DoRA with dropout (its contribution as one weight update on the dropped input) on q and
-    /// down of the top two layers.
+    /// down of the top two layers; LoRA with dropout on v, up and down.
     #[test]
-    fn block_engine_matches_the_module_path_with_dropped_dora() {
+    fn block_engine_matches_the_module_path_with_dropout() {
         engine_against_modules(&["dora:r=2,lora_dropout=0.1,target=q_proj+down_proj,layers=28-29"], 2 * 2 * 3);
+        // LoRA with its dropout: the low-rank update on the dropped input.
+        engine_against_modules(&["lora:r=2,lora_dropout=0.1,target=v_proj+up_proj+down_proj,layers=28-29"], 2 * 3 * 2);
     }
 
     /// Prefix tuning (keys and values before the sequence's in every layer's attention) with a

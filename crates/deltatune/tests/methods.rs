@@ -385,6 +385,16 @@ fn block_engine_matches_the_module_path_with_trained_weights() {
     engine_against_modules(&["finetune:target=attention.output.dense+intermediate.dense", "lora:r=4,target=query+value"], false);
 }
 
+/// LoRA, VeRA and AdaLoRA with their dropout in training: the engine's low-rank update on the
+/// dropped input (the mask the module path draws), with the layer's own dropout on.
+#[test]
+fn block_engine_matches_the_module_path_with_dropout() {
+    let train = || ForwardCtx::train(deltatune::ops::DropoutKey(4));
+    engine_against_modules_in(&["lora:r=4,lora_dropout=0.1,target=query+value+intermediate.dense+output.dense"], false, train());
+    engine_against_modules_in(&["vera:r=16,vera_dropout=0.1,target=query+value", "bitfit"], false, train());
+    engine_against_modules_in(&["adalora:lora_dropout=0.1,target=key+attention.output.dense"], false, train());
+}
+
 /// OFT: its input rotation folded into the weight (`W Rᵀ`), which the engine trains as a
 /// fine-tuned weight, the rotation's gradient through candle's backward of the fold; exact Cayley
 /// and the Neumann series, with a LoRA on other maps.

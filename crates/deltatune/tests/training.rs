@@ -181,7 +181,7 @@ mod data_parallel {
         Ok(Scores { primary: "accuracy".into(), values: [("accuracy".to_string(), a)].into() })
     }
 
-    /// Trains LoRA + LN tuning on the tiny model (dropout 0.1 everywhere) and returns the final
+    /// Trains LoRA + LN tuning + adapters on the tiny model (dropout 0.1 everywhere) and returns the final
     /// parameters and the losses rank 0 logged.
     fn train(dir: &Path, run: &Path, world: Option<&dyn Collective>, cache: bool) -> (Vec<Vec<f32>>, Vec<f64>) {
         let mut backbone = BertModel::load(dir, &cpu()).unwrap();
@@ -191,6 +191,9 @@ mod data_parallel {
             // (Not BitFit: the key bias's gradient is zero in exact arithmetic, so AdamW turns
             // its rounding noise into updates of ±lr that differ with any summation order.)
             DeltaSpec::parse_cli("ln_tuning").unwrap(),
+            // An adapter after each sublayer: the engine drops the sublayer's output before it in
+            // the forward and again in the backward, which a rank runs outside its rows' scope.
+            DeltaSpec::parse_cli("houlsby:init_weights=bert").unwrap(),
         ];
         let specs = if cache { specs[..1].to_vec() } else { specs };
         attach::attach(&mut backbone, &specs, AttachOptions { seed: 5, tokenizer: None }).unwrap();

@@ -91,7 +91,7 @@ pub trait Delta: std::fmt::Debug + Send + Sync {
     /// (see [`EngineHook`]); `None` sends the layer module by module. The default: a plain
     /// low-rank update ([`Self::low_rank`]) or nothing an engine runs.
     fn engine_hook(&self, h: &HookCtx) -> Result<Option<EngineHook>> {
-        Ok(self.low_rank(h)?.map(|(a, b)| EngineHook::LowRank(a, b)))
+        Ok(self.low_rank(h)?.map(|(a, b)| EngineHook::LowRank(a, b, None)))
     }
 
     /// Replaces a base parameter of the site (`weight`, `bias`) for this forward: specification
@@ -128,8 +128,9 @@ pub trait Delta: std::fmt::Debug + Send + Sync {
 /// and backward itself instead of calling the hooks).
 #[derive(Clone, Debug)]
 pub enum EngineHook {
-    /// `post` is exactly `y + (x Aᵀ) Bᵀ` (see [`Delta::low_rank`]).
-    LowRank(Tensor, Tensor),
+    /// `post` is exactly `y + (x' Aᵀ) Bᵀ` (see [`Delta::low_rank`]), `x'` the input under this
+    /// dropout (rate, key) if any (LoRA, VeRA, AdaLoRA with dropout in training), `x` otherwise.
+    LowRank(Tensor, Tensor, Option<(f32, crate::ops::DropoutKey)>),
     /// `pre` is exactly `l ⊙ x` over the last dimension, `post` does nothing ((IA)³ on a
     /// feed-forward map); `l` flat, with any gate folded in.
     ScaleIn(Tensor),

@@ -285,10 +285,13 @@ impl Site {
             match hook {
                 Some(EngineHook::Bottleneck(ad)) if !taken => out.adapter = Some(ad),
                 Some(EngineHook::Reparam) => {}
-                Some(EngineHook::LowRank(a, b)) if !taken => out.lora = Some((a, b)),
+                Some(EngineHook::LowRank(a, b, drop)) if !taken => {
+                    out.lora = Some((a, b));
+                    out.input_dropout = drop.filter(|(p, _)| *p > 0.0);
+                }
                 Some(EngineHook::Dense(dw, drop)) if !taken => {
                     out.dense = Some(dw);
-                    out.dense_dropout = drop.filter(|(p, _)| *p > 0.0);
+                    out.input_dropout = drop.filter(|(p, _)| *p > 0.0);
                 }
                 Some(EngineHook::Weight(w)) if !taken => out.weight = Some(w),
                 Some(EngineHook::Dora { a, b, mag, base_bias }) if !taken => {

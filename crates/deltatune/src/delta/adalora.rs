@@ -422,13 +422,14 @@ impl Delta for AdaLora {
         Ok(Some(y.add(&d)?))
     }
 
-    /// For a block engine: the update is `(x (A ⊙ E)ᵀ) (s B)ᵀ`, a low-rank one; not with dropout
-    /// in training.
+    /// For a block engine: the update is `(x (A ⊙ E)ᵀ) (s B)ᵀ`, a low-rank one; with dropout in
+    /// training, on the dropped input.
     fn engine_hook(&self, h: &HookCtx) -> Result<Option<EngineHook>> {
-        if h.inference || (h.train && self.dropout > 0.0) {
+        if h.inference {
             return Ok(None);
         }
-        Ok(Some(EngineHook::LowRank(self.ae()?, h.gated((self.b.as_tensor() * self.scale)?)?)))
+        let drop = (h.train && self.dropout > 0.0).then_some((self.dropout, h.key));
+        Ok(Some(EngineHook::LowRank(self.ae()?, h.gated((self.b.as_tensor() * self.scale)?)?, drop)))
     }
 
     fn merged(&self, base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {

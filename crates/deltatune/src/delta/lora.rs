@@ -7,7 +7,7 @@ use super::method::{site_dims, BuildCtx, Family, Method};
 use super::peft_fields::{PeftIn, PeftOut, PEFT_VERSION};
 use super::targets::{query_value, Targets};
 use crate::core::init;
-use crate::core::{BackboneInfo, Delta, HookCtx, Site, SiteKind};
+use crate::core::{BackboneInfo, Delta, EngineHook, HookCtx, Site, SiteKind};
 use crate::error::{Error, Result};
 use crate::ops;
 use candle_core::{Tensor, Var};
@@ -184,6 +184,15 @@ impl Delta for Lora {
         }
         let d = ops::linear(&ops::linear(&x, self.a.as_tensor(), None)?, &b, None)?;
         Ok(Some(y.add(&d)?))
+    }
+
+    /// The block engines run it with its dropout too: the update on the dropped input.
+    fn engine_hook(&self, h: &HookCtx) -> Result<Option<EngineHook>> {
+        if h.inference {
+            return Ok(None);
+        }
+        let drop = (h.train && self.dropout > 0.0).then_some((self.dropout, h.key));
+        Ok(Some(EngineHook::LowRank(self.a.as_tensor().clone(), h.gated((self.b.as_tensor() * self.scale)?)?, drop)))
     }
 
     fn merged(&self, base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {

@@ -284,15 +284,17 @@ impl Delta for Vera {
     }
 
     /// For a block engine: the update is `(x (Λd A)ᵀ) (Λb B)ᵀ`, a low-rank one whose factors
-    /// carry the gradient to λd and λb (the projections stay frozen); not with dropout in training.
+    /// carry the gradient to λd and λb (the projections stay frozen); with dropout in training, on
+    /// the dropped input.
     fn engine_hook(&self, h: &HookCtx) -> Result<Option<EngineHook>> {
-        if h.inference || (h.train && self.dropout > 0.0) {
+        if h.inference {
             return Ok(None);
         }
+        let drop = (h.train && self.dropout > 0.0).then_some((self.dropout, h.key));
         let (a, b) = self.slices()?;
         let a = a.broadcast_mul(&self.lambda_d.as_tensor().unsqueeze(1)?)?;
         let b = h.gated(b.broadcast_mul(&self.lambda_b.as_tensor().unsqueeze(1)?)?)?;
-        Ok(Some(EngineHook::LowRank(a, b)))
+        Ok(Some(EngineHook::LowRank(a, b, drop)))
     }
 
     fn merged(&self, base: &[(String, Tensor)]) -> Result<Option<Vec<(String, Tensor)>>> {

@@ -114,6 +114,7 @@ fn block_op(
     for (j, ((w, bias), d)) in block.linears.iter().zip(deltas).enumerate() {
         let mut mh = MapHooks::new("encoder block", BLOCK_LINEARS[j], w.dims2()?, d, bias.as_ref(), &mut pack)?;
         mh.train_weight("encoder block", BLOCK_LINEARS[j], w, &mut pack)?;
+        mh.place_dropout(b * t);
         hooks.push(mh);
     }
     let ln_at = [(pack.trained(&block.ln1.0)?, pack.trained(&block.ln1.1)?), (pack.trained(&block.ln2.0)?, pack.trained(&block.ln2.1)?)];
@@ -151,7 +152,7 @@ fn block_op(
     let [d_attn, d_o, d_out] = block.dropout;
     // With an adapter after a sublayer, the sublayer's dropout runs before the adapter, not in
     // the norm's op.
-    let sub_drop = [d_o, d_out];
+    let sub_drop = [d_o, d_out].map(|d| d.map(|(p, key): (f32, DropoutKey)| (p, key.for_rows(elems))));
     let norm_drop = |i: usize, d| if adapters[i].is_some() { None } else { d };
     let probs = d_attn.map(|(p, key)| (p, key.for_rows(b * block.heads * t * tk)));
     let op = BlockOp {
@@ -254,9 +255,10 @@ pub fn encoder_block_composed(
 ) -> Result<Tensor> {
     let map = |j: usize, x: &Tensor| -> Result<Tensor> {
         let (w, b) = &block.linears[j];
-        composed_map(x, deltas, j, |x| match &deltas[j].lora {
-            Some((a, bm)) => lora_linear(x, w, b.as_ref(), a, bm),
-            None => linear(x, w, b.as_ref()),
+        composed_map(x, deltas, j, |x| match (&deltas[j].lora, deltas[j].input_dropout) {
+            (Some(l), Some(d)) => Ok(linear(x, w, b.as_ref())?.add(&dropped_low_rank(x, l, d)?)?),
+            (Some((a, bm)), None) => lora_linear(x, w, b.as_ref(), a, bm),
+            (None, _) => linear(x, w, b.as_ref()),
         })
     };
     let (q, mut k, mut v) = (map(0, x)?, map(1, x)?, map(2, x)?);
@@ -287,6 +289,13 @@ pub fn encoder_block_composed(
     sublayer(map(5, &g)?, &a, 1, &block.ln2)
 }
 
+/// A LoRA's update `(x' Aᵀ) Bᵀ` on its input `x` under the dropout `(p, key)` (the composed
+/// reference).
+pub(super) fn dropped_low_rank(x: &Tensor, (a, bm): &super::engine_hooks::LowRank, (p, key): (f32, DropoutKey)) -> Result<Tensor> {
+    let xd = super::dropout::dropout(x, p, key)?;
+    Ok(linear(&linear(&xd, a, None)?, bm, None)?)
+}
+
 /// Map j's output from its input in the composed path, `product` being the map (with any LoRA):
 /// its (IA)³ scale applied to the input or the output as the hooks do.
 pub(super) fn composed_map(x: &Tensor, deltas: &[MapDelta], j: usize, product: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
@@ -301,7 +310,7 @@ pub(super) fn composed_map(x: &Tensor, deltas: &[MapDelta], j: usize, product: i
     };
     match &deltas[j].dense {
         Some(dw) => {
-            let xd = match deltas[j].dense_dropout {
+            let xd = match deltas[j].input_dropout {
                 Some((p, key)) => super::dropout::dropout(x, p, key)?,
                 None => x.clone(),
             };
@@ -789,6 +798,10 @@ mod tests {
             },
         };
         let (vars, mut deltas) = layer_lora::<6>(&[0], |j| block.linears[j].0.dims2().unwrap(), r);
+        // With dropout, the LoRA on q reads its input dropped (LoRA's own dropout).
+        if dropout {
+            deltas[0].input_dropout = Some((0.1, DropoutKey(21)));
+        }
         let ones = |n: usize| Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap();
         let mut scale = |j: usize, n: usize, input: bool| {
             let l = around(&ones(n), 60 + j as u64, 0.3, &format!("scale on {}", BLOCK_LINEARS[j]), &mut trained);
@@ -829,8 +842,8 @@ mod tests {
         // With dropout, the updates on k and the output map read their input dropped (DoRA with
         // dropout, in its weight-update form).
         if dropout {
-            deltas[1].dense_dropout = Some((0.2, DropoutKey(8)));
-            deltas[5].dense_dropout = Some((0.1, DropoutKey(9)));
+            deltas[1].input_dropout = Some((0.2, DropoutKey(8)));
+            deltas[5].input_dropout = Some((0.1, DropoutKey(9)));
         }
         let xv = var(&[b, t, h], 11, 1.0);
         let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };

@@ -109,6 +109,7 @@ fn block_op(
         if let FrozenWeight::Dense(wt) = w {
             mh.train_weight("decoder block", DECODER_LINEARS[j], wt, &mut pack)?;
         }
+        mh.place_dropout(b * t);
         hooks.push(mh);
     }
     let norm_at = [pack.trained(&block.norm1.0)?, pack.trained(&block.norm2.0)?];
@@ -171,6 +172,19 @@ pub fn decoder_block_composed(
     let (nh, nkv, d) = (block.heads, block.kv_heads, block.head_dim);
     let product = |j: usize, x: &Tensor| -> Result<Tensor> {
         let (w, bias) = &block.linears[j];
+        if let (Some(l), Some(d)) = (&deltas[j].lora, deltas[j].input_dropout) {
+            let base = match w {
+                FrozenWeight::Quant(q) => {
+                    let y = qlinear(x, q, true)?;
+                    match bias {
+                        Some(bias) => y.broadcast_add(bias)?,
+                        None => y,
+                    }
+                }
+                FrozenWeight::Dense(w) => linear(x, w, bias.as_ref())?,
+            };
+            return Ok(base.add(&super::block::dropped_low_rank(x, l, d)?)?);
+        }
         match (w, &deltas[j].lora) {
             (FrozenWeight::Quant(q), Some((a, bm))) => lora_qlinear(x, q, bias.as_ref(), a, bm),
             (FrozenWeight::Quant(q), None) => {
@@ -760,6 +774,8 @@ mod tests {
         let (norm1, norm2) = (norm(8, 1e-5), norm(9, 1e-6));
         let block = DecoderBlock { heads, kv_heads: kv, head_dim: d, linears, norm1, norm2, rope: tables(t, d) };
         let (vars, mut deltas) = layer_lora::<7>(&[0, 5], |j| block.linears[j].0.dims2().unwrap(), r);
+        // The LoRA on up reads its input dropped (LoRA's own dropout).
+        deltas[5].input_dropout = Some((0.1, DropoutKey(21)));
         let ones = |n: usize| Tensor::ones(n, DType::F32, &Device::Cpu).unwrap();
         let mut scale = |j: usize, n: usize, input: bool| {
             let l = around(&ones(n), 60 + j as u64, 0.3, &format!("scale on {}", DECODER_LINEARS[j]), &mut trained);
@@ -846,8 +862,8 @@ mod tests {
         }
         // The updates on v and down read their input dropped (DoRA with dropout, in its
         // weight-update form).
-        deltas[2].dense_dropout = Some((0.2, DropoutKey(8)));
-        deltas[6].dense_dropout = Some((0.1, DropoutKey(9)));
+        deltas[2].input_dropout = Some((0.2, DropoutKey(8)));
+        deltas[6].input_dropout = Some((0.1, DropoutKey(9)));
         let xv = var(&[b, t, h], 11, 1.0);
         let x = if x_grad { xv.as_tensor().clone() } else { xv.as_tensor().detach() };
         let key_bias = padded_key_bias(b, t, 3);

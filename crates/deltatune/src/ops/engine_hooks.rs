@@ -27,7 +27,7 @@ pub(super) struct Slot {
     pub(super) a_at: usize,
     pub(super) b_at: usize,
     pub(super) dense: bool,
-    /// A dense update's input dropout.
+    /// The update's input dropout.
     pub(super) drop: Option<(f32, DropoutKey)>,
 }
 
@@ -41,7 +41,8 @@ impl Slot {
 
     /// Forward: `u = x Aᵀ` (rows × r, returned), then `u Bᵀ` added onto the columns
     /// `col..col + out` of `y` (rows `ys` apart) by the product itself (it accumulates into `y`:
-    /// no buffer for the update, no pass to add it).
+    /// no buffer for the update, no pass to add it). Under an input dropout `u = x' Aᵀ`, and the
+    /// dropped input `x'` is returned after it.
     /// A dense update adds `x ΔWᵀ` the same way and keeps nothing (its backward reads `x`) — or,
     /// under an input dropout, adds `x' ΔWᵀ` and returns the dropped input `x'`.
     pub(super) fn forward(&self, x: &[f32], p: &[f32], y: &mut [f32], ys: usize, col: usize) -> Vec<f32> {
@@ -50,21 +51,35 @@ impl Slot {
         if self.dense {
             let _prof = timer("block-dense", "fwd");
             let dw = &p[self.a_at..self.a_at + out_dim * in_dim];
-            let xd = self.drop.map(|d| dropped_into(pool::take(x.len()), x, d));
+            let xd = self.drop.map(|d| {
+                let mut v = pool::take(x.len());
+                fill_dropped(&mut v, x, d);
+                v
+            });
             let dst = SyncPtr::of(y);
             gemm(dst.out(col, ys), [rows, out_dim, in_dim], Mat::rm(xd.as_deref().unwrap_or(x), in_dim), Mat::rm_t(dw, in_dim), Gemm::PARALLEL.accumulate(true));
             return xd.unwrap_or_default();
         }
         let _prof = timer("block-lora", "fwd");
-        let mut u = pool::take(rows * r);
-        gemm(Out::rm(&mut u, r), [rows, r, in_dim], Mat::rm(x, in_dim), Mat::rm_t(self.a(p), in_dim), Gemm::PARALLEL);
+        // Under an input dropout the dropped input `x'` is kept after `u` (its backward reads it).
+        let mut u = pool::take(rows * r + if self.drop.is_some() { x.len() } else { 0 });
+        let (uu, xd) = u.split_at_mut(rows * r);
+        let input = match self.drop {
+            Some(d) => {
+                fill_dropped(xd, x, d);
+                &*xd
+            }
+            None => x,
+        };
+        gemm(Out::rm(uu, r), [rows, r, in_dim], Mat::rm(input, in_dim), Mat::rm_t(self.a(p), in_dim), Gemm::PARALLEL);
         let dst = SyncPtr::of(y);
-        gemm(dst.out(col, ys), [rows, out_dim, r], Mat::rm(&u, r), Mat::rm_t(self.b(p), r), Gemm::PARALLEL.accumulate(true));
+        gemm(dst.out(col, ys), [rows, out_dim, r], Mat::rm(uu, r), Mat::rm_t(self.b(p), r), Gemm::PARALLEL.accumulate(true));
         u
     }
 
     /// Backward from `dy` (rows `ds` apart, from its first element): `dA = (dy B)ᵀ x` and
-    /// `dB = dyᵀ u` into the packed gradient `dp`, and `dx += (dy B) A` when asked.
+    /// `dB = dyᵀ u` into the packed gradient `dp`, and `dx += (dy B) A` when asked; under an input
+    /// dropout `dA = (dy B)ᵀ x'` and `(dy B) A` reaches `dx` through the same mask.
     /// A dense update: `dΔW = dyᵀ x`, and `dx += dy ΔW` when asked; under an input dropout
     /// (`u` the dropped input `x'`), `dΔW = dyᵀ x'` and `dx` gets `dy ΔW` through the same mask.
     pub(super) fn backward(&self, dy: &[f32], ds: usize, x: &[f32], u: &[f32], p: &[f32], dp: &mut [f32], dx: Option<&mut [f32]>) {
@@ -80,8 +95,7 @@ impl Slot {
                     Some(d) => {
                         let mut t = pool::take(dx.len());
                         gemm(Out::rm(&mut t, in_dim), [rows, in_dim, out_dim], Mat::rm(dy, ds), dw, Gemm::PARALLEL);
-                        let key = d.1.for_rows(t.len());
-                        dx.par_iter_mut().zip(t.par_iter()).enumerate().for_each(|(i, (o, &v))| *o += super::dropout::masked(key, d.0, i as u64, v));
+                        add_dropped(dx, &t, d);
                         pool::give(t);
                     }
                 }
@@ -91,13 +105,25 @@ impl Slot {
             return;
         }
         let _prof = timer("block-lora", "bwd");
+        // Under an input dropout, `u` holds the dropped input after `x Aᵀ`.
+        let (u, xd) = u.split_at(rows * r);
+        let input = if self.drop.is_some() { xd } else { x };
         let mut gu = pool::take(rows * r);
         gemm(Out::rm(&mut gu, r), [rows, r, out_dim], Mat::rm(dy, ds), Mat::rm(self.b(p), r), Gemm::PARALLEL);
         if let Some(dx) = dx {
-            gemm(Out::rm(dx, in_dim), [rows, in_dim, r], Mat::rm(&gu, r), Mat::rm(self.a(p), in_dim), Gemm::PARALLEL.accumulate(true));
+            let a = Mat::rm(self.a(p), in_dim);
+            match self.drop {
+                None => gemm(Out::rm(dx, in_dim), [rows, in_dim, r], Mat::rm(&gu, r), a, Gemm::PARALLEL.accumulate(true)),
+                Some(d) => {
+                    let mut t = pool::take(dx.len());
+                    gemm(Out::rm(&mut t, in_dim), [rows, in_dim, r], Mat::rm(&gu, r), a, Gemm::PARALLEL);
+                    add_dropped(dx, &t, d);
+                    pool::give(t);
+                }
+            }
         }
         let da = &mut dp[self.a_at..self.a_at + r * in_dim];
-        gemm(Out::rm(da, in_dim), [r, in_dim, rows], Mat::rm_t(&gu, r), Mat::rm(x, in_dim), Gemm::PARALLEL);
+        gemm(Out::rm(da, in_dim), [r, in_dim, rows], Mat::rm_t(&gu, r), Mat::rm(input, in_dim), Gemm::PARALLEL);
         let db = &mut dp[self.b_at..self.b_at + out_dim * r];
         gemm(Out::rm(db, r), [out_dim, r, rows], Mat::rm_t(dy, ds), Mat::rm(u, r), Gemm::PARALLEL);
         pool::give(gu);
@@ -124,9 +150,9 @@ pub struct MapDelta {
     pub lora: Option<LowRank>,
     /// A dense weight update ΔW (out, in): `y + x ΔWᵀ` (LoHa, LoKr).
     pub dense: Option<Tensor>,
-    /// The dense update reads the input under this dropout (rate, key): `y + x' ΔWᵀ` (DoRA with
-    /// dropout).
-    pub dense_dropout: Option<(f32, DropoutKey)>,
+    /// The LoRA or the dense update reads the map's input under this dropout (rate, key):
+    /// `y + (x' Aᵀ) Bᵀ`, `y + x' ΔWᵀ` (LoRA, VeRA, AdaLoRA, DoRA with dropout in training).
+    pub input_dropout: Option<(f32, DropoutKey)>,
     pub scale: Option<Scale>,
     pub adapter: Option<Adapter>,
     /// The map's weight for this forward in place of its own (OFT's `W Rᵀ`): the caller puts it
@@ -167,7 +193,7 @@ impl Pack {
     }
 
     /// A LoRA on a map whose weight is (out, in): A then B.
-    pub(super) fn lora(&mut self, what: &str, map: &str, (w_out, w_in): (usize, usize), (a, bm): &LowRank) -> Result<Slot> {
+    pub(super) fn lora(&mut self, what: &str, map: &str, (w_out, w_in): (usize, usize), (a, bm): &LowRank, drop: Option<(f32, DropoutKey)>) -> Result<Slot> {
         let (r, in_dim) = a.dims2()?;
         let (out_dim, r2) = bm.dims2()?;
         if r2 != r || in_dim != w_in || out_dim != w_out {
@@ -175,7 +201,7 @@ impl Pack {
         }
         let a_at = self.push(a)?;
         let b_at = self.push(bm)?;
-        Ok(Slot { r, in_dim, out_dim, a_at, b_at, dense: false, drop: None })
+        Ok(Slot { r, in_dim, out_dim, a_at, b_at, dense: false, drop })
     }
 
     /// A dense update ΔW (out, in) on a map whose weight is (out, in).
@@ -243,8 +269,8 @@ impl MapHooks {
             return Err(err(format!("{what}: a replacement weight for {map} left among its deltas (it belongs in the block's maps)")).into());
         }
         let lora = match (&d.lora, &d.dense) {
-            (Some(l), _) => Some(pack.lora(what, map, dims, l)?),
-            (None, Some(dw)) => Some(pack.dense(what, map, dims, dw, d.dense_dropout)?),
+            (Some(l), _) => Some(pack.lora(what, map, dims, l, d.input_dropout)?),
+            (None, Some(dw)) => Some(pack.dense(what, map, dims, dw, d.input_dropout)?),
             (None, None) => None,
         };
         let mut mag_bias = None;
@@ -298,6 +324,15 @@ impl MapHooks {
         let _prof = timer("trained-weight", "bwd");
         gemm(Out::rm(&mut dp[at..at + out_dim * in_dim], in_dim), [out_dim, in_dim, rows], Mat::rm_t(&dy[col..], ds), Mat::rm(x, in_dim), Gemm::PARALLEL);
         Ok(())
+    }
+
+    /// Places the update's input dropout key for the batch's rows (`rows` of the map's input):
+    /// done where the op is built, inside a data-parallel rank's rows scope, which its backward
+    /// runs outside of.
+    pub(super) fn place_dropout(&mut self, rows: usize) {
+        if let Some(sl) = &mut self.lora {
+            sl.drop = sl.drop.map(|(p, k)| (p, k.for_rows(rows * sl.in_dim)));
+        }
     }
 
     /// Whether anything on the map trains (so the backward must reach it).
@@ -628,18 +663,24 @@ impl AdapterHook {
 
 /// Inverted dropout of `x` by `key` (keyed for the rows of `x`, as [`super::dropout::dropout`]
 /// keys it), into a fresh buffer; the same mask applied to a gradient is its backward.
-/// `x` under the dropout `(p, key)` into `out` (of `x`'s length), returned.
-fn dropped_into(mut out: Vec<f32>, x: &[f32], (p, key): (f32, DropoutKey)) -> Vec<f32> {
-    let key = key.for_rows(x.len());
+/// `x` under the dropout `(p, key)` into `out` (of `x`'s length); `key` already placed for the
+/// batch's rows ([`MapHooks::place_dropout`]).
+fn fill_dropped(out: &mut [f32], x: &[f32], (p, key): (f32, DropoutKey)) {
     out.par_iter_mut().zip(x.par_iter()).enumerate().for_each(|(i, (o, &v))| *o = super::dropout::masked(key, p, i as u64, v));
-    out
 }
 
+/// `dx += t` through the dropout `(p, key)`'s mask (the backward of [`fill_dropped`]).
+fn add_dropped(dx: &mut [f32], t: &[f32], (p, key): (f32, DropoutKey)) {
+    dx.par_iter_mut().zip(t.par_iter()).enumerate().for_each(|(i, (o, &v))| *o += super::dropout::masked(key, p, i as u64, v));
+}
+
+/// `x` under the dropout `drop`, its key already placed for the batch's rows
+/// ([`super::rng::DropoutKey::for_rows`] where the op is built: a data-parallel rank's backward
+/// runs outside its rows' scope).
 pub(super) fn dropped(x: &[f32], drop: Option<(f32, super::rng::DropoutKey)>) -> Vec<f32> {
     match drop.filter(|(p, _)| *p > 0.0) {
         None => x.to_vec(),
         Some((p, key)) => {
-            let key = key.for_rows(x.len());
             x.par_iter().enumerate().map(|(i, &v)| super::dropout::masked(key, p, i as u64, v)).collect()
         }
     }
