@@ -170,32 +170,27 @@ pub fn decoder_block_composed(
 ) -> Result<Tensor> {
     let (b, t, _) = x.dims3()?;
     let (nh, nkv, d) = (block.heads, block.kv_heads, block.head_dim);
-    let product = |j: usize, x: &Tensor| -> Result<Tensor> {
+    // Map j's frozen product `x Wᵀ + b`.
+    let frozen = |j: usize, x: &Tensor| -> Result<Tensor> {
         let (w, bias) = &block.linears[j];
-        if let (Some(l), Some(d)) = (&deltas[j].lora, deltas[j].input_dropout) {
-            let base = match w {
-                FrozenWeight::Quant(q) => {
-                    let y = qlinear(x, q, true)?;
-                    match bias {
-                        Some(bias) => y.broadcast_add(bias)?,
-                        None => y,
-                    }
-                }
-                FrozenWeight::Dense(w) => linear(x, w, bias.as_ref())?,
-            };
-            return Ok(base.add(&super::block::dropped_low_rank(x, l, d)?)?);
-        }
-        match (w, &deltas[j].lora) {
-            (FrozenWeight::Quant(q), Some((a, bm))) => lora_qlinear(x, q, bias.as_ref(), a, bm),
-            (FrozenWeight::Quant(q), None) => {
+        match w {
+            FrozenWeight::Quant(q) => {
                 let y = qlinear(x, q, true)?;
                 Ok(match bias {
                     Some(bias) => y.broadcast_add(bias)?,
                     None => y,
                 })
             }
-            (FrozenWeight::Dense(w), Some((a, bm))) => lora_linear(x, w, bias.as_ref(), a, bm),
-            (FrozenWeight::Dense(w), None) => linear(x, w, bias.as_ref()),
+            FrozenWeight::Dense(w) => linear(x, w, bias.as_ref()),
+        }
+    };
+    let product = |j: usize, x: &Tensor| -> Result<Tensor> {
+        let (w, bias) = &block.linears[j];
+        match (w, &deltas[j].lora, deltas[j].input_dropout) {
+            (_, Some(l), Some(d)) => Ok(frozen(j, x)?.add(&super::block::dropped_low_rank(x, l, d)?)?),
+            (FrozenWeight::Quant(q), Some((a, bm)), None) => lora_qlinear(x, q, bias.as_ref(), a, bm),
+            (FrozenWeight::Dense(w), Some((a, bm)), None) => lora_linear(x, w, bias.as_ref(), a, bm),
+            (_, None, _) => frozen(j, x),
         }
     };
     let map = |j: usize, x: &Tensor| -> Result<Tensor> { composed_map(x, deltas, j, |x| product(j, x)) };

@@ -680,8 +680,10 @@ fn add_dropped(dx: &mut [f32], t: &[f32], (p, key): (f32, DropoutKey)) {
 pub(super) fn dropped(x: &[f32], drop: Option<(f32, super::rng::DropoutKey)>) -> Vec<f32> {
     match drop.filter(|(p, _)| *p > 0.0) {
         None => x.to_vec(),
-        Some((p, key)) => {
-            x.par_iter().enumerate().map(|(i, &v)| super::dropout::masked(key, p, i as u64, v)).collect()
+        Some(d) => {
+            let mut out = vec![0f32; x.len()];
+            fill_dropped(&mut out, x, d);
+            out
         }
     }
 }
